@@ -620,8 +620,9 @@ def youden(y, s):
 
 def fpr_at_tpr(y, s, tpr=0.95):
     """False-positive rate at the first threshold reaching the given true-positive rate."""
-    fpr, t, _ = roc_points(y, s)
-    return float(fpr[np.searchsorted(t, tpr, side="left")])
+    from sklearn.metrics import roc_curve
+    fpr, t, _ = roc_curve(*_yl(y, s), drop_intermediate=False)
+    return float(fpr[np.searchsorted(t, tpr - 1e-12, side="left")])
 
 
 def dice(pred, gt):
