@@ -1,0 +1,775 @@
+"""MADGAN: multiple adjacent brain MRI slice reconstruction for unsupervised anomaly detection.
+
+    Han C., Rundo L., Murao K., Noguchi T., Shimahara Y., Milacski Z.Á., Koshino S., Sala E.,
+    Nakayama H., Satoh S. "MADGAN: unsupervised medical anomaly detection GAN using multiple
+    adjacent brain MRI slice reconstruction." BMC Bioinformatics 22 (Suppl 2):31, 2021.
+    https://doi.org/10.1186/s12859-020-03936-1
+
+Not to be confused with the time-series "MAD-GAN" (Li et al., ICANN 2019, multivariate anomaly
+detection with LSTM GANs): this is the MRI method of Han et al. No public code of it exists; this
+file is written from the paper's text alone (Fig. 2 is an image whose details we had to read).
+
+What this file implements (section / equation of the paper):
+  * Reconstruction (§"MADGAN-based multiple adjacent brain MRI slice reconstruction", Fig. 2): from
+    3 adjacent axial slices stacked as 3 channels, a U-Net generator (4 conv encoder + 4 deconv
+    decoder layers, skips, BatchNorm, LeakyReLU / ReLU, two 0.5-dropout layers) predicts the next 3,
+    for every window of a scan: s1..3 -> s4..6, s2..4 -> s5..7, ..., s(n-5)..(n-3) -> s(n-2)..n.
+    `--sa 0|3|7` SAGAN self-attention modules (Zhang et al. 2019) between conv/deconv and BatchNorm.
+  * Loss: WGAN-GP (Gulrajani et al. 2017) + 100 x l1, Eq. (1) (`--l1-weight 0` = "w/o l1" ablation);
+    Adam lr 2e-4, batch 16, 1.8M steps; the critic's real/synthetic labels flipped once in three steps.
+  * Diagnosis (§"Unsupervised medical anomaly detection"): a scan's score is the average l2 loss,
+    Eq. (2), between the real and the reconstructed next 3 slices over all its windows, or over the
+    10 consecutive windows with the highest loss (`--score-windows 10`, Tables 1-2).
+  * Evaluation: ROC/AUC of CDR 0 against CDR 0.5, 1, 2 and all together (Table 1, Fig. 10), AUC over
+    training steps (Fig. 8: auc_steps.png), per-scan l2 distributions (Fig. 6: scores.png), example
+    slices with a pixelwise l2 jet overlay (Fig. 3: fig3_slices.png).
+
+How the critic's "label flip" applies to a Wasserstein critic: a WGAN critic has no labels, only the
+sign with which real and synthetic samples enter its loss, E[D(fake)] - E[D(real)]. "Flipping the
+real/synthetic labels" therefore swaps the two: on every third critic update we minimise
+E[D(real)] - E[D(fake)] (the gradient penalty, which has no labels, is unchanged). The generator's loss
+is never flipped. `--flip-every 0` turns it off.
+
+Deviations from the paper (and readings of what it leaves open):
+  1. Fig. 2's channel widths, kernel sizes and SA positions are not in the text. We use 4x4 stride-2
+     convs with 64-128-256-512 channels (pix2pix-like, `--base-ch`). SA positions (`SA_SLOTS` below):
+     3-SA = after encoder conv 2, decoder deconv 2 (the 1/4-resolution maps) and critic conv 2;
+     7-SA adds encoder convs 3-4, decoder deconv 1 and critic conv 3. No SA on the half-resolution
+     maps: at 256x176 their attention matrix (11,264^2 per sample) does not fit a batch of 16.
+  2. The critic ("a discriminator with 3 decoders", read as 3 conv layers) sees the 3 input slices
+     and the 3 next slices (6 channels, pix2pix-style conditional critic) and has no BatchNorm:
+     batch normalisation breaks the per-sample gradient penalty of WGAN-GP (Gulrajani et al., §4).
+     It ends in a 1-channel conv whose map is averaged into one score per sample.
+  3. Unstated in the paper, set as in the cited sources: gradient-penalty weight 10 and one critic
+     update per generator update (`--gp-weight`, `--n-critic`), Adam betas (0.5, 0.999) (pix2pix).
+  4. Eq. (1)/(2) are sums over the P pixels; we use means (sum / P). The l1 weight 100 then has its
+     pix2pix meaning, and the scan score is unchanged up to the constant P (AUCs identical). The l2
+     score is computed on intensities rescaled to [0, 1], the range of the paper's Fig. 3 colour bar.
+  5. Slices: the paper keeps the ~51 axial slices containing hippocampus, amygdala and ventricles
+     and zero-pads 176x240 to 176x256. We take `--n-slices` consecutive slices centred at
+     `--slice-center` of the brain's inferior->superior extent (C.slice_stack: crop to the brain's
+     bounding box, pad to a square, resize to `--image-size`), a registration-free approximation.
+     The paper discards "low-quality slices" by an unstated rule; we discard none.
+  6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout), so a scan's
+     score is deterministic; the paper does not say.
+  7. Synthetic data: the T1 phantom's atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour
+     groups are scored too. The paper's T1c metastasis experiment (private data) is not reproduced.
+  8. `quick` preset (2-core CPU, ~5 min): 64x64 slices, 24 slices per scan, `--base-ch 32`, 1,200
+     steps instead of 1.8M; `smoke`: 32x32, 8 slices, tiny nets, a few steps (tests only).
+
+Commands:
+    python madgan.py                                  # quick: T1 phantom, ~5 min on 2 CPU cores
+    python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
+    python madgan.py --data oasis3 --data-root data/oasis3 --preset paper --amp   # the paper (GPU)
+    python madgan.py --data oasis3 --checkpoint runs/.../last.pt                  # score only
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "madgan"
+
+# =================================================================================================
+# Arguments
+# =================================================================================================
+
+PRESETS = {
+    # seconds, for the tests: tiny phantom, tiny nets, a few steps
+    "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.45, k_in=3, k_out=3, base_ch=8, sa=0,
+                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
+                  batch_size=4, steps=4, n_critic=1, flip_every=3, score_windows=0, eval_every=2,
+                  eval_batch=64, ckpt_every=0, log_every=1),
+    # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
+    "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.45, k_in=3, k_out=3, base_ch=32, sa=0,
+                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
+                  batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=200,
+                  eval_batch=64, ckpt_every=0, log_every=20),
+    # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
+    "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.45, k_in=3, k_out=3, base_ch=64, sa=0,
+                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
+                  batch_size=16, steps=1_800_000, n_critic=1, flip_every=3, score_windows=0,
+                  eval_every=150_000, eval_batch=64, ckpt_every=10_000, log_every=1000),
+}
+
+
+def build_parser():
+    p = C.ArgumentParser(description=__doc__)
+    C.add_contract_args(p, METHOD)
+    g = p.add_argument_group("MADGAN (defaults come from --preset; each flag cites its paper source)")
+    a = g.add_argument
+    # data
+    a("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+      help="slice size H W, §Datasets (paper 256 176; quick 64 64)")
+    a("--n-slices", type=int, default=None,
+      help="consecutive axial slices per scan over the hippocampus/amygdala/ventricle range, §Datasets "
+           "(paper ~51 = 57,834 slices / 1,133 scans; quick 24 on the 2 mm phantom)")
+    a("--slice-center", type=float, default=None,
+      help="centre of that slab as a fraction of the brain's inferior->superior extent (our "
+           "approximation of the paper's anatomical selection; 0.45)")
+    a("--k-in", type=int, default=None, help="input slices per window, §Methods (paper 3)")
+    a("--k-out", type=int, default=None, help="reconstructed next slices per window, §Methods (paper 3)")
+    # networks
+    a("--base-ch", type=int, default=None, help="channels of the first conv, Fig. 2 as we read it (paper 64)")
+    a("--sa", type=int, default=None, choices=[0, 3, 7],
+      help="number of SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN (default 0)")
+    a("--dropout", type=float, default=None, help="rate of the generator's two dropout layers, §Implementation (paper 0.5)")
+    # losses and optimisation
+    a("--l1-weight", type=float, default=None,
+      help="weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1, §Methods (paper 100; 0 = 'w/o l1' ablation)")
+    a("--gp-weight", type=float, default=None,
+      help="gradient-penalty weight λ, Gulrajani et al. 2017 (not stated in the paper; 10)")
+    a("--lr", type=float, default=None, help="Adam learning rate, §Implementation (paper 2e-4)")
+    a("--beta1", type=float, default=None, help="Adam β1 (not stated in the paper; pix2pix 0.5)")
+    a("--beta2", type=float, default=None, help="Adam β2 (not stated in the paper; 0.999)")
+    a("--batch-size", type=int, default=None, help="windows per step, §Implementation (paper 16)")
+    a("--steps", type=int, default=None, help="generator steps, §Implementation (paper 1.8M; quick 1200)")
+    a("--n-critic", type=int, default=None, help="critic updates per generator update (not stated; 1)")
+    a("--flip-every", type=int, default=None,
+      help="flip the critic's real/synthetic labels once every N critic updates, §Implementation "
+           "('once in three times': 3; 0 = never)")
+    # anomaly score and evaluation
+    a("--score-windows", type=int, default=None,
+      help="scan score = mean l2 over all windows (0, paper's main result) or over the K consecutive "
+           "windows with the highest loss (10), Tables 1-2; both are always reported")
+    a("--eval-every", type=int, default=None,
+      help="score val+test every N steps for the AUC-over-steps curve, Fig. 8 (paper 150k..1.8M; "
+           "reporting only: never used to pick a checkpoint)")
+    a("--eval-batch", type=int, default=None, help="windows per forward pass when scoring")
+    a("--ckpt-every", type=int, default=None, help="write last.pt every N steps (0 = once per epoch of windows)")
+    a("--log-every", type=int, default=None, help="record losses every N steps")
+    return p
+
+
+def parse_args(argv=None):
+    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
+    for name, lo, hi, integer in [("n_slices", 2, None, True), ("slice_center", 0, 1, False),
+                                  ("k_in", 1, None, True), ("k_out", 1, None, True),
+                                  ("base_ch", 1, None, True), ("dropout", 0, 0.99, False),
+                                  ("l1_weight", 0, None, False), ("gp_weight", 0, None, False),
+                                  ("lr", 1e-8, 1, False), ("beta1", 0, 0.9999, False), ("beta2", 0, 0.9999, False),
+                                  ("batch_size", 1, None, True), ("steps", 0, None, True),
+                                  ("n_critic", 1, None, True), ("flip_every", 0, None, True),
+                                  ("score_windows", 0, None, True), ("eval_every", 0, None, True),
+                                  ("eval_batch", 1, None, True), ("ckpt_every", 0, None, True),
+                                  ("log_every", 1, None, True)]:
+        C.check_range(args, name, lo, hi, integer)
+    H, W = args.image_size
+    if H % 16 or W % 16 or H < 16 or W < 16:
+        C.fail(f"--image-size {H} {W}: both sides must be positive multiples of 16 "
+               f"(the U-Net halves them four times)")
+    if args.n_slices < args.k_in + args.k_out:
+        C.fail(f"--n-slices {args.n_slices} is shorter than one window (--k-in + --k-out = "
+               f"{args.k_in + args.k_out})")
+    return args
+
+
+# =================================================================================================
+# Networks (Fig. 2)
+# =================================================================================================
+
+# Where the self-attention modules sit, as we read Fig. 2 (Deviation 1): 3-SA MADGAN has the
+# "red-contoured" modules, 7-SA MADGAN the red and the "blue-contoured" ones.
+SA_SLOTS = {
+    0: (),
+    3: ("G.enc2", "G.dec2", "D.conv2"),
+    7: ("G.enc2", "G.dec2", "D.conv2", "G.enc3", "G.enc4", "G.dec1", "D.conv3"),
+}
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (Zhang et al., ICML 2019, §3):
+    f(x) = W_f x, g(x) = W_g x (C/8 channels), h(x) = W_h x (C channels), all 1x1 convs;
+    s_ij = f(x_i)^T g(x_j);  β_{j,i} = exp(s_ij) / Σ_i exp(s_ij);  o_j = Σ_i β_{j,i} h(x_i);
+    y = γ·o + x, with γ initialised to 0 (the module starts as the identity)."""
+
+    def __init__(self, channels, *, reduction=8):
+        super().__init__()
+        c_red = max(channels // reduction, 1)
+        self.f = nn.Conv2d(channels, c_red, 1)
+        self.g = nn.Conv2d(channels, c_red, 1)
+        self.h = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):                                     # (B, C, H, W)
+        B, Ch, H, W = x.shape
+        f = self.f(x).flatten(2)                              # (B, C/8, N), N = H·W
+        g = self.g(x).flatten(2)                              # (B, C/8, N)
+        h = self.h(x).flatten(2)                              # (B, C, N)
+        s = torch.bmm(f.transpose(1, 2), g)                   # (B, N_i, N_j): s_ij = f(x_i)^T g(x_j)
+        beta = torch.softmax(s.float(), dim=1).to(h.dtype)    # β_{j,i}: normalised over i (dim 1)
+        o = torch.bmm(h, beta)                                # (B, C, N_j): o_j = Σ_i β_{j,i} h(x_i)
+        return x + self.gamma * o.view(B, Ch, H, W)
+
+
+def _sa_or_identity(name, channels, sa_at):
+    return SelfAttention(channels) if name in sa_at else nn.Identity()
+
+
+class Down(nn.Module):
+    """Encoder layer: 4x4 stride-2 conv -> [SA] -> BatchNorm -> LeakyReLU(0.2)  (Fig. 2, §Methods)."""
+
+    def __init__(self, c_in, c_out, *, name, sa_at):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+        self.sa = _sa_or_identity(name, c_out, sa_at)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, H/2, W/2)
+        return F.leaky_relu(self.bn(self.sa(self.conv(x))), 0.2)
+
+
+class Up(nn.Module):
+    """Decoder layer: 4x4 stride-2 deconv -> [SA] -> BatchNorm -> ReLU [-> dropout 0.5]."""
+
+    def __init__(self, c_in, c_out, *, name, sa_at, dropout=0.0):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+        self.sa = _sa_or_identity(name, c_out, sa_at)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, 2H, 2W)
+        return self.drop(F.relu(self.bn(self.sa(self.deconv(x)))))
+
+
+class Generator(nn.Module):
+    """U-Net of Fig. 2: 4 conv encoder layers, 4 deconv decoder layers with skip connections,
+    3 input slices -> 3 next slices in [-1, 1] (tanh). Two dropout layers (the first two decoders)."""
+
+    def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=(), dropout=0.5):
+        super().__init__()
+        c1, c2, c3, c4 = base, 2 * base, 4 * base, 8 * base
+        self.enc1 = Down(k_in, c1, name="G.enc1", sa_at=sa_at)
+        self.enc2 = Down(c1, c2, name="G.enc2", sa_at=sa_at)
+        self.enc3 = Down(c2, c3, name="G.enc3", sa_at=sa_at)
+        self.enc4 = Down(c3, c4, name="G.enc4", sa_at=sa_at)
+        self.dec1 = Up(c4, c3, name="G.dec1", sa_at=sa_at, dropout=dropout)
+        self.dec2 = Up(2 * c3, c2, name="G.dec2", sa_at=sa_at, dropout=dropout)
+        self.dec3 = Up(2 * c2, c1, name="G.dec3", sa_at=sa_at)
+        self.out = nn.ConvTranspose2d(2 * c1, k_out, 4, stride=2, padding=1)
+
+    def forward(self, x):                                     # (B, 3, H, W) previous slices
+        e1 = self.enc1(x)                                     # (B, c1, H/2, W/2)
+        e2 = self.enc2(e1)                                    # (B, c2, H/4, W/4)
+        e3 = self.enc3(e2)                                    # (B, c3, H/8, W/8)
+        e4 = self.enc4(e3)                                    # (B, c4, H/16, W/16)
+        d1 = self.dec1(e4)                                    # (B, c3, H/8, W/8)
+        d2 = self.dec2(torch.cat([d1, e3], 1))                # (B, c2, H/4, W/4)
+        d3 = self.dec3(torch.cat([d2, e2], 1))                # (B, c1, H/2, W/2)
+        return torch.tanh(self.out(torch.cat([d3, e1], 1)))   # (B, 3, H, W) next slices
+
+
+class Critic(nn.Module):
+    """WGAN-GP critic (Fig. 2's discriminator, 3 conv layers; Deviation 2): conditional on the input
+    slices, no normalisation layers, LeakyReLU(0.2); a final 1-channel conv map averaged to one
+    real number per sample."""
+
+    def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=()):
+        super().__init__()
+        c1, c2, c3 = base, 2 * base, 4 * base
+        self.conv1 = nn.Conv2d(k_in + k_out, c1, 4, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 4, stride=2, padding=1)
+        self.sa2 = _sa_or_identity("D.conv2", c2, sa_at)
+        self.conv3 = nn.Conv2d(c2, c3, 4, stride=2, padding=1)
+        self.sa3 = _sa_or_identity("D.conv3", c3, sa_at)
+        self.head = nn.Conv2d(c3, 1, 3, stride=1, padding=1)
+
+    def forward(self, cond, x):                               # (B, 3, H, W) input, (B, 3, H, W) next
+        h = F.leaky_relu(self.conv1(torch.cat([cond, x], 1)), 0.2)   # (B, c1, H/2, W/2)
+        h = F.leaky_relu(self.sa2(self.conv2(h)), 0.2)               # (B, c2, H/4, W/4)
+        h = F.leaky_relu(self.sa3(self.conv3(h)), 0.2)               # (B, c3, H/8, W/8)
+        return self.head(h).mean(dim=(1, 2, 3))                      # (B,)
+
+
+def build_models(args):
+    sa_at = SA_SLOTS[args.sa]
+    G = Generator(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at, dropout=args.dropout)
+    D = Critic(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at)
+    return G, D
+
+
+# =================================================================================================
+# Losses (§Methods: WGAN-GP + 100 l1; Eqs. (1), (2))
+# =================================================================================================
+
+def l1_loss(x, x_rec):
+    """Eq. (1): l1 = Σ_{i=1}^{P} |x_i - x'_i|, divided by P (Deviation 4); mean over the batch."""
+    # Eq. (1): l1 = Σ_i |x_i − x'_i|  (/P)
+    return (x - x_rec).abs().mean()
+
+
+def l2_per_window(x, x_rec):
+    """Eq. (2): l2 = Σ_{i=1}^{P} (x_i - x'_i)^2, divided by P, one value per window (B,).
+    x, x_rec in [-1, 1] are first rescaled to [0, 1] (Deviation 4): ((x - x')/2)^2."""
+    d = (x.float() - x_rec.float()) / 2                        # (B, 3, H, W), [0, 1] intensity units
+    # Eq. (2): l2 = Σ_i (x_i − x'_i)^2  (/P)
+    return d.pow(2).flatten(1).mean(1)                         # (B,)
+
+
+def critic_loss(d_real, d_fake, flip=False):
+    """Wasserstein critic loss (Gulrajani et al. 2017, Alg. 1): L_D = E[D(x~)] - E[D(x)].
+    With the paper's label flip the real and synthetic samples swap roles: E[D(x)] - E[D(x~)]."""
+    if flip:
+        # flipped labels: L_D = E[D(x)] − E[D(x~)]
+        return d_real.mean() - d_fake.mean()
+    # L_D = E[D(x~)] − E[D(x)]
+    return d_fake.mean() - d_real.mean()
+
+
+def gradient_penalty(critic, cond, real, fake, eps=None):
+    """WGAN-GP penalty: E[(||∇_x^ D(x^)||_2 - 1)^2], x^ = ε x + (1 - ε) x~, ε ~ U[0, 1] per sample.
+    The norm is taken per sample over all of (C, H, W), never over one axis."""
+    B = real.shape[0]
+    if eps is None:
+        eps = torch.rand(B, 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)   # (B, 3, H, W)
+    d_hat = critic(cond, x_hat)                                                       # (B,)
+    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)              # (B, 3, H, W)
+    norm = grad.float().flatten(1).norm(2, dim=1)                                     # (B,) per sample
+    # GP = E[(‖∇_x^ D(x^)‖₂ − 1)²]
+    return ((norm - 1) ** 2).mean()
+
+
+def generator_loss(d_fake, x, x_rec, l1_weight):
+    """Generator objective: WGAN-GP adversarial term + 100 x l1 (§Methods):
+    L_G = -E[D(x~)] + λ_l1 · l1(x, x~). Returns (total, adversarial, l1)."""
+    adv = -d_fake.mean()
+    l1 = l1_loss(x, x_rec)
+    # L_G = −E[D(G(s_{1..3}))] + 100 · l1(s_{4..6}, G(s_{1..3}))
+    return adv + l1_weight * l1, adv, l1
+
+
+# =================================================================================================
+# Anomaly score (§"Unsupervised medical anomaly detection")
+# =================================================================================================
+
+def window_table(S, k_in=3, k_out=3):
+    """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and the
+    scan (case index) of each window. Windows are built per scan, so none crosses two scans:
+    scan i with n slices gives windows s = 0..n-k_in-k_out (C.slice_windows)."""
+    rows, case = [], []
+    for i in range(len(S.cases)):
+        r = S.slices_of(i)                                     # (n,) rows of scan i in slice order
+        starts = C.slice_windows(len(r), k_in, k_out)          # (w,)
+        if len(starts):
+            rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])   # (w, k_in + k_out)
+            case.append(np.full(len(starts), i, np.int64))
+    if not rows:
+        return np.zeros((0, k_in + k_out), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(case)
+
+
+def top_consecutive_mean(losses, k):
+    """Mean of the k consecutive window losses with the highest mean (the paper's "continuous 10
+    slice sets exhibiting the highest loss"); the plain mean if the scan has <= k windows."""
+    v = np.asarray(losses, dtype=np.float64)
+    if k <= 0 or len(v) <= k:
+        return float(v.mean())
+    csum = np.concatenate([[0.0], np.cumsum(v)])
+    return float(((csum[k:] - csum[:-k]) / k).max())
+
+
+def scan_scores(window_loss, window_case, n_cases, score_windows=0):
+    """Average l2 loss per scan over all its windows (score_windows=0) or over the best run of
+    `score_windows` consecutive windows. -> (n_cases,) with nan for scans without windows."""
+    out = np.full(n_cases, np.nan)
+    for i in range(n_cases):
+        v = window_loss[window_case == i]                      # in window (slice) order
+        if len(v):
+            out[i] = top_consecutive_mean(v, score_windows)
+    return out
+
+
+# =================================================================================================
+# Training
+# =================================================================================================
+
+class WindowReader:
+    """Reads windows of slices from a slice cache. For a memory-mapped cache each window (its rows are
+    consecutive in the file) is one plain file read, so the pages read go to the OS page cache and are
+    not counted in this process's resident memory: peak RSS stays at one batch, whatever the data size."""
+
+    def __init__(self, S):
+        self.S = S
+        self.x = S.x
+        self.file = None
+        if isinstance(S.x, np.memmap) and S.x.filename:
+            self.file = open(S.x.filename, "rb")
+            self.row_bytes = int(np.prod(S.x.shape[1:])) * S.x.dtype.itemsize
+            self.offset = int(S.x.offset)
+
+    def __call__(self, rows):                                  # (B, k) rows -> (B, k, H, W) float32
+        H, W = self.x.shape[1:]
+        if self.file is None:
+            return np.asarray(self.x[rows], dtype=np.float32)
+        out = np.empty((*rows.shape, H, W), np.float32)
+        for b, r in enumerate(rows):
+            if r[-1] - r[0] == len(r) - 1 and np.all(np.diff(r) == 1):   # contiguous: one read
+                self.file.seek(self.offset + int(r[0]) * self.row_bytes)
+                out[b] = np.frombuffer(self.file.read(len(r) * self.row_bytes), np.float32).reshape(len(r), H, W)
+            else:
+                for j, rj in enumerate(r):
+                    self.file.seek(self.offset + int(rj) * self.row_bytes)
+                    out[b, j] = np.frombuffer(self.file.read(self.row_bytes), np.float32).reshape(H, W)
+        return out
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def split_window(batch, k_in, device):
+    """(B, k_in + k_out, H, W) numpy window -> input slices (B, k_in, H, W), next slices (B, k_out, H, W)."""
+    t = torch.from_numpy(batch).to(device, non_blocking=True)
+    return t[:, :k_in], t[:, k_in:]
+
+
+def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
+    """WGAN-GP + l1 training on healthy windows; `evaluator(step)` records AUCs for Fig. 8."""
+    device = run.device
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    n_win = len(win_rows)
+    epoch_steps = max(1, math.ceil(n_win / args.batch_size))
+    ckpt_every = min(args.ckpt_every or epoch_steps, epoch_steps)          # at least once per epoch
+    rng = np.random.default_rng(args.seed)
+    hist = {"loss_D": [], "loss_G_adv": [], "loss_l1": [], "gp": [], "wdist": []}
+    state = {"step": 0, "critic_updates": 0, "perm": rng.permutation(n_win), "pos": 0, "auc_steps": []}
+    if ckpt_state is not None:                                 # --resume
+        G.load_state_dict(ckpt_state["models"]["G"])
+        D.load_state_dict(ckpt_state["models"]["D"])
+        opt_G.load_state_dict(ckpt_state["optims"]["G"])
+        opt_D.load_state_dict(ckpt_state["optims"]["D"])
+        hist = ckpt_state["history"]
+        state = ckpt_state["train_state"]
+        rng.bit_generator.state = ckpt_state["sampler_rng"]
+        C.set_rng_state(ckpt_state["rng"])
+        run.log(f"resumed from step {state['step']}")
+    ckpt_path = run.out / "last.pt"
+
+    def next_batch():
+        if state["pos"] + args.batch_size > n_win:             # new epoch: reshuffle the windows
+            state["perm"], state["pos"] = rng.permutation(n_win), 0
+        idx = state["perm"][state["pos"]: state["pos"] + args.batch_size]
+        state["pos"] += args.batch_size
+        return split_window(reader(win_rows[np.sort(idx)]), args.k_in, device)
+
+    def save():
+        C.save_checkpoint(ckpt_path, {
+            "models": {"G": G.state_dict(), "D": D.state_dict()},
+            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
+            "step": state["step"], "args": vars(args), "rng": C.rng_state(),
+            "sampler_rng": rng.bit_generator.state, "train_state": state, "history": hist})
+
+    run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps; "
+            f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
+            f"parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    G.train()
+    D.train()
+    t0 = time.time()
+    for step in C.progress(range(state["step"] + 1, args.steps + 1), total=args.steps - state["step"], desc="train"):
+        # ---- critic: n_critic updates; the labels flip once every `flip_every` updates ----
+        for i in range(args.n_critic):
+            cond, real = next_batch()                          # (B, 3, H, W), (B, 3, H, W)
+            last = i == args.n_critic - 1
+            with torch.set_grad_enabled(last), C.autocast(device, args.amp):
+                fake = G(cond)                                 # (B, 3, H, W) reconstructed next slices
+            state["critic_updates"] += 1
+            flip = args.flip_every > 0 and state["critic_updates"] % args.flip_every == 0
+            with C.autocast(device, args.amp):
+                d_real, d_fake = D(cond, real), D(cond, fake.detach())
+                loss_wd = critic_loss(d_real, d_fake, flip=flip)
+                gp = gradient_penalty(D, cond, real, fake.float())
+                loss_D = loss_wd + args.gp_weight * gp
+            opt_D.zero_grad(set_to_none=True)
+            loss_D.backward()
+            opt_D.step()
+        # ---- generator: WGAN-GP adversarial + 100 l1, on the last critic batch ----
+        with C.autocast(device, args.amp):
+            loss_G, adv, l1 = generator_loss(D(cond, fake), real, fake, args.l1_weight)
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
+        state["step"] = step
+        C.check_finite(loss_G, step=step, ckpt=ckpt_path)
+        C.check_finite(loss_D, step=step, ckpt=ckpt_path)
+        if step % args.log_every == 0 or step == args.steps:
+            for k, v in (("loss_D", loss_D), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
+                         ("wdist", (d_real - d_fake).mean())):
+                hist[k].append((step, float(v.detach())))
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            state["auc_steps"].append(evaluator(step))
+            G.train()
+        if step % ckpt_every == 0 or step == args.steps:
+            save()
+    if args.steps == 0 or state["step"] == 0:
+        save()
+    return hist, state, time.time() - t0
+
+
+# =================================================================================================
+# Scoring and evaluation
+# =================================================================================================
+
+@torch.no_grad()
+def reconstruct_windows(G, reader, win_rows, args, device, keep=None):
+    """l2 per window (Eq. 2) of a set of windows, in eval mode. keep: window indices whose
+    reconstructions to return (for the figures). -> (losses (W,), {index: (window, reconstruction)})"""
+    G.eval()
+    losses = np.zeros(len(win_rows), np.float64)
+    kept = {}
+    keep = set() if keep is None else set(int(k) for k in keep)
+    for a in range(0, len(win_rows), args.eval_batch):
+        batch = reader(win_rows[a: a + args.eval_batch])       # (b, 6, H, W)
+        cond, real = split_window(batch, args.k_in, device)
+        with C.autocast(device, args.amp):
+            rec = G(cond)                                      # (b, 3, H, W)
+        losses[a: a + len(batch)] = l2_per_window(real, rec).cpu().numpy()
+        for j in keep & set(range(a, a + len(batch))):
+            kept[j] = (batch[j - a], rec[j - a].float().cpu().numpy())
+    return losses, kept
+
+
+class Scorer:
+    """Scores a slice set (its windows, per-scan l2) with the current generator."""
+
+    def __init__(self, S, args):
+        self.S, self.args = S, args
+        self.reader = WindowReader(S)
+        self.rows, self.case = window_table(S, args.k_in, args.k_out)
+
+    def __call__(self, G, device, keep=None):
+        losses, kept = reconstruct_windows(G, self.reader, self.rows, self.args, device, keep)
+        n = len(self.S.cases)
+        return dict(losses=losses, all=scan_scores(losses, self.case, n, 0),
+                    top=scan_scores(losses, self.case, n, self.args.score_windows or 10), kept=kept)
+
+
+def group_aucs(cases, scores):
+    """AUROC of the normal scans (label 0) against each anomalous group and against all of them."""
+    y = np.array([c.label for c in cases])
+    g = np.array([c.group for c in cases])
+    ok = np.isfinite(scores)
+    out = {"all": C.auroc(y[ok], scores[ok])}
+    for name in sorted({c.group for c in cases if c.label == 1}):
+        sel = ok & ((g == name) | (y == 0))
+        out[name] = C.auroc(y[sel], scores[sel])
+    stages = [n for n in out if is_stage(n)]
+    if len(stages) > 1:                                         # CDR 0.5+1+2 (atrophy_1+2+3 on the phantom)
+        sel = ok & ((y == 0) | np.isin(g, stages))
+        out["all_stages"] = C.auroc(y[sel], scores[sel])
+    return out
+
+
+def is_stage(group):
+    """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
+    return group.startswith("atrophy_") or (group.startswith("cdr_") and group not in ("cdr_0", "cdr_0.0"))
+
+
+def stage_order(groups):
+    """Order groups for figures: normal first, then stages, then the rest."""
+    def key(n):
+        tail = n.split("_", 1)[-1]
+        num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
+        return (0 if not is_stage(n) and (n == "normal" or n.endswith("_0")) else 1 if is_stage(n) else 2, num, n)
+    return sorted(groups, key=key)
+
+
+def plot_auc_steps(auc_steps, path, title):
+    """Fig. 8: AUC of normal vs each group over training steps."""
+    plt = C._plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    names = stage_order([k for k in auc_steps[0]["auroc"] if k != "all"]) + ["all"]
+    for name in names:
+        pts = [(e["step"], e["auroc"][name]) for e in auc_steps if name in e["auroc"]]
+        st, v = np.asarray(pts, dtype=float).T
+        ax.plot(st, v, marker="o", ms=3, lw=2.2 if name in ("all", "all_stages") else 1.3,
+                ls="--" if name == "all" else "-", label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="training step", ylabel="AUC (per-scan average l2)", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    C._save(fig, path)
+
+
+def plot_fig3(examples, path, vmax=0.2):
+    """Fig. 3: per row one scan: input 3 slices | ground-truth next 3 | reconstructed next 3 |
+    pixelwise l2 (jet, [0, vmax]) over the ground truth, with each slice's l2 value."""
+    plt = C._plt()
+    n = len(examples)
+    fig, axes = plt.subplots(n, 12, figsize=(12 * 1.25, n * 1.4 + 0.6), squeeze=False)
+    heads = ["input s1", "s2", "s3", "real s4", "s5", "s6", "recon. s4", "s5", "s6", "l2 s4", "s5", "s6"]
+    for i, ex in enumerate(examples):
+        win, rec = ex["window"], ex["recon"]                   # (6, H, W), (3, H, W)
+        k_in = win.shape[0] - rec.shape[0]
+        l2map = ((win[k_in:] - rec) / 2) ** 2                  # (3, H, W), [0, 1] units as Eq. (2)
+        panels = [win[j] for j in range(k_in)] + [win[k_in + j] for j in range(rec.shape[0])] + list(rec)
+        for j, img in enumerate(panels):
+            axes[i, j].imshow(img, cmap="gray", vmin=-1, vmax=1)
+        for j in range(rec.shape[0]):
+            ax = axes[i, 9 + j]
+            ax.imshow(win[k_in + j], cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(l2map[j], cmap="jet", vmin=0, vmax=vmax, alpha=np.clip(l2map[j] / vmax, 0, 1) * 0.85)
+            ax.text(0.02, 0.02, f"{l2map[j].mean():.4f}", color="white", fontsize=6, transform=ax.transAxes)
+        for j in range(12):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(heads[j], fontsize=7)
+        axes[i, 0].set_ylabel(f"{ex['group']}\nscan l2 {ex['score']:.4f}", fontsize=7)
+    fig.suptitle(f"MADGAN reconstructions (Fig. 3 style): l2 map in jet [0, {vmax}]", fontsize=9)
+    C._save(fig, path)
+
+
+def pick_examples(scorer_out, cases, max_rows=7):
+    """One scan per group (the one whose score is the group median) and its middle window."""
+    by_group = {}
+    for i, c in enumerate(cases):
+        by_group.setdefault(c.group, []).append(i)
+    picks = []
+    for g in stage_order(by_group):
+        idx = [i for i in by_group[g] if np.isfinite(scorer_out["all"][i])]
+        if not idx:
+            continue
+        i = sorted(idx, key=lambda j: scorer_out["all"][j])[len(idx) // 2]
+        picks.append((g, i))
+    return picks[:max_rows]
+
+
+def evaluate_and_plot(args, run, G, scorer, test, val_scorer, hist, auc_steps, timing, info, extra):
+    device = run.device
+    cases = test.cases
+    # windows to keep for the figures: the middle window of one median-scoring scan per group
+    with C.Timer() as t:
+        out = scorer(G, device)
+    picks = pick_examples(out, cases)
+    keep = {}
+    for g, i in picks:
+        w = np.nonzero(scorer.case == i)[0]
+        keep[int(w[len(w) // 2])] = (g, i)
+    w_keep = np.array(sorted(keep), dtype=np.int64)            # reconstruct only those windows again
+    kept_list = reconstruct_windows(G, scorer.reader, scorer.rows[w_keep], args, device,
+                                    keep=range(len(w_keep)))[1] if len(w_keep) else {}
+    kept = {int(w_keep[j]): v for j, v in kept_list.items()}
+    val = val_scorer(G, device) if val_scorer is not None else None
+    timing.update(score_s=round(t.seconds, 2), score_s_per_sample=round(t.seconds / max(len(cases), 1), 4))
+
+    primary = out["top"] if args.score_windows else out["all"]
+    other = out["all"] if args.score_windows else out["top"]
+    rows = []
+    for i, c in enumerate(cases):
+        if not np.isfinite(primary[i]):
+            continue
+        rows.append(dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
+                         score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
+                         n_windows=int((scorer.case == i).sum())))
+    skipped = [c.id for i, c in enumerate(cases) if not np.isfinite(primary[i])]
+    k = args.score_windows or 10
+    extra.update({
+        "score": f"average l2 (Eq. 2) per scan over {'the best ' + str(k) + ' consecutive' if args.score_windows else 'all'} windows",
+        "table1": {"all windows": group_aucs(cases, out["all"]),
+                   f"{k} consecutive windows": group_aucs(cases, out["top"])},
+        "auc_over_steps": auc_steps,
+        "skipped_scans_without_windows": skipped,
+    })
+    if val is not None and np.isfinite(val["all"]).any():
+        v = val["all"] if not args.score_windows else val["top"]
+        thr = C.threshold_from_healthy(v[np.isfinite(v)], fpr=0.05)
+        y = np.array([r["label"] for r in rows])
+        s = np.array([r["score"] for r in rows])
+        extra["operating_point_val95"] = {"threshold": thr, "rule": "95th percentile of healthy validation scans",
+                                          **C.binary_stats(y, s >= thr)}
+    # figures
+    examples = [dict(group=g, score=float(out["all"][i]), window=kept[w][0], recon=kept[w][1])
+                for w, (g, i) in keep.items() if w in kept]
+    if examples:
+        plot_fig3(examples, run.out / "fig3_slices.png")
+        mid = args.k_out // 2
+        rows_ex = []
+        for w, (g, i) in keep.items():
+            win, rec = kept[w]
+            zrow = scorer.rows[w][args.k_in + mid]
+            gt = np.asarray(test.mask[zrow]) if test.mask[zrow].any() else None
+            rows_ex.append(dict(title=f"{g} ({cases[i].id.split('/')[-1]})", input=win[args.k_in + mid],
+                                reconstruction=rec[mid], amap=((win[args.k_in + mid] - rec[mid]) / 2) ** 2, gt=gt))
+        C.plot_examples(rows_ex, run.out / "examples.png",
+                        cols=("real next slice", "reconstruction", "pixelwise l2", "ground truth"))
+    C.plot_curves({k_: v for k_, v in hist.items() if k_ in ("loss_D", "loss_G_adv", "wdist")},
+                  run.out / "losses.png", title=f"MADGAN ({args.sa}-SA) training: critic and adversarial terms",
+                  ylabel="loss", logy=True)
+    if hist.get("loss_l1"):
+        C.plot_curves({"l1 (Eq. 1)": hist["loss_l1"]}, run.out / "losses_l1.png",
+                      title="l1 reconstruction loss", ylabel="l1", logy=False)
+    if auc_steps:
+        plot_auc_steps(auc_steps, run.out / "auc_steps.png",
+                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
+    return C.finish_run(run, args, METHOD, unit="scan", rows=rows, timing=timing, extra=extra, data_info=info,
+                        roc_title=f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group")
+
+
+# =================================================================================================
+# main
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    device = run.device
+    data = C.load_dataset(args, contrast="t1")
+    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
+                 cache_dir=args.cache_dir)
+    with C.Timer() as t_cache:
+        S_train = C.slice_stack(data.train, desc="train", **stack)
+        S_val = C.slice_stack(data.val, desc="val", **stack) if data.val else None
+        S_test = C.slice_stack(data.test, desc="test", **stack)
+    win_rows, _ = window_table(S_train, args.k_in, args.k_out)
+    if len(win_rows) == 0:
+        C.fail(f"no training window: every scan has fewer than --k-in + --k-out = {args.k_in + args.k_out} slices")
+    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
+            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s")
+
+    G, D = build_models(args)
+    G, D = G.to(device), D.to(device)
+    test_scorer, val_scorer = Scorer(S_test, args), (Scorer(S_val, args) if S_val is not None and len(S_val) else None)
+
+    def evaluator(step):
+        """Fig. 8: AUCs of the current generator (reporting only; never selects anything)."""
+        o = test_scorer(G, device)
+        e = {"step": step, "auroc": group_aucs(S_test.cases, o["all"]),
+             "auroc_top_windows": group_aucs(S_test.cases, o["top"])}
+        if val_scorer is not None:
+            e["val_l2_mean"] = float(np.nanmean(val_scorer(G, device)["all"]))
+        run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
+        return e
+
+    timing = {"cache_s": round(t_cache.seconds, 2)}
+    if args.checkpoint:                                        # score only
+        ck = C.load_checkpoint(args.checkpoint, device)
+        G.load_state_dict(ck["models"]["G"])
+        hist, auc_steps = ck.get("history", {}), ck.get("train_state", {}).get("auc_steps", [])
+        timing["train_s"] = 0.0
+        C.save_checkpoint(run.out / "last.pt", ck)
+    else:
+        ck = C.load_checkpoint(args.resume, device) if args.resume else None
+        reader = WindowReader(S_train)
+        hist, state, train_s = train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=ck)
+        reader.close()
+        auc_steps = state["auc_steps"]
+        timing["train_s"] = round(train_s, 2)
+    extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
+             "steps": args.steps, "score_windows": args.score_windows,
+             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)}}
+    res = evaluate_and_plot(args, run, G, test_scorer, S_test, val_scorer, hist, auc_steps, timing, data.info, extra)
+    return res
+
+
+if __name__ == "__main__":
+    C.main_guard(main)

@@ -1,0 +1,279 @@
+"""Tests of madgan.py: the paper's equations on hand-computed tensors (`pytest -k eq`), the window
+indexing, the per-scan score, the networks, and subprocess smoke runs for --sa 0/3/7."""
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import madgan as M
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- Eq. (1), Eq. (2): l1 and l2 per window ---------------------------------------------------------
+
+def test_eq1_l1_loss_is_mean_absolute_difference():
+    x = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])          # (1, 1, 2, 2)
+    x_rec = torch.tensor([[[[0.0, -1.0], [1.0, 1.0]]]])
+    # |1-0| + |-1+1| + |0.5-1| + |0-1| = 2.5, over P = 4 pixels
+    assert M.l1_loss(x, x_rec).item() == pytest.approx(2.5 / 4)
+
+
+def test_eq2_l2_per_window_in_unit_intensities():
+    x = torch.zeros(2, 3, 2, 2)
+    x_rec = torch.zeros(2, 3, 2, 2)
+    x_rec[0, 0, 0, 0] = 1.0                                   # one pixel off by 1 in [-1, 1] = 0.5 in [0, 1]
+    x_rec[1] = -1.0                                           # every pixel off by 1 -> 0.25 each
+    l2 = M.l2_per_window(x, x_rec)
+    assert l2.shape == (2,)
+    assert l2[0].item() == pytest.approx(0.25 / 12)           # (0.5)^2 / P, P = 3*2*2
+    assert l2[1].item() == pytest.approx(0.25)
+
+
+# ---- WGAN-GP ---------------------------------------------------------------------------------------
+
+def test_eq_wgan_critic_loss_and_label_flip():
+    d_real, d_fake = torch.tensor([2.0, 4.0]), torch.tensor([1.0, -1.0])
+    assert M.critic_loss(d_real, d_fake).item() == pytest.approx(0.0 - 3.0)        # E[D(fake)] - E[D(real)]
+    assert M.critic_loss(d_real, d_fake, flip=True).item() == pytest.approx(3.0)   # roles swapped
+
+
+def test_eq_generator_loss_adversarial_plus_100_l1():
+    d_fake = torch.tensor([1.0, 3.0])
+    x, x_rec = torch.zeros(2, 3, 2, 2), torch.full((2, 3, 2, 2), 0.1)
+    total, adv, l1 = M.generator_loss(d_fake, x, x_rec, l1_weight=100.0)
+    assert adv.item() == pytest.approx(-2.0)
+    assert l1.item() == pytest.approx(0.1)
+    assert total.item() == pytest.approx(-2.0 + 100 * 0.1)
+    assert M.generator_loss(d_fake, x, x_rec, l1_weight=0.0)[0].item() == pytest.approx(-2.0)  # w/o l1
+
+
+class LinearCritic(torch.nn.Module):
+    """D(c, x) = <w, x>: its gradient is w everywhere, so GP = (||w|| - 1)^2 exactly."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, cond, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+def test_eq_gradient_penalty_known_gradient_norm():
+    w = torch.zeros(1, 3, 2, 2)
+    w[0, 0, 0, 0], w[0, 2, 1, 1] = 3.0, 4.0                   # ||w|| = 5
+    real, fake = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    gp = M.gradient_penalty(LinearCritic(w), None, real, fake)
+    assert gp.item() == pytest.approx((5.0 - 1.0) ** 2)
+
+
+class SquareCritic(torch.nn.Module):
+    """D(c, x) = ½||x||²: gradient x, so the per-sample norm is ||x_i||."""
+
+    def forward(self, cond, x):
+        return 0.5 * x.pow(2).flatten(1).sum(1)
+
+
+def test_eq_gradient_penalty_norm_is_per_sample():
+    real = torch.zeros(2, 3, 2, 2)
+    real[0, 0, 0, 0] = 2.0                                     # ||x_0|| = 2
+    real[1, 1, 0, 1], real[1, 2, 1, 0] = 0.3, 0.4              # ||x_1|| = 0.5
+    # real == fake, so x^ = x for every ε: GP = ((2-1)^2 + (0.5-1)^2) / 2
+    gp = M.gradient_penalty(SquareCritic(), None, real, real.clone())
+    assert gp.item() == pytest.approx((1.0 + 0.25) / 2)
+    wrong = (real.flatten().norm() - 1) ** 2                   # one norm over the whole batch
+    assert abs(gp.item() - wrong.item()) > 0.1
+
+
+def test_gradient_penalty_is_differentiable_for_the_critic():
+    D = M.Critic(base=4)
+    cond, real, fake = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    gp = M.gradient_penalty(D, cond, real, fake)
+    gp.backward()
+    assert D.conv1.weight.grad is not None and D.conv1.weight.grad.abs().sum() > 0
+
+
+# ---- self-attention and networks -------------------------------------------------------------------
+
+def test_self_attention_matches_sagan_formula():
+    torch.manual_seed(0)
+    sa = M.SelfAttention(8)
+    x = torch.randn(1, 8, 2, 3)
+    assert torch.equal(sa(x), x)                               # γ = 0 at initialisation: identity
+    with torch.no_grad():
+        sa.gamma.fill_(0.7)
+    f = sa.f(x).flatten(2)[0]                                  # (1, N)
+    g = sa.g(x).flatten(2)[0]
+    h = sa.h(x).flatten(2)[0]                                  # (8, N)
+    N = 6
+    o = torch.zeros(8, N)
+    for j in range(N):                                         # o_j = Σ_i β_{j,i} h(x_i)
+        s = torch.stack([f[:, i] @ g[:, j] for i in range(N)])
+        beta = torch.exp(s) / torch.exp(s).sum()
+        o[:, j] = sum(beta[i] * h[:, i] for i in range(N))
+    y = x + 0.7 * o.view(1, 8, 2, 3)
+    assert torch.allclose(sa(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("sa", [0, 3, 7])
+def test_networks_shapes_and_sa_count(sa):
+    args = types.SimpleNamespace(sa=sa, k_in=3, k_out=3, base_ch=8, dropout=0.5)
+    G, D = M.build_models(args)
+    n_sa = sum(isinstance(m, M.SelfAttention) for m in list(G.modules()) + list(D.modules()))
+    assert n_sa == sa
+    x = torch.rand(2, 3, 48, 32) * 2 - 1                       # non-square, like the paper's 256x176
+    y = G(x)
+    assert y.shape == (2, 3, 48, 32) and y.abs().max() <= 1
+    assert D(x, y).shape == (2,)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in D.modules())
+
+
+def test_generator_unet_has_two_dropout_layers_and_batchnorm():
+    G = M.Generator(base=8, dropout=0.5)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in G.modules()) == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in G.modules()) == 7   # 4 enc + 3 dec
+
+
+# ---- windows and the per-scan score ----------------------------------------------------------------
+
+def fake_stack(lengths, H=4, W=4, seed=0, shuffle=False):
+    """An ArraySet of len(lengths) scans with the given slice counts (rows optionally shuffled)."""
+    rng = np.random.default_rng(seed)
+    case = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+    z = np.concatenate([np.arange(n, dtype=np.int32) + 10 for n in lengths])
+    if shuffle:
+        p = rng.permutation(len(case))
+        case, z = case[p], z[p]
+    x = rng.uniform(-1, 1, (len(case), H, W)).astype(np.float32)
+    cases = [C.Case(id=f"t/{i}", subject=str(i), group="normal", label=0, image="") for i in range(len(lengths))]
+    return C.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.ones_like(x, np.uint8), case=case, z=z,
+                      cases=cases)
+
+
+def test_window_indexing_first_last_and_no_crossing():
+    S = fake_stack([8, 7, 5])                                   # 3 + 2 + 0 windows of 6 slices
+    rows, case = M.window_table(S, 3, 3)
+    assert rows.shape == (5, 6) and list(case) == [0, 0, 0, 1, 1]
+    assert list(rows[0]) == [0, 1, 2, 3, 4, 5]                  # s1..3 -> s4..6 of scan 0
+    assert list(rows[2]) == [2, 3, 4, 5, 6, 7]                  # s3..5 -> s6..8: last window of scan 0
+    assert list(rows[3]) == [8, 9, 10, 11, 12, 13]              # first window of scan 1
+    assert list(rows[4]) == [9, 10, 11, 12, 13, 14]             # last window of scan 1
+    for r, c in zip(rows, case):                                # no window crosses two scans
+        assert (S.case[r] == c).all()
+
+
+def test_window_indexing_follows_slice_order_not_row_order():
+    S = fake_stack([9, 6], shuffle=True)
+    rows, case = M.window_table(S, 3, 3)
+    assert len(rows) == 4 + 1
+    for r, c in zip(rows, case):
+        assert (S.case[r] == c).all()
+        assert list(S.z[r]) == list(range(S.z[r][0], S.z[r][0] + 6))   # consecutive slices in order
+
+
+def test_top_consecutive_mean():
+    assert M.top_consecutive_mean([1, 5, 5, 1, 1], 2) == pytest.approx(5.0)
+    assert M.top_consecutive_mean([1, 5, 5, 1, 1], 3) == pytest.approx(11 / 3)
+    assert M.top_consecutive_mean([1, 2], 10) == pytest.approx(1.5)     # fewer windows than k: all
+    assert M.top_consecutive_mean([1, 5, 5, 1, 1], 0) == pytest.approx(2.6)
+
+
+class ShiftG(torch.nn.Module):
+    """A 'generator' that predicts the next 3 slices as copies of the last input slice."""
+
+    def forward(self, cond):
+        return cond[:, -1:].repeat(1, 3, 1, 1)
+
+
+def test_eq2_scan_score_matches_hand_computation():
+    S = fake_stack([8, 6], H=2, W=3)
+    args = types.SimpleNamespace(k_in=3, k_out=3, eval_batch=2, amp=False, score_windows=0)
+    sc = M.Scorer(S, args)
+    out = sc(ShiftG(), torch.device("cpu"))
+    x = S.x.astype(np.float64)
+    for i, n in enumerate([8, 6]):
+        r = S.slices_of(i)
+        per_window = [np.mean(((x[r[s + 3: s + 6]] - x[r[s + 2]][None]) / 2) ** 2) for s in range(n - 5)]
+        assert out["all"][i] == pytest.approx(np.mean(per_window), rel=1e-6)
+        assert out["top"][i] == pytest.approx(np.mean(per_window), rel=1e-6)   # <= 10 windows: all
+    assert len(out["losses"]) == 3 + 1
+
+
+def test_window_reader_memmap_matches_array(tmp_path):
+    S = fake_stack([8, 7])
+    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=S.x.shape)
+    mm[:] = S.x
+    mm.flush()
+    S2 = C.ArraySet(x=np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=S.x.shape),
+                    mask=S.mask, brain=S.brain, case=S.case, z=S.z, cases=S.cases)
+    rows, _ = M.window_table(S2, 3, 3)
+    r = M.WindowReader(S2)
+    assert r.file is not None
+    np.testing.assert_array_equal(r(rows), S.x[rows])
+    odd = np.array([[0, 2, 4], [7, 1, 3]])                      # non-contiguous rows: the per-row path
+    np.testing.assert_array_equal(r(odd), S.x[odd])
+    r.close()
+
+
+def test_group_aucs_normal_is_any_label_0_group():
+    cases = [C.Case(id=str(i), subject=str(i), group=g, label=int(g != "cdr_0"), image="")
+             for i, g in enumerate(["cdr_0"] * 3 + ["cdr_0.5"] * 2 + ["cdr_2"] * 2)]
+    s = np.array([0.1, 0.2, 0.3, 0.25, 0.35, 0.5, 0.6])
+    a = M.group_aucs(cases, s)
+    assert a["cdr_2"] == pytest.approx(1.0)
+    assert a["cdr_0.5"] == pytest.approx(C.auroc([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.25, 0.35]))
+    assert a["all"] == pytest.approx(C.auroc([0, 0, 0, 1, 1, 1, 1], s))
+    assert a["all_stages"] == pytest.approx(a["all"])
+    assert M.stage_order(["cdr_2", "cdr_0.5", "cdr_0", "cdr_1"]) == ["cdr_0", "cdr_0.5", "cdr_1", "cdr_2"]
+
+
+def test_bad_flags_one_line_error():
+    p = subprocess.run([sys.executable, "madgan.py", "--preset", "smoke", "--image-size", "30", "30"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: --image-size 30 30")
+    assert "Traceback" not in p.stderr
+
+
+# ---- subprocess smoke runs -------------------------------------------------------------------------
+
+def _run(args, tmp_path, name):
+    out = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "madgan.py", "--preset", "smoke", "--out", str(out),
+                        "--cache-dir", str(REPO / "data" / "cache"), *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sa", [0, 3, 7])
+def test_smoke_run_writes_contract_files(tmp_path, sa):
+    out = _run(["--sa", str(sa)], tmp_path, f"sa{sa}")
+    for f in ["config.json", "results.json", "scores.csv", "last.pt", "roc.png", "scores.png",
+              "examples.png", "losses.png", "auc_steps.png", "fig3_slices.png"]:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    r = json.loads((out / "results.json").read_text())
+    assert r["method"] == "madgan" and r["unit"] == "scan" and r["sa"] == sa
+    assert 0 <= r["metrics"]["auroc"] <= 1
+    assert {"atrophy_1", "atrophy_2", "atrophy_3"} <= set(r["groups"])
+    assert "all windows" in r["table1"] and len(r["auc_over_steps"]) >= 1
+    sys.path.insert(0, str(REPO.parent / "shared"))
+    import check_contract
+    res = check_contract.check(str(out))
+    problems = res if isinstance(res, list) else res[0]
+    assert problems == []
+    if sa == 0:                                                 # resume and score-only from that run
+        ck = C.load_checkpoint(out / "last.pt")
+        assert ck["step"] == 4 and set(ck["models"]) == {"G", "D"}
+        out2 = _run(["--resume", str(out / "last.pt"), "--steps", "6"], tmp_path, "resumed")
+        assert C.load_checkpoint(out2 / "last.pt")["step"] == 6
+        out3 = _run(["--checkpoint", str(out / "last.pt")], tmp_path, "scored")
+        r3 = json.loads((out3 / "results.json").read_text())
+        assert r3["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
