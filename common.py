@@ -61,6 +61,9 @@ def main_guard(main, argv=None):
     except KeyboardInterrupt:
         print("error: interrupted; resume with --resume <out>/last.pt", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:
+            ddp_teardown()
 
 
 # =================================================================================================
@@ -764,7 +767,7 @@ def plot_scores(groups, path, log=False, title="", xlabel="anomaly score", thres
     names = list(groups)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(names) + 1.5), 4))
     data = [np.asarray(groups[n], dtype=np.float64) for n in names]
-    ax.boxplot(data, vert=True, widths=0.5, showfliers=False)
+    ax.boxplot(data, widths=0.5, showfliers=False)
     rng = np.random.default_rng(0)
     for i, d in enumerate(data):
         ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=8, alpha=0.6,
@@ -948,6 +951,8 @@ def save_checkpoint(path, state):
     """torch.save to a temp file in the same folder, then an atomic rename: a crash never leaves a
     half-written checkpoint in place of the last good one."""
     import torch
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -1069,6 +1074,69 @@ def _json_default(o):
     return str(o)
 
 
+# ---- several GPUs / machines: torchrun + DistributedDataParallel ------------------------------
+# `torchrun --nproc_per_node=N script.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE; without them every
+# helper below is a no-op, so a reader who ignores DDP sees the plain single-process loop.
+
+def ddp_setup():
+    """Join the process group when launched by torchrun; -> (rank, world_size). NCCL on CUDA, else gloo."""
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return ddp_rank(), world
+
+
+def ddp_rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def ddp_world():
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main():
+    """True on the process that writes files and prints (rank 0, or the only process)."""
+    return ddp_rank() == 0
+
+
+def ddp_wrap(model, device):
+    """DistributedDataParallel around `model` when running under torchrun; the model itself otherwise."""
+    if ddp_world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The plain module inside a DDP wrapper (checkpoints hold plain state_dicts: loadable either way)."""
+    return getattr(model, "module", model)
+
+
+def shard(indices):
+    """This rank's share of a (seeded, identical on every rank) index permutation: disjoint across ranks,
+    like DistributedSampler, for arrays that are memory-mapped rather than wrapped in a DataLoader."""
+    return indices[ddp_rank()::ddp_world()]
+
+
+def ddp_barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def ddp_teardown():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class Run:
     out: Path
@@ -1077,23 +1145,29 @@ class Run:
     t0: float
 
     def log(self, msg):
-        print(f"[{self.method} {time.time() - self.t0:7.1f}s] {msg}", flush=True)
+        if is_main():
+            print(f"[{self.method} {time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
 
 def start_run(args, method):
     """Seed everything, choose the device, create the run directory and write config.json."""
     import torch
+    rank, world = ddp_setup()
     seed_everything(args.seed)
     device = get_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--out {out}: cannot create the run directory ({e.strerror})")
-    write_json(out / "config.json", {"method": method, "args": vars(args), "device": str(device),
-                                     "versions": _versions(), "git_commit": _git_commit(),
-                                     "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                                     "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    if is_main():
+        write_json(out / "config.json", {
+            "method": method, "args": vars(args), "device": str(device), "world_size": world,
+            "versions": _versions(), "git_commit": _git_commit(),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "started": _dt.datetime.now().isoformat(timespec="seconds")})
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     run = Run(out=out, device=device, method=method, t0=time.time())
@@ -1102,7 +1176,10 @@ def start_run(args, method):
 
 
 def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None, roc_title="", log_scores=False):
-    """Write the contract's scores.csv, results.json, roc.png and scores.png; return the results dict."""
+    """Write the contract's scores.csv, results.json, roc.png and scores.png; return the results dict.
+    Under torchrun only rank 0 writes."""
+    if not is_main():
+        return evaluate(rows)
     out = run.out
     keys = ["id", "group", "label", "score"]
     extra_cols = [k for k in rows[0] if k not in keys] if rows else []
