@@ -1,0 +1,830 @@
+"""AnoVAEGAN and the deep (spatial) autoencoders for unsupervised anomaly segmentation of brain MRI.
+
+Paper: Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models
+for Unsupervised Anomaly Segmentation in Brain MR Images." Brainlesion: Glioma, Multiple Sclerosis,
+Stroke and Traumatic Brain Injuries (BrainLes 2018, MICCAI workshop), LNCS 11383, pp. 161-169,
+Springer 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
+
+Idea: train an autoencoder on entire 2D axial slices of healthy brains only; an anomaly (an MS lesion,
+a tumour) cannot be reconstructed, so the pixel-wise residual |x - x̂| delineates it (Fig. 1).
+`--model` picks one row of Table 1; all six share the same convolutional encoder and decoder and
+differ only in the bottleneck (dense z of 512 or spatial z of h×w×c), the prior on z (VAE) and the
+adversarial discriminator (GAN):
+
+    dAE        dense AE                      Eq. (2) with λ2 = λ3 = 0
+    sAE        spatial (fully convolutional) AE, Eq. (2) with λ2 = λ3 = 0   (--z-shape 8x8x64 for sAE1)
+    dVAE       dense VAE                     Eq. (2) with λ3 = 0
+    sVAE       spatial VAE                   Eq. (2) with λ3 = 0
+    sAE-GAN    spatial AE + discriminator    Eq. (2) with λ2 = 0, and Eq. (3)  ("Context Encoder")
+    AnoVAEGAN  spatial VAE + discriminator   Eq. (2) and Eq. (3)   (the paper's method, Fig. 2)
+
+Equations (the paper's equations are unnumbered; numbers are ours, in the order of §2 "Methodology"):
+  Eq. (1)  z ~ Enc(x; θ),  x̂ = Dec(z; φ),  z ~ N(0, I)
+  Eq. (2)  L_VAE = λ1·L_rec + λ2·L_prior + λ3·L_adv
+                 = λ1·‖x − x̂‖₁ + λ2·D_KL(z ‖ N(0, I)) − λ3·log Dis(Dec(Enc(x)))
+  Eq. (3)  L_Dis = −log Dis(x) − log(1 − Dis(Dec(Enc(x))))
+  Eq. (4)  r = |x − x̂|   (pixel-wise ℓ1 residual, §2 "Anomaly Detection")
+  §3 "Postprocessing": per patient, 5×5×5 median filter over the residual sub-volume, multiply by a
+  slightly eroded brain mask, threshold at the 98th percentile of healthy residuals, remove 3D
+  connected components smaller than 6 voxels.
+  §3 "Evaluation Metrics": Dice mean ± std across test patients, average reconstruction time per sample.
+
+Deviations from the paper (and choices the paper leaves open):
+ 1. Data: the paper's in-house FLAIR data (83 healthy, 49 MS patients, SRI24-registered, ROBEX,
+    CurvatureFlow) is private. `--data synthetic` uses the FLAIR brain phantom (headline groups
+    `lesion_hyper` ≈ MS lesions and `tumor`); real data via `--data mslub|isbi2015|brats` (train on
+    `--train-data ixi`) where common.py provides them. Intensities are in [-1, 1], not [0, 1].
+ 2. The threshold comes from healthy VALIDATION subjects (98th percentile of their post-processed
+    residuals inside the eroded brain mask), not from the training subjects the paper used: residuals
+    on training images are optimistically small. The paper does not say whether the percentile is
+    taken before or after filtering; we take it on the same filtered values we threshold.
+ 3. Architecture details are not in the paper ("we build upon the basic architecture proposed in
+    [Pawlowski et al.]"): we use the encoder/decoder of the authors' later public code (Baur et al.
+    2020, "unified encoder"): 5×5 stride-2 convolutions with 32-64-128-128 filters, BatchNorm,
+    LeakyReLU(0.2); the decoder mirrors it with transposed convolutions and ends in a 1×1 convolution
+    with linear output. The spatial bottleneck is a 1×1 convolution to c channels; the dense one a
+    fully connected layer to 512. The discriminator is the encoder trunk + a linear layer.
+ 4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units (the norm and the KL of the
+    multivariate z as written) and averaged over the batch; λ1 = λ2 = λ3 = 1 (the paper does not
+    report λ). Optimiser: Adam (not named in the paper) with lr 1e-3 for Enc/Dec on Eq. (2) and 1e-4
+    for the discriminator on Eq. (3), one step each, alternating ("lr 0.001 for the reconstruction
+    objective and 0.0001 for the adversarial training", §3 "Implementation").
+ 5. At test time the VAEs decode the posterior mean z = μ (no sampling); the paper does not say.
+ 6. Beyond the paper: pixel-level AUROC/AUPRC, slice-level detection AUROC (contract `metrics`, slice
+    score = maximum of the post-processed residual), scan-level AUROC, and `oracle_dice` (best Dice
+    over thresholds chosen with the test labels, an upper bound only). Pixel metrics are computed on
+    at most --max-pixels randomly sampled brain pixels (uniform, seeded) to bound memory.
+ 7. `quick` preset (2-core CPU, a few minutes): slices resized to 64×64 instead of 256×256, filters
+    halved (16-32-64-64), 3 epochs instead of 150. Bottlenecks are scaled with the image so the
+    compression stays the paper's: spatial z = 4×4×64 (each latent cell still covers 16×16 pixels,
+    4× compression as 16×16×64 of 256×256), dense z = 32 (128× compression as 512 of 256×256); the
+    paper's sAE 8×8×64 row becomes 2×2×64. `smoke`: 32×32, tiny phantom, 1 epoch, seconds.
+
+Commands:
+  python anovaegan.py                                   # quick: AnoVAEGAN on the FLAIR phantom, CPU minutes
+  python anovaegan.py --model sAE                       # any Table 1 row: dAE sAE dVAE sVAE sAE-GAN AnoVAEGAN
+  python anovaegan.py --model sAE --z-shape 2x2x64      # quick-scale version of the paper's sAE 8×8×64 row
+  python anovaegan.py --preset paper --model AnoVAEGAN  # paper: 256×256, z 16×16×64, 150 epochs (GPU)
+  python anovaegan.py --compare runs/anovaegan__*       # Table 1 and Fig. 5 across finished runs
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "anovaegan"
+MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
+SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}
+VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}
+ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}
+HEADLINE_GROUPS = ("lesion_hyper", "tumor")
+# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
+PAPER_TABLE1 = {
+    ("dAE", "512"): (0.12764, 0.14617, None),
+    ("sAE", "8x8x64"): (0.19739, 0.19061, None),
+    ("sAE", "16x16x64"): (0.58558, 0.19845, None),
+    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
+    ("dVAE", "512"): (0.16619, 0.17790, None),
+    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
+    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541),
+}
+
+# =================================================================================================
+# arguments
+# =================================================================================================
+
+PRESETS = {
+    "smoke": dict(image_size=32, n_slices=8, z_shape="2x2x16", z_dim=16, width=8, epochs=1, batch_size=8,
+                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
+                  percentile=98.0, min_size=6, max_pixels=200_000),
+    "quick": dict(image_size=64, n_slices=20, z_shape="4x4x64", z_dim=32, width=16, epochs=3, batch_size=8,
+                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
+                  percentile=98.0, min_size=6, max_pixels=2_000_000),
+    "paper": dict(image_size=256, n_slices=20, z_shape="16x16x64", z_dim=512, width=32, epochs=150,
+                  batch_size=8, lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5,
+                  erode=1, percentile=98.0, min_size=6, max_pixels=4_000_000),
+}
+
+
+def build_parser():
+    p = C.ArgumentParser(description=__doc__)
+    C.add_contract_args(p, method=METHOD)
+    g = p.add_argument_group("AnoVAEGAN (Baur et al. 2018)")
+    g.add_argument("--model", default="AnoVAEGAN", choices=MODELS,
+                   help="Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN (default AnoVAEGAN)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="slices resized to S×S, §3 'Datasets' (paper 256; quick 64)")
+    g.add_argument("--n-slices", type=int, default=None,
+                   help="consecutive axial slices around the middle per subject, §3 'Datasets' (paper 20)")
+    g.add_argument("--z-shape", default=None,
+                   help="spatial bottleneck h x w x c, Table 1 (paper 16x16x64; 8x8x64 for sAE1; quick 4x4x64); "
+                        "also sets the depth of the shared encoder: log2(image-size / h) stride-2 stages")
+    g.add_argument("--z-dim", type=int, default=None, help="dense bottleneck size, Table 1 (paper 512; quick 32)")
+    g.add_argument("--width", type=int, default=None,
+                   help="filters of the first convolution, doubled per stage up to 4x (not in the paper; "
+                        "authors' code 32; quick 16)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs, §3 'Implementation' (paper 150)")
+    g.add_argument("--batch-size", type=int, default=None, help="minibatch size, §3 'Implementation' (paper 8)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3 (paper 0.001)")
+    g.add_argument("--lr-adv", type=float, default=None,
+                   help="learning rate of Dis on Eq. (3) ('adversarial training'), §3 (paper 0.0001)")
+    g.add_argument("--lam-rec", type=float, default=None, help="λ1 in Eq. (2) (paper: not reported; 1)")
+    g.add_argument("--lam-prior", type=float, default=None,
+                   help="λ2 in Eq. (2), VAEs only (paper: not reported; 1)")
+    g.add_argument("--lam-adv", type=float, default=None,
+                   help="λ3 in Eq. (2), GAN models only (paper: not reported; 1)")
+    g.add_argument("--median", type=int, default=None,
+                   help="median filter size (voxels) over each patient's residual sub-volume, §3 'Postprocessing' (paper 5)")
+    g.add_argument("--erode", type=int, default=None,
+                   help="brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded'; 1)")
+    g.add_argument("--percentile", type=float, default=None,
+                   help="threshold = this percentile of healthy residuals, §3 'Postprocessing' (paper 98)")
+    g.add_argument("--min-size", type=int, default=None,
+                   help="remove 3D connected components smaller than this (voxels), §3 'Postprocessing' (paper 6)")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours, not in the paper)")
+    g.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                   help="no training: write Table 1 (table1.md) and Fig. 5 across finished runs into --out")
+    return p
+
+
+def parse_z_shape(s):
+    m = re.fullmatch(r"\s*(\d+)\s*[x×,]\s*(\d+)\s*[x×,]\s*(\d+)\s*", str(s))
+    if not m:
+        C.fail(f"--z-shape {s!r}: expected h x w x c, e.g. 16x16x64")
+    return tuple(int(v) for v in m.groups())
+
+
+def validate(args):
+    C.check_range(args, "image_size", lo=8, integer=True)
+    h, w, c = parse_z_shape(args.z_shape)
+    if h != w or h < 1 or args.image_size % h or (args.image_size // h) & (args.image_size // h - 1) \
+            or args.image_size // h < 2:
+        C.fail(f"--z-shape {args.z_shape} does not fit --image-size {args.image_size}: need a square h×h "
+               f"with image-size / h a power of two >= 2 (e.g. {args.image_size // 16}x{args.image_size // 16}x64)")
+    if c < 1:
+        C.fail(f"--z-shape {args.z_shape}: the channel count must be >= 1")
+    for name in ("n_slices", "z_dim", "width", "epochs", "batch_size", "min_size", "max_pixels"):
+        C.check_range(args, name, lo=1, integer=True)
+    C.check_range(args, "median", lo=0, integer=True)
+    C.check_range(args, "erode", lo=0, integer=True)
+    C.check_range(args, "percentile", lo=0, hi=100)
+    for name in ("lr", "lr_adv"):
+        C.check_range(args, name, lo=1e-12, hi=1.0)
+    for name in ("lam_rec", "lam_prior", "lam_adv"):
+        C.check_range(args, name, lo=0)
+
+
+# =================================================================================================
+# networks
+# =================================================================================================
+
+def down_stage(c_in, c_out):
+    """5×5 stride-2 convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+
+
+def up_stage(c_in, c_out):
+    """5×5 stride-2 transposed convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, 2H, 2W)."""
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 5, stride=2, padding=2, output_padding=1),
+                         nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+
+
+def trunk_channels(n_stages, width):
+    """Encoder filters per stage: width, 2·width, 4·width, 4·width, ... (32-64-128-128 for width 32)."""
+    return [min(4 * width, width * 2 ** i) for i in range(n_stages)]
+
+
+class Encoder(nn.Module):
+    """The shared convolutional encoder trunk: (B, 1, S, S) -> (B, 4·width, h, h)."""
+
+    def __init__(self, *, n_stages, width):
+        super().__init__()
+        ch = [1] + trunk_channels(n_stages, width)
+        self.stages = nn.Sequential(*[down_stage(ch[i], ch[i + 1]) for i in range(n_stages)])
+        self.out_channels = ch[-1]
+
+    def forward(self, x):
+        return self.stages(x)
+
+
+class Decoder(nn.Module):
+    """The shared decoder trunk, mirror of the encoder: (B, 4·width, h, h) -> x̂ (B, 1, S, S), linear output."""
+
+    def __init__(self, *, n_stages, width):
+        super().__init__()
+        top = trunk_channels(n_stages, width)[-1]
+        ch = [top] + [max(width, top // 2 ** i) for i in range(n_stages)]       # 128-128-64-32-32
+        self.stages = nn.Sequential(*[up_stage(ch[i], ch[i + 1]) for i in range(n_stages)])
+        self.to_image = nn.Conv2d(ch[-1], 1, 1)
+
+    def forward(self, f):
+        return self.to_image(self.stages(f))
+
+
+class Autoencoder(nn.Module):
+    """Eq. (1): z ~ Enc(x; θ), x̂ = Dec(z; φ), for the five bottlenecks of Table 1 / Fig. 3.
+
+    spatial:     z = 1×1 conv of the trunk's feature map, (B, c, h, h)
+    dense:       z = fully connected layer of the flattened feature map, (B, z_dim)
+    variational: the encoder outputs μ and log σ² of q(z|x) = N(μ, σ²), z = μ + σ·ε (training),
+                 z = μ (test); otherwise z is deterministic."""
+
+    def __init__(self, *, image_size, z_shape, z_dim, width, spatial, variational):
+        super().__init__()
+        h, _, c = z_shape
+        n_stages = int(round(math.log2(image_size // h)))
+        self.spatial, self.variational = spatial, variational
+        self.enc = Encoder(n_stages=n_stages, width=width)
+        self.dec = Decoder(n_stages=n_stages, width=width)
+        top = self.enc.out_channels
+        n_out = 2 if variational else 1                                            # μ (and log σ²)
+        if spatial:
+            self.to_z = nn.Conv2d(top, n_out * c, 1)                                # (B, top, h, h) -> (B, c·n_out, h, h)
+            self.from_z = nn.Sequential(nn.Conv2d(c, top, 1), nn.BatchNorm2d(top), nn.ReLU())
+            self.z_shape = (c, h, h)
+        else:
+            self.to_z = nn.Sequential(nn.Flatten(), nn.Linear(top * h * h, n_out * z_dim))   # (B, top·h·h) -> (B, z·n_out)
+            self.from_z = nn.Sequential(nn.Linear(z_dim, top * h * h), nn.Unflatten(1, (top, h, h)),
+                                        nn.BatchNorm2d(top), nn.ReLU())
+            self.z_shape = (z_dim,)
+
+    def encode(self, x):
+        """x (B, 1, S, S) -> (μ, log σ²) or (z, None); each (B, c, h, h) or (B, z_dim)."""
+        out = self.to_z(self.enc(x))
+        if self.variational:
+            mu, logvar = out.chunk(2, dim=1)
+            return mu, logvar.clamp(-30.0, 20.0)
+        return out, None
+
+    def decode(self, z):
+        return self.dec(self.from_z(z))                                            # (B, 1, S, S)
+
+    def forward(self, x, sample=True):
+        """-> x̂ (B, 1, S, S), μ (or z), log σ² (or None)."""
+        mu, logvar = self.encode(x)
+        z = mu
+        if self.variational and sample:
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)                # reparameterisation
+        return self.decode(z), mu, logvar
+
+
+class Discriminator(nn.Module):
+    """Dis(x): real vs reconstructed slice, a logit; the encoder trunk + a linear layer (Fig. 2)."""
+
+    def __init__(self, *, image_size, z_shape, width):
+        super().__init__()
+        h = z_shape[0]
+        self.trunk = Encoder(n_stages=int(round(math.log2(image_size // h))), width=width)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(self.trunk.out_channels * h * h, 1))
+
+    def forward(self, x):
+        return self.head(self.trunk(x)).squeeze(1)                                 # (B,) logits
+
+
+def build_models(args):
+    z_shape = parse_z_shape(args.z_shape)
+    ae = Autoencoder(image_size=args.image_size, z_shape=z_shape, z_dim=args.z_dim, width=args.width,
+                     spatial=args.model in SPATIAL, variational=args.model in VARIATIONAL)
+    dis = Discriminator(image_size=args.image_size, z_shape=z_shape, width=args.width) \
+        if args.model in ADVERSARIAL else None
+    return ae, dis
+
+
+def z_label(args):
+    """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
+    return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
+
+
+# =================================================================================================
+# losses
+# =================================================================================================
+
+def loss_rec(x, x_hat):
+    """L_rec, Eq. (2): ‖x − x̂‖₁, summed over pixels, averaged over the batch."""
+    # Eq. (2): L_rec = ‖x − x̂‖₁
+    return (x - x_hat).abs().flatten(1).sum(1).mean()
+
+
+def loss_prior(mu, logvar):
+    """L_prior, Eq. (2): D_KL(N(μ, σ²) ‖ N(0, I)), summed over latent units, averaged over the batch."""
+    # Eq. (2): L_prior = D_KL(z ‖ N(0, I)) = ½ Σ (μ² + σ² − log σ² − 1)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1).sum(1).mean()
+
+
+def loss_adv(d_fake):
+    """L_adv, Eq. (2): −log Dis(Dec(Enc(x))), from the discriminator's logits on reconstructions."""
+    # Eq. (2): L_adv = −log Dis(x̂),  log Dis = log sigmoid(logit) = −softplus(−logit)
+    return F.softplus(-d_fake).mean()
+
+
+def loss_vae(l_rec, l_prior, l_adv, *, lam_rec, lam_prior, lam_adv):
+    """Eq. (2): L_VAE = λ1·L_rec + λ2·L_prior + λ3·L_adv (a term is 0 where the model lacks it)."""
+    # Eq. (2): L_VAE = λ1·L_rec + λ2·L_prior + λ3·L_adv
+    return lam_rec * l_rec + lam_prior * l_prior + lam_adv * l_adv
+
+
+def loss_dis(d_real, d_fake):
+    """Eq. (3): L_Dis = −log Dis(x) − log(1 − Dis(x̂)), from logits, averaged over the batch."""
+    # Eq. (3): L_Dis = −log Dis(x) − log(1 − Dis(Dec(Enc(x))));  −log(1 − sigmoid(l)) = softplus(l)
+    return (F.softplus(-d_real) + F.softplus(d_fake)).mean()
+
+
+# =================================================================================================
+# anomaly score
+# =================================================================================================
+
+def residual(x, x_hat):
+    """Eq. (4): the pixel-wise ℓ1 residual r = |x − x̂| (§2 'Anomaly Detection')."""
+    # Eq. (4): r = |x − x̂|
+    return np.abs(np.asarray(x, np.float32) - np.asarray(x_hat, np.float32))
+
+
+def eroded_brain(brain, erode):
+    """The 'slightly eroded brain mask' of §3 'Postprocessing' (as C.postprocess_3d erodes it)."""
+    from scipy import ndimage as ndi
+    b = np.asarray(brain).astype(bool)
+    return ndi.binary_erosion(b, iterations=erode) if erode else b
+
+
+def filter_residual(r, brain, args):
+    """§3 'Postprocessing', first half: (Z, H, W) residual of one patient -> median-filtered (5×5×5)
+    residual multiplied by the eroded brain mask."""
+    return C.postprocess_3d(r, brain, median=args.median, erode=args.erode, threshold=None)
+
+
+def segment(filtered, threshold, args):
+    """§3 'Postprocessing', second half: threshold the filtered residual, then remove 3D connected
+    components smaller than --min-size voxels -> boolean segmentation (Z, H, W)."""
+    return C.postprocess_3d(filtered, np.ones(filtered.shape, bool), median=0, erode=0, threshold=threshold,
+                            min_size=args.min_size)
+
+
+@torch.no_grad()
+def reconstruct(ae, x, *, device, batch_size, amp=False):
+    """x̂ = Dec(Enc(x)) for all slices, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S) float32."""
+    ae.eval()
+    out = np.empty(x.shape, np.float32)
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.asarray(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
+        with C.autocast(device, enabled=amp):
+            x_hat, _, _ = ae(xb, sample=False)
+        out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+# =================================================================================================
+# training
+# =================================================================================================
+
+def to_batch(S, idx, device):
+    return torch.from_numpy(np.asarray(S.x[np.sort(idx)], np.float32)).to(device)[:, None]  # (B, 1, S, S)
+
+
+def train(args, run, ae, dis, S_train, S_val, start=None):
+    """Alternate one Enc/Dec step on Eq. (2) and one Dis step on Eq. (3) per minibatch (§2 'Training')."""
+    device = run.device
+    opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
+    opt_dis = torch.optim.Adam(dis.parameters(), lr=args.lr_adv) if dis is not None else None
+    hist = {"L_rec": [], "L_prior": [], "L_adv": [], "L_Dis": [], "val L_rec": []}
+    epoch0, step = 0, 0
+    ckpt = run.out / "last.pt"
+    if start is not None:                                       # --resume
+        ae.load_state_dict(start["models"]["ae"])
+        opt.load_state_dict(start["optims"]["ae"])
+        if dis is not None:
+            dis.load_state_dict(start["models"]["dis"])
+            opt_dis.load_state_dict(start["optims"]["dis"])
+        epoch0, step, hist = start["epoch"], start["step"], start["history"]
+        C.set_rng_state(start["rng"])
+        run.log(f"resumed at epoch {epoch0}, step {step}")
+    lam = dict(lam_rec=args.lam_rec, lam_prior=args.lam_prior if args.model in VARIATIONAL else 0.0,
+               lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
+    n = len(S_train)
+    n_batches = math.ceil(n / args.batch_size)
+    zero = torch.zeros((), device=device)
+    for epoch in range(epoch0, args.epochs):
+        ae.train()
+        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)           # same order after --resume
+        perm = torch.randperm(n, generator=g).numpy()
+        for b in C.progress(range(n_batches), total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}"):
+            x = to_batch(S_train, perm[b * args.batch_size:(b + 1) * args.batch_size], device)  # (B, 1, S, S)
+            # ---- Enc/Dec step on Eq. (2)
+            if dis is not None:
+                dis.requires_grad_(False)
+            with C.autocast(device, enabled=args.amp):
+                x_hat, mu, logvar = ae(x)
+                d_fake = dis(x_hat) if dis is not None else None
+            x_hat = x_hat.float()
+            l_rec = loss_rec(x, x_hat)
+            l_prior = loss_prior(mu.float(), logvar.float()) if logvar is not None else zero
+            l_adv = loss_adv(d_fake.float()) if d_fake is not None else zero
+            l_vae = loss_vae(l_rec, l_prior, l_adv, **lam)
+            C.check_finite(l_vae, step=step, ckpt=ckpt)
+            opt.zero_grad(set_to_none=True)
+            l_vae.backward()
+            opt.step()
+            # ---- Dis step on Eq. (3)
+            l_dis = zero
+            if dis is not None:
+                dis.requires_grad_(True)
+                with C.autocast(device, enabled=args.amp):
+                    d_real, d_fake = dis(x), dis(x_hat.detach())
+                l_dis = loss_dis(d_real.float(), d_fake.float())
+                C.check_finite(l_dis, step=step, ckpt=ckpt)
+                opt_dis.zero_grad(set_to_none=True)
+                l_dis.backward()
+                opt_dis.step()
+            step += 1
+            if step % 5 == 0 or b == n_batches - 1:
+                hist["L_rec"].append((step, float(l_rec)))
+                if logvar is not None:
+                    hist["L_prior"].append((step, float(l_prior)))
+                if dis is not None:
+                    hist["L_adv"].append((step, float(l_adv)))
+                    hist["L_Dis"].append((step, float(l_dis)))
+        # validation reconstruction error (monitoring only: selects nothing)
+        x_val = np.asarray(S_val.x)
+        v = float(np.abs(reconstruct(ae, x_val, device=device, batch_size=64, amp=args.amp) - x_val)
+                  .reshape(len(x_val), -1).sum(1).mean())
+        hist["val L_rec"].append((step, v))
+        run.log(f"epoch {epoch + 1}/{args.epochs}  L_rec {float(l_rec):.1f}  L_prior {float(l_prior):.1f}  "
+                f"L_adv {float(l_adv):.3f}  L_Dis {float(l_dis):.3f}  val L_rec {v:.1f}")
+        C.save_checkpoint(ckpt, {
+            "models": {"ae": ae.state_dict(), **({"dis": dis.state_dict()} if dis is not None else {})},
+            "optims": {"ae": opt.state_dict(), **({"dis": opt_dis.state_dict()} if dis is not None else {})},
+            "epoch": epoch + 1, "step": step, "history": hist, "args": vars(args), "rng": C.rng_state()})
+    return hist
+
+
+# =================================================================================================
+# scoring and evaluation
+# =================================================================================================
+
+def score_set(ae, S, args, device):
+    """Reconstruct every slice, then post-process each patient's residual sub-volume.
+    -> dict with x_hat (N, S, S), filtered (N, S, S), brain_eroded (N, S, S) bool, seconds."""
+    with C.Timer() as t_rec:
+        x_hat = reconstruct(ae, S.x, device=device, batch_size=64, amp=args.amp)
+    filtered = np.zeros(S.x.shape, np.float32)
+    brain_e = np.zeros(S.x.shape, bool)
+    with C.Timer() as t_post:
+        for i in range(len(S.cases)):
+            rows = S.slices_of(i)
+            r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
+            filtered[rows] = filter_residual(r, S.brain[rows], args)
+            brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
+    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
+
+
+def sample_pixels(sel, max_pixels, seed=0):
+    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform, seeded)."""
+    idx = np.flatnonzero(sel)
+    if len(idx) > max_pixels:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
+    return idx
+
+
+def pixel_metrics(filtered, gt, brain, max_pixels):
+    """Pixel-level AUROC / AUPRC and oracle Dice of the filtered residual over brain pixels."""
+    idx = sample_pixels(brain.ravel(), max_pixels)
+    s, y = filtered.ravel()[idx], gt.ravel()[idx]
+    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
+    if y.any() and not y.all():
+        od, ot = C.oracle_best_dice(s, y)
+        out.update(auroc=C.auroc(y, s), auprc=C.auprc(y, s), oracle_dice=od, oracle_threshold=ot)
+    return out
+
+
+def evaluate_test(S, sc, threshold, args):
+    """Per patient: segmentation + Dice (Table 1); per slice: contract rows; per group: pixel metrics."""
+    gt_all = np.asarray(S.mask) > 0
+    seg_all = np.zeros(S.x.shape, bool)
+    rows, patients = [], []
+    for i, case in enumerate(S.cases):
+        r = S.slices_of(i)
+        seg = segment(sc["filtered"][r], threshold, args)                          # (Z, S, S) bool
+        seg_all[r] = seg
+        gt = gt_all[r]
+        has_mask = case.mask is not None
+        patients.append(dict(id=case.id, group=case.group, label=int(case.label), gt_voxels=int(gt.sum()),
+                             seg_voxels=int(seg.sum()), dice=C.dice(seg, gt) if gt.any() else None,
+                             scan_score=float(sc["filtered"][r].max())))
+        for k, j in enumerate(r):
+            # slice label: the slice holds ground-truth anomaly voxels; an anomalous scan without any
+            # mask file counts every slice as anomalous
+            label = int(gt[k].any()) if (has_mask or case.label == 0) else int(case.label)
+            rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=case.group, label=label,
+                             score=float(sc["filtered"][j].max()), case=case.id, z=int(S.z[j]),
+                             gt_voxels=int(gt[k].sum()), seg_voxels=int(seg[k].sum())))
+    groups = [g for g in dict.fromkeys(p["group"] for p in patients)]
+    normal = np.array([p["label"] == 0 for p in patients])
+    dice, pixel, scan = {}, {}, {}
+    case_group = np.array([p["group"] for p in patients])
+    row_group = np.array([S.cases[c].group for c in S.case])
+    for g in groups + ["all"]:
+        ds = [p["dice"] for p in patients if p["dice"] is not None and (g == "all" or p["group"] == g)]
+        if ds:
+            dice[g] = {"mean": float(np.mean(ds)), "std": float(np.std(ds)), "n": len(ds)}
+        sel = np.ones(len(S.x), bool) if g == "all" else row_group == g
+        if gt_all[sel].any():
+            pixel[g] = pixel_metrics(sc["filtered"][sel], gt_all[sel], np.asarray(S.brain[sel]) > 0,
+                                     args.max_pixels)
+        if g != "all" and g != "normal" and not normal[case_group == g].all():
+            keep = (case_group == g) | normal
+            y = np.array([p["label"] for p in patients])[keep]
+            s = np.array([p["scan_score"] for p in patients])[keep]
+            scan[g] = {"auroc": C.auroc(y, s), "auprc": C.auprc(y, s), "n": int((case_group == g).sum())}
+    return rows, patients, seg_all, dict(dice=dice, pixel=pixel, scan=scan)
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+def pick_examples(S, groups, per_group=1):
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases of
+    each group (the middle slice for cases without a lesion)."""
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(S.cases):
+            if c.group != g:
+                continue
+            r = S.slices_of(i)
+            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
+            cands.append((int(area.max()), i, int(r[int(area.argmax())] if area.max() else r[len(r) // 2])))
+        cands.sort(key=lambda t: -t[0])
+        out += [(i, j) for _, i, j in cands[:per_group]]
+    return out
+
+
+def overlay_seg(ax, x, seg, gt):
+    """Segmentation augmented to the input (Fig. 5, bottom row): TP yellow, FP red, FN cyan."""
+    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
+    rgba = np.zeros((*x.shape, 4), np.float32)
+    tp, fp, fn = seg & gt, seg & ~gt, ~seg & gt
+    for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
+        rgba[m] = (*col, 0.75)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+def plot_fig5(items, path, title, vmax):
+    """Fig. 5 equivalent: per example, input with ground truth | filtered residual | segmentation.
+    items: list of dict(label, x, gt, filtered, seg)."""
+    plt = C._plt()
+    n = len(items)
+    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.45 * n + 0.5), squeeze=False)
+    for i, it in enumerate(items):
+        a = axes[i]
+        a[0].imshow(it["x"], cmap="gray", vmin=-1, vmax=1)
+        if it["gt"].any():
+            a[0].contour(it["gt"], levels=[0.5], colors="lime", linewidths=0.9)
+        a[1].imshow(it["filtered"], cmap="inferno", vmin=0, vmax=vmax)
+        overlay_seg(a[2], it["x"], it["seg"], it["gt"])
+        extra = f"\nDice {it['dice']:.2f}" if it.get("dice") is not None else ""
+        a[2].text(0.02, 0.98, extra.strip(), transform=a[2].transAxes, va="top", color="w", fontsize=8)
+        a[0].set_ylabel(it["label"], fontsize=8)
+        for ax in a:
+            ax.set_xticks([]), ax.set_yticks([])
+    for ax, t in zip(axes[0], ("input + ground truth (green)", "filtered residual", "segmentation")):
+        ax.set_title(t, fontsize=9)
+    fig.suptitle(title + "\nyellow: true positive, red: false positive, cyan: missed", fontsize=9)
+    C._save(fig, path)
+
+
+def plot_fig6(filtered, gt, brain, threshold, path, title, max_pixels, val_values=None):
+    """Fig. 6 equivalent: histogram of post-processed residuals of normal and abnormal test pixels
+    (inside the brain) with the threshold taken from healthy validation data."""
+    plt = C._plt()
+    idx = sample_pixels(brain.ravel(), max_pixels, seed=1)
+    s, y = filtered.ravel()[idx], gt.ravel()[idx]
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
+    bins = np.linspace(0, hi, 80)
+    ax.hist(s[~y], bins=bins, density=True, alpha=0.55, color="tab:blue", label=f"normal pixels (n={int((~y).sum())})")
+    if y.any():
+        ax.hist(s[y], bins=bins, density=True, alpha=0.55, color="tab:red", label=f"abnormal pixels (n={int(y.sum())})")
+    if val_values is not None:
+        ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
+                label="healthy validation pixels")
+    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f} ({title.split('|')[-1].strip()})")
+    ax.set_yscale("log")
+    ax.set(xlabel="filtered residual |x − x̂| (median 5×5×5, eroded brain)", ylabel="density (log)",
+           title=title.split("|")[0].strip())
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    C._save(fig, path)
+
+
+# ---- Table 1 across runs (--compare) -------------------------------------------------------------
+
+def compare(args, run):
+    """Table 1 and Fig. 5 across finished runs of this script (each run = one row)."""
+    rows, fig_items = [], []
+    for d in args.compare:
+        d = Path(d)
+        f = d / "results.json"
+        if not f.is_file():
+            C.fail(f"--compare {d}: no results.json (is it a finished run of anovaegan.py?)")
+        import json
+        res = json.loads(f.read_text())
+        if res.get("method") != METHOD:
+            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {METHOD}")
+        rows.append((d, res))
+        npz = d / "fig5.npz"
+        if npz.is_file():
+            fig_items.append((res["table1"]["model"] + " " + res["table1"]["z"], np.load(npz)))
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows.sort(key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r in rows)] or ["all"]
+    head = ("| model | z | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
+            + " | pixel AUROC | slice AUROC | reco time [s/slice] | paper Dice (μ ± σ) | run |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d, r in rows:
+        t = r["table1"]
+        cells = [t["model"], t["z"]]
+        for g in groups:
+            dg = r["dice"].get(g)
+            cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f}" if dg else "–")
+        pa = r["pixel"].get("all", {}).get("auroc")
+        cells += [f"{pa:.3f}" if pa is not None else "–", f"{r['metrics']['auroc']:.3f}",
+                  f"{t['reco_s_per_sample']:.4f}"]
+        p = t.get("paper")
+        cells += [f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ("Table 1 (ours, " + ", ".join(sorted({r['data'] + '/' + r['preset'] for _, r in rows}))
+            + "): Dice per test patient (threshold: 98th percentile of healthy validation residuals)\n\n"
+            + "\n".join(lines) + "\n")
+    (run.out / "table1.md").write_text(text)
+    print(text)
+    if fig_items:
+        plot_fig5_models(fig_items, run.out / "fig5_models.png")
+    run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if fig_items else ""))
+
+
+def plot_fig5_models(items, path):
+    """Fig. 5 across models: first column the input and its ground truth; then per model the filtered
+    residual (top) and the segmentation over the input (bottom), for each stored example slice."""
+    plt = C._plt()
+    n_ex = min(len(it[1]["x"]) for it in items)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(2.1 * (len(items) + 1), 4.3 * n_ex), squeeze=False)
+    for e in range(n_ex):
+        x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
+        a, b = axes[2 * e, 0], axes[2 * e + 1, 0]
+        a.imshow(x, cmap="gray", vmin=-1, vmax=1)
+        b.imshow(x, cmap="gray", vmin=-1, vmax=1)
+        if gt.any():
+            b.contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
+        a.set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
+        for j, (name, z) in enumerate(items, start=1):
+            axes[2 * e, j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
+            overlay_seg(axes[2 * e + 1, j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
+            if e == 0:
+                axes[0, j].set_title(name, fontsize=8)
+    axes[0, 0].set_title("input / ground truth", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("Fig. 5: filtered residuals (top) and segmentations (bottom; yellow TP, red FP, cyan FN)",
+                 fontsize=9)
+    C._save(fig, path)
+
+
+# =================================================================================================
+# main()
+# =================================================================================================
+
+def main(argv=None):
+    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
+    if args.compare:
+        run = C.start_run(args, method=METHOD)
+        return compare(args, run)
+    start = None
+    if args.checkpoint or args.resume:                        # architecture comes from the checkpoint
+        ck = C.load_checkpoint(args.checkpoint or args.resume, "cpu")
+        if not isinstance(ck, dict) or "models" not in ck or "ae" not in ck.get("models", {}):
+            C.fail(f"checkpoint {args.checkpoint or args.resume} is not a last.pt of anovaegan.py")
+        for k in ("model", "image_size", "z_shape", "z_dim", "width"):
+            setattr(args, k, ck["args"][k])
+        start = ck
+    validate(args)
+    run = C.start_run(args, method=METHOD)
+    device = run.device
+
+    # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
+    data = C.load_dataset(args, contrast="flair")
+    sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices, center=0.5,
+              cache_dir=args.cache_dir)
+    S_train = C.slice_stack(data.train, desc="train", **sl)
+    S_val = C.slice_stack(data.val, desc="val", **sl)
+    S_test = C.slice_stack(data.test, desc="test", **sl)
+    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} validation, "
+            f"{len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
+
+    # ---- models
+    ae, dis = build_models(args)
+    ae.to(device)
+    if dis is not None:
+        dis.to(device)
+    n_params = sum(p.numel() for p in ae.parameters())
+    run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters"
+            + (f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
+
+    # ---- training
+    hist = start.get("history", {}) if start else {}
+    with C.Timer() as t_train:
+        if args.checkpoint:
+            ae.load_state_dict(start["models"]["ae"])
+            run.log(f"scoring with {args.checkpoint} (no training)")
+        else:
+            hist = train(args, run, ae, dis, S_train, S_val, start=start)
+    if hist:
+        curves = {k: v for k, v in hist.items() if v and k != "val L_rec"}
+        C.plot_curves(curves, run.out / "losses.png", title=f"{args.model}: Eq. (2) terms and Eq. (3)",
+                      ylabel="loss (L_rec, L_prior summed per slice)", logy=True)
+
+    # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
+    sc_val = score_set(ae, S_val, args, device)
+    val_values = sc_val["filtered"][sc_val["brain_e"]]
+    threshold = C.threshold_from_healthy(val_values, percentile=args.percentile)
+    run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
+
+    # ---- test: reconstruct, post-process, segment, evaluate
+    sc = score_set(ae, S_test, args, device)
+    rows, patients, seg_all, ev = evaluate_test(S_test, sc, threshold, args)
+    n_test = len(S_test)
+    for g, d in ev["dice"].items():
+        run.log(f"Dice {g}: {d['mean']:.3f} ± {d['std']:.3f} (n={d['n']})"
+                + (f"  pixel AUROC {ev['pixel'][g].get('auroc', float('nan')):.3f}"
+                   f"  oracle Dice {ev['pixel'][g].get('oracle_dice', float('nan')):.3f}" if g in ev["pixel"] else ""))
+
+    # ---- figures
+    gt_all = np.asarray(S_test.mask) > 0
+    groups_present = list(dict.fromkeys(c.group for c in S_test.cases))
+    ordered = [g for g in HEADLINE_GROUPS if g in groups_present] + \
+              [g for g in groups_present if g not in HEADLINE_GROUPS and g != "normal"] + \
+              (["normal"] if "normal" in groups_present else [])
+    vmax = float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6))
+    ex = pick_examples(S_test, ordered)
+    C.plot_examples([dict(title=f"{S_test.cases[i].group}\n{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
+                          input=S_test.x[j], reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
+                          gt=gt_all[j] if gt_all[j].any() else None) for i, j in ex],
+                    run.out / "examples.png", vmax=vmax)
+    ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in groups_present] or ordered[:1], per_group=2)
+    ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in groups_present else []
+    pat_dice = {p["id"]: p["dice"] for p in patients}
+    items = [dict(label=f"{S_test.cases[i].group} {S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
+                  x=np.asarray(S_test.x[j]), gt=gt_all[j], filtered=sc["filtered"][j], seg=seg_all[j],
+                  dice=pat_dice[S_test.cases[i].id]) for i, j in ex5]
+    plot_fig5(items, run.out / "fig5_segmentations.png",
+              f"Fig. 5 ({args.model}, z {z_label(args)}): threshold {threshold:.3f} from healthy validation data",
+              vmax)
+    np.savez_compressed(run.out / "fig5.npz", x=np.stack([it["x"] for it in items]),
+                        gt=np.stack([it["gt"] for it in items]), filtered=np.stack([it["filtered"] for it in items]),
+                        seg=np.stack([it["seg"] for it in items]), label=np.array([it["label"] for it in items]),
+                        vmax=vmax)
+    plot_fig6(sc["filtered"], gt_all, np.asarray(S_test.brain) > 0, threshold, run.out / "fig6_residual_histogram.png",
+              f"Fig. 6 ({args.model}): residuals of test pixels | {args.percentile:g}th pct. healthy val.",
+              args.max_pixels, val_values=val_values)
+
+    # ---- results.json: contract keys + everything for a Table 1 row
+    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
+    dice_rows = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
+    table1 = {"model": args.model, "z": z_label(args),
+              "dice_mean": float(np.mean(dice_rows)) if dice_rows else float("nan"),
+              "dice_std": float(np.std(dice_rows)) if dice_rows else float("nan"),
+              "dice_n": len(dice_rows),
+              "dice_groups": headline or ["all"],
+              "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+              "paper": list(PAPER_TABLE1[(args.model, z_label(args))])
+              if (args.model, z_label(args)) in PAPER_TABLE1 else None,
+              "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
+    extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"], "pixel": ev["pixel"],
+             "scan_level": ev["scan"], "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
+                                                        if "oracle_dice" in v},
+             "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
+                           "n_val_pixels": int(val_values.size)},
+             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels"}
+    timing = {"train_s": t_train.seconds, "score_s": sc["reco_s"] + sc["post_s"],
+              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+              "reco_s_per_sample": sc["reco_s"] / max(n_test, 1), "postprocess_s_per_patient":
+              sc["post_s"] / max(len(S_test.cases), 1), "n_test_slices": n_test}
+    res = C.finish_run(run, args, method=METHOD, unit="slice", rows=rows, timing=timing, extra=extra,
+                       data_info=data.info, roc_title=f"{args.model}: slice-level ROC (lesion in slice)")
+    run.log(f"Table 1 row: {args.model} z={z_label(args)}  Dice {table1['dice_mean']:.3f} ± {table1['dice_std']:.3f} "
+            f"({'+'.join(table1['dice_groups'])}, n={table1['dice_n']})  "
+            f"reco {table1['reco_s_per_sample'] * 1000:.2f} ms/slice")
+    return res
+
+
+if __name__ == "__main__":
+    C.main_guard(main)

@@ -1,0 +1,220 @@
+"""Tests for anovaegan.py (Baur et al. 2018): the losses of Eq. (2)/(3) and the residual of Eq. (4) on
+hand-computed tensors, the §3 post-processing on a small volume with a known answer, the healthy-only
+threshold, the six Table 1 networks, and a smoke run of the script per --model.
+
+Formula tests: python -m pytest tests/test_anovaegan.py -k "eq or postprocess or threshold"
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import anovaegan as A  # noqa: E402
+import common as C  # noqa: E402
+
+
+# ---- Eq. (2): L_VAE = λ1·‖x − x̂‖₁ + λ2·D_KL(z‖N(0, I)) − λ3·log Dis(x̂) -----------------------------
+
+def test_eq2_l1_term_hand_computed():
+    # sample 1: |1-0| + |-1-1| + |0.5-0.25| + |0-0| = 1 + 2 + 0.25 + 0 = 3.25 ; sample 2: 4 × 0.5 = 2.0
+    x = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    x_hat = torch.tensor([[[[0.0, 1.0], [0.25, 0.0]]], [[[0.5, -0.5], [0.5, -0.5]]]])
+    assert A.loss_rec(x, x_hat).item() == pytest.approx((3.25 + 2.0) / 2)     # summed per slice, batch mean
+
+
+def test_eq2_kl_term_hand_computed():
+    # KL(N(μ, σ²) ‖ N(0, 1)) = ½(μ² + σ² − log σ² − 1)
+    # unit 1: μ=0, σ²=1 -> 0 ; unit 2: μ=1, log σ²=0 -> 0.5 ; unit 3: μ=0, log σ² = log 2 -> ½(2 − log 2 − 1)
+    mu = torch.tensor([[0.0, 1.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0, math.log(2.0)]])
+    expect = 0.0 + 0.5 + 0.5 * (2.0 - math.log(2.0) - 1.0)
+    assert A.loss_prior(mu, logvar).item() == pytest.approx(expect, rel=1e-6)
+    # spatial z (B, c, h, w) is summed over all latent units, averaged over the batch
+    mu2 = torch.ones(2, 2, 2, 2) * 2.0                                          # ½·4 per unit, 8 units
+    assert A.loss_prior(mu2, torch.zeros_like(mu2)).item() == pytest.approx(16.0)
+
+
+def test_eq2_kl_is_zero_only_at_the_prior():
+    mu = torch.zeros(3, 4)
+    assert A.loss_prior(mu, torch.zeros_like(mu)).item() == 0.0
+    assert A.loss_prior(mu + 0.1, torch.zeros_like(mu)).item() > 0
+    assert A.loss_prior(mu, torch.full_like(mu, -0.5)).item() > 0
+
+
+def test_eq2_adversarial_term_and_weighting():
+    # −log Dis(x̂) with Dis = sigmoid(logit): logit 0 -> log 2 ; logit log 3 -> Dis = 3/4 -> −log 0.75
+    d_fake = torch.tensor([0.0, math.log(3.0)])
+    assert A.loss_adv(d_fake).item() == pytest.approx((math.log(2) - math.log(0.75)) / 2, rel=1e-6)
+    # Eq. (2) weighting: 2·3 + 0.5·4 + 10·0.1 = 9
+    assert A.loss_vae(torch.tensor(3.0), torch.tensor(4.0), torch.tensor(0.1),
+                      lam_rec=2.0, lam_prior=0.5, lam_adv=10.0).item() == pytest.approx(9.0)
+
+
+# ---- Eq. (3): L_Dis = −log Dis(x) − log(1 − Dis(x̂)) --------------------------------------------------
+
+def test_eq3_discriminator_loss_hand_computed():
+    # real logit log 3 -> Dis(x) = 0.75 ; fake logit log(1/3) -> Dis(x̂) = 0.25 -> −log 0.75 − log 0.75
+    d_real, d_fake = torch.tensor([math.log(3.0)]), torch.tensor([math.log(1 / 3)])
+    assert A.loss_dis(d_real, d_fake).item() == pytest.approx(-2 * math.log(0.75), rel=1e-6)
+    # a confused discriminator (logits 0) pays 2·log 2
+    assert A.loss_dis(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(2 * math.log(2), rel=1e-6)
+
+
+# ---- Eq. (4): r = |x − x̂| ------------------------------------------------------------------------------
+
+def test_eq4_residual_is_absolute_difference():
+    x = np.array([[0.5, -1.0], [0.0, 1.0]], np.float32)
+    x_hat = np.array([[0.0, -0.5], [0.25, 1.0]], np.float32)
+    np.testing.assert_allclose(A.residual(x, x_hat), [[0.5, 0.5], [0.25, 0.0]])
+
+
+# ---- §3 post-processing on a volume with a known answer --------------------------------------------
+
+def _cfg(**kw):
+    import argparse
+    d = dict(median=5, erode=1, min_size=6)
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+def test_postprocess_median_removes_speckle_keeps_blob_and_mask():
+    Z, H, W = 12, 24, 24
+    r = np.zeros((Z, H, W), np.float32)
+    r[4:9, 8:14, 8:14] = 1.0                                     # a 5×6×6 "lesion": survives a 5×5×5 median
+    r[2, 3, 20] = 5.0                                            # a single hot voxel: removed by the median
+    r[10, 20, 3] = 5.0
+    brain = np.zeros((Z, H, W), np.uint8)
+    brain[:, 2:22, 2:22] = 1
+    f = A.filter_residual(r, brain, _cfg())
+    assert f[2, 3, 20] == 0 and f[10, 20, 3] == 0
+    assert f[6, 11, 11] == 1.0
+    eroded = A.eroded_brain(brain, 1)
+    assert (f[~eroded] == 0).all()                               # multiplied by the eroded brain mask
+    assert eroded.sum() < brain.sum()
+    # known answer: a voxel's 5×5×5 median is 1 iff its window holds >= 63 of 125 box voxels; the window
+    # count of a box is the product over axes of |[v−2, v+2] ∩ box| (the box is far from the borders)
+    def overlap(v, lo, hi):
+        return max(0, min(v + 2, hi - 1) - max(v - 2, lo) + 1)
+    expect = np.zeros_like(r, bool)
+    for z in range(Z):
+        for y in range(H):
+            for x in range(W):
+                expect[z, y, x] = overlap(z, 4, 9) * overlap(y, 8, 14) * overlap(x, 8, 14) >= 63
+    np.testing.assert_array_equal(f > 0.5, expect & eroded)
+    seg = A.segment(f, 0.5, _cfg())
+    np.testing.assert_array_equal(seg, expect)                   # one component of expect.sum() >= 6 voxels
+    assert expect.sum() == 64
+
+
+def test_postprocess_removes_components_under_min_size():
+    f = np.zeros((6, 16, 16), np.float32)
+    f[1, 1:3, 1:3] = 1.0                                         # 4 voxels  -> removed (< 6)
+    f[3:5, 8:11, 8:11] = 1.0                                     # 18 voxels -> kept
+    f[2, 12:14, 1:4] = 1.0                                       # 6 voxels  -> kept (not < 6)
+    seg = A.segment(f, 0.5, _cfg(min_size=6))
+    assert not seg[1].any()
+    assert seg[3:5, 8:11, 8:11].all() and seg[2, 12:14, 1:4].all()
+    assert seg.sum() == 18 + 6
+
+
+def test_threshold_is_98th_percentile_of_healthy_values_only():
+    healthy = np.arange(1, 101, dtype=np.float64)               # 1..100
+    t = C.threshold_from_healthy(healthy, percentile=98)
+    assert t == pytest.approx(np.percentile(healthy, 98))
+    # the script takes its threshold from validation (healthy) residuals; test residuals never enter:
+    import inspect
+    src = inspect.getsource(A.main)
+    i = src.index("threshold_from_healthy(")
+    assert "val_values" in src[i:i + 80] and "S_test" not in src[:i].split("sc_val")[-1]
+
+
+# ---- networks: the six Table 1 models share the encoder/decoder ------------------------------------
+
+@pytest.mark.parametrize("model", A.MODELS)
+def test_networks_shapes_and_shared_trunk(model):
+    import argparse
+    args = argparse.Namespace(model=model, image_size=64, z_shape="4x4x16", z_dim=32, width=8)
+    ae, dis = A.build_models(args)
+    x = torch.randn(3, 1, 64, 64)
+    x_hat, mu, logvar = ae(x)
+    assert x_hat.shape == x.shape
+    assert mu.shape == ((3, 16, 4, 4) if model in A.SPATIAL else (3, 32))
+    assert (logvar is not None) == (model in A.VARIATIONAL)
+    assert (dis is not None) == (model in A.ADVERSARIAL)
+    if dis is not None:
+        assert dis(x).shape == (3,)
+    ref, _ = A.build_models(argparse.Namespace(model="sAE", image_size=64, z_shape="4x4x16", z_dim=32, width=8))
+    n = lambda m: sum(p.numel() for p in m.parameters())           # noqa: E731
+    assert n(ae.enc) == n(ref.enc) and n(ae.dec) == n(ref.dec)     # same encoder-decoder complexity
+
+
+def test_vae_decodes_posterior_mean_at_test_time():
+    import argparse
+    torch.manual_seed(0)
+    ae, _ = A.build_models(argparse.Namespace(model="sVAE", image_size=32, z_shape="4x4x8", z_dim=8, width=4))
+    ae.eval()
+    x = torch.randn(2, 1, 32, 32)
+    a, b = ae(x, sample=False)[0], ae(x, sample=False)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(ae(x, sample=True)[0], a)
+
+
+def test_z_shape_validation():
+    with pytest.raises(C.UserError):
+        A.parse_z_shape("16x16")
+    assert A.parse_z_shape("8x8x64") == (8, 8, 64)
+
+
+# ---- smoke runs of the script ----------------------------------------------------------------------
+
+def _run(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "anovaegan.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_smoke_anovaegan_writes_contract_files(tmp_path):
+    out = tmp_path / "run"
+    p = _run(["--preset", "smoke", "--out", str(out)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("config.json", "results.json", "scores.csv", "roc.png", "scores.png", "examples.png",
+              "losses.png", "last.pt", "fig5_segmentations.png", "fig6_residual_histogram.png", "fig5.npz"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    for k in ("method", "data", "preset", "seed", "unit", "metrics", "groups", "timing"):
+        assert k in res
+    assert res["method"] == "anovaegan" and res["unit"] == "slice"
+    t = res["table1"]
+    assert t["model"] == "AnoVAEGAN" and t["z"] == "2x2x16" and t["reco_s_per_sample"] > 0
+    assert 0 <= t["dice_mean"] <= 1 and res["threshold"]["source"] == "healthy validation"
+    assert "all" in res["pixel"] and 0 <= res["pixel"]["all"]["auroc"] <= 1
+    # --checkpoint scores without training and reproduces the threshold
+    out2 = tmp_path / "ck"
+    p = _run(["--preset", "smoke", "--out", str(out2), "--checkpoint", str(out / "last.pt")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert res2["threshold"]["value"] == pytest.approx(res["threshold"]["value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["dAE", "sAE", "dVAE", "sVAE", "sAE-GAN"])
+def test_smoke_each_model(model, tmp_path):
+    out = tmp_path / model
+    p = _run(["--preset", "smoke", "--model", model, "--out", str(out), "--n-slices", "4"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["table1"]["model"] == model
+
+
+def test_bad_flags_give_one_error_line(tmp_path):
+    p = _run(["--preset", "smoke", "--z-shape", "3x3x64", "--out", str(tmp_path / "x")], tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+    p = _run(["--preset", "smoke", "--checkpoint", str(tmp_path / "nope.pt")], tmp_path)
+    assert p.returncode == 2 and "error:" in p.stderr
