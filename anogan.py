@@ -1,0 +1,800 @@
+"""AnoGAN: unsupervised anomaly detection with generative adversarial networks.
+
+    Schlegl T., Seeböck P., Waldstein S.M., Schmidt-Erfurth U., Langs G. "Unsupervised Anomaly
+    Detection with Generative Adversarial Networks to Guide Marker Discovery." Information
+    Processing in Medical Imaging (IPMI 2017), LNCS 10265, pp. 146-157.
+    https://doi.org/10.1007/978-3-319-59050-9_12   (arXiv:1703.05921)
+
+What this file implements (section / equation of the paper):
+  * §2.1, §3 "Implementation details": a DCGAN (Radford et al. 2016) on c×c grey patches drawn at
+    random positions inside the brain of healthy images. Generator: z ~ U(-1, 1)^100 -> linear ->
+    four fractionally-strided 5×5 convolutions (512-256-128-64 channels, BatchNorm, ReLU, tanh).
+    Discriminator: four 5×5 stride-2 convolutions (64-128-256-512, BatchNorm, LeakyReLU) -> linear.
+    Minimax training, Eq. (1) for D and Eq. (2) for G, with Adam, 20 epochs.
+  * §2.2 mapping of a new image x to the latent space: z_1 ~ U(-1, 1), then Γ = 500 backpropagation
+    steps on z only (G and D frozen, in eval mode) of the loss of Eq. (5),
+        L(z_γ) = (1 - λ)·L_R(z_γ) + λ·L_D(z_γ),  λ = 0.1,
+    residual loss Eq. (3) L_R = Σ|x - G(z_γ)| and feature-matching discrimination loss Eq. (4)
+    L_D = Σ|f(x) - f(G(z_γ))|, f = the last convolution layer of D (Fig. 2a).
+  * §2.3 anomaly score Eq. (6) A(x) = (1 - λ)·R(x) + λ·D(x) with R, D = L_R, L_D at z_Γ; the
+    residual image x_R = |x - G(z_Γ)| localises the anomaly.
+  * §3 comparisons: GAN_R (`--ganr 1`): the reference discrimination loss of Yeh et al.,
+    L_D̂ = sigmoid cross-entropy(D(G(z)), 1), used both for the mapping and the score
+    Â(x) = (1 - λ)·R(x) + λ·D̂(x); P_D: the discriminator's output on the query patch alone.
+    Fig. 4(a) ROC of A, Â, P_D; Fig. 4(b) ROC of R, D, D̂; Fig. 4(c, d) R and D distributions of
+    training-normal, test-normal and anomalous patches (fig4.png); Fig. 3 query | generated |
+    residual overlay | annotation with the paper's red/yellow detection bars (fig3.png); Table 1
+    (precision, recall, sensitivity, specificity at the Youden index, AUC) in results.json.
+  * §3 labels: a test patch is anomalous if it contains at least one anomalous pixel.
+
+Beyond the paper (see README and results.json):
+  * Batched mapping. The paper maps one image at a time. Here every patch has its own z, the loss
+    is a per-sample vector and we back-propagate its sum, so ∂(Σ_b L_b)/∂z_b = ∂L_b/∂z_b: with G and
+    D in eval mode (BatchNorm uses its running statistics, no batch coupling) and an element-wise
+    optimiser (Adam), each z follows exactly the trajectory it would follow alone. The test suite
+    checks this; every run also re-maps a few patches one at a time and reports both speeds
+    (`timing.map_s_per_patch_batched` / `_single`) and their largest score difference.
+  * Slice and scan scores: the maximum patch score A over a slice's (a scan's) grid patches
+    (`--agg`), for anomalies that a patch label cannot see (e.g. global atrophy).
+
+Deviations from the paper:
+  1. Data: retinal OCT B-scans -> axial brain MRI slices (FLAIR on the phantom, `--modality` for real
+     data), cropped to the brain's bounding box and resized to `--slice-size`; training patches at
+     random positions with >= `--min-brain` brain pixels (the paper flattens the retina instead).
+  2. Test patches lie on a regular grid (`--test-stride`) over `--test-slices` slices per scan; the
+     paper does not say how its 8192 test patches were placed.
+  3. The paper does not give the mapping optimiser. We use Adam on z (`--map-lr`, β1 `--map-beta1`),
+     the optimiser of the completion code the paper adapted (bamos/dcgan-completion.tensorflow,
+     lr 0.01, β1 0.9), and clip z to [-1, 1], the support of p_z (`--z-clip`).
+  4. "Γ steps": z_1 is drawn, then Γ-1 updates give z_Γ; R and D are the losses at z_Γ (§2.3).
+  5. Eq. (2): the generator minimises the non-saturating -log D(G(z)) (Goodfellow et al.; the form
+     of DCGAN code), the usual reading of "maximizing D(G(z))". Adam lr 2e-4, β1 0.5, batch 64 and
+     z dimension 100 are DCGAN's (the paper says only "Adam", "widely the same DCGAN").
+  6. Table 1's cut-off is the Youden index on the test ROC, i.e. chosen with test labels; we report it
+     as `oracle_youden` and add an honest operating point from healthy validation patches (the
+     `--threshold-pct` percentile of their scores), `at_val_threshold`.
+  7. The aCAE comparison (adversarial convolutional autoencoder, Fig. 4a) is not implemented.
+  8. `quick` preset (2-core CPU, ~5 min): 64×64 slices and 32×32 patches, 16-32-64-128 channels
+     (`--ch 16`), 4 training epochs over 6,000 patches, Γ = 40 mapping steps at Adam lr 0.05,
+     grid stride 32 over 3 slices of 6 scans per test group. `smoke`: seconds, for the tests.
+
+Commands:
+    python anogan.py                                   # quick: FLAIR phantom, ~5 min on 2 CPU cores
+    python anogan.py --ganr 1                          # also the GAN_R comparison of Fig. 4a / Table 1
+    python anogan.py --preset paper --amp              # the paper's settings (GPU)
+    python anogan.py --data brats --train-data ixi --modality flair --preset paper   # real data
+    python anogan.py --checkpoint runs/.../last.pt     # skip training, map and score
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "anogan"
+
+# =================================================================================================
+# Arguments
+# =================================================================================================
+
+PRESETS = {
+    # seconds, for the tests
+    "smoke": dict(slice_size=32, patch_size=16, min_brain=0.5, train_slices=4, slice_step=2,
+                  train_patches=256, z_dim=16, ch=4, kernel=5, epochs=1, batch_size=64, lr=2e-4, beta1=0.5,
+                  g_steps=1, steps=5, map_lr=0.05, map_beta1=0.9, map_batch=256, lam=0.1, feature_layer=3,
+                  z_clip=1, ganr=1, test_slices=2, test_stride=16, test_cases=3, val_patches=32,
+                  train_eval_patches=32, time_single=2, threshold_pct=95.0, agg="max"),
+    # a real run on a 2-core CPU in ~5 minutes (deviation 8)
+    "quick": dict(slice_size=64, patch_size=32, min_brain=0.5, train_slices=16, slice_step=2,
+                  train_patches=6000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
+                  beta1=0.5, g_steps=1, steps=40, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
+                  feature_layer=3, z_clip=1, ganr=0, test_slices=3, test_stride=32, test_cases=6,
+                  val_patches=96, train_eval_patches=96, time_single=6, threshold_pct=95.0, agg="max"),
+    # the paper's settings (§3 "Implementation details"); a GPU job
+    "paper": dict(slice_size=128, patch_size=64, min_brain=0.5, train_slices=32, slice_step=1,
+                  train_patches=100_000, z_dim=100, ch=64, kernel=5, epochs=20, batch_size=64, lr=2e-4,
+                  beta1=0.5, g_steps=1, steps=500, map_lr=0.01, map_beta1=0.9, map_batch=1024, lam=0.1,
+                  feature_layer=3, z_clip=1, ganr=1, test_slices=8, test_stride=32, test_cases=0,
+                  val_patches=1024, train_eval_patches=1024, time_single=16, threshold_pct=95.0, agg="max"),
+}
+
+
+def build_parser():
+    p = C.ArgumentParser(description=__doc__)
+    C.add_contract_args(p, METHOD)
+    g = p.add_argument_group("data and patches (§2.1, §3)")
+    g.add_argument("--slice-size", type=int, default=None,
+                   help="axial slices (cropped to the brain) are resized to S×S (paper: OCT B-scans, ~256 columns; "
+                        "paper preset 128)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="patch side c, §2.1/§3 (paper 64); a multiple of 16")
+    g.add_argument("--min-brain", type=float, default=None,
+                   help="a patch needs at least this fraction of brain pixels (deviation 1; default 0.5)")
+    g.add_argument("--train-slices", type=int, default=None,
+                   help="axial slices per training scan, centred in the brain (paper: all 49 B-scans)")
+    g.add_argument("--slice-step", type=int, default=None, help="distance between the chosen slices, in voxels")
+    g.add_argument("--train-patches", type=int, default=None,
+                   help="number of random training patches, §3 (paper 1,000,000; paper preset 100,000)")
+    g.add_argument("--test-slices", type=int, default=None,
+                   help="axial slices per test scan scored with grid patches (deviation 2)")
+    g.add_argument("--test-stride", type=int, default=None, help="stride of the test patch grid (deviation 2)")
+    g.add_argument("--test-cases", type=int, default=None,
+                   help="score only the first N scans of every test group (0 = all; quick preset 6)")
+    g = p.add_argument_group("networks (§2.1, §3 'Implementation details')")
+    g.add_argument("--z-dim", type=int, default=None, help="dimension of z ~ U(-1,1), DCGAN (paper: DCGAN's 100)")
+    g.add_argument("--ch", type=int, default=None,
+                   help="base channels: G 8ch-4ch-2ch-ch, D ch-2ch-4ch-8ch, §3 (paper 64 = 512-256-128-64)")
+    g.add_argument("--kernel", type=int, default=None, help="filter size, §3 (paper 5)")
+    g = p.add_argument_group("adversarial training, Eq. (1)-(2)")
+    g.add_argument("--epochs", type=int, default=None, help="DCGAN training epochs, §3 (paper 20)")
+    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (DCGAN 64; paper unstated)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (DCGAN 2e-4; paper: 'Adam')")
+    g.add_argument("--beta1", type=float, default=None, help="Adam β1 (DCGAN 0.5)")
+    g.add_argument("--g-steps", type=int, default=None,
+                   help="generator updates per discriminator update (DCGAN 1; the code the paper adapted used 2)")
+    g = p.add_argument_group("mapping to the latent space, §2.2, Eq. (3)-(5)")
+    g.add_argument("--steps", type=int, default=None, help="Γ backpropagation steps, §3 (paper 500)")
+    g.add_argument("--map-lr", type=float, default=None,
+                   help="Adam learning rate on z (paper unstated; reference code 0.01; deviation 3)")
+    g.add_argument("--map-beta1", type=float, default=None, help="Adam β1 on z (reference code 0.9)")
+    g.add_argument("--map-batch", type=int, default=None,
+                   help="patches mapped at once, each with its own z (beyond the paper; results identical)")
+    g.add_argument("--lam", type=float, default=None, help="λ in Eq. (5) and (6), §3 (paper 0.1)")
+    g.add_argument("--feature-layer", type=int, default=None,
+                   help="f(·) of Eq. (4): output of D's conv layer 0..3 (paper: the last, 3; Fig. 2)")
+    g.add_argument("--z-clip", type=int, default=None, choices=[0, 1],
+                   help="clip z to [-1, 1] after every step (deviation 3; default 1)")
+    g.add_argument("--ganr", type=int, default=None, choices=[0, 1],
+                   help="1: also map with Yeh et al.'s loss L_D̂ and score Â(x) (GAN_R, §3, Fig. 4a, Table 1)")
+    g = p.add_argument_group("evaluation (§2.3, §3)")
+    g.add_argument("--val-patches", type=int, default=None,
+                   help="healthy validation patches mapped for the threshold (0 = all)")
+    g.add_argument("--train-eval-patches", type=int, default=None,
+                   help="training patches mapped for Fig. 4(c, d)'s 'normal (train)' distribution")
+    g.add_argument("--time-single", type=int, default=None,
+                   help="patches re-mapped one at a time to time the paper's unbatched mapping")
+    g.add_argument("--threshold-pct", type=float, default=None,
+                   help="operating point: this percentile of the healthy validation scores (deviation 6; 95)")
+    g.add_argument("--agg", default=None, choices=["max", "mean", "p99"],
+                   help="patch scores -> slice/scan score (beyond the paper; default max)")
+    return p
+
+
+def get_args(argv=None):
+    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
+    for name, lo, hi in (("slice_size", 16, 4096), ("patch_size", 16, 4096), ("train_slices", 1, 10_000),
+                         ("slice_step", 1, 100), ("train_patches", 1, 10 ** 8), ("test_slices", 1, 10_000),
+                         ("test_stride", 1, 4096), ("test_cases", 0, 10 ** 6), ("z_dim", 1, 10_000),
+                         ("ch", 1, 4096), ("kernel", 3, 15), ("epochs", 0, 10_000), ("batch_size", 2, 10 ** 6),
+                         ("g_steps", 1, 100), ("steps", 1, 10 ** 6), ("map_batch", 1, 10 ** 7),
+                         ("feature_layer", 0, 3), ("val_patches", 0, 10 ** 8),
+                         ("train_eval_patches", 0, 10 ** 8), ("time_single", 0, 10_000)):
+        C.check_range(args, name, lo, hi, integer=True)
+    for name, lo, hi in (("min_brain", 0.0, 1.0), ("lr", 1e-8, 1.0), ("beta1", 0.0, 0.999),
+                         ("map_lr", 1e-8, 100.0), ("map_beta1", 0.0, 0.999), ("lam", 0.0, 1.0),
+                         ("threshold_pct", 0.0, 100.0)):
+        C.check_range(args, name, lo, hi)
+    if args.patch_size % 16:
+        C.fail(f"--patch-size must be a multiple of 16 (four stride-2 layers), got {args.patch_size}")
+    if args.patch_size > args.slice_size:
+        C.fail(f"--patch-size {args.patch_size} is larger than --slice-size {args.slice_size}")
+    if args.kernel % 2 == 0:
+        C.fail(f"--kernel must be odd ('same' padding of the stride-2 layers), got {args.kernel}")
+    return args
+
+
+# =================================================================================================
+# Networks (§2.1, Fig. 2a; DCGAN of Radford et al. with 512-256-128-64 channels and 5×5 filters, §3)
+# =================================================================================================
+
+def init_dcgan(m):
+    """DCGAN initialisation: conv/linear weights ~ N(0, 0.02), BatchNorm scale ~ N(1, 0.02), biases 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """G: z (B, z_dim) in [-1, 1] -> patch (B, 1, c, c) in [-1, 1].
+
+    A linear projection to 8ch feature maps of side c/16, then four fractionally-strided convolutions
+    8ch -> 4ch -> 2ch -> ch -> 1 that each double the side (§3: "four fractionally-strided convolution
+    layers", 512-256-128-64 channels for ch=64), BatchNorm + ReLU after each but the last, tanh output."""
+
+    def __init__(self, *, z_dim=100, ch=64, size=64, kernel=5):
+        super().__init__()
+        self.s0, self.ch = size // 16, ch
+        pad = (kernel - 1) // 2
+        out_pad = 2 + 2 * pad - kernel          # makes every layer exactly double the side ("SAME")
+        self.project = nn.Linear(z_dim, 8 * ch * self.s0 * self.s0)
+        self.bn0 = nn.BatchNorm2d(8 * ch)
+        layers = []
+        for c_in, c_out in ((8 * ch, 4 * ch), (4 * ch, 2 * ch), (2 * ch, ch)):
+            layers += [nn.ConvTranspose2d(c_in, c_out, kernel, 2, pad, out_pad), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(ch, 1, kernel, 2, pad, out_pad), nn.Tanh()]
+        self.up = nn.Sequential(*layers)
+        self.apply(init_dcgan)
+
+    def forward(self, z):
+        h = self.project(z).view(-1, 8 * self.ch, self.s0, self.s0)   # (B, 8ch, c/16, c/16)
+        return self.up(F.relu(self.bn0(h)))                             # (B, 1, c, c)
+
+
+class Discriminator(nn.Module):
+    """D: patch (B, 1, c, c) -> logit (B,) and the four conv feature maps.
+
+    Four 5×5 stride-2 convolutions 1 -> ch -> 2ch -> 4ch -> 8ch with LeakyReLU(0.2) (BatchNorm on all
+    but the first, DCGAN), then a linear layer to one logit; D(x) = sigmoid(logit). f(x) of Eq. (4) is
+    the output of conv layer `feature_layer` (3 = the last one, Fig. 2a orange)."""
+
+    def __init__(self, *, ch=64, size=64, kernel=5):
+        super().__init__()
+        pad = (kernel - 1) // 2
+        chans = (1, ch, 2 * ch, 4 * ch, 8 * ch)
+        self.convs = nn.ModuleList()
+        for i in range(4):
+            block = [nn.Conv2d(chans[i], chans[i + 1], kernel, 2, pad)]
+            if i > 0:
+                block.append(nn.BatchNorm2d(chans[i + 1]))
+            block.append(nn.LeakyReLU(0.2, inplace=True))
+            self.convs.append(nn.Sequential(*block))
+        self.linear = nn.Linear(8 * ch * (size // 16) ** 2, 1)
+        self.apply(init_dcgan)
+
+    def forward(self, x):
+        feats = []
+        h = x                                                       # (B, 1, c, c)
+        for conv in self.convs:
+            h = conv(h)                                             # (B, 2^i ch, c/2^(i+1), ...)
+            feats.append(h)
+        logit = self.linear(h.flatten(1)).squeeze(1)                # (B,)
+        return logit, feats
+
+
+# =================================================================================================
+# Losses (one function per equation; every mapping loss is PER SAMPLE, shape (B,))
+# =================================================================================================
+
+def d_loss(logit_real, logit_fake):
+    """Eq. (1), D's side: max_D E[log D(x)] + E[log(1 - D(G(z)))], i.e. minimise the cross-entropy
+    of 'real' for training patches and 'fake' for generated ones (means over the batch)."""
+    # Eq. (1): -[log D(x) + log(1 - D(G(z)))]
+    return (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+            + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+
+
+def g_loss(logit_fake):
+    """Eq. (2): G maximises D(G(z)); non-saturating form -log D(G(z)) (deviation 5)."""
+    # Eq. (2): V(G) = D(G(z)) -> minimise -log D(G(z))
+    return F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
+
+
+def residual_loss(x, G_z):
+    """Eq. (3): L_R(z_γ) = Σ |x - G(z_γ)|, summed over the pixels of each sample -> (B,)."""
+    # Eq. (3): L_R = Σ |x − G(z_γ)|
+    return (x - G_z).abs().flatten(1).sum(1)
+
+
+def discrimination_loss(f_x, f_G_z):
+    """Eq. (4): L_D(z_γ) = Σ |f(x) - f(G(z_γ))| over the features of each sample -> (B,)."""
+    # Eq. (4): L_D = Σ |f(x) − f(G(z_γ))|
+    return (f_x - f_G_z).abs().flatten(1).sum(1)
+
+
+def reference_discrimination_loss(logit_G_z):
+    """Yeh et al.'s L_D̂(z_γ) = σ(D(G(z_γ)), α): sigmoid cross-entropy with logits D(G(z_γ)) and
+    targets α = 1 (§2.2), per sample -> (B,). Used by GAN_R."""
+    # L_D̂ = −log sigmoid(D(G(z_γ)))  (targets α = 1)
+    return F.binary_cross_entropy_with_logits(logit_G_z, torch.ones_like(logit_G_z), reduction="none")
+
+
+def mapping_loss(L_R, L_D, lam):
+    """Eq. (5): L(z_γ) = (1 - λ)·L_R(z_γ) + λ·L_D(z_γ), per sample -> (B,)."""
+    # Eq. (5): L(z_γ) = (1 − λ)·L_R(z_γ) + λ·L_D(z_γ)
+    return (1 - lam) * L_R + lam * L_D
+
+
+# =================================================================================================
+# Anomaly score (§2.2 mapping, §2.3 Eq. (6))
+# =================================================================================================
+
+def anomaly_score(R, D, lam):
+    """Eq. (6): A(x) = (1 - λ)·R(x) + λ·D(x), R = L_R(z_Γ), D = L_D(z_Γ). With D = D̂ it is the
+    reference score Â(x) of GAN_R."""
+    # Eq. (6): A(x) = (1 − λ)·R(x) + λ·D(x)
+    return (1 - lam) * R + lam * D
+
+
+def discriminator_score(D, x):
+    """P_D (§3, Table 1): 1 - D(x), the discriminator's probability that the query patch is not a
+    real training-like patch; no mapping."""
+    with torch.no_grad():
+        return 1 - torch.sigmoid(D(x)[0])                      # (B,)
+
+
+class frozen:
+    """Context: G and D in eval mode (BatchNorm running statistics, so samples do not interact) and
+    their parameters excluded from autograd; the previous state is restored afterwards."""
+
+    def __init__(self, *models):
+        self.models = models
+
+    def __enter__(self):
+        self.state = [(m.training, [p.requires_grad for p in m.parameters()]) for m in self.models]
+        for m in self.models:
+            m.eval()
+            m.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for m, (training, req) in zip(self.models, self.state):
+            m.train(training)
+            for p, r in zip(m.parameters(), req):
+                p.requires_grad_(r)
+
+
+def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", feature_layer=3, clip=True,
+                  device=None, amp=False):
+    """§2.2: find z_Γ with G(z_Γ) ≈ x by Γ-1 Adam updates of z only, from z_1.
+
+    x: (B, 1, c, c) query patches; z1: (B, z_dim) starting points (each patch its own z).
+    disc = "feature": Eq. (4) L_D (AnoGAN); "reference": Yeh et al.'s L_D̂ (GAN_R).
+    Returns z_Γ, G(z_Γ) and the per-sample R = L_R(z_Γ), D = L_D(z_Γ), D̂ = L_D̂(z_Γ), and the
+    per-sample mapping loss L(z_γ) of every step γ = 1..Γ (B, Γ). Every loss is per sample and the
+    sum over the batch is back-propagated, so each z_b gets exactly the gradient of its own L_b."""
+    with frozen(G, D):
+        with torch.no_grad(), C.autocast(device or x.device, amp):
+            f_x = D(x)[1][feature_layer].float()                           # (B, C_f, h, w), fixed
+        z = z1.detach().clone().requires_grad_(True)                        # (B, z_dim) fresh per patch
+        opt = torch.optim.Adam([z], lr=lr, betas=(beta1, 0.999))           # fresh optimiser per call
+        history = []
+        for gamma in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            with C.autocast(device or x.device, amp):
+                G_z = G(z)                                                  # (B, 1, c, c)
+                logit, feats = D(G_z)
+            G_z, logit, f_G_z = G_z.float(), logit.float(), feats[feature_layer].float()
+            L_R = residual_loss(x, G_z)                                     # (B,)
+            L_Dfm = discrimination_loss(f_x, f_G_z)                         # (B,)
+            L_Dref = reference_discrimination_loss(logit)                   # (B,)
+            L = mapping_loss(L_R, L_Dfm if disc == "feature" else L_Dref, lam)   # (B,)
+            history.append(L.detach())
+            if gamma == steps:                                              # losses at z_Γ -> R, D (§2.3)
+                break
+            L.sum().backward()                                              # Σ_b L_b: per-sample gradients
+            opt.step()
+            if clip:
+                with torch.no_grad():
+                    z.clamp_(-1.0, 1.0)
+        return dict(z=z.detach(), G_z=G_z.detach(), R=L_R.detach(), D=L_Dfm.detach(), D_hat=L_Dref.detach(),
+                    history=torch.stack(history, 1))                        # history (B, Γ)
+
+
+# =================================================================================================
+# Training (§2.1: minimax game of Eq. (1)-(2) on healthy patches only)
+# =================================================================================================
+
+def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves=None):
+    """DCGAN training on patches X (N, 1, c, c) (CPU tensor); checkpoint at the end of every epoch."""
+    device = run.device
+    curves = curves if curves is not None else {"loss_D (Eq. 1)": [], "loss_G (Eq. 2)": [],
+                                                "D(x)": [], "D(G(z))": []}
+    N = len(X)
+    for epoch in range(start_epoch, args.epochs):
+        G.train()
+        D.train()
+        perm = torch.randperm(N)
+        starts = range(0, N, args.batch_size)
+        for s in C.progress(starts, total=len(starts), desc=f"epoch {epoch + 1}/{args.epochs}"):
+            x = X[perm[s:s + args.batch_size]].to(device)                  # (B, 1, c, c)
+            if len(x) < 2:                                                  # BatchNorm needs 2 samples
+                continue
+            B = len(x)
+            # D step, Eq. (1): real patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
+            z = torch.rand(B, args.z_dim, device=device) * 2 - 1            # z ~ U(-1, 1)
+            with C.autocast(device, args.amp):
+                logit_real, _ = D(x)
+                logit_fake, _ = D(G(z).detach())
+                loss_D = d_loss(logit_real.float(), logit_fake.float())
+            opt_D.zero_grad(set_to_none=True)
+            loss_D.backward()
+            opt_D.step()
+            # G step(s), Eq. (2)
+            for _ in range(args.g_steps):
+                with C.autocast(device, args.amp):
+                    logit_gen, _ = D(G(z))
+                    loss_G = g_loss(logit_gen.float())
+                opt_G.zero_grad(set_to_none=True)
+                loss_G.backward()
+                opt_G.step()
+            step += 1
+            vD = C.check_finite(loss_D, step, run.out / "last.pt")
+            vG = C.check_finite(loss_G, step, run.out / "last.pt")
+            curves["loss_D (Eq. 1)"].append((step, vD))
+            curves["loss_G (Eq. 2)"].append((step, vG))
+            curves["D(x)"].append((step, float(torch.sigmoid(logit_real).mean())))
+            curves["D(G(z))"].append((step, float(torch.sigmoid(logit_fake).mean())))
+        run.log(f"epoch {epoch + 1}/{args.epochs}: loss_D {np.mean([v for _, v in curves['loss_D (Eq. 1)'][-50:]]):.3f}"
+                f"  loss_G {np.mean([v for _, v in curves['loss_G (Eq. 2)'][-50:]]):.3f}")
+        C.save_checkpoint(run.out / "last.pt", {
+            "models": {"G": G.state_dict(), "D": D.state_dict()},
+            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
+            "epoch": epoch + 1, "step": step, "curves": curves, "args": vars(args), "rng": C.rng_state()})
+    return step, curves
+
+
+# =================================================================================================
+# Scoring and evaluation
+# =================================================================================================
+
+def grid_patch_set(S, rows, size, stride, min_brain):
+    """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays."""
+    pos = [(i, t, l) for i in rows for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos:
+        C.fail(f"no {size}x{size} test patch with >= {min_brain:.0%} brain; lower --patch-size or --min-brain")
+    idx, top, left = (np.array(a, dtype=np.int64) for a in zip(*pos))
+    return dict(x=C.extract_patches(S.x, idx, top, left, size),
+                mask=C.extract_patches(S.mask, idx, top, left, size) > 0, row=idx, top=top, left=left)
+
+
+def score_patches(x, G, D, args, device, z1, desc="map"):
+    """Batched mapping (§2.2) of patches x (N, c, c) numpy -> per-patch R, D, D̂, A, (Â), P_D, G(z_Γ)
+    and the per-step mapping loss (N, Γ). z1: (N, z_dim) starting points, one per patch."""
+    out = {k: [] for k in ("R", "D", "D_hat", "A", "G_z", "history", "P_D", "R_ref", "D_ref", "A_hat")}
+    starts = range(0, len(x), args.map_batch)
+    for s in C.progress(starts, total=len(starts), desc=desc, every=10):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + args.map_batch])).unsqueeze(1).to(device)  # (B,1,c,c)
+        zb = z1[s:s + args.map_batch].to(device)
+        kw = dict(steps=args.steps, lr=args.map_lr, lam=args.lam, beta1=args.map_beta1,
+                  feature_layer=args.feature_layer, clip=bool(args.z_clip), device=device, amp=args.amp)
+        m = map_to_latent(xb, G, D, zb, disc="feature", **kw)
+        out["R"].append(m["R"])
+        out["D"].append(m["D"])
+        out["D_hat"].append(m["D_hat"])                                     # L_D̂ at the AnoGAN z_Γ
+        out["A"].append(anomaly_score(m["R"], m["D"], args.lam))            # Eq. (6)
+        out["G_z"].append(m["G_z"][:, 0])
+        out["history"].append(m["history"])
+        with frozen(G, D):
+            out["P_D"].append(discriminator_score(D, xb))
+        if args.ganr:                                                       # GAN_R: map with L_D̂ (§3)
+            r = map_to_latent(xb, G, D, zb, disc="reference", **kw)
+            out["R_ref"].append(r["R"])
+            out["D_ref"].append(r["D_hat"])
+            out["A_hat"].append(anomaly_score(r["R"], r["D_hat"], args.lam))
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
+
+
+def time_one_at_a_time(x, G, D, args, device, z1):
+    """The paper's way: map n patches one after the other (batch of 1). -> (seconds per patch, A)."""
+    A = []
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + 1])).unsqueeze(1).to(device)
+        m = map_to_latent(xb, G, D, z1[i:i + 1].to(device), steps=args.steps, lr=args.map_lr, lam=args.lam,
+                          beta1=args.map_beta1, feature_layer=args.feature_layer, clip=bool(args.z_clip),
+                          device=device, amp=args.amp)
+        A.append(float(anomaly_score(m["R"], m["D"], args.lam)[0]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / max(len(x), 1), np.array(A)
+
+
+def operating_point(y, s, thr):
+    return {"threshold": float(thr), **C.binary_stats(y, np.asarray(s) >= thr)}
+
+
+def table1(y, scores):
+    """Table 1: precision, recall, sensitivity, specificity at the Youden index, and the AUC."""
+    out = {}
+    for name, s in scores.items():
+        yd = C.youden(y, s)
+        out[name] = {k: yd[k] for k in ("precision", "recall", "sensitivity", "specificity", "threshold")}
+        out[name]["auc"] = C.auroc(y, s)
+    return out
+
+
+def plot_fig3(blocks, thr_R, thr_D, path):
+    """Fig. 3: columns of patches grouped in blocks; rows: query | generated | residual overlay |
+    annotation; a red (yellow) bar above a column = flagged by R (D) at the healthy-validation threshold."""
+    plt = C._plt()
+    cols = [(b, e) for b, es in blocks for e in es]
+    n = len(cols)
+    fig, axes = plt.subplots(4, n, figsize=(1.25 * n + 0.9, 5.9), squeeze=False)
+    rmax = max(float(np.percentile(np.concatenate([e["res"].ravel() for _, e in cols]), 99.5)), 1e-6)
+    for j, (b, e) in enumerate(cols):
+        panels = (e["x"], e["g"], e["res"], e["mask"])
+        for i in range(4):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(e["x"] if i >= 2 else panels[i], cmap="gray", vmin=-1, vmax=1)
+            if i == 2:
+                ax.imshow(np.ma.masked_less(e["res"], 0.1 * rmax), cmap="jet", alpha=0.6, vmin=0, vmax=rmax)
+            if i == 3 and e["mask"].any():
+                ax.contour(e["mask"], levels=[0.5], colors="lime", linewidths=0.9)
+        c = e["x"].shape[0]
+        if e["R"] >= thr_R:
+            axes[0, j].add_patch(plt.Rectangle((0, -0.16 * c), c, 0.07 * c, color="red", clip_on=False))
+        if e["D"] >= thr_D:
+            axes[0, j].add_patch(plt.Rectangle((0, -0.08 * c), c, 0.07 * c, color="gold", clip_on=False))
+        axes[0, j].set_ylim(c - 0.5, -0.18 * c)
+        axes[3, j].set_xlabel(f"A={e['A']:.0f}", fontsize=7)
+    for i, name in enumerate(("query x", "generated G(z_Γ)", "residual |x−G(z_Γ)|", "annotation")):
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    j = 0
+    for b, es in blocks:
+        axes[0, j].set_title(b, fontsize=8, loc="left", pad=14)
+        j += len(es)
+    fig.suptitle("Fig. 3 equivalent: red bar = anomalous by R(x), yellow bar = by D(x) "
+                 "(thresholds: healthy validation patches)", fontsize=9)
+    C._save(fig, path)
+
+
+def plot_fig4(y, sc, dist, path, title):
+    """Fig. 4: (a) ROC of A (AnoGAN), Â (GAN_R), P_D; (b) ROC of R, D, D̂; (c, d) distributions of R
+    and D over training-normal, test-normal and anomalous patches."""
+    plt = C._plt()
+    fig, ax = plt.subplots(1, 4, figsize=(17, 4.0))
+    panels = ((0, "(a) model comparison", (("AnoGAN A(x)", "A", "k"), ("GAN_R Â(x)", "A_hat", "tab:red"),
+                                          ("P_D", "P_D", "tab:green"))),
+              (1, "(b) anomaly score components", (("R(x)", "R", "tab:green"), ("D(x)", "D", "k"),
+                                                   ("D̂(x)", "D_hat", "tab:red"))))
+    for k, ttl, lines in panels:
+        for name, key, col in lines:
+            if key in sc:
+                fpr, tpr, _ = C.roc_points(y, sc[key])
+                ax[k].plot(fpr, tpr, color=col, lw=1.8, label=f"{name} ({C.auroc(y, sc[key]):.2f})")
+        ax[k].plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+        ax[k].set(xlabel="false positive rate", ylabel="true positive rate", title=ttl, xlim=(0, 1), ylim=(0, 1.01))
+        ax[k].legend(loc="lower right", fontsize=8)
+        ax[k].grid(alpha=0.3)
+    for k, key, ttl in ((2, "R", "(c) residual score R(x)"), (3, "D", "(d) discrimination score D(x)")):
+        allv = np.concatenate([v[key] for v in dist.values()])
+        bins = np.linspace(allv.min(), np.percentile(allv, 99.5), 40)
+        for (name, v), col in zip(dist.items(), ("tab:blue", "tab:green", "tab:red")):
+            ax[k].hist(np.clip(v[key], None, bins[-1]), bins=bins, density=True, alpha=0.45, color=col,
+                       label=f"{name} (n={len(v[key])})")
+        ax[k].set(xlabel=key + "(x)", ylabel="density", title=ttl)
+        ax[k].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    C._save(fig, path)
+
+
+def assemble_slice(S, row, sel, P, G_z, res):
+    """Stitch the patches of one slice back together (overlaps averaged) -> recon, residual maps."""
+    H, W = S.x.shape[1:]
+    c = G_z.shape[-1]
+    rec, amap, cnt = np.zeros((H, W)), np.zeros((H, W)), np.zeros((H, W))
+    for k in sel:
+        t, l = P["top"][k], P["left"][k]
+        rec[t:t + c, l:l + c] += G_z[k]
+        amap[t:t + c, l:l + c] += res[k]
+        cnt[t:t + c, l:l + c] += 1
+    cov = cnt > 0
+    rec = np.where(cov, rec / np.maximum(cnt, 1), -1.0)
+    amap = np.where(cov, amap / np.maximum(cnt, 1), 0.0)
+    return rec, amap
+
+
+# =================================================================================================
+# main()
+# =================================================================================================
+
+def main(argv=None):
+    args = get_args(argv)
+    run = C.start_run(args, METHOD)
+    device = run.device
+    size, c = (args.slice_size, args.slice_size), args.patch_size
+    data = C.load_dataset(args, contrast="flair")
+    rng = np.random.default_rng(args.seed)
+
+    # ---- data: training patches at random positions inside the brain (§2.1, §3) ----------------
+    S_tr = C.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices, step=args.slice_step,
+                         cache_dir=args.cache_dir, desc="train")
+    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches, rng=rng,
+                                      min_brain=args.min_brain)
+    X = torch.from_numpy(C.extract_patches(S_tr.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
+    run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
+            f"({len(S_tr)} slices {size[0]}x{size[1]})")
+
+    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(device)
+    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(device)
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    start_epoch, step, curves = 0, 0, None
+    ck_path = args.checkpoint or args.resume
+    if ck_path:
+        ck = C.load_checkpoint(ck_path, device)
+        try:
+            G.load_state_dict(ck["models"]["G"])
+            D.load_state_dict(ck["models"]["D"])
+        except (KeyError, RuntimeError) as e:
+            C.fail(f"checkpoint {ck_path} does not match these networks ({type(e).__name__}); "
+                   f"use the same --preset/--ch/--patch-size/--z-dim it was trained with")
+        start_epoch, step, curves = ck.get("epoch", 0), ck.get("step", 0), ck.get("curves")
+        if args.resume:
+            opt_G.load_state_dict(ck["optims"]["G"])
+            opt_D.load_state_dict(ck["optims"]["D"])
+            C.set_rng_state(ck["rng"])
+        run.log(f"loaded {ck_path} (epoch {start_epoch}, step {step})")
+
+    with C.Timer() as t_train:
+        if not args.checkpoint:
+            step, curves = train_gan(G, D, X, args, run, opt_G, opt_D, start_epoch=start_epoch, step=step,
+                                     curves=curves)
+    if not (run.out / "last.pt").is_file():   # --epochs 0 or --checkpoint: still leave a last.pt
+        C.save_checkpoint(run.out / "last.pt", {
+            "models": {"G": G.state_dict(), "D": D.state_dict()},
+            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
+            "epoch": max(start_epoch, args.epochs if not args.checkpoint else start_epoch), "step": step,
+            "curves": curves, "args": vars(args), "rng": C.rng_state()})
+    if curves:
+        C.plot_curves({k: v for k, v in curves.items() if k.startswith("loss")}, run.out / "losses.png",
+                      title="DCGAN training (healthy patches)", ylabel="cross-entropy")
+    else:
+        C.plot_curves({"no training in this run": [(0, 0.0)]}, run.out / "losses.png", title="DCGAN training")
+
+    # ---- test, validation and training-normal patches ---------------------------------------------
+    test_cases = data.test
+    if args.test_cases:
+        keep = []
+        for gname in dict.fromkeys(cs.group for cs in data.test):
+            keep += [cs for cs in data.test if cs.group == gname][: args.test_cases]
+        test_cases = keep
+    # test/val slices: `--test-slices` spread evenly over the slab the training slices came from
+    span = (args.train_slices - 1) * args.slice_step
+    kw = dict(size=size, norm="mri", n_slices=args.test_slices, step=max(1, span // max(args.test_slices - 1, 1)),
+              cache_dir=args.cache_dir)
+    S_te = C.slice_stack(test_cases, desc="test", **kw)
+    S_va = C.slice_stack(data.val, desc="val", **kw)
+    P = grid_patch_set(S_te, range(len(S_te)), c, args.test_stride, args.min_brain)
+    Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain)
+    if args.val_patches and len(Pv["x"]) > args.val_patches:
+        sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
+        Pv = {k: v[sel] for k, v in Pv.items()}
+    n_tr = min(args.train_eval_patches or len(X), len(X))
+    X_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
+    run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, {len(Pv['x'])} validation and "
+            f"{n_tr} training patches; Γ={args.steps}, batch {args.map_batch}")
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    z1 = torch.rand(len(P["x"]), args.z_dim, generator=g) * 2 - 1     # z_1 ~ U(-1, 1), one per patch
+    with C.Timer() as t_map:
+        sc = score_patches(P["x"], G, D, args, device, z1, desc="map test")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sv = score_patches(Pv["x"], G, D, args, device, torch.rand(len(Pv["x"]), args.z_dim, generator=g) * 2 - 1,
+                       desc="map val")
+    st = score_patches(X_tr, G, D, args, device, torch.rand(n_tr, args.z_dim, generator=g) * 2 - 1,
+                       desc="map train")
+    n_single = min(args.time_single, len(P["x"]))
+    s_single, A_single = time_one_at_a_time(P["x"][:n_single], G, D, args, device, z1[:n_single])
+    n_maps = 2 if args.ganr else 1
+    s_batched = t_map.seconds / len(P["x"])
+
+    # ---- labels and rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) -------------
+    cases = S_te.cases
+    case_of = S_te.case[P["row"]]
+    y = P["mask"].reshape(len(P["x"]), -1).any(1).astype(int)
+    groups = []
+    for k in range(len(y)):
+        cg = cases[case_of[k]].group
+        groups.append(cg if y[k] else ("normal" if cases[case_of[k]].label == 0 else f"{cg}_0"))
+    groups = np.array(groups)
+    rows = []
+    for k in range(len(y)):
+        cs = cases[case_of[k]]
+        r = dict(id=f"{cs.id}/z{int(S_te.z[P['row'][k]])}/y{int(P['top'][k])}x{int(P['left'][k])}",
+                 group=groups[k], label=int(y[k]), score=float(sc["A"][k]), R=float(sc["R"][k]),
+                 D=float(sc["D"][k]), D_hat=float(sc["D_hat"][k]), P_D=float(sc["P_D"][k]))
+        if args.ganr:
+            r["A_hat"] = float(sc["A_hat"][k])
+        r.update(case=cs.id, case_group=cs.group, slice=int(S_te.z[P["row"][k]]),
+                 anomalous_px=int(P["mask"][k].sum()))
+        rows.append(r)
+
+    # ---- slice and scan level: aggregate patch scores A (beyond the paper) -----------------------
+    agg_s = C.aggregate(sc["A"], P["row"].tolist(), how=args.agg)
+    rows_slice = []
+    for row, s in agg_s.items():
+        cs = cases[S_te.case[row]]
+        lab = int(np.asarray(S_te.mask[row]).any())
+        rows_slice.append(dict(id=f"{cs.id}/z{int(S_te.z[row])}", label=lab, score=s,
+                               group=cs.group if lab else ("normal" if cs.label == 0 else f"{cs.group}_0")))
+    agg_c = C.aggregate(sc["A"], case_of.tolist(), how=args.agg)
+    rows_scan = [dict(id=cases[i].id, group=cases[i].group, label=cases[i].label, score=s) for i, s in agg_c.items()]
+
+    # ---- comparisons of §3: A, R, D, D̂, (Â), P_D; Table 1; an operating point from healthy data ----
+    keys = ["A", "R", "D", "D_hat", "P_D"] + (["A_hat"] if args.ganr else [])
+    comparison = {}
+    for key in keys:
+        e = C.evaluate([dict(group=gn, label=int(l), score=float(v)) for gn, l, v in zip(groups, y, sc[key])])
+        comparison[key] = {"auroc": e["metrics"]["auroc"], "auprc": e["metrics"]["auprc"],
+                           **{gn: v["auroc"] for gn, v in e["groups"].items() if "auroc" in v}}
+    table = table1(y, {"AnoGAN A": sc["A"], "P_D": sc["P_D"], **({"GAN_R Â": sc["A_hat"]} if args.ganr else {})})
+    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("A", "R", "D")}
+    at_val = {k: operating_point(y, sc[k], thr[k]) for k in ("A", "R", "D")}
+
+    # ---- figures ------------------------------------------------------------------------------------
+    res = sc["x_res"] = np.abs(P["x"] - sc["G_z"])                        # residual images x_R (§2.3)
+    dist = {"normal (train)": st, "normal (test)": {k: sc[k][y == 0] for k in ("R", "D")},
+            "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
+    plot_fig4(y, sc, dist, run.out / "fig4.png",
+              f"Fig. 4 equivalent: {len(y)} test patches ({int(y.sum())} anomalous, all groups), Γ={args.steps}")
+    blocks = []
+    pick = lambda sel, n: list(rng.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
+    mk = lambda xx, gg, rr, mm, R, Dv, A: dict(x=xx, g=gg, res=rr, mask=mm, R=R, D=Dv, A=A)
+    tr_i = pick(np.ones(n_tr, bool), 3)
+    blocks.append(("normal (train)", [mk(X_tr[i], st["G_z"][i], np.abs(X_tr[i] - st["G_z"][i]), np.zeros((c, c), bool),
+                                         st["R"][i], st["D"][i], st["A"][i]) for i in tr_i]))
+    blocks.append(("normal (test)", [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i])
+                                     for i in pick(groups == "normal", 3)]))
+    anom = [gn for gn in dict.fromkeys(groups) if gn != "normal" and not gn.endswith("_0")]
+    an_cols = []
+    for gn in anom:
+        sel = groups == gn
+        best = np.nonzero(sel)[0][np.argsort(-P["mask"][sel].reshape(sel.sum(), -1).sum(1))][:2 if len(anom) < 4 else 1]
+        an_cols += [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i]) for i in best]
+    blocks.append(("anomalous (test): " + ", ".join(anom), an_cols))
+    plot_fig3(blocks, thr["R"], thr["D"], run.out / "fig3.png")
+
+    ex_rows = []
+    for want in ["normal"] + anom:
+        cand = [i for i in range(len(cases)) if cases[i].group == want]
+        if not cand:
+            continue
+        i = cand[0]
+        sl = S_te.slices_of(i)
+        best = max(sl, key=lambda r: (int(np.asarray(S_te.mask[r]).sum()), -abs(int(r) - int(sl[len(sl) // 2]))))
+        selp = np.nonzero(P["row"] == best)[0]
+        rec, amap = assemble_slice(S_te, best, selp, P, sc["G_z"], res)
+        ex_rows.append(dict(title=f"{want}\n{cases[i].id.split('/')[-1]}", input=np.asarray(S_te.x[best]),
+                            reconstruction=rec, amap=amap, gt=np.asarray(S_te.mask[best])))
+    C.plot_examples(ex_rows, run.out / "examples.png",
+                    cols=("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|", "ground truth"))
+    hist = sc["history"]
+    C.plot_curves({"test patches, label 0": list(enumerate(hist[y == 0].mean(0).tolist(), 1)) if (y == 0).any() else [],
+                   "test patches, label 1": list(enumerate(hist[y == 1].mean(0).tolist(), 1)) if (y == 1).any() else []},
+                  run.out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
+                  ylabel="L(z_γ)", xlabel="γ")
+
+    # ---- results -------------------------------------------------------------------------------------
+    ev_slice, ev_scan = C.evaluate(rows_slice), C.evaluate(rows_scan)
+    timing = {"train_s": t_train.seconds, "score_s": t_map.seconds, "score_s_per_sample": s_batched,
+              "map_s_per_patch_batched": s_batched / n_maps, "map_s_per_patch_single": s_single,
+              "map_speedup_batched": s_single / max(s_batched / n_maps, 1e-12), "n_single_timed": n_single,
+              "map_batch": args.map_batch, "mapping_steps": args.steps}
+    extra = {
+        "patch_label_rule": "a patch is anomalous if it contains >= 1 anomalous pixel (§3); lesion-free patches "
+                            "of anomalous scans are negatives, in groups '<group>_0'",
+        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "val": len(Pv["x"]), "train_eval": n_tr,
+                      "train": len(X)},
+        "comparison_auroc": comparison,
+        "oracle_youden_table1": table,
+        "at_val_threshold": {"percentile": args.threshold_pct, **at_val},
+        "slice_level": {"how": f"{args.agg} of the patch scores A(x) of a slice's grid patches; a slice is "
+                               "anomalous if it holds >= 1 anomalous pixel", **ev_slice},
+        "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group", **ev_scan},
+        "batched_vs_single_max_abs_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single]))) if n_single else None,
+        "mapping_loss_first_last": {"label0": [float(hist[y == 0, 0].mean()), float(hist[y == 0, -1].mean())]
+                                    if (y == 0).any() else None,
+                                    "label1": [float(hist[y == 1, 0].mean()), float(hist[y == 1, -1].mean())]
+                                    if (y == 1).any() else None},
+    }
+    run.log(f"mapping: {s_batched / n_maps * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at a "
+            f"time ({n_single} patches), max |ΔA| {extra['batched_vs_single_max_abs_diff_A']}")
+    return C.finish_run(run, args, METHOD, unit="patch", rows=rows, timing=timing, extra=extra,
+                        data_info=data.info, roc_title=f"AnoGAN A(x): patch-level ROC, Γ={args.steps}")
+
+
+if __name__ == "__main__":
+    C.main_guard(main)

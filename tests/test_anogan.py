@@ -1,0 +1,222 @@
+"""Tests of anogan.py: the equations on hand-computed tensors (`pytest -k eq5` selects one), the
+mapping's properties (loss decreases, only z moves, BatchNorm frozen, batched == one at a time)
+and a subprocess smoke run checked against the contract."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import anogan as A
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO.parent / "shared"))
+
+
+# ---- Eq. (1)-(6) on hand-computed values ---------------------------------------------------------
+
+def test_eq1_discriminator_loss_value():
+    # D(x) = sigmoid(0) = 0.5 for real and fake: -[log 0.5 + log 0.5] = 2 log 2
+    z = torch.zeros(3)
+    assert A.d_loss(z, z).item() == pytest.approx(2 * math.log(2), abs=1e-6)
+    # D(x) = 0.75 (logit ln 3), D(G(z)) = 0.25 (logit -ln 3): -[log 0.75 + log 0.75]
+    l3 = torch.full((2,), math.log(3))
+    assert A.d_loss(l3, -l3).item() == pytest.approx(-2 * math.log(0.75), abs=1e-6)
+    # a perfect discriminator has (almost) zero loss; a fooled one a large loss
+    assert A.d_loss(torch.full((2,), 20.), torch.full((2,), -20.)).item() < 1e-6
+    assert A.d_loss(torch.full((2,), -5.), torch.full((2,), 5.)).item() > 9
+
+
+def test_eq2_generator_loss_value():
+    # -log D(G(z)) with D(G(z)) = 0.25 (logit -ln 3) -> log 4; mean over the batch
+    l = torch.tensor([-math.log(3), 0.0])
+    assert A.g_loss(l).item() == pytest.approx((math.log(4) + math.log(2)) / 2, abs=1e-6)
+
+
+def test_eq3_residual_loss_is_per_sample_sum_of_abs():
+    x = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])      # (2, 1, 2, 2)
+    g = torch.tensor([[[[0.0, 1.0], [0.5, -0.25]]], [[[1.0, 1.0], [-1.0, 0.5]]]])
+    # sample 0: 1 + 2 + 0 + 0.25 = 3.25; sample 1: 1 + 1 + 1 + 0.5 = 3.5
+    assert torch.allclose(A.residual_loss(x, g), torch.tensor([3.25, 3.5]))
+
+
+def test_eq4_discrimination_loss_is_per_sample_sum_of_abs():
+    fx = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])                  # (1, 2, 1, 2) feature map
+    fg = torch.tensor([[[[0.0, 2.5]], [[3.0, 1.0]]]])
+    fx, fg = torch.cat([fx, fx]), torch.cat([fg, fx])                  # sample 1 matches exactly
+    # sample 0: 1 + 0.5 + 0 + 3 = 4.5; sample 1: 0
+    assert torch.allclose(A.discrimination_loss(fx, fg), torch.tensor([4.5, 0.0]))
+
+
+def test_eq4_reference_discrimination_loss_of_yeh():
+    # L_D̂ = sigmoid cross-entropy with targets 1 = -log sigmoid(logit), per sample
+    l = torch.tensor([0.0, math.log(3), -math.log(3)])
+    want = torch.tensor([math.log(2), -math.log(0.75), -math.log(0.25)])
+    assert torch.allclose(A.reference_discrimination_loss(l), want, atol=1e-6)
+
+
+def test_eq5_mapping_loss_puts_lambda_on_the_discrimination_term():
+    L_R, L_D = torch.tensor([10.0, 0.0]), torch.tensor([100.0, 4.0])
+    # (1 - 0.1)·10 + 0.1·100 = 19 (swapped weights would give 91); (0.9)·0 + 0.1·4 = 0.4
+    assert torch.allclose(A.mapping_loss(L_R, L_D, 0.1), torch.tensor([19.0, 0.4]))
+    assert torch.allclose(A.mapping_loss(L_R, L_D, 0.0), L_R)
+    assert torch.allclose(A.mapping_loss(L_R, L_D, 1.0), L_D)
+
+
+def test_eq6_anomaly_score_puts_lambda_on_the_discrimination_score():
+    R, D = np.array([200.0, 50.0]), np.array([1000.0, 3000.0])
+    # 0.9·200 + 0.1·1000 = 280; 0.9·50 + 0.1·3000 = 345
+    assert np.allclose(A.anomaly_score(R, D, 0.1), [280.0, 345.0])
+
+
+# ---- networks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", [16, 32, 64])
+def test_dcgan_shapes_and_channels(c):
+    G, D = A.Generator(z_dim=8, ch=4, size=c), A.Discriminator(ch=4, size=c)
+    x = G(torch.rand(3, 8) * 2 - 1)
+    assert x.shape == (3, 1, c, c) and x.abs().max() <= 1
+    logit, feats = D(x)
+    assert logit.shape == (3,)
+    assert [f.shape[1] for f in feats] == [4, 8, 16, 32]                # ch-2ch-4ch-8ch
+    assert feats[-1].shape[-1] == c // 16
+    convT = [m for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(convT) == 4 and all(m.kernel_size == (5, 5) for m in convT)  # four 5×5 fractionally-strided convs
+    assert [m.out_channels for m in convT] == [16, 8, 4, 1]               # 512-256-128-64 at ch=64
+
+
+# ---- the mapping (§2.2) ------------------------------------------------------------------------
+
+def _models(seed=0, dtype=torch.float32, c=16, z_dim=8, ch=4):
+    torch.manual_seed(seed)
+    G, D = A.Generator(z_dim=z_dim, ch=ch, size=c).to(dtype), A.Discriminator(ch=ch, size=c).to(dtype)
+    # give BatchNorm non-trivial running statistics, as after training
+    with torch.no_grad():
+        for _ in range(3):
+            D(G(torch.rand(16, z_dim, dtype=dtype) * 2 - 1))
+    return G, D
+
+
+def test_mapping_decreases_the_loss_and_moves_only_z():
+    G, D = _models()
+    G.eval()
+    with torch.no_grad():
+        x = G(torch.rand(6, 8) * 2 - 1)                                    # reachable targets
+    before = {k: v.clone() for k, v in {**G.state_dict(), **{"D." + k: v for k, v in D.state_dict().items()}}.items()}
+    z1 = torch.rand(6, 8) * 2 - 1
+    z1_copy = z1.clone()
+    m = A.map_to_latent(x, G, D, z1, steps=60, lr=0.05, lam=0.1)
+    h = m["history"]
+    assert h.shape == (6, 60)
+    assert (h[:, -1] < 0.7 * h[:, 0]).all(), h[:, [0, -1]]
+    after = {**G.state_dict(), **{"D." + k: v for k, v in D.state_dict().items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before)          # weights and BN stats untouched
+    assert all(p.grad is None for p in list(G.parameters()) + list(D.parameters()))
+    assert torch.equal(z1, z1_copy)                                       # the caller's z_1 is not modified
+    assert m["z"].abs().max() <= 1                                         # clipped to the support of p_z
+    # R, D at z_Γ are the losses of the last step (Eq. (6) = Eq. (5) at z_Γ)
+    assert torch.allclose(A.mapping_loss(m["R"], m["D"], 0.1), h[:, -1])
+
+
+def test_mapping_with_one_step_scores_z1_without_update():
+    G, D = _models()
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    z1 = torch.rand(2, 8) * 2 - 1
+    m = A.map_to_latent(x, G, D, z1, steps=1, lr=0.1, lam=0.1)
+    assert torch.equal(m["z"], z1)
+    G.eval()
+    with torch.no_grad():
+        assert torch.allclose(m["R"], A.residual_loss(x, G(z1)))
+
+
+def test_mapping_restores_train_mode_and_requires_grad():
+    G, D = _models()
+    G.train()
+    D.eval()
+    A.map_to_latent(torch.zeros(2, 1, 16, 16), G, D, torch.zeros(2, 8), steps=3, lr=0.1, lam=0.1)
+    assert G.training and not D.training
+    assert all(p.requires_grad for p in G.parameters())
+
+
+def test_batched_mapping_equals_one_at_a_time_trajectories():
+    """Each z_b follows the trajectory it would follow alone: same loss at every step γ and same z_Γ.
+    Would fail with BatchNorm in training mode, a mean instead of a sum over the batch, or a shared z."""
+    G, D = _models(dtype=torch.float64)
+    G.train()
+    D.train()                                                             # map_to_latent must switch to eval
+    x = torch.rand(5, 1, 16, 16, dtype=torch.float64) * 2 - 1
+    z1 = torch.rand(5, 8, dtype=torch.float64) * 2 - 1
+    for disc in ("feature", "reference"):
+        kw = dict(steps=25, lr=0.05, lam=0.1, disc=disc)
+        mb = A.map_to_latent(x, G, D, z1, **kw)
+        for i in range(5):
+            ms = A.map_to_latent(x[i:i + 1], G, D, z1[i:i + 1], **kw)
+            assert torch.allclose(mb["history"][i], ms["history"][0], rtol=1e-9, atol=1e-9)
+            assert torch.allclose(mb["z"][i], ms["z"][0], rtol=1e-9, atol=1e-9)
+            assert torch.allclose(mb["R"][i], ms["R"][0], rtol=1e-9, atol=1e-9)
+            assert torch.allclose(mb["D"][i], ms["D"][0], rtol=1e-9, atol=1e-9)
+
+
+def test_scores_do_not_depend_on_batch_composition():
+    """BatchNorm in eval mode during mapping: a patch scores the same alone and among others."""
+    G, D = _models(dtype=torch.float64)
+    x0 = torch.rand(1, 1, 16, 16, dtype=torch.float64) * 2 - 1
+    others = torch.rand(7, 1, 16, 16, dtype=torch.float64) * 4 - 2           # very different patches
+    z1 = torch.rand(8, 8, dtype=torch.float64) * 2 - 1
+    alone = A.map_to_latent(x0, G, D, z1[:1], steps=10, lr=0.05, lam=0.1)
+    mixed = A.map_to_latent(torch.cat([others[:3], x0, others[3:]]), G, D, torch.cat([z1[1:4], z1[:1], z1[4:]]),
+                            steps=10, lr=0.05, lam=0.1)
+    a = A.anomaly_score(alone["R"], alone["D"], 0.1)[0]
+    b = A.anomaly_score(mixed["R"], mixed["D"], 0.1)[3]
+    assert torch.allclose(a, b, rtol=1e-9)
+    with A.frozen(G, D):
+        p = A.discriminator_score(D, torch.cat([x0, others]))
+        p0 = A.discriminator_score(D, x0)
+    assert torch.allclose(p[0], p0[0]) and ((p >= 0) & (p <= 1)).all()
+
+
+# ---- the script end to end ---------------------------------------------------------------------
+
+def _run(args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "anogan.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_smoke_run_writes_the_contract_files(tmp_path):
+    out = tmp_path / "run"
+    p = _run(["--preset", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    from check_contract import check
+    problems = check(str(out))
+    problems = problems if isinstance(problems, list) else problems[0]
+    assert not problems, problems
+    r = json.loads((out / "results.json").read_text())
+    assert r["method"] == "anogan" and r["unit"] == "patch"
+    for k in ("map_s_per_patch_batched", "map_s_per_patch_single", "train_s", "score_s"):
+        assert r["timing"][k] > 0
+    assert r["batched_vs_single_max_abs_diff_A"] < 1e-2 * max(1.0, abs(r["groups"]["normal"]["score_mean"]))
+    assert {"A", "R", "D", "D_hat", "P_D", "A_hat"} <= set(r["comparison_auroc"])
+    assert {"AnoGAN A", "P_D", "GAN_R Â"} <= set(r["oracle_youden_table1"])
+    for f in ("fig3.png", "fig4.png", "mapping.png"):
+        assert (out / f).stat().st_size > 0
+    # --checkpoint: skip training, score again with the same models -> the same scores
+    out2 = tmp_path / "again"
+    p = _run(["--preset", "smoke", "--out", str(out2), "--cache-dir", str(tmp_path / "cache"),
+              "--checkpoint", str(out / "last.pt"), "--ganr", "0", "--time-single", "0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = (out / "scores.csv").read_text().splitlines()
+    b = (out2 / "scores.csv").read_text().splitlines()
+    assert [row.split(",")[3] for row in a] == [row.split(",")[3] for row in b]
+
+
+@pytest.mark.parametrize("flags,needle", [(["--lam", "2"], "--lam"), (["--patch-size", "24"], "--patch-size"),
+                                          (["--checkpoint", "nope.pt"], "nope.pt")])
+def test_bad_input_is_one_error_line(flags, needle, tmp_path):
+    p = _run(["--preset", "smoke", "--out", str(tmp_path / "bad"), *flags], timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
