@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -271,13 +272,15 @@ def load_dataset(args, contrast="t1", groups=None) -> Splits:
         t = one(args.train_data, args.train_root)
         s.info["train_from"] = args.train_data
         s = Splits(t.train, t.val, s.test, {**s.info, "train_info": t.info})
-    if groups is not None:
+    if groups is not None and any(c.group in groups for c in s.test if c.label == 1):
+        # the groups a script asks for (e.g. the phantom's) filter only data sets that have them
         s.test = [c for c in s.test if c.label == 0 or c.group in groups]
     if not s.train:
         fail(f"--data {args.data}: no healthy training volumes found")
     if not s.test or len({c.label for c in s.test}) < 2:
+        hint = f"; {s.info['hint']}" if s.info.get("hint") else ""
         fail(f"--data {args.data}: the test set needs both normal and anomalous volumes "
-             f"(found groups: {sorted({c.group for c in s.test}) or 'none'})")
+             f"(found groups: {sorted({c.group for c in s.test}) or 'none'}){hint}")
     overlap = {c.subject for c in s.train + s.val} & {c.subject for c in s.test}
     if overlap:
         fail(f"subjects {sorted(overlap)[:5]} appear in both training and test data; "
@@ -285,6 +288,496 @@ def load_dataset(args, contrast="t1", groups=None) -> Splits:
     s.info.update({"n_train": len(s.train), "n_val": len(s.val),
                    "test_groups": {g: sum(c.group == g for c in s.test) for g in sorted({c.group for c in s.test})}})
     return s
+
+
+# ---- real datasets ------------------------------------------------------------------------------
+# Loaders for the public data sets, written from ../shared/DATASETS.md (the downloads' file names,
+# folder layouts and CSV headers) and tested on fixture trees that copy them (tests/fixtures.py).
+# data/README.md says where to get each one and which folder to pass as --data-root. A loader only
+# indexes files (and opens their NIfTI headers, so an unreadable file is named at once); voxels are
+# read later by read_case / slice_stack. Every Case carries its subject id and every split below is
+# made per subject, so all of a subject's scans stay on one side.
+
+MODALITY_ALIASES = {"t1": "t1", "t1w": "t1", "t1n": "t1", "mprage": "t1", "t2": "t2", "t2w": "t2",
+                    "flair": "flair", "t2f": "flair", "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce",
+                    "t1wks": "t1ce", "pd": "pd", "mra": "mra"}
+
+
+def _no_data(name, root, looked_for):
+    fail(f"--data {name}: found no {looked_for} under {root}; {DATA_README} explains how to get the "
+         f"data set and which folder to pass as --data-root")
+
+
+def _walk(root, pattern, dirs=False):
+    """[(path, match)] for every file (or folder, if `dirs`) under `root` whose name fully matches the
+    regex `pattern` (case-insensitive), in sorted order; hidden folders are skipped."""
+    rx = re.compile(pattern, re.IGNORECASE)
+    out = []
+    for d, sub, files in os.walk(root):
+        sub[:] = sorted(s for s in sub if not s.startswith("."))
+        for n in (sub if dirs else sorted(files)):
+            m = rx.fullmatch(n)
+            if m:
+                out.append((Path(d) / n, m))
+    return out
+
+
+def _check_headers(name, paths):
+    """Open the NIfTI header of every indexed file (no voxel data is read); name the ones that fail."""
+    import nibabel as nib
+    bad = []
+    for p in paths:
+        try:
+            nib.load(str(p))
+        except Exception as e:  # noqa: BLE001 -- any reader failure is a bad file for the user
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        fail(f"--data {name}: cannot read {len(bad)} NIfTI file(s): {'; '.join(bad[:3])}{more}; "
+             f"re-download or remove them")
+
+
+def _modality(name, args, contrast, table, default):
+    """-> (key, the data set's file token) for --modality, else the script's contrast when the data
+    set has it, else `default`. `table` maps t1|t1ce|t2|flair|pd|mra -> the token in file names."""
+    flag = getattr(args, "modality", None)
+    if flag:
+        key = MODALITY_ALIASES.get(str(flag).lower())
+        if key not in table:
+            fail(f"--modality {flag}: --data {name} has {', '.join(sorted(table))}")
+        return key, table[key]
+    key = MODALITY_ALIASES.get(str(contrast).lower())
+    key = key if key in table else default
+    return key, table[key]
+
+
+def _with(c, **kw):
+    """A copy of Case c with fields changed (a `meta` argument is merged into c.meta)."""
+    meta = {**c.meta, **kw.pop("meta", {})}
+    return Case(**{**vars(c), **kw, "meta": meta})
+
+
+def _test_frac(args):
+    f = getattr(args, "test_frac", None)
+    f = 0.3 if f is None else float(f)
+    if not 0 <= f < 1:
+        fail(f"--test-frac must be in [0, 1), got {f}")
+    return f
+
+
+def _healthy_split(cases, args, normal="normal", test=True, val_frac=0.1):
+    """Subject-level split of healthy cases -> (train, val, test normals), deterministic from --seed:
+    --test-frac of the subjects (default 0.3) are held out as the test group `normal` (if `test`),
+    then `val_frac` of the remaining subjects become the healthy validation set."""
+    seed = getattr(args, "seed", 0) or 0
+    frac = _test_frac(args)
+    rest, held = subject_split(cases, frac, seed) if test and frac > 0 else (list(cases), [])
+    train, val = subject_split(rest, val_frac, seed + 1)
+    return ([_with(c, group="train", label=0) for c in train], [_with(c, group="val", label=0) for c in val],
+            [_with(c, group=normal, label=0) for c in held])
+
+
+def _counts(cases):
+    """{group: {"subjects": n, "scans": n}} in group order of appearance."""
+    out = {}
+    for g in dict.fromkeys(c.group for c in cases):
+        cs = [c for c in cases if c.group == g]
+        out[g] = {"subjects": len({c.subject for c in cs}), "scans": len(cs)}
+    return out
+
+
+class _Excluded:
+    """Counts of excluded files/scans per reason, with a few examples each (-> Splits.info)."""
+
+    def __init__(self):
+        self.n, self.examples = {}, {}
+
+    def __call__(self, reason, what):
+        self.n[reason] = self.n.get(reason, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(str(what))
+
+    def info(self):
+        return {"excluded": dict(self.n), "excluded_examples": dict(self.examples)}
+
+
+def _anomalous_splits(name, cases, args, group, what):
+    """Splits for a data set whose every scan is anomalous (BraTS, MSLUB, ISBI 2015).
+
+    Test: every test-split scan as `group` (label 1), and the same scans once more as `normal`
+    (label 0) with meta {"healthy_slices_only": True}: their slices without anomaly-mask voxels
+    (slice-level evaluation; slice_stack drops the others). Healthy training: --train-data if given
+    (then every scan is a test scan), else the anomaly-free slices of the training-split subjects."""
+    info = {}
+    if getattr(args, "train_data", None):
+        train, val, test = [], [], list(cases)
+        info["healthy_training"] = f"--train-data {args.train_data}"
+    else:
+        seed = getattr(args, "seed", 0) or 0
+        rest, test = subject_split(cases, _test_frac(args) or 0.3, seed)
+        train, val = subject_split(rest, 0.1, seed + 1)
+        flag = {"healthy_slices_only": True}
+        train = [_with(c, group="train", label=0, meta=flag) for c in train]
+        val = [_with(c, group="val", label=0, meta=flag) for c in val]
+        info["healthy_training"] = (f"{what}-free slices of the training-split {name} subjects "
+                                    f"(slice_stack drop_anomalous); pass --train-data ixi to train on IXI")
+    test = ([_with(c, group=group, label=1) for c in test]
+            + [_with(c, id=f"{c.id}/{what}-free", group="normal", label=0, meta={"healthy_slices_only": True})
+               for c in test])
+    info["test_normal"] = (f"the {what}-free slices of the test scans (slice level; volume-level scores "
+                           f"of the `normal` group are not meaningful)")
+    return train, val, test, info
+
+
+# ---- OASIS-3 --------------------------------------------------------------------------------------
+
+def _oasis3_cdr(root):
+    """{subject: {day: CDR}} from every CDR table found under `root`, and the tables used.
+
+    Current release: OASIS3_UDSb4_cdr.csv (OASISID, days_to_visit, CDRTOT; OASIS_session_label
+    `OAS30001_UDSb4_d0339` as a fallback for the day). Legacy "ADRC Clinical Data" csv:
+    `ADRC_ADRCCLINICALDATA ID` = `OAS30001_ClinicalData_d0000` (the day is the dNNNN suffix), Subject,
+    cdr. Both may be present; a visit found in both keeps the current release's value."""
+    def num(v):
+        try:
+            x = float(str(v).strip())
+        except (TypeError, ValueError):
+            return None
+        return x if math.isfinite(x) else None
+
+    def day_of(label):
+        m = re.search(r"_d(\d+)\s*$", str(label or ""))
+        return int(m.group(1)) if m else None
+
+    tables = []   # (priority, path, schema, [(subject, day, cdr)])
+    for p, _ in _walk(root, r".*\.csv"):
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            if re.search(r"cdr|clinical|uds", p.name, re.IGNORECASE):
+                fail(f"--data oasis3: cannot read the CDR table {p} ({type(e).__name__}); re-download it")
+            continue
+        col = {k.strip().lower(): k for k in (rows[0] if rows else {}) if k}
+        visits = []
+        if "oasisid" in col and "cdrtot" in col:
+            for r in rows:
+                d = num(r.get(col.get("days_to_visit"))) if "days_to_visit" in col else None
+                d = int(d) if d is not None else day_of(r.get(col.get("oasis_session_label")))
+                visits.append((str(r[col["oasisid"]]).strip(), d, num(r[col["cdrtot"]])))
+            tables.append((0, p, "OASIS3_UDSb4_cdr (OASISID, days_to_visit, CDRTOT)", visits))
+        elif "adrc_adrcclinicaldata id" in col and "cdr" in col:
+            for r in rows:
+                rid = str(r[col["adrc_adrcclinicaldata id"]]).strip()
+                subj = str(r[col["subject"]]).strip() if "subject" in col else rid.split("_")[0]
+                visits.append((subj, day_of(rid), num(r[col["cdr"]])))
+            tables.append((1, p, "legacy ADRC clinical data (ADRC_ADRCCLINICALDATA ID, Subject, cdr)", visits))
+    out, skipped, conflicts = {}, 0, 0
+    for _, p, schema, visits in sorted(tables, key=lambda t: (t[0], str(t[1]))):
+        for subj, d, cdr in visits:
+            if not subj or d is None or cdr is None:
+                skipped += 1
+                continue
+            v = out.setdefault(subj, {})
+            if d in v and v[d] != cdr:
+                conflicts += 1
+            v.setdefault(d, cdr)
+    used = [{"path": str(p), "schema": s, "rows": len(v)} for _, p, s, v in tables]
+    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped, "cdr_visits_conflicting": conflicts}
+
+
+@register_dataset("oasis3", "OASIS-3 T1w MRI + Clinical Dementia Rating: unchanged CDR 0 vs CDR 0.5/1/2/3")
+def load_oasis3(root: Path, args=None, contrast=None) -> Splits:
+    """OASIS-3 as in MADGAN (Han et al. 2021, "AD dataset: OASIS-3"), see ../shared/DATASETS.md.
+
+    Images: every `*T1w.nii[.gz]` under root, in any layout (BIDS `sub-X/ses-dNNNN/anat/`, the
+    download script's `X_MR_dNNNN/anat1/`, raw XNAT `X_MR_dNNNN/scans/anat2-T1w/resources/NIFTI/files/`),
+    `ses-` or `sess-`, optional `run-NN`: one scan per session (subject, day), the lowest run.
+    Label: the CDR of the clinical visit closest in days (earlier visit on a tie), if within
+    --cdr-window-days; else the scan is excluded. Healthy = subjects whose CDR is 0 at every visit;
+    they are split by subject into train / val / test group `cdr_0` (--test-frac, default 0.3 ~ the
+    paper's 168 of 576 healthy subjects). Scans of other subjects form the groups cdr_0.5, cdr_1,
+    cdr_2, cdr_3 (label 1); their CDR-0 scans belong to no group. Exclusions are counted in info."""
+    flag = getattr(args, "modality", None)
+    if flag and MODALITY_ALIASES.get(str(flag).lower()) != "t1":
+        fail(f"--modality {flag}: --data oasis3 loads T1w images only")
+    window = getattr(args, "cdr_window_days", None)
+    window = 365 if window is None else int(window)
+    if window < 0:
+        fail(f"--cdr-window-days must be >= 0, got {window}")
+    ex = _Excluded()
+    sessions, n_files = {}, 0
+    for p, _ in _walk(root, r".*T1w\.nii(\.gz)?"):
+        n_files += 1
+        ent = {k.lower(): v for k, v in re.findall(r"([A-Za-z]+)-([A-Za-z0-9]+)", p.name)}
+        m = re.search(r"(OAS3\d+)_MR_d(\d+)", str(p.relative_to(root)))
+        subj = ent.get("sub") or (m.group(1) if m else None)
+        ses = ent.get("ses") or ent.get("sess") or (f"d{m.group(2)}" if m else "")
+        if not subj or not re.fullmatch(r"d\d+", ses):
+            ex("T1w file whose name and folders give no subject and session dNNNN", p)
+            continue
+        run = int(ent["run"]) if ent.get("run", "").isdigit() else 0
+        sessions.setdefault((subj, int(ses[1:])), []).append((run, str(p)))
+    if not sessions:
+        _no_data("oasis3", root, "OASIS-3 T1w images (*T1w.nii[.gz], e.g. sub-OAS30001_ses-d0129_run-01_T1w.nii.gz)")
+    scans = []
+    for (subj, day), runs in sorted(sessions.items()):
+        runs.sort()
+        for _, p in runs[1:]:
+            ex("another run (or copy) of a session: the lowest run is used", p)
+        scans.append((subj, day, runs[0][0], runs[0][1]))
+    _check_headers("oasis3", [s[3] for s in scans])
+    visits, tables, table_info = _oasis3_cdr(root)
+    if not visits:
+        fail(f"--data oasis3: found no CDR table under {root} (a csv with columns OASISID, days_to_visit, "
+             f"CDRTOT such as OASIS3_UDSb4_cdr.csv, or the legacy ADRC clinical data csv with "
+             f"`ADRC_ADRCCLINICALDATA ID`, Subject, cdr); {DATA_README} explains where to get it")
+    healthy = {s for s, v in visits.items() if v and all(c == 0 for c in v.values())}
+    pool, anomalous = [], []
+    for subj, day, run, path in scans:
+        sid = f"{subj}_MR_d{day:04d}"
+        v = visits.get(subj)
+        if not v:
+            ex("no CDR visit of the subject in the CDR table", sid)
+            continue
+        vday = min(v, key=lambda d: (abs(d - day), d))
+        if abs(vday - day) > window:
+            ex(f"closest CDR visit more than {window} days from the scan (--cdr-window-days)", sid)
+            continue
+        cdr = v[vday]
+        c = Case(id=sid, subject=subj, group="", label=0, image=path,
+                 meta={"cdr": cdr, "days": day, "cdr_visit_days": vday, "days_scan_to_visit": vday - day,
+                       "run": run or None, "subject_unchanged_cdr0": subj in healthy})
+        if subj in healthy:
+            pool.append(c)
+        elif cdr == 0:
+            ex("CDR 0 scan of a subject whose CDR changes (not unchanged CDR 0)", sid)
+        elif cdr in (0.5, 1, 2, 3):
+            anomalous.append(_with(c, group=f"cdr_{cdr:g}", label=1))
+        else:
+            ex("CDR value other than 0, 0.5, 1, 2, 3", sid)
+    train, val, normal = _healthy_split(pool, args, normal="cdr_0")
+    anomalous.sort(key=lambda c: (float(c.meta["cdr"]), c.id))
+    seed = getattr(args, "seed", 0) or 0
+    info = {"dataset": "oasis3", "root": str(root), "cdr_tables": tables, **table_info,
+            "cdr_window_days": window, "t1w_files": n_files, "sessions": len(sessions),
+            "subjects_with_cdr": len(visits), "subjects_unchanged_cdr0": len(healthy),
+            "groups": _counts(train + val + normal + anomalous), **ex.info(),
+            "split": f"by subject, seed {seed}: {_test_frac(args):.0%} of the unchanged-CDR-0 subjects -> "
+                     f"test group cdr_0, 10% of the rest -> val; every other subject is test only",
+            "slices": "MADGAN selects the axial slices through hippocampus, amygdala and lateral ventricles "
+                      "(~51 per scan); choose the range with the script's slice flags"}
+    return Splits(train, val, normal + anomalous, info)
+
+
+# ---- IXI, BraTS, CT-ICH, MSLUB, ISBI 2015 ---------------------------------------------------------
+
+@register_dataset("ixi", "IXI healthy MRI (T1/T2/PD; --modality): healthy training data, no test set")
+def load_ixi(root: Path, args=None, contrast=None) -> Splits:
+    """IXI: `IXI002-Guys-0828-T1.nii.gz` = IXI<id>-<site>-<number>-<modality>, any folders. Healthy
+    only: split by subject into train / val; no test set (use it as --train-data, e.g.
+    `--data brats --train-data ixi`). IXI has no FLAIR: a FLAIR script must say --modality t2."""
+    if not getattr(args, "modality", None) and str(contrast).lower() == "flair":
+        fail("--data ixi has no FLAIR images (T1, T2, PD); pass --modality t2 to use IXI T2 "
+             "(the test data set is then read as T2 too)")
+    key, tok = _modality("ixi", args, contrast, {"t1": "T1", "t2": "T2", "pd": "PD", "mra": "MRA"}, "t1")
+    ex, cases = _Excluded(), {}
+    for p, m in _walk(root, rf"(IXI\d+)-(Guys|HH|IOP)-(\d+)-{tok}\.nii(\.gz)?"):
+        subj = m.group(1).upper()
+        if subj in cases:
+            ex("another file of the same IXI subject and modality", p)
+            continue
+        cases[subj] = Case(id=_stem(p), subject=subj, group="train", label=0, image=str(p),
+                           meta={"site": m.group(2)})
+    if not cases:
+        _no_data("ixi", root, f"IXI {tok} images (IXI<id>-<Guys|HH|IOP>-<nnnn>-{tok}.nii.gz)")
+    cases = list(cases.values())
+    _check_headers("ixi", [c.image for c in cases])
+    train, val, _ = _healthy_split(cases, args, test=False)
+    info = {"dataset": "ixi", "root": str(root), "modality": tok, "groups": _counts(train + val),
+            "sites": {s: sum(c.meta["site"] == s for c in cases) for s in sorted({c.meta["site"] for c in cases})},
+            **ex.info(), "hint": "IXI is healthy only: use it as --train-data with a test data set, "
+                                 "e.g. --data brats --train-data ixi"}
+    return Splits(train, val, [], info)
+
+
+@register_dataset("brats", "BraTS 2020/2021/2023 gliomas (FLAIR default; --modality), mask = seg > 0")
+def load_brats(root: Path, args=None, contrast=None) -> Splits:
+    """BraTS: 2020 `BraTS20_Training_001/BraTS20_Training_001_flair.nii[.gz]`, 2021
+    `BraTS2021_00000/BraTS2021_00000_flair.nii.gz`, 2023 `BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz`
+    (t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2). Anomaly mask = seg > 0 (a case without seg, e.g.
+    validation data, is excluded). 2023 subject = BraTS-GLI-00000 (the last number is the timepoint).
+    Every scan has a tumour: see _anomalous_splits for the test normals and the healthy training."""
+    key, _ = _modality("brats", args, contrast, {"t1": 0, "t1ce": 0, "t2": 0, "flair": 0}, "flair")
+    tok = {"2023": {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, "2020": {}}
+    files = {}
+    for p, m in _walk(root, r"(BraTS\d*_(?:[A-Za-z]+_)?\d+)_(flair|t1|t1ce|t2|seg)\.nii(\.gz)?"):
+        files.setdefault((m.group(1), "2020"), {}).setdefault(m.group(2).lower(), p)
+    for p, m in _walk(root, r"(BraTS-[A-Z]+-\d+-\d+)-(t1c|t1n|t2f|t2w|seg)\.nii(\.gz)?"):
+        files.setdefault((m.group(1), "2023"), {}).setdefault(m.group(2).lower(), p)
+    if not files:
+        _no_data("brats", root, "BraTS cases (BraTS20_Training_001_flair.nii, BraTS2021_00000_flair.nii.gz "
+                                "or BraTS-GLI-00000-000-t2f.nii.gz)")
+    ex, cases = _Excluded(), []
+    for (cid, rel), f in sorted(files.items()):
+        t = tok[rel].get(key, key)
+        if t not in f:
+            ex(f"no {key} image", cid)
+            continue
+        seg = f.get("seg")
+        if seg is None:  # BraTS 2020 case 355 names its seg W39_1998.09.19_Segm.nii
+            seg = next((p for p in sorted(f[t].parent.iterdir()) if re.search(r"seg.*\.nii(\.gz)?$", p.name, re.I)), None)
+        if seg is None:
+            ex("no segmentation (validation/test data have none)", cid)
+            continue
+        release = "2023" if rel == "2023" else ("2021" if cid.startswith("BraTS2021") else "2020 or earlier")
+        subj = "-".join(cid.split("-")[:3]) if rel == "2023" else cid
+        cases.append(Case(id=cid, subject=subj, group="tumor", label=1, image=str(f[t]), mask=str(seg),
+                          meta={"release": release, "modality": t}))
+    _check_headers("brats", [p for c in cases for p in (c.image, c.mask)])
+    train, val, test, sinfo = _anomalous_splits("brats", cases, args, "tumor", "tumour")
+    info = {"dataset": "brats", "root": str(root), "modality": key,
+            "releases": {r: sum(c.meta["release"] == r for c in cases) for r in sorted({c.meta["release"] for c in cases})},
+            **sinfo, "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
+
+
+CTICH_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
+
+
+@register_dataset("ctich", "PhysioNet CT-ICH head CT: normal scans vs hemorrhage (per-type meta)")
+def load_ctich(root: Path, args=None, contrast=None) -> Splits:
+    """PhysioNet CT-ICH 1.3.1: `ct_scans/NNN.nii` (HU) + `masks/NNN.nii` (> 0 = hemorrhage) +
+    `hemorrhage_diagnosis_raw_ct.csv` (one row per slice). A scan is normal when every slice has
+    No_Hemorrhage = 1; its hemorrhage types are those flagged on any slice: meta["subtypes"] (list)
+    and meta["subtype"] (the type flagged on most slices). Normal scans are split by subject into
+    train / val / test `normal`; the rest are the test group `hemorrhage`. No brain masks: read_case
+    uses auto_brain_mask(kind="ct"), a simple HU skull strip (a documented deviation)."""
+    scans = {}
+    for p, m in _walk(root, r"(\d+)\.nii(\.gz)?"):
+        if p.parent.name.lower() == "ct_scans":
+            scans.setdefault(int(m.group(1)), p)
+    if not scans:
+        _no_data("ctich", root, "CT-ICH scans (ct_scans/049.nii ...)")
+    tables = [p for p, _ in _walk(root, r"hemorrhage_diagnosis_raw_ct\.csv")]
+    if not tables:
+        _no_data("ctich", root, "CT-ICH slice labels (hemorrhage_diagnosis_raw_ct.csv)")
+    need = ["PatientNumber", "SliceNumber", *CTICH_TYPES, "No_Hemorrhage", "Fracture_Yes_No"]
+    rows = {}
+    try:
+        with open(tables[0], newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip() for h in reader.fieldnames or []]
+            if set(need) - set(fields):
+                fail(f"--data ctich: {tables[0]} lacks the columns {sorted(set(need) - set(fields))}; "
+                     f"expected {', '.join(need)}")
+            for r in reader:
+                r = {k.strip(): v for k, v in r.items() if k}
+                rows.setdefault(int(float(r["PatientNumber"])), []).append(
+                    {k: int(float(r[k] or 0)) for k in need[2:]})
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+        fail(f"--data ctich: cannot read {tables[0]} ({type(e).__name__}: {e}); re-download it")
+    ex, normal, bleed = _Excluded(), [], []
+    for pid, p in sorted(scans.items()):
+        if pid not in rows:
+            ex(f"no rows in {tables[0].name}", p.name)
+            continue
+        mask = next((q for q in (p.parent.parent / "masks" / p.name,
+                                 p.parent.parent / "masks" / (p.name + ".gz"),
+                                 p.parent.parent / "masks" / p.name.replace(".nii.gz", ".nii"))
+                     if q.is_file()), None)
+        slices = rows[pid]
+        per_type = {t.lower(): sum(r[t] for r in slices) for t in CTICH_TYPES}
+        types = [t for t, n in per_type.items() if n > 0]
+        meta = {"subtypes": types, "slices_per_type": {t: per_type[t] for t in types},
+                "fracture": any(r["Fracture_Yes_No"] for r in slices), "n_slices_csv": len(slices)}
+        c = Case(id=f"{pid:03d}", subject=f"ctich{pid:03d}", group="", label=0, image=str(p),
+                 mask=str(mask) if mask else None, meta=meta)
+        if all(r["No_Hemorrhage"] == 1 for r in slices):
+            normal.append(c)
+        else:
+            sub = max(types, key=lambda t: per_type[t]) if types else "unspecified"
+            bleed.append(_with(c, group="hemorrhage", label=1, meta={"subtype": sub}))
+    _check_headers("ctich", [p for c in normal + bleed for p in (c.image, c.mask) if p])
+    train, val, test = _healthy_split(normal, args)
+    info = {"dataset": "ctich", "root": str(root), "labels_csv": str(tables[0]),
+            "groups": _counts(train + val + test + bleed),
+            "hemorrhage_scans_per_type": {t.lower(): sum(t.lower() in c.meta["subtypes"] for c in bleed)
+                                          for t in CTICH_TYPES},
+            "dominant_subtype": {s: sum(c.meta["subtype"] == s for c in bleed) for s in sorted({c.meta["subtype"] for c in bleed})},
+            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull strip", **ex.info()}
+    return Splits(train, val, test + bleed, info)
+
+
+@register_dataset("mslub", "MSLUB MS lesions (FLAIR default; consensus masks, brain masks)")
+def load_mslub(root: Path, args=None, contrast=None) -> Splits:
+    """MSLUB (Lesjak et al. 2018): `patientXX/patientXX_FLAIR.nii.gz` (or without the `patientXX_`
+    prefix), T1W / T1WKS / T2W, `_brainmask`, `_consensus_gt` (lesion mask). Where a patient appears
+    twice (raw and preprocessed copies), the copy whose path says "preprocessed" wins. Every scan has
+    lesions: see _anomalous_splits for the test normals and the healthy training."""
+    key, tok = _modality("mslub", args, contrast, {"flair": "flair", "t1": "t1w", "t1ce": "t1wks", "t2": "t2w"}, "flair")
+    found = {}
+    for d, _ in _walk(root, r"patient\d+", dirs=True):
+        f = {}
+        for p in sorted(d.iterdir()):
+            m = re.fullmatch(rf"(?:{d.name}_)?(flair|t1w|t1wks|t2w|brainmask|consensus_gt)\.nii(\.gz)?", p.name, re.I)
+            if m:
+                f[m.group(1).lower()] = p
+        if f:
+            found.setdefault(d.name.lower(), []).append((d, f))
+    if not found:
+        _no_data("mslub", root, "MSLUB patients (patientXX/patientXX_FLAIR.nii.gz or patientXX/FLAIR.nii.gz)")
+    ex, cases = _Excluded(), []
+    for pid, copies in sorted(found.items()):
+        copies.sort(key=lambda t: ("preprocessed" not in str(t[0]).lower(), str(t[0])))
+        for d, _ in copies[1:]:
+            ex("another copy of the patient (the preprocessed one, else the first, is used)", d)
+        d, f = copies[0]
+        if tok not in f or "consensus_gt" not in f:
+            ex(f"no {tok.upper()} image or no consensus_gt lesion mask", d)
+            continue
+        cases.append(Case(id=pid, subject=pid, group="ms_lesion", label=1, image=str(f[tok]),
+                          mask=str(f["consensus_gt"]), brainmask=str(f["brainmask"]) if "brainmask" in f else None,
+                          meta={"modality": tok}))
+    _check_headers("mslub", [p for c in cases for p in (c.image, c.mask, c.brainmask) if p])
+    train, val, test, sinfo = _anomalous_splits("mslub", cases, args, "ms_lesion", "lesion")
+    info = {"dataset": "mslub", "root": str(root), "modality": key, **sinfo,
+            "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
+
+
+@register_dataset("isbi2015", "ISBI 2015 longitudinal MS lesions (FLAIR default; rater-1 masks)")
+def load_isbi2015(root: Path, args=None, contrast=None) -> Splits:
+    """ISBI 2015: `training/training01/preprocessed/training01_01_flair_pp.nii` (mprage, pd, t2; the
+    `orig/` copies without `_pp` are used only where no preprocessed one exists) and
+    `training/training01/masks/training01_01_mask1.nii` (rater 1 = the mask; rater 2 in meta).
+    Scans without masks (the challenge's test data) are excluded. A subject's timepoints stay together.
+    Every scan has lesions: see _anomalous_splits for the test normals and the healthy training."""
+    key, tok = _modality("isbi2015", args, contrast, {"flair": "flair", "t1": "mprage", "t2": "t2", "pd": "pd"}, "flair")
+    imgs, masks = {}, {}
+    for p, m in _walk(root, r"((?:training|test)\d+)_(\d+)_(flair|mprage|pd|t2)(_pp)?\.nii(\.gz)?"):
+        if m.group(3).lower() == tok:
+            imgs.setdefault((m.group(1).lower(), m.group(2)), []).append((0 if m.group(4) else 1, str(p)))
+    for p, m in _walk(root, r"((?:training|test)\d+)_(\d+)_mask([12])\.nii(\.gz)?"):
+        masks.setdefault((m.group(1).lower(), m.group(2)), {}).setdefault(int(m.group(3)), str(p))
+    if not imgs:
+        _no_data("isbi2015", root, f"ISBI 2015 {tok} images (training/training01/preprocessed/training01_01_{tok}_pp.nii)")
+    ex, cases = _Excluded(), []
+    for (subj, tp), found in sorted(imgs.items()):
+        found.sort()
+        mk = masks.get((subj, tp), {})
+        if 1 not in mk:
+            ex("no rater-1 lesion mask (e.g. the challenge's test data)", f"{subj}_{tp}")
+            continue
+        cases.append(Case(id=f"{subj}_{tp}", subject=subj, group="ms_lesion", label=1, image=found[0][1],
+                          mask=mk[1], meta={"timepoint": int(tp), "mask_rater2": mk.get(2),
+                                            "preprocessed": found[0][0] == 0}))
+    _check_headers("isbi2015", [p for c in cases for p in (c.image, c.mask)])
+    train, val, test, sinfo = _anomalous_splits("isbi2015", cases, args, "ms_lesion", "lesion")
+    info = {"dataset": "isbi2015", "root": str(root), "modality": tok, **sinfo,
+            "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
 
 
 # =================================================================================================
@@ -437,16 +930,23 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
 
 
 def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,
-                ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="") -> ArraySet:
+                ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="",
+                drop_anomalous=True) -> ArraySet:
     """Axial slices of each case, normalised to [-1, 1] and resized to `size`, memory-mapped.
 
     Per case: `n_slices` consecutive slices (every `step`-th) centred at `center` = fraction of the
     brain's inferior->superior extent (0 = lowest brain slice, 1 = highest); n_slices=None takes every
     slice that contains brain. In-plane, all slices of a case share one crop (the brain's bounding box
-    over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned."""
+    over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned.
+    `drop_anomalous`: cases whose meta says {"healthy_slices_only": True} (real data sets where every
+    scan is anomalous, e.g. BraTS: their healthy training slices and the test's `normal` group) keep
+    only the chosen slices without anomaly-mask voxels (possibly none)."""
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, n_slices=n_slices, center=center, step=step,
                   ct_window=list(ct_window), crop=crop, strip=strip, margin=margin)
+    healthy_only = [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get("healthy_slices_only")]
+    if healthy_only:
+        params["healthy_slices_only"] = healthy_only
 
     def build(c):
         img, m, b, _ = read_case(c, kind)
@@ -463,6 +963,12 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             start = min(max(start, 0), max(len(b) - 1 - span, 0))
             z = np.clip(start + np.arange(n_slices) * step, 0, len(b) - 1)
         x, m, b = x[z], m[z], b[z]
+        if drop_anomalous and c.meta.get("healthy_slices_only"):
+            keep = ~m.reshape(len(m), -1).any(1)
+            x, m, b, z = x[keep], m[keep], b[keep], z[keep]
+            if not len(z):
+                e = np.zeros((0, *size), np.float32)
+                return e, e.astype(bool), e.astype(bool), z
         if crop:
             _, sy, sx = bbox(b, margin)
             x, m, b = x[:, sy, sx], m[:, sy, sx], b[:, sy, sx]
@@ -869,6 +1375,9 @@ def add_contract_args(p, method):
     g.add_argument("--modality", default=None, help="real datasets: which image to load (e.g. t1, t2, flair)")
     g.add_argument("--cdr-window-days", type=int, default=365,
                    help="oasis3: a scan takes the CDR of the closest visit within this many days (default 365)")
+    g.add_argument("--test-frac", type=float, default=None,
+                   help="real data sets: fraction of the healthy (or, for brats/mslub/isbi2015, of all) "
+                        "subjects held out for testing, split by subject with --seed (default 0.3)")
     g.add_argument("--preset", default="quick", choices=["smoke", "quick", "paper"],
                    help="smoke: seconds (tests); quick: minutes on a 2-core CPU (default); paper: the paper's settings")
     g.add_argument("--out", default=None, help=f"run directory (default runs/{method}__<data>__<seed>__<time>)")

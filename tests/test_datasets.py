@@ -1,0 +1,303 @@
+"""The real-data loaders of common.py (issue 3) on fixture trees laid out like the downloads.
+
+The trees come from tests/fixtures.py (real file names, folder layouts and CSV headers, tiny
+volumes); ../shared/DATASETS.md describes the real data sets. Run: python -m pytest tests/test_datasets.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import common as C
+from tests import fixtures as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ns(**kw):
+    """The arguments a loader reads, as a script's parse_args would give them."""
+    d = dict(data="synthetic", data_root=None, train_data=None, train_root=None, modality=None,
+             cdr_window_days=365, test_frac=None, seed=0, preset="smoke")
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def load(name, root, contrast="t1", **kw):
+    return C.DATASETS[name][0](Path(root), ns(data=name, data_root=str(root), **kw), contrast)
+
+
+def by_group(splits):
+    out = {}
+    for c in splits.train + splits.val + splits.test:
+        out.setdefault(c.group, []).append(c)
+    return out
+
+
+def ids(cases):
+    return sorted(c.id for c in cases)
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    """Every fixture tree, built once for the module (a second OASIS-3 per csv schema, MSLUB without prefix)."""
+    base = tmp_path_factory.mktemp("datasets")
+    t = {name: build(base / name) for name, build in F.BUILDERS.items()}
+    for schema in ("udsb4", "legacy"):
+        t[f"oasis3_{schema}"] = F.make_oasis3(base / f"oasis3_{schema}", csv_schema=schema)
+    for rel in ("2020", "2023"):
+        t[f"brats{rel}"] = F.make_brats(base / f"brats{rel}", release=rel)
+    t["mslub_noprefix"] = F.make_mslub(base / "mslub_noprefix", prefix=False)
+    return t
+
+
+# ---- OASIS-3 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree", ["oasis3", "oasis3_udsb4", "oasis3_legacy"])
+def test_oasis3_groups_from_either_cdr_schema(trees, tree):
+    s = load("oasis3", trees[tree])
+    g = by_group(s)
+    exp = F.OASIS3_EXPECTED
+    assert ids(g["train"] + g["val"] + g["cdr_0"]) == exp["healthy"]
+    for k in ("cdr_0.5", "cdr_1", "cdr_2"):
+        assert ids(g[k]) == exp[k], k
+    assert "cdr_3" not in g
+    assert {c.label for c in g["cdr_0"]} == {0} and {c.label for k in ("cdr_0.5", "cdr_1", "cdr_2") for c in g[k]} == {1}
+    schemas = {t["schema"].split()[0] for t in s.info["cdr_tables"]}
+    assert schemas == {"udsb4": {"OASIS3_UDSb4_cdr"}, "legacy": {"legacy"}}.get(tree.split("_")[-1],
+                                                                                {"OASIS3_UDSb4_cdr", "legacy"})
+    ex = s.info["excluded"]
+    assert sum(ex.values()) == 4 and len(ex) == 4
+    assert s.info["groups"]["cdr_0.5"] == {"subjects": 2, "scans": 2}
+    json.dumps(s.info)   # goes to results.json as data_info
+
+
+def test_oasis3_layouts_runs_and_ses_spellings(trees):
+    s = load("oasis3", trees["oasis3"])
+    cases = {c.id: c for c in s.train + s.val + s.test}
+    # a session with two runs counts once, with run-01
+    assert cases["OAS30001_MR_d0000"].image.endswith("sub-OAS30001_ses-d0000_run-01_T1w.nii.gz")
+    assert "run-02" in str(s.info["excluded_examples"])
+    assert "sess-d0100" in cases["OAS30002_MR_d0100"].image                       # sess- spelling
+    assert "/anat1/" in cases["OAS30003_MR_d0000"].image                          # download layout
+    assert "/resources/NIFTI/files/" in cases["OAS30004_MR_d0200"].image           # raw XNAT layout
+    assert cases["OAS30005_MR_d0700"].subject == cases["OAS30005_MR_d0000"].subject == "OAS30005"
+    assert s.info["t1w_files"] == 19 and s.info["sessions"] == 18
+
+
+def test_oasis3_closest_visit_and_window(trees):
+    s = load("oasis3", trees["oasis3"])
+    cases = {c.id: c for c in s.test}
+    # OAS30011 visits: d0000 CDR 0.5, d0400 CDR 1. Scan d0250 is 150 days from d0400, 250 from d0000.
+    assert cases["OAS30011_MR_d0250"].meta["cdr_visit_days"] == 400
+    assert cases["OAS30011_MR_d0250"].meta["cdr"] == 1.0 and cases["OAS30011_MR_d0250"].group == "cdr_1"
+    assert cases["OAS30011_MR_d0100"].meta["cdr_visit_days"] == 0 and cases["OAS30011_MR_d0100"].group == "cdr_0.5"
+    # OAS30012's scan at d1500 is 1500 days from its only visit: outside ±365, no label
+    assert "OAS30012_MR_d1500" not in cases
+    assert s.info["excluded_examples"]["closest CDR visit more than 365 days from the scan (--cdr-window-days)"] \
+        == ["OAS30012_MR_d1500"]
+    wide = load("oasis3", trees["oasis3"], cdr_window_days=2000)
+    assert "OAS30012_MR_d1500" in ids(by_group(wide)["cdr_2"])
+    # window 0: only scans on the very day of a visit keep a label
+    zero = load("oasis3", trees["oasis3"], cdr_window_days=0)
+    assert all(c.meta["days_scan_to_visit"] == 0 for c in zero.train + zero.val + zero.test)
+
+
+def test_oasis3_changing_cdr_subject_is_never_healthy(trees):
+    s = load("oasis3", trees["oasis3"])
+    healthy_subjects = {c.subject for c in s.train + s.val + s.test if c.label == 0}
+    assert "OAS30010" not in healthy_subjects
+    assert s.info["excluded_examples"]["CDR 0 scan of a subject whose CDR changes (not unchanged CDR 0)"] \
+        == ["OAS30010_MR_d0000"]
+
+
+def test_oasis3_split_is_by_subject_and_follows_the_seed(trees):
+    a, b = load("oasis3", trees["oasis3"], seed=0), load("oasis3", trees["oasis3"], seed=0)
+    assert ids(a.train) == ids(b.train) and ids(a.test) == ids(b.test)
+    splits = {load("oasis3", trees["oasis3"], seed=k).info["groups"]["cdr_0"]["scans"] for k in range(6)}
+    assert len(splits) > 1   # the held-out healthy subjects change with the seed
+    for s in (a, load("oasis3", trees["oasis3"], seed=3)):
+        train_subjects = {c.subject for c in s.train + s.val}
+        assert not train_subjects & {c.subject for c in s.test}
+        assert not {c.subject for c in s.train} & {c.subject for c in s.val}
+
+
+def test_oasis3_without_cdr_table_says_what_it_looked_for(trees, tmp_path):
+    import shutil
+    root = tmp_path / "oasis3"
+    shutil.copytree(trees["oasis3"], root, ignore=shutil.ignore_patterns("*.csv"))
+    with pytest.raises(C.UserError, match=r"no CDR table.*OASIS3_UDSb4_cdr\.csv.*data/README\.md"):
+        load("oasis3", root)
+
+
+def test_oasis3_through_load_dataset_and_group_filter(trees):
+    # a script may ask for the phantom's groups; a real data set without them keeps its own
+    s = C.load_dataset(ns(data="oasis3", data_root=str(trees["oasis3"])), "t1",
+                       groups=["atrophy_1", "atrophy_2", "atrophy_3"])
+    assert s.info["test_groups"] == {"cdr_0": 3, "cdr_0.5": 2, "cdr_1": 2, "cdr_2": 1}
+    assert s.info["n_train"] == 6 and s.info["n_val"] == 1
+
+
+# ---- BraTS, IXI ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree,first,token", [("brats", "BraTS2021_00000", "_flair.nii.gz"),
+                                              ("brats2020", "BraTS20_Training_001", "_flair.nii"),
+                                              ("brats2023", "BraTS-GLI-00000-000", "-t2f.nii.gz")])
+def test_brats_release_names_flair_default(trees, tree, first, token):
+    s = load("brats", trees[tree], contrast=None)
+    cases = {c.id: c for c in s.train + s.val + s.test if c.group != "normal"}
+    assert first in cases and cases[first].image.endswith(first + token)
+    assert all(c.mask and ("seg" in Path(c.mask).name.lower()) for c in cases.values())
+    assert s.info["excluded"] == {"no segmentation (validation/test data have none)": 1}
+    assert s.info["modality"] == "flair"
+    if tree == "brats2020":   # the real release's odd seg name of case 355
+        assert cases["BraTS20_Training_355"].mask.endswith("W39_1998.09.19_Segm.nii")
+    if tree == "brats2023":   # two timepoints of one patient: one subject, one side of the split
+        both = [c for c in cases.values() if c.id.startswith("BraTS-GLI-00005")]
+        assert len(both) == 2 and {c.subject for c in both} == {"BraTS-GLI-00005"}
+        assert len({c.group for c in both}) == 1
+
+
+@pytest.mark.parametrize("flag,token", [("t1", "-t1n."), ("t1ce", "-t1c."), ("t2", "-t2w."), ("flair", "-t2f.")])
+def test_brats_2023_modality_flag(trees, flag, token):
+    s = load("brats", trees["brats2023"], contrast="flair", modality=flag)
+    assert all(token in c.image for c in s.train + s.test)
+
+
+def test_brats_healthy_training_from_tumour_free_slices(trees, tmp_path):
+    s = load("brats", trees["brats"], contrast="flair")
+    g = by_group(s)
+    assert {c.meta.get("healthy_slices_only") for c in g["train"] + g["val"] + g["normal"]} == {True}
+    assert ids(g["normal"]) == [f"{i}/tumour-free" for i in ids(g["tumor"])]
+    assert "tumour-free slices" in s.info["healthy_training"]
+    assert not {c.subject for c in s.train + s.val} & {c.subject for c in s.test}
+    # slice_stack keeps only the slices without tumour voxels for those cases
+    kw = dict(size=(32, 32), n_slices=24, cache_dir=tmp_path / "cache")
+    kept = C.slice_stack(g["train"], **kw)
+    every = C.slice_stack(g["train"], drop_anomalous=False, **kw)
+    assert len(every) == 24 * len(g["train"]) and 0 < len(kept) < len(every)
+    assert kept.mask.sum() == 0 and every.mask.sum() > 0
+    tumour = C.slice_stack(g["tumor"], **kw)          # anomalous cases keep all their slices
+    assert len(tumour) == 24 * len(g["tumor"]) and tumour.mask.sum() > 0
+
+
+def test_brats_tested_against_ixi_training(trees):
+    args = ns(data="brats", data_root=str(trees["brats"]), train_data="ixi", train_root=str(trees["ixi"]),
+              modality="t2")
+    s = C.load_dataset(args, "flair")
+    assert {c.subject[:3] for c in s.train + s.val} == {"IXI"} and s.info["train_from"] == "ixi"
+    assert all(c.image.endswith("-T2.nii.gz") for c in s.train) and len(s.train + s.val) == 9
+    assert s.info["test_groups"] == {"normal": 6, "tumor": 6}   # every BraTS case is a test case
+    assert s.info["healthy_training"] == "--train-data ixi"
+    # a FLAIR script must choose a modality IXI has
+    with pytest.raises(C.UserError, match="--modality t2"):
+        C.load_dataset(ns(**{**vars(args), "modality": None}), "flair")
+
+
+def test_ixi_modalities_and_no_test_set(trees):
+    t1 = load("ixi", trees["ixi"], contrast="t1")
+    t2 = load("ixi", trees["ixi"], contrast="t1", modality="t2")
+    assert len(t1.train + t1.val) == 10 and len(t2.train + t2.val) == 9 and t1.test == []
+    assert all(c.image.endswith("-T1.nii.gz") and c.label == 0 for c in t1.train + t1.val)
+    assert t1.info["sites"] == {"Guys": 6, "HH": 4}
+    assert {c.subject for c in t1.train}.isdisjoint({c.subject for c in t1.val})
+    with pytest.raises(C.UserError, match="no FLAIR"):
+        load("ixi", trees["ixi"], contrast="flair")
+    with pytest.raises(C.UserError, match="--modality flair: --data ixi has"):
+        load("ixi", trees["ixi"], modality="flair")
+    with pytest.raises(C.UserError, match="use it as --train-data"):
+        C.load_dataset(ns(data="ixi", data_root=str(trees["ixi"])), "t1")
+
+
+# ---- CT-ICH -------------------------------------------------------------------------------------
+
+def test_ctich_normal_vs_hemorrhage_and_types(trees):
+    s = load("ctich", trees["ctich"], contrast="ct")
+    g = by_group(s)
+    assert ids(g["hemorrhage"]) == ["066", "067", "068", "069"]
+    assert ids(g["train"] + g["val"] + g["normal"]) == ["049", "050", "051", "052", "053", "054", "058"]
+    h = {c.id: c for c in g["hemorrhage"]}
+    assert h["066"].meta["subtypes"] == ["subarachnoid", "subdural"] and h["066"].meta["subtype"] == "subdural"
+    assert h["067"].meta["subtypes"] == ["intraventricular", "intraparenchymal"]
+    assert h["067"].meta["subtype"] == "intraparenchymal" and h["068"].meta["subtype"] == "epidural"
+    assert s.info["hemorrhage_scans_per_type"] == {"intraventricular": 1, "intraparenchymal": 2,
+                                                   "subarachnoid": 1, "epidural": 1, "subdural": 1}
+    assert s.info["excluded"] == {"no rows in hemorrhage_diagnosis_raw_ct.csv": 1}     # scan 070
+    assert all(c.mask and c.mask.endswith(f"masks/{c.id}.nii") for c in s.train + s.test)
+    assert all(c.brainmask is None for c in s.train + s.test)
+    # no brain masks in CT-ICH: read_case's HU skull strip keeps brain, drops skull and air
+    img, mask, brain, spacing = C.read_case(h["066"], kind="ct")
+    assert spacing == pytest.approx((0.45, 0.45, 5.0))
+    assert brain.sum() > 0.1 * brain.size and img[brain > 0].max() < 150 and mask[brain == 0].sum() == 0
+
+
+def test_ctich_csv_without_columns_is_named(trees, tmp_path):
+    import shutil
+    root = shutil.copytree(trees["ctich"], tmp_path / "ctich")
+    (root / "hemorrhage_diagnosis_raw_ct.csv").write_text("PatientNumber,SliceNumber,Subdural\n49,1,0\n")
+    with pytest.raises(C.UserError, match=r"hemorrhage_diagnosis_raw_ct\.csv lacks the columns"):
+        load("ctich", root)
+
+
+# ---- MSLUB, ISBI 2015 ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree,prefix", [("mslub", "patient01_"), ("mslub_noprefix", "")])
+def test_mslub_both_namings(trees, tree, prefix):
+    s = load("mslub", trees[tree], contrast="flair")
+    c = {c.id: c for c in s.train + s.val + s.test if c.group != "normal"}
+    assert sorted(c) == [f"patient{i:02d}" for i in range(1, 6)]
+    p1 = c["patient01"]
+    assert p1.image.endswith(f"patient01/{prefix}FLAIR.nii.gz")
+    assert p1.mask.endswith(f"{prefix}consensus_gt.nii.gz") and p1.brainmask.endswith(f"{prefix}brainmask.nii.gz")
+    assert {g.group for g in s.test} == {"ms_lesion", "normal"}
+    t2 = load("mslub", trees[tree], contrast="flair", modality="t2")
+    assert all(x.image.endswith("T2W.nii.gz") for x in t2.test)
+
+
+def test_isbi2015_preprocessed_rater1_and_timepoints(trees):
+    s = load("isbi2015", trees["isbi2015"], contrast="flair")
+    c = {c.id: c for c in s.train + s.val + s.test if c.group != "normal"}
+    assert sorted(c) == ["training01_01", "training01_02", "training02_01", "training02_02", "training02_03",
+                         "training03_01", "training03_02", "training04_01", "training04_02"]
+    t = c["training01_01"]
+    assert t.image.endswith("preprocessed/training01_01_flair_pp.nii")     # not the orig/ copy
+    assert t.mask.endswith("masks/training01_01_mask1.nii") and t.meta["mask_rater2"].endswith("_mask2.nii")
+    assert s.info["excluded"] == {"no rater-1 lesion mask (e.g. the challenge's test data)": 1}
+    for subject in {x.subject for x in c.values()}:   # all timepoints of a subject on one side
+        sides = {"train" if x.group in ("train", "val") else "test" for x in c.values() if x.subject == subject}
+        assert len(sides) == 1
+    img, mask, brain, _ = C.read_case(t)
+    assert img.shape == mask.shape == F.SHAPE and mask.sum() > 0
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["oasis3", "ixi", "brats", "ctich", "mslub", "isbi2015"])
+def test_missing_or_wrong_root(tmp_path, name):
+    with pytest.raises(C.UserError, match=rf"data root .*nowhere.* --data {name}.*data/README\.md"):
+        C.load_dataset(ns(data=name, data_root=str(tmp_path / "nowhere")), "t1")
+    (tmp_path / "empty" / "docs").mkdir(parents=True)
+    with pytest.raises(C.UserError, match=rf"--data {name}: found no .* under .*empty; data/README\.md"):
+        C.load_dataset(ns(data=name, data_root=str(tmp_path / "empty")), "t1")
+
+
+def test_unreadable_file_is_named(trees, tmp_path):
+    import shutil
+    root = shutil.copytree(trees["brats"], tmp_path / "brats")
+    bad = root / "BraTS2021_00003" / "BraTS2021_00003_flair.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    with pytest.raises(C.UserError, match=r"cannot read 1 NIfTI file.*BraTS2021_00003_flair\.nii\.gz"):
+        load("brats", root, contrast="flair")
+
+
+def test_error_is_one_line_on_stderr(tmp_path):
+    code = ("import common as C, types\n"
+            "a = types.SimpleNamespace(data='oasis3', data_root=%r, train_data=None, train_root=None)\n"
+            "C.main_guard(lambda argv: C.load_dataset(a))" % str(tmp_path / "missing"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data/README.md" in lines[0]
