@@ -405,10 +405,11 @@ class _Excluded:
 def _anomalous_splits(name, cases, args, group, what):
     """Splits for a data set whose every scan is anomalous (BraTS, MSLUB, ISBI 2015).
 
-    Test: every test-split scan as `group` (label 1), and the same scans once more as `normal`
-    (label 0) with meta {"healthy_slices_only": True}: their slices without anomaly-mask voxels
-    (slice-level evaluation; slice_stack drops the others). Healthy training: --train-data if given
-    (then every scan is a test scan), else the anomaly-free slices of the training-split subjects."""
+    Test (slice level): every test-split scan twice, as `group` (label 1) with meta
+    {"anomalous_slices_only": True} and as `normal` (label 0) with meta {"healthy_slices_only": True};
+    slice_stack keeps the slices with, resp. without, anomaly-mask voxels, so each slice is scored
+    once, under the right label. Healthy training: --train-data if given (then every scan is a test
+    scan), else the anomaly-free slices of the training-split subjects."""
     info = {}
     if getattr(args, "train_data", None):
         train, val, test = [], [], list(cases)
@@ -422,11 +423,11 @@ def _anomalous_splits(name, cases, args, group, what):
         val = [_with(c, group="val", label=0, meta=flag) for c in val]
         info["healthy_training"] = (f"{what}-free slices of the training-split {name} subjects "
                                     f"(slice_stack drop_anomalous); pass --train-data ixi to train on IXI")
-    test = ([_with(c, group=group, label=1) for c in test]
+    test = ([_with(c, group=group, label=1, meta={"anomalous_slices_only": True}) for c in test]
             + [_with(c, id=f"{c.id}/{what}-free", group="normal", label=0, meta={"healthy_slices_only": True})
                for c in test])
-    info["test_normal"] = (f"the {what}-free slices of the test scans (slice level; volume-level scores "
-                           f"of the `normal` group are not meaningful)")
+    info["test_slices"] = (f"slice level: group {group} = the test scans' slices with {what} voxels, group "
+                           f"normal = their slices without (slice_stack drop_anomalous); not for 3D methods")
     return train, val, test, info
 
 
@@ -938,15 +939,17 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
     brain's inferior->superior extent (0 = lowest brain slice, 1 = highest); n_slices=None takes every
     slice that contains brain. In-plane, all slices of a case share one crop (the brain's bounding box
     over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned.
-    `drop_anomalous`: cases whose meta says {"healthy_slices_only": True} (real data sets where every
-    scan is anomalous, e.g. BraTS: their healthy training slices and the test's `normal` group) keep
-    only the chosen slices without anomaly-mask voxels (possibly none)."""
+    `drop_anomalous`: for real data sets whose every scan is anomalous (BraTS, MSLUB, ISBI 2015),
+    cases whose meta says {"healthy_slices_only": True} (healthy training slices, the test's `normal`
+    group) keep only the chosen slices without anomaly-mask voxels, and cases marked
+    {"anomalous_slices_only": True} only those with some; a case left with no slice is dropped
+    from S.cases (S.case indexes the remaining ones)."""
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, n_slices=n_slices, center=center, step=step,
                   ct_window=list(ct_window), crop=crop, strip=strip, margin=margin)
-    healthy_only = [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get("healthy_slices_only")]
-    if healthy_only:
-        params["healthy_slices_only"] = healthy_only
+    only = {k: [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get(k)]
+            for k in ("healthy_slices_only", "anomalous_slices_only")}
+    params.update({k: v for k, v in only.items() if v})
 
     def build(c):
         img, m, b, _ = read_case(c, kind)
@@ -963,18 +966,26 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             start = min(max(start, 0), max(len(b) - 1 - span, 0))
             z = np.clip(start + np.arange(n_slices) * step, 0, len(b) - 1)
         x, m, b = x[z], m[z], b[z]
-        if drop_anomalous and c.meta.get("healthy_slices_only"):
-            keep = ~m.reshape(len(m), -1).any(1)
+        if crop:
+            _, sy, sx = bbox(b, margin)
+            x, m, b = x[:, sy, sx], m[:, sy, sx], b[:, sy, sx]
+        if drop_anomalous and (c.meta.get("healthy_slices_only") or c.meta.get("anomalous_slices_only")):
+            # after the crop, so that both parts of a scan share the crop of the whole slab
+            keep = m.reshape(len(m), -1).any(1) == bool(c.meta.get("anomalous_slices_only"))
             x, m, b, z = x[keep], m[keep], b[keep], z[keep]
             if not len(z):
                 e = np.zeros((0, *size), np.float32)
                 return e, e.astype(bool), e.astype(bool), z
-        if crop:
-            _, sy, sx = bbox(b, margin)
-            x, m, b = x[:, sy, sx], m[:, sy, sx], b[:, sy, sx]
         x, m, b = pad_to_square(x, -1.0), pad_to_square(m, 0), pad_to_square(b, 0)
         return (resize(x, size, 1), resize(m, size, 1) > 0.5, resize(b, size, 1) > 0.5, z)
-    return _cached_build("slices", cases, params, cache_dir, build, desc)
+    S = _cached_build("slices", cases, params, cache_dir, build, desc)
+    n = np.bincount(S.case, minlength=len(cases))
+    if (n == 0).any():   # cases left without slices by drop_anomalous
+        keep = np.nonzero(n)[0]
+        new = np.full(len(cases), -1, np.int32)
+        new[keep] = np.arange(len(keep), dtype=np.int32)
+        S.case, S.cases = new[S.case], [cases[i] for i in keep]
+    return S
 
 
 def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smooth_sigma=0.0,

@@ -171,6 +171,7 @@ def test_brats_healthy_training_from_tumour_free_slices(trees, tmp_path):
     s = load("brats", trees["brats"], contrast="flair")
     g = by_group(s)
     assert {c.meta.get("healthy_slices_only") for c in g["train"] + g["val"] + g["normal"]} == {True}
+    assert {c.meta.get("anomalous_slices_only") for c in g["tumor"]} == {True}
     assert ids(g["normal"]) == [f"{i}/tumour-free" for i in ids(g["tumor"])]
     assert "tumour-free slices" in s.info["healthy_training"]
     assert not {c.subject for c in s.train + s.val} & {c.subject for c in s.test}
@@ -180,8 +181,30 @@ def test_brats_healthy_training_from_tumour_free_slices(trees, tmp_path):
     every = C.slice_stack(g["train"], drop_anomalous=False, **kw)
     assert len(every) == 24 * len(g["train"]) and 0 < len(kept) < len(every)
     assert kept.mask.sum() == 0 and every.mask.sum() > 0
-    tumour = C.slice_stack(g["tumor"], **kw)          # anomalous cases keep all their slices
-    assert len(tumour) == 24 * len(g["tumor"]) and tumour.mask.sum() > 0
+    # test: each slice of a test scan once, tumour slices under `tumor`, the others under `normal`
+    test = C.slice_stack(g["tumor"] + g["normal"], **kw)
+    whole = C.slice_stack(g["tumor"], drop_anomalous=False, **kw)
+    assert len(test) == len(whole) == 24 * len(g["tumor"])
+    label = np.array([test.cases[i].label for i in test.case])
+    assert (test.mask.reshape(len(test), -1).any(1) == (label == 1)).all()
+    for i, c in enumerate(g["tumor"]):   # both parts of a scan share one crop: same pixels as the whole
+        rows = [r for r in range(len(test)) if test.cases[test.case[r]].subject == c.subject]
+        ref = {int(whole.z[r]): r for r in whole.slices_of(i)}
+        assert sorted(int(test.z[r]) for r in rows) == sorted(ref)
+        assert all(np.allclose(test.x[r], whole.x[ref[int(test.z[r])]], atol=1e-5) for r in rows)
+
+
+def test_slice_stack_drops_cases_left_without_slices(tmp_path):
+    img, brain, _ = F.head(seed=1, contrast="flair")
+    F.save(tmp_path / "a.nii.gz", img)
+    F.save(tmp_path / "a_mask.nii.gz", brain, dtype=np.uint8)   # every brain voxel anomalous
+    a = dict(subject="a", image=str(tmp_path / "a.nii.gz"), mask=str(tmp_path / "a_mask.nii.gz"))
+    cases = [C.Case(id="a", group="tumor", label=1, meta={"anomalous_slices_only": True}, **a),
+             C.Case(id="a/free", group="normal", label=0, meta={"healthy_slices_only": True}, **a),
+             C.Case(id="a/all", group="tumor", label=1, **a)]
+    S = C.slice_stack(cases, size=(16, 16), n_slices=6, cache_dir=tmp_path / "cache")
+    assert [c.id for c in S.cases] == ["a", "a/all"] and len(S) == 12
+    assert [len(S.slices_of(i)) for i in range(2)] == [6, 6] and S.mask.reshape(12, -1).any(1).all()
 
 
 def test_brats_tested_against_ixi_training(trees):
