@@ -228,8 +228,9 @@ def _tumour(rng, shape, seg_labels):
     """-> (tissue labels, seg): a skull-stripped brain with one tumour; seg = edema / enhancing /
     necrotic core as nested shells of the blob, with the release's label values."""
     from scipy.ndimage import binary_erosion
-    centre = (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.65))
-    lab, _, mask = head_labels(rng, shape, skull=False, lesions=[(centre, 5.5)])
+    # off the axial centre, so that a central slab of slices has tumour and tumour-free slices
+    centre = (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.choice([0.3, 0.7]) + rng.uniform(-0.02, 0.02))
+    lab, _, mask = head_labels(rng, shape, skull=False, lesions=[(centre, 4.5)])
     seg = mask.astype(np.uint8) * seg_labels[1]
     inner = binary_erosion(mask, iterations=2)
     seg[inner] = seg_labels[2]
@@ -328,8 +329,9 @@ def make_ctich(root, shape=(48, 56, 32)):
 def _ms(i, shape):
     """-> (rng, tissue labels, brain mask, lesion mask): a skull-stripped brain with 4 small lesions."""
     rng = np.random.default_rng(5000 + i)
-    les = [((rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.65)), rng.uniform(2.0, 3.0))
-           for _ in range(4)]
+    # one lesion near the axial centre, three further out: a central slab has lesion and lesion-free slices
+    zs = [rng.uniform(0.48, 0.52), rng.uniform(0.0, 0.05), rng.uniform(0.95, 1.0), rng.uniform(0.95, 1.0)]
+    les = [((rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), z), rng.uniform(2.0, 2.6)) for z in zs]
     return (rng, *head_labels(rng, shape, skull=False, lesions=les))
 
 
