@@ -83,17 +83,17 @@ METHOD = "madgan"
 
 PRESETS = {
     # seconds, for the tests: tiny phantom, tiny nets, a few steps
-    "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.45, k_in=3, k_out=3, base_ch=8, sa=0,
+    "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.5, k_in=3, k_out=3, base_ch=8, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=4, steps=4, n_critic=1, flip_every=3, score_windows=0, eval_every=2,
                   eval_batch=64, ckpt_every=0, log_every=1),
     # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
-    "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.45, k_in=3, k_out=3, base_ch=32, sa=0,
+    "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.5, k_in=3, k_out=3, base_ch=32, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=200,
                   eval_batch=64, ckpt_every=0, log_every=20),
     # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
-    "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.45, k_in=3, k_out=3, base_ch=64, sa=0,
+    "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.5, k_in=3, k_out=3, base_ch=64, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=16, steps=1_800_000, n_critic=1, flip_every=3, score_windows=0,
                   eval_every=150_000, eval_batch=64, ckpt_every=10_000, log_every=1000),
@@ -113,7 +113,7 @@ def build_parser():
            "(paper ~51 = 57,834 slices / 1,133 scans; quick 24 on the 2 mm phantom)")
     a("--slice-center", type=float, default=None,
       help="centre of that slab as a fraction of the brain's inferior->superior extent (our "
-           "approximation of the paper's anatomical selection; 0.45)")
+           "approximation of the paper's anatomical selection; 0.5)")
     a("--k-in", type=int, default=None, help="input slices per window, §Methods (paper 3)")
     a("--k-out", type=int, default=None, help="reconstructed next slices per window, §Methods (paper 3)")
     # networks
@@ -393,12 +393,11 @@ def scan_scores(window_loss, window_case, n_cases, score_windows=0):
 # =================================================================================================
 
 class WindowReader:
-    """Reads windows of slices from a slice cache. For a memory-mapped cache each window (its rows are
-    consecutive in the file) is one plain file read, so the pages read go to the OS page cache and are
-    not counted in this process's resident memory: peak RSS stays at one batch, whatever the data size."""
+    """Reads windows of slices from a slice cache. For a memory-mapped cache every run of consecutive
+    rows is one plain file read, so the pages read go to the OS page cache and are not counted in this
+    process's resident memory: peak RSS stays at one batch, whatever the size of the data set."""
 
     def __init__(self, S):
-        self.S = S
         self.x = S.x
         self.file = None
         if isinstance(S.x, np.memmap) and S.x.filename:
@@ -406,20 +405,22 @@ class WindowReader:
             self.row_bytes = int(np.prod(S.x.shape[1:])) * S.x.dtype.itemsize
             self.offset = int(S.x.offset)
 
-    def __call__(self, rows):                                  # (B, k) rows -> (B, k, H, W) float32
-        H, W = self.x.shape[1:]
+    def read_rows(self, rows):                                 # sorted unique rows (n,) -> (n, H, W)
         if self.file is None:
             return np.asarray(self.x[rows], dtype=np.float32)
-        out = np.empty((*rows.shape, H, W), np.float32)
-        for b, r in enumerate(rows):
-            if r[-1] - r[0] == len(r) - 1 and np.all(np.diff(r) == 1):   # contiguous: one read
-                self.file.seek(self.offset + int(r[0]) * self.row_bytes)
-                out[b] = np.frombuffer(self.file.read(len(r) * self.row_bytes), np.float32).reshape(len(r), H, W)
-            else:
-                for j, rj in enumerate(r):
-                    self.file.seek(self.offset + int(rj) * self.row_bytes)
-                    out[b, j] = np.frombuffer(self.file.read(self.row_bytes), np.float32).reshape(H, W)
+        out = np.empty((len(rows), *self.x.shape[1:]), np.float32)
+        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1         # split into runs of consecutive rows
+        for run in np.split(np.arange(len(rows)), breaks):
+            if not len(run):
+                continue
+            self.file.seek(self.offset + int(rows[run[0]]) * self.row_bytes)
+            buf = self.file.read(len(run) * self.row_bytes)
+            out[run] = np.frombuffer(buf, np.float32).reshape(len(run), *self.x.shape[1:])
         return out
+
+    def __call__(self, rows):                                  # (B, k) rows -> (B, k, H, W) float32
+        u, inv = np.unique(rows, return_inverse=True)          # read each slice once
+        return self.read_rows(u)[inv.reshape(rows.shape)]
 
     def close(self):
         if self.file is not None:
@@ -460,7 +461,7 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
             state["perm"], state["pos"] = rng.permutation(n_win), 0
         idx = state["perm"][state["pos"]: state["pos"] + args.batch_size]
         state["pos"] += args.batch_size
-        return split_window(reader(win_rows[np.sort(idx)]), args.k_in, device)
+        return split_window(reader(win_rows[idx]), args.k_in, device)
 
     def save():
         C.save_checkpoint(ckpt_path, {
@@ -602,30 +603,45 @@ def plot_auc_steps(auc_steps, path, title):
 
 def plot_fig3(examples, path, vmax=0.2):
     """Fig. 3: per row one scan: input 3 slices | ground-truth next 3 | reconstructed next 3 |
-    pixelwise l2 (jet, [0, vmax]) over the ground truth, with each slice's l2 value."""
+    pixelwise l2 (jet, [0, vmax], alpha-blended) over the ground truth, with each slice's l2 value.
+    Drawn as one mosaic image (fast even for many rows)."""
     plt = C._plt()
-    n = len(examples)
-    fig, axes = plt.subplots(n, 12, figsize=(12 * 1.25, n * 1.4 + 0.6), squeeze=False)
-    heads = ["input s1", "s2", "s3", "real s4", "s5", "s6", "recon. s4", "s5", "s6", "l2 s4", "s5", "s6"]
-    for i, ex in enumerate(examples):
+    jet = plt.get_cmap("jet")
+    rows = []
+    for ex in examples:
         win, rec = ex["window"], ex["recon"]                   # (6, H, W), (3, H, W)
         k_in = win.shape[0] - rec.shape[0]
+        gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1)   # (H, W, 3)
         l2map = ((win[k_in:] - rec) / 2) ** 2                  # (3, H, W), [0, 1] units as Eq. (2)
-        panels = [win[j] for j in range(k_in)] + [win[k_in + j] for j in range(rec.shape[0])] + list(rec)
-        for j, img in enumerate(panels):
-            axes[i, j].imshow(img, cmap="gray", vmin=-1, vmax=1)
-        for j in range(rec.shape[0]):
-            ax = axes[i, 9 + j]
-            ax.imshow(win[k_in + j], cmap="gray", vmin=-1, vmax=1)
-            ax.imshow(l2map[j], cmap="jet", vmin=0, vmax=vmax, alpha=np.clip(l2map[j] / vmax, 0, 1) * 0.85)
-            ax.text(0.02, 0.02, f"{l2map[j].mean():.4f}", color="white", fontsize=6, transform=ax.transAxes)
-        for j in range(12):
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(heads[j], fontsize=7)
-        axes[i, 0].set_ylabel(f"{ex['group']}\nscan l2 {ex['score']:.4f}", fontsize=7)
-    fig.suptitle(f"MADGAN reconstructions (Fig. 3 style): l2 map in jet [0, {vmax}]", fontsize=9)
+        alpha = np.clip(l2map / vmax, 0, 1)[..., None] * 0.85  # (3, H, W, 1)
+        over = [(1 - alpha[j]) * gray(win[k_in + j]) + alpha[j] * jet(np.clip(l2map[j] / vmax, 0, 1))[..., :3]
+                for j in range(len(rec))]
+        tiles = [gray(a) for a in win] + [gray(a) for a in rec] + over   # input, real next, recon, l2
+        rows.append((tiles, [float(m.mean()) for m in l2map]))
+    H, W = examples[0]["window"].shape[1:]
+    n_t, k, gap = len(rows[0][0]), len(examples[0]["recon"]), max(H // 16, 1)
+
+    def x0(j):                                                 # left edge of tile j; a wider gap every 3 tiles
+        return j * (W + gap) + gap * (j // 3)
+    mosaic = np.ones((len(rows) * (H + gap), x0(n_t), 3))
+    for i, (tiles, _) in enumerate(rows):
+        for j, t in enumerate(tiles):
+            mosaic[i * (H + gap): i * (H + gap) + H, x0(j): x0(j) + W] = t
+    fig, ax = plt.subplots(figsize=(min(1.1 * n_t, 16), 1.15 * len(rows) + 0.7))
+    ax.imshow(mosaic, interpolation="nearest")
+    k_in = n_t - 3 * k
+    heads = [f"input s{j + 1}" for j in range(k_in)] + [f"real s{j + 1 + k_in}" for j in range(k)] \
+        + [f"recon. s{j + 1 + k_in}" for j in range(k)] + [f"l2 s{j + 1 + k_in}" for j in range(k)]
+    for j, h in enumerate(heads):
+        ax.text(x0(j) + W / 2, -gap, h, ha="center", va="bottom", fontsize=7)
+    for i, (ex, (_, l2s)) in enumerate(zip(examples, rows)):
+        y0 = i * (H + gap)
+        ax.text(-gap, y0 + H / 2, f"{ex['group']}\nscan l2 {ex['score']:.4f}", ha="right", va="center", fontsize=7)
+        for j, v in enumerate(l2s):
+            ax.text(x0(n_t - k + j) + 1, y0 + H - 1, f"{v:.4f}", color="white", fontsize=6, va="bottom")
+    ax.axis("off")
+    ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet [0, {vmax}] "
+                 f"(Fig. 3)", fontsize=8, pad=14)
     C._save(fig, path)
 
 
@@ -700,8 +716,9 @@ def evaluate_and_plot(args, run, G, scorer, test, val_scorer, hist, auc_steps, t
             gt = np.asarray(test.mask[zrow]) if test.mask[zrow].any() else None
             rows_ex.append(dict(title=f"{g} ({cases[i].id.split('/')[-1]})", input=win[args.k_in + mid],
                                 reconstruction=rec[mid], amap=((win[args.k_in + mid] - rec[mid]) / 2) ** 2, gt=gt))
-        C.plot_examples(rows_ex, run.out / "examples.png",
-                        cols=("real next slice", "reconstruction", "pixelwise l2", "ground truth"))
+        cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
+        has_gt = any(r["gt"] is not None for r in rows_ex)     # atrophy has no voxel mask
+        C.plot_examples(rows_ex, run.out / "examples.png", cols=cols if has_gt else cols[:3])
     C.plot_curves({k_: v for k_, v in hist.items() if k_ in ("loss_D", "loss_G_adv", "wdist")},
                   run.out / "losses.png", title=f"MADGAN ({args.sa}-SA) training: critic and adversarial terms",
                   ylabel="loss", logy=True)

@@ -217,7 +217,7 @@ def test_window_reader_memmap_matches_array(tmp_path):
     r = M.WindowReader(S2)
     assert r.file is not None
     np.testing.assert_array_equal(r(rows), S.x[rows])
-    odd = np.array([[0, 2, 4], [7, 1, 3]])                      # non-contiguous rows: the per-row path
+    odd = np.array([[0, 2, 4], [7, 1, 3]])                      # unsorted, repeated-free, gaps
     np.testing.assert_array_equal(r(odd), S.x[odd])
     r.close()
 
@@ -234,46 +234,69 @@ def test_group_aucs_normal_is_any_label_0_group():
     assert M.stage_order(["cdr_2", "cdr_0.5", "cdr_0", "cdr_1"]) == ["cdr_0", "cdr_0.5", "cdr_1", "cdr_2"]
 
 
-def test_bad_flags_one_line_error():
-    p = subprocess.run([sys.executable, "madgan.py", "--preset", "smoke", "--image-size", "30", "30"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error: --image-size 30 30")
-    assert "Traceback" not in p.stderr
+def test_bad_flags_are_user_errors():
+    with pytest.raises(C.UserError, match="--image-size 30 30"):
+        M.parse_args(["--preset", "smoke", "--image-size", "30", "30"])
+    with pytest.raises(C.UserError, match="--n-slices 4 is shorter than one window"):
+        M.parse_args(["--preset", "smoke", "--n-slices", "4"])
+    with pytest.raises(C.UserError, match="--dropout"):
+        M.parse_args(["--preset", "smoke", "--dropout", "1.5"])
 
 
-# ---- subprocess smoke runs -------------------------------------------------------------------------
+# ---- smoke runs: one subprocess (the command line a user types), the rest in-process --------------
 
-def _run(args, tmp_path, name):
-    out = tmp_path / name
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "madgan.py", "--preset", "smoke", "--out", str(out),
-                        "--cache-dir", str(REPO / "data" / "cache"), *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+def _argv(out, *extra):
+    return ["--preset", "smoke", "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("sa", [0, 3, 7])
-def test_smoke_run_writes_contract_files(tmp_path, sa):
-    out = _run(["--sa", str(sa)], tmp_path, f"sa{sa}")
+def _check_run(out, r, sa):
     for f in ["config.json", "results.json", "scores.csv", "last.pt", "roc.png", "scores.png",
               "examples.png", "losses.png", "auc_steps.png", "fig3_slices.png"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    r = json.loads((out / "results.json").read_text())
     assert r["method"] == "madgan" and r["unit"] == "scan" and r["sa"] == sa
     assert 0 <= r["metrics"]["auroc"] <= 1
-    assert {"atrophy_1", "atrophy_2", "atrophy_3"} <= set(r["groups"])
+    assert {"atrophy_1", "atrophy_2", "atrophy_3", "normal"} <= set(r["groups"])
     assert "all windows" in r["table1"] and len(r["auc_over_steps"]) >= 1
     sys.path.insert(0, str(REPO.parent / "shared"))
     import check_contract
     res = check_contract.check(str(out))
-    problems = res if isinstance(res, list) else res[0]
-    assert problems == []
-    if sa == 0:                                                 # resume and score-only from that run
-        ck = C.load_checkpoint(out / "last.pt")
-        assert ck["step"] == 4 and set(ck["models"]) == {"G", "D"}
-        out2 = _run(["--resume", str(out / "last.pt"), "--steps", "6"], tmp_path, "resumed")
-        assert C.load_checkpoint(out2 / "last.pt")["step"] == 6
-        out3 = _run(["--checkpoint", str(out / "last.pt")], tmp_path, "scored")
-        r3 = json.loads((out3 / "results.json").read_text())
-        assert r3["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
+    assert (res if isinstance(res, list) else res[0]) == []
+
+
+def test_smoke_subprocess_sa0_then_resume_and_score_only(tmp_path):
+    out = tmp_path / "sa0"
+    p = subprocess.run([sys.executable, "madgan.py", *_argv(out, "--sa", "0")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    _check_run(out, r, 0)
+    ck = C.load_checkpoint(out / "last.pt")
+    assert ck["step"] == 4 and set(ck["models"]) == {"G", "D"} and set(ck["optims"]) == {"G", "D"}
+    # --resume continues at step 5 with the saved optimisers and data order
+    M.main(_argv(tmp_path / "resumed", "--resume", str(out / "last.pt"), "--steps", "6"))
+    ck2 = C.load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert ck2["step"] == 6 and [e["step"] for e in ck2["train_state"]["auc_steps"]] == [2, 4, 6]
+    # --checkpoint skips training and gives the same scores
+    r3 = M.main(_argv(tmp_path / "scored", "--checkpoint", str(out / "last.pt")))
+    assert r3["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
+    assert r3["timing"]["train_s"] == 0
+
+
+@pytest.mark.parametrize("sa", [3, 7])
+def test_smoke_run_self_attention(tmp_path, sa):
+    r = M.main(_argv(tmp_path / f"sa{sa}", "--sa", str(sa)))
+    _check_run(tmp_path / f"sa{sa}", r, sa)
+    assert len(r["sa_modules"]) == sa
+
+
+def test_smoke_run_oasis3_fixture(tmp_path):
+    from tests.fixtures import make_oasis3
+    root = make_oasis3(tmp_path / "oasis3")
+    out = tmp_path / "oasis_run"
+    r = M.main(_argv(out, "--data", "oasis3", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache")))
+    assert r["unit"] == "scan" and r["data"] == "oasis3"
+    assert {"cdr_0", "cdr_0.5", "cdr_1", "cdr_2"} <= set(r["groups"])        # normal = cdr_0 (label 0)
+    assert "auroc" not in r["groups"]["cdr_0"] and "auroc" in r["groups"]["cdr_2"]
+    assert {"all", "all_stages", "cdr_0.5", "cdr_1", "cdr_2"} <= set(r["table1"]["all windows"])
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("id,group,label,score")
