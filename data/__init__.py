@@ -1,0 +1,1 @@
+"""Data: the built-in brain phantom (phantom.py) and where the real data sets live (README.md)."""
