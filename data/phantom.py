@@ -97,9 +97,9 @@ LESION_INTENSITY = {"lesion_hyper": {"t1": 960, "t2": 820, "flair": 920},
 
 # Atrophy stages (CDR 0.5 / 1 / 2 like): ventricle radius factor, sulcal half-width added (mm),
 # cortical thickness factor, hippocampal radius factor, brain-hull shrink (fraction; the skull stays)
-ATROPHY = {1: dict(vent=1.22, sulc=0.55, cortex=0.90, hippo=0.86, hull=0.015),
-           2: dict(vent=1.48, sulc=1.05, cortex=0.80, hippo=0.73, hull=0.030),
-           3: dict(vent=1.80, sulc=1.60, cortex=0.70, hippo=0.60, hull=0.050)}
+ATROPHY = {1: dict(vent=1.18, sulc=0.4, cortex=0.92, hippo=0.87, hull=0.01),
+           2: dict(vent=1.42, sulc=0.85, cortex=0.83, hippo=0.75, hull=0.025),
+           3: dict(vent=1.75, sulc=1.4, cortex=0.72, hippo=0.62, hull=0.045)}
 
 # Everything that changes the generated data; written to manifest.json (a change regenerates).
 PARAMS = dict(shape=SHAPE, voxel_mm=VOXEL_MM, labels=LABEL_NAMES, intensity=INTENSITY,
@@ -409,7 +409,7 @@ def head(P):
     lab[bl][soft > 0] = SOFT
     w = [WORLD[q] - F32(sp.t[q]) for q in range(3)]
     Zf = (F32(sp.M[2, 0]) * w[0])[:, None, None] + (F32(sp.M[2, 1]) * w[1])[None, :, None] + (F32(sp.M[2, 2]) * w[2])[None, None, :]
-    thick = F32(tsk) * (F32(0.5) + F32(0.5) * _sigmoid((Zf + F32(14)) / F32(4)))    # thinner skull base
+    thick = F32(tsk) * (F32(0.35) + F32(0.65) * _sigmoid((Zf + F32(14)) / F32(4)))   # thinner skull base
     lab[(cav > -thick) & (cav <= 0)] = BONE
     lab[(cav > -thick + 1.8) & (cav < -1.8)] = MARROW
     # eyes, nasal cavity and maxillary sinuses (air), spinal column below the foramen magnum
@@ -417,6 +417,7 @@ def head(P):
     X, Y, Z = sp.coords(bf)
     lb = lab[bf]
     for sx in (-1, 1):
+        lb[(_quad(X, Y, Z, (sx * 28, 52, -38), (16, 22, 13)) < 0) & (lb != BONE)] = SCALP   # orbital fat
         lb[(X - sx * 30) ** 2 + (Y - 58) ** 2 + (Z + 38) ** 2 < 12 ** 2] = EYE
         lb[_quad(X, Y, Z, (sx * 18, 46, -62), (12, 14, 12)) < 0] = BG
     lb[(np.abs(X) < 6) & (Y > 36) & (Z < -44) & (Z > -78) & (lb == SOFT)] = BG
@@ -622,6 +623,10 @@ def add_lesions(lab, brain, aux, rng):
         m = (along / long_ax) ** 2 + perp2 / short ** 2 < 1
         out[sl] |= m
     out &= wm
+    if not out.any():                                  # never an empty mask (practically unreachable)
+        c = _sample_voxels(wm, rng, 1)[0]
+        out[tuple(slice(q, q + 2) for q in c)] = True
+        out &= wm
     lab[out] = LESION
     vol = float(out.sum() * VOXEL_MM ** 3 / 1000)
     return out, dict(n_lesions=int(len(centers)), lesion_volume_ml=round(vol, 3))
@@ -711,7 +716,8 @@ def add_hemorrhage(lab, brain, aux, rng, subtype):
         R = rng.uniform(6, 16)
         deep = rng.random() < 0.5                      # basal ganglia / thalamus or lobar
         tissue = np.isin(lab, (STRIATUM, THALAMUS, PALLIDUM)) if deep else (lab == WM) & (cav > R + 8)
-        c = sp.to_head(_sample_voxels(tissue & (cav > R + 4), rng, 1)[0])
+        cand = tissue & (cav > R + 4)
+        c = sp.to_head(_sample_voxels(cand if cand.any() else lab == WM, rng, 1)[0])
         _radial_push(lab, brain, aux, c, R, a=0.5, L=R)
         reach = R * 1.5 + 6
         sl = sp.box(c - reach, c + reach)
