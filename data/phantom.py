@@ -478,6 +478,9 @@ def paint_brain(P, lab, brain, aux, stage=0):
     # sulci: sheets along the zero set of the noise on the sphere, reaching from the convexity and
     # the medial surface down to ~sulc_depth, bent sideways with depth so they are not straight spokes
     s_src = np.minimum(s_src, 1.6 * d_fis + 4)          # medial sulci are shallower
+    d_sulc = np.full(h.shape, 1e3, F32)
+    q = np.flatnonzero((s_src < 1.7 * P["sulc_depth"] + 8) | (h_floor < P["sulc_depth"] + 8))  # deep WM: none
+    X, Y, Z, s_src, s_fl = X[q], Y[q], Z[q], s_src[q], h_floor[q]
     rho = np.sqrt(X * X + Y * Y + Z * Z) + F32(1e-3)
     th = np.arctan2(np.sqrt(X * X + Z * Z), Y)
     ph = np.arctan2(Z, X)
@@ -492,13 +495,12 @@ def paint_brain(P, lab, brain, aux, stage=0):
     dh = Hm[k1] * rho
     depth = P["sulc_depth"] * np.maximum(1 + F32(0.2) * Dm[k0], F32(0.75))
     w = (P["sulc"] + w_extra) + F32(0.7) * np.maximum(0, 1 - s_src / F32(5))      # open at the surface
-    d_sulc = np.sqrt(dh * dh + np.maximum(0, s_src - depth) ** 2) - w
+    ds = np.sqrt(dh * dh + np.maximum(0, s_src - depth) ** 2) - w
     # the inferior surface (floor): vertical sulcal sheets from the same pattern laid flat
-    s_fl = h_floor
     kf = (np.clip(((Y + F32(100)) * F32(0.8)).astype(np.int32), 0, nt - 1) * npp
           + np.clip(((X + F32(100)) * F32(0.8)).astype(np.int32), 0, npp - 1))
     d_fl = np.sqrt((Hm[kf] * F32(60)) ** 2 + np.maximum(0, s_fl - depth * F32(0.5)) ** 2) - w
-    d_sulc = np.minimum(d_sulc, np.where(s_fl < s_src, d_fl, F32(1e3)))
+    d_sulc[q] = np.minimum(ds, np.where(s_fl < s_src, d_fl, F32(1e3)))
     dist = np.minimum(np.minimum(np.minimum(h, d_fis), d_syl), d_sulc)               # to the nearest CSF
     T = P["cortex"] * A["cortex"]
     lc = lab[bc]

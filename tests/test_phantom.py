@@ -205,13 +205,13 @@ def test_two_requests_at_once_build_one_complete_set(tmp_path, monkeypatch):
     monkeypatch.setitem(ph.SIZES, "micro", MICRO)
     out = []
     threads = [threading.Thread(target=lambda: out.append(
-        ph.ensure_phantom(tmp_path, "t2", "micro", seed=0, workers=1, verbose=False))) for _ in range(2)]
+        ph.ensure_phantom(tmp_path, "ct", "micro", seed=0, workers=1, verbose=False))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(out) == 2 and out[0] == out[1]
-    assert ph._is_ready(out[0], ph.manifest_for("t2", "micro", 0))
+    assert ph._is_ready(out[0], ph.manifest_for("ct", "micro", 0))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
