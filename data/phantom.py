@@ -279,11 +279,12 @@ def _noise_bank():
     KX, KY, KZ = np.meshgrid(k, k, np.fft.rfftfreq(n), indexing="ij")
     kk = np.sqrt(KX ** 2 + KY ** 2 + KZ ** 2)
     F = np.fft.rfftn(rng.standard_normal((n, n, n))) * np.exp(-0.5 * ((kk - 1 / 6.0) / 0.035) ** 2)
-    g = np.fft.irfftn(F, s=(n, n, n))
+    g = np.fft.irfftn(F, s=(n, n, n), axes=(0, 1, 2))
     sd = g.std()
-    grad = [np.fft.irfftn(F * (2j * np.pi * K), s=(n, n, n)) for K in (KX, KY, KZ)]
+    grad = [np.fft.irfftn(F * (2j * np.pi * K), s=(n, n, n), axes=(0, 1, 2)) for K in (KX, KY, KZ)]
     _BANK["g4"] = (np.stack([g] + grad, -1) / sd).astype(F32)                       # (n, n, n, 4)
-    low = [np.fft.irfftn(np.fft.rfftn(rng.standard_normal((n, n, n))) * np.exp(-0.5 * (kk / 0.03) ** 2), s=(n, n, n))
+    smooth = np.exp(-0.5 * (kk / 0.03) ** 2)
+    low = [np.fft.irfftn(np.fft.rfftn(rng.standard_normal((n, n, n))) * smooth, s=(n, n, n), axes=(0, 1, 2))
            for _ in range(3)]
     _BANK["low3"] = np.stack([q / q.std() for q in low], -1).astype(F32)            # (n, n, n, 3)
     return _BANK
