@@ -90,16 +90,16 @@ PRESETS = {
                   z_clip=1, ganr=1, test_slices=2, test_stride=16, test_cases=3, val_patches=32,
                   train_eval_patches=32, time_single=2, threshold_pct=95.0, agg="max"),
     # a real run on a 2-core CPU in ~5 minutes (deviation 8)
-    "quick": dict(slice_size=64, patch_size=32, min_brain=0.5, train_slices=16, slice_step=2,
-                  train_patches=6000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=40, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=0, test_slices=3, test_stride=32, test_cases=6,
-                  val_patches=96, train_eval_patches=96, time_single=6, threshold_pct=95.0, agg="max"),
+    "quick": dict(slice_size=64, patch_size=16, min_brain=0.95, train_slices=16, slice_step=2,
+                  train_patches=20_000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
+                  beta1=0.5, g_steps=1, steps=30, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
+                  feature_layer=3, z_clip=1, ganr=0, test_slices=6, test_stride=16, test_cases=4,
+                  val_patches=96, train_eval_patches=96, time_single=4, threshold_pct=95.0, agg="max"),
     # the paper's settings (§3 "Implementation details"); a GPU job
-    "paper": dict(slice_size=128, patch_size=64, min_brain=0.5, train_slices=32, slice_step=1,
+    "paper": dict(slice_size=128, patch_size=64, min_brain=0.9, train_slices=32, slice_step=1,
                   train_patches=100_000, z_dim=100, ch=64, kernel=5, epochs=20, batch_size=64, lr=2e-4,
                   beta1=0.5, g_steps=1, steps=500, map_lr=0.01, map_beta1=0.9, map_batch=1024, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=1, test_slices=8, test_stride=32, test_cases=0,
+                  feature_layer=3, z_clip=1, ganr=1, test_slices=8, test_stride=16, test_cases=0,
                   val_patches=1024, train_eval_patches=1024, time_single=16, threshold_pct=95.0, agg="max"),
 }
 
@@ -121,7 +121,8 @@ def build_parser():
     g.add_argument("--train-patches", type=int, default=None,
                    help="number of random training patches, §3 (paper 1,000,000; paper preset 100,000)")
     g.add_argument("--test-slices", type=int, default=None,
-                   help="axial slices per test scan scored with grid patches (deviation 2)")
+                   help="axial slices per test scan scored with grid patches: the central ones of the training "
+                        "slab (deviation 2)")
     g.add_argument("--test-stride", type=int, default=None, help="stride of the test patch grid (deviation 2)")
     g.add_argument("--test-cases", type=int, default=None,
                    help="score only the first N scans of every test group (0 = all; quick preset 6)")
@@ -402,16 +403,17 @@ def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves
             # D step, Eq. (1): real patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
             z = torch.rand(B, args.z_dim, device=device) * 2 - 1            # z ~ U(-1, 1)
             with C.autocast(device, args.amp):
+                fake = G(z)                                                 # (B, 1, c, c)
                 logit_real, _ = D(x)
-                logit_fake, _ = D(G(z).detach())
+                logit_fake, _ = D(fake.detach())
                 loss_D = d_loss(logit_real.float(), logit_fake.float())
             opt_D.zero_grad(set_to_none=True)
             loss_D.backward()
             opt_D.step()
-            # G step(s), Eq. (2)
-            for _ in range(args.g_steps):
+            # G step(s), Eq. (2); the first reuses G(z) (G is unchanged so far), as in DCGAN code
+            for k in range(args.g_steps):
                 with C.autocast(device, args.amp):
-                    logit_gen, _ = D(G(z))
+                    logit_gen, _ = D(fake if k == 0 else G(z))
                     loss_G = g_loss(logit_gen.float())
                 opt_G.zero_grad(set_to_none=True)
                 loss_G.backward()
@@ -421,8 +423,8 @@ def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves
             vG = C.check_finite(loss_G, step, run.out / "last.pt")
             curves["loss_D (Eq. 1)"].append((step, vD))
             curves["loss_G (Eq. 2)"].append((step, vG))
-            curves["D(x)"].append((step, float(torch.sigmoid(logit_real).mean())))
-            curves["D(G(z))"].append((step, float(torch.sigmoid(logit_fake).mean())))
+            curves["D(x)"].append((step, float(torch.sigmoid(logit_real.detach()).mean())))
+            curves["D(G(z))"].append((step, float(torch.sigmoid(logit_fake.detach()).mean())))
         run.log(f"epoch {epoch + 1}/{args.epochs}: loss_D {np.mean([v for _, v in curves['loss_D (Eq. 1)'][-50:]]):.3f}"
                 f"  loss_G {np.mean([v for _, v in curves['loss_G (Eq. 2)'][-50:]]):.3f}")
         C.save_checkpoint(run.out / "last.pt", {
@@ -521,21 +523,19 @@ def plot_fig3(blocks, thr_R, thr_D, path):
                 ax.imshow(np.ma.masked_less(e["res"], 0.1 * rmax), cmap="jet", alpha=0.6, vmin=0, vmax=rmax)
             if i == 3 and e["mask"].any():
                 ax.contour(e["mask"], levels=[0.5], colors="lime", linewidths=0.9)
-        c = e["x"].shape[0]
-        if e["R"] >= thr_R:
-            axes[0, j].add_patch(plt.Rectangle((0, -0.16 * c), c, 0.07 * c, color="red", clip_on=False))
-        if e["D"] >= thr_D:
-            axes[0, j].add_patch(plt.Rectangle((0, -0.08 * c), c, 0.07 * c, color="gold", clip_on=False))
-        axes[0, j].set_ylim(c - 0.5, -0.18 * c)
+        for k, (flag, col) in enumerate(((e["R"] >= thr_R, "red"), (e["D"] >= thr_D, "gold"))):
+            axes[0, j].add_patch(plt.Rectangle((0, 1.03 + 0.09 * (1 - k)), 1, 0.07, transform=axes[0, j].transAxes,
+                                               clip_on=False, facecolor=col if flag else "none",
+                                               edgecolor=col, lw=0.6))
         axes[3, j].set_xlabel(f"A={e['A']:.0f}", fontsize=7)
     for i, name in enumerate(("query x", "generated G(z_Γ)", "residual |x−G(z_Γ)|", "annotation")):
         axes[i, 0].set_ylabel(name, fontsize=8)
     j = 0
     for b, es in blocks:
-        axes[0, j].set_title(b, fontsize=8, loc="left", pad=14)
+        axes[0, j].set_title(b, fontsize=8, loc="left", pad=16)
         j += len(es)
-    fig.suptitle("Fig. 3 equivalent: red bar = anomalous by R(x), yellow bar = by D(x) "
-                 "(thresholds: healthy validation patches)", fontsize=9)
+    fig.suptitle("Fig. 3 equivalent. Bars above a patch: red = flagged by the residual score R(x), yellow = by "
+                 "the discrimination score D(x) (filled = above the healthy-validation threshold)", fontsize=9)
     C._save(fig, path)
 
 
@@ -543,7 +543,7 @@ def plot_fig4(y, sc, dist, path, title):
     """Fig. 4: (a) ROC of A (AnoGAN), Â (GAN_R), P_D; (b) ROC of R, D, D̂; (c, d) distributions of R
     and D over training-normal, test-normal and anomalous patches."""
     plt = C._plt()
-    fig, ax = plt.subplots(1, 4, figsize=(17, 4.0))
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4.2), gridspec_kw=dict(wspace=0.32))
     panels = ((0, "(a) model comparison", (("AnoGAN A(x)", "A", "k"), ("GAN_R Â(x)", "A_hat", "tab:red"),
                                           ("P_D", "P_D", "tab:green"))),
               (1, "(b) anomaly score components", (("R(x)", "R", "tab:green"), ("D(x)", "D", "k"),
@@ -650,9 +650,8 @@ def main(argv=None):
         for gname in dict.fromkeys(cs.group for cs in data.test):
             keep += [cs for cs in data.test if cs.group == gname][: args.test_cases]
         test_cases = keep
-    # test/val slices: `--test-slices` spread evenly over the slab the training slices came from
-    span = (args.train_slices - 1) * args.slice_step
-    kw = dict(size=size, norm="mri", n_slices=args.test_slices, step=max(1, span // max(args.test_slices - 1, 1)),
+    # test/val slices: the central `--test-slices` of the training slab (same centre and step)
+    kw = dict(size=size, norm="mri", n_slices=min(args.test_slices, args.train_slices), step=args.slice_step,
               cache_dir=args.cache_dir)
     S_te = C.slice_stack(test_cases, desc="test", **kw)
     S_va = C.slice_stack(data.val, desc="val", **kw)
@@ -785,6 +784,9 @@ def main(argv=None):
                                "anomalous if it holds >= 1 anomalous pixel", **ev_slice},
         "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group", **ev_scan},
         "batched_vs_single_max_abs_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single]))) if n_single else None,
+        "batched_vs_single_max_rel_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single])
+                                                         / np.maximum(np.abs(sc["A"][:n_single]), 1e-12)))
+        if n_single else None,
         "mapping_loss_first_last": {"label0": [float(hist[y == 0, 0].mean()), float(hist[y == 0, -1].mean())]
                                     if (y == 0).any() else None,
                                     "label1": [float(hist[y == 1, 0].mean()), float(hist[y == 1, -1].mean())]
