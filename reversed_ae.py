@@ -98,7 +98,7 @@ PRESETS = {
     # a real run on 2 CPU cores in ~5 minutes (see deviation 7)
     "quick": dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
                   patience=500, beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3,
-                  perceptual="encoder", saliency_sigma=1.0, clahe_clip=0.01, train_slices=5, test_slices=3,
+                  perceptual="encoder", saliency_sigma=1.0, clahe_clip=0.01, train_slices=5, test_slices=5,
                   fpr=0.05, detect_frac=0.1, max_steps=0),
     # the paper's settings (App. A, App. B, §4.2)
     "paper": dict(image_size=128, channels="64,128,256,512,512", z_dim=128, batch_size=8, lr=5e-5, epochs=1500,
@@ -415,7 +415,7 @@ def combine_eq5(t, *, eq=True, pl=True):
 
 def anomaly_map(x, x_ph, perceptual=None, *, eq=True, clip_limit=0.01, sigma=2.0):
     """Eq. (5) for a batch: x, x_ph (B, 1, H, W) in [0, 1] -> s (B, H, W) numpy."""
-    t = eq5_terms(x, x_ph, perceptual if perceptual is not None else None, clip_limit=clip_limit, sigma=sigma)
+    t = eq5_terms(x, x_ph, perceptual, clip_limit=clip_limit, sigma=sigma)
     return combine_eq5(t, eq=eq, pl=perceptual is not None)
 
 
@@ -498,19 +498,11 @@ def train_step(model, x, opt_e, opt_d, hp, device, amp=False):
 
 
 @torch.no_grad()
-def batched(fn, x, device, bs=64):
-    """Apply fn to (N, H, W) [-1, 1] slices in batches of bs -> list of outputs per batch."""
-    out = []
-    for i in range(0, len(x), bs):
-        xb = to01(torch.from_numpy(np.asarray(x[i:i + bs], dtype=np.float32))[:, None].to(device))
-        out.append(fn(xb))
-    return out
-
-
 def val_mse(model, x_val, device):
+    """Mean squared error of the pseudo-healthy reconstructions of healthy validation slices (model selection)."""
     model.eval()
     err = [(model.pseudo_healthy(xb) - xb).pow(2).mean(dim=(1, 2, 3)).cpu() for xb in
-           (to01(torch.from_numpy(np.asarray(x_val[i:i + 64], dtype=np.float32))[:, None].to(device))
+           (to01(torch.from_numpy(np.array(x_val[i:i + 64], dtype=np.float32))[:, None].to(device))
             for i in range(0, len(x_val), 64))]
     model.train()
     return float(torch.cat(err).mean())
@@ -526,7 +518,11 @@ def train(model, S_train, S_val, args, run):
     start_epoch, step, best, best_state, since_best = 0, 0, math.inf, None, 0
     if args.resume:
         ck = C.load_checkpoint(args.resume, device)
-        model.load_state_dict(ck["models"]["ra"])
+        try:
+            model.load_state_dict(ck["models"]["ra"])
+        except (RuntimeError, KeyError) as e:
+            C.fail(f"--resume {args.resume} does not fit this network ({type(e).__name__}); pass the "
+                   f"--preset / --image-size / --channels / --z-dim it was trained with")
         opt_e.load_state_dict(ck["optims"]["E"])
         opt_d.load_state_dict(ck["optims"]["D"])
         start_epoch, step, hist = ck["epoch"] + 1, ck["step"], ck["history"]
@@ -539,22 +535,28 @@ def train(model, S_train, S_val, args, run):
     ckpt = run.out / "last.pt"
     model.train()
     t0 = time.perf_counter()
+    every = max(1, n_batches // 10)                                    # ~10 curve points per epoch
     for epoch in range(start_epoch, args.epochs):
         perm = torch.randperm(N, generator=gen).numpy()
+        sums = {}
         for b in C.progress(range(n_batches), total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}"):
             idx = np.sort(perm[b * args.batch_size:(b + 1) * args.batch_size])
-            xb = torch.from_numpy(np.asarray(S_train.x[idx], dtype=np.float32))[:, None]     # (B, 1, H, W) in [-1, 1]
+            xb = torch.from_numpy(np.array(S_train.x[idx], dtype=np.float32))[:, None]     # (B, 1, H, W) in [-1, 1]
             if not args.no_augment:                                   # App. B, training only
                 xb = C.augment_2d(xb, rot_deg=10, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=gen)
             xb = to01(xb).clamp(0, 1).to(device)
             out = train_step(model, xb, opt_e, opt_d, args, device, amp=args.amp)
             C.check_finite(out["loss_E"] + out["loss_D"], step=step, ckpt=ckpt)
             step += 1
-            if step % 5 == 0 or step == 1:
-                for k, v in out.items():
-                    hist[k].append((step, float(v)))
+            out = {k: float(v) for k, v in out.items()}
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+                if step % every == 0 or step == 1:
+                    hist[k].append((step, v))
             if args.max_steps and step >= args.max_steps:
                 break
+        nb = max(b + 1, 1)
+        mean = {k: v / nb for k, v in sums.items()}
         v = val_mse(model, S_val.x, device)
         hist["val_mse"].append((step, v))
         if v < best:
@@ -562,8 +564,8 @@ def train(model, S_train, S_val, args, run):
             best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
         else:
             since_best += 1
-        run.log(f"epoch {epoch + 1}: loss_E {hist['loss_E'][-1][1]:.4f}  loss_D {hist['loss_D'][-1][1]:.4f}  "
-                f"L_rev {hist['L_reversed'][-1][1]:.4f}  train mse {hist['mse'][-1][1]:.4f}  val mse {v:.4f}"
+        run.log(f"epoch {epoch + 1}: -L_E {mean['loss_E']:.4f}  -L_D {mean['loss_D']:.4f}  L_rev {mean['L_reversed']:.4f}  "
+                f"KL real {mean['kl_real']:.1f} fake {mean['kl_fake']:.1f}  train mse {mean['mse']:.4f}  val mse {v:.4f}"
                 f"{'  (best)' if since_best == 0 else ''}")
         C.save_checkpoint(ckpt, {"models": {"ra": model.state_dict()}, "optims": {"E": opt_e.state_dict(),
                                  "D": opt_d.state_dict()}, "epoch": epoch, "step": step, "args": vars(args),
@@ -676,7 +678,7 @@ def score_images(model, perceptual, x01, args, device, bs=32):
     model.eval()
     phs, terms = [], []
     for i in range(0, len(x01), bs):
-        xb = torch.from_numpy(np.asarray(x01[i:i + bs], dtype=np.float32))[:, None].to(device)   # (B, 1, H, W)
+        xb = torch.from_numpy(np.array(x01[i:i + bs], dtype=np.float32))[:, None].to(device)   # (B, 1, H, W)
         with C.autocast(device, args.amp):
             ph = model.pseudo_healthy(xb).float().clamp(0, 1)
         phs.append(ph[:, 0].cpu().numpy())
@@ -777,6 +779,7 @@ def plot_fig3(x01, figs, main_variant, path, n=3):
             if r == 0:
                 ax.set_title(title, fontsize=9)
         axes[r, 0].text(-0.06, 0.5, kind, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center")
+    fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight(), wspace=0.04, hspace=0.12)
     fig.suptitle("Fig. 3 style: synthetic anomalies and pseudo-healthy reconstructions (contour = anomaly)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -810,7 +813,9 @@ def plot_fig7(items, path):
                         va="center", fontsize=8)
         axes[r, 0].text(-0.06, 0.5, it["title"], transform=axes[r, 0].transAxes, rotation=90, ha="right",
                         va="center", fontsize=8)
-    fig.suptitle("Fig. 7 style: localisation (red: lesion, green: its box)", fontsize=9)
+    fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight(), wspace=0.04, hspace=0.12)
+    fig.suptitle("Fig. 7 style: localisation at the 5% healthy-pixel FPR threshold (red: lesion, green: its box)",
+                 fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -889,10 +894,12 @@ def main(argv=None):
     _, t_val = score_images(model, perceptual, x_val, args, device)
     ph_test, t_test = score_images(model, perceptual, x_test, args, device)
 
-    # test units: every slice of a case without a mask; for cases with a mask only slices containing it
+    # test units: every slice of a normal case or of an anomalous case without a mask; for anomalous cases
+    # with a mask only the slices that contain the anomaly (deviation 3)
     groups = [S_test.cases[c].group for c in S_test.case]
     has_mask = np.asarray(S_test.mask).reshape(len(S_test.x), -1).any(axis=1)
-    keep = [i for i in range(len(S_test.x)) if S_test.cases[S_test.case[i]].mask is None or has_mask[i]]
+    keep = [i for i in range(len(S_test.x)) if S_test.cases[S_test.case[i]].label == 0
+            or S_test.cases[S_test.case[i]].mask is None or has_mask[i]]
     dropped = sorted({S_test.cases[S_test.case[i]].id for i in range(len(S_test.x))}
                      - {S_test.cases[S_test.case[i]].id for i in keep})
     if dropped:
@@ -922,8 +929,9 @@ def main(argv=None):
             r.update(detected=loc[i]["tp"], fp=loc[i]["fp"], f1=round(loc[i]["f1"], 4))
         rows.append(r)
 
-    table1, figs = synthetic_experiment(model, perceptual, x_test[[i for i in keep if S_test.cases[S_test.case[i]].label == 0]],
-                                        np.asarray(S_test.brain)[[i for i in keep if S_test.cases[S_test.case[i]].label == 0]],
+    # §4.1 / Table 1: synthetic anomalies painted on the held-out normal test slices
+    normal_rows = [i for i in keep if S_test.cases[S_test.case[i]].label == 0]
+    table1, figs = synthetic_experiment(model, perceptual, x_test[normal_rows], np.asarray(S_test.brain)[normal_rows],
                                         args, device)
     score_s = time.perf_counter() - t_score
 
@@ -936,8 +944,8 @@ def main(argv=None):
             ex_rows.append({"title": f"{grp} ({scores[i]:.3g})", "input": x_test[i] * 2 - 1,
                             "reconstruction": ph_test[i] * 2 - 1, "amap": s_test[i],
                             "gt": np.asarray(S_test.mask[i]) if has_mask[i] else None})
+    ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
     C.plot_examples(ex_rows, run.out / "examples.png")
-    normal_rows = [i for i in keep if S_test.cases[S_test.case[i]].label == 0]
     plot_fig3(x_test[normal_rows], figs, main_variant, run.out / "synthetic.png")
     fig7, per_group = [], {}
     for i in sorted(loc):
