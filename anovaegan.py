@@ -55,15 +55,21 @@ Deviations from the paper (and choices the paper leaves open):
     over thresholds chosen with the test labels, an upper bound only). Pixel metrics are computed on
     at most --max-pixels randomly sampled brain pixels (uniform, seeded) to bound memory.
  7. `quick` preset (2-core CPU, a few minutes): slices resized to 64×64 instead of 256×256, filters
-    halved (16-32-64-64), 3 epochs instead of 150. Bottlenecks are scaled with the image so the
-    compression stays the paper's: spatial z = 4×4×64 (each latent cell still covers 16×16 pixels,
-    4× compression as 16×16×64 of 256×256), dense z = 32 (128× compression as 512 of 256×256); the
-    paper's sAE 8×8×64 row becomes 2×2×64. `smoke`: 32×32, tiny phantom, 1 epoch, seconds.
+    halved (16-32-64), 5 epochs instead of 150. Sizes are scaled by what they mean physically:
+    - bottleneck: the paper's compression is kept (16×16×64 units for 256² pixels = 1/4; dense 512 =
+      1/128) with 3 stride-2 stages instead of 4, a compromise between the paper's depth (4 stages
+      would leave a 4×4 grid, each cell a quarter of the brain) and its 16×16 grid (2 stages: a local
+      network that copies anomalies): quick z = 8×8×16 (1/4), dense z = 32 (1/128); the paper's
+      8×8×64 row (1/16) becomes 8×8×4.
+    - post-processing: the paper's 5×5×5 median spans ≈5 mm at ≈0.94 mm pixels; a 64×64 phantom
+      pixel is ≈3 mm and a slice 2 mm, so quick uses a 3×3×3 median; the paper's 6-voxel minimum
+      (≈5 mm³) is smaller than one quick voxel (≈19 mm³), so quick removes nothing (--min-size 1).
+    `smoke`: 32×32, the tiny phantom, 1 epoch, seconds.
 
 Commands:
   python anovaegan.py                                   # quick: AnoVAEGAN on the FLAIR phantom, CPU minutes
   python anovaegan.py --model sAE                       # any Table 1 row: dAE sAE dVAE sVAE sAE-GAN AnoVAEGAN
-  python anovaegan.py --model sAE --z-shape 2x2x64      # quick-scale version of the paper's sAE 8×8×64 row
+  python anovaegan.py --model sAE --z-shape 8x8x4       # quick-scale version of the paper's sAE 8×8×64 row (1/16)
   python anovaegan.py --preset paper --model AnoVAEGAN  # paper: 256×256, z 16×16×64, 150 epochs (GPU)
   python anovaegan.py --compare runs/anovaegan__*       # Table 1 and Fig. 5 across finished runs
 """
@@ -102,12 +108,12 @@ PAPER_TABLE1 = {
 # =================================================================================================
 
 PRESETS = {
-    "smoke": dict(image_size=32, n_slices=8, z_shape="2x2x16", z_dim=16, width=8, epochs=1, batch_size=8,
+    "smoke": dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, batch_size=8,
                   lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
-                  percentile=98.0, min_size=6, max_pixels=200_000),
-    "quick": dict(image_size=64, n_slices=20, z_shape="4x4x64", z_dim=32, width=16, epochs=3, batch_size=8,
-                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
-                  percentile=98.0, min_size=6, max_pixels=2_000_000),
+                  percentile=98.0, min_size=6, max_pixels=50_000),
+    "quick": dict(image_size=64, n_slices=20, z_shape="8x8x16", z_dim=32, width=16, epochs=5, batch_size=8,
+                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=3, erode=1,
+                  percentile=98.0, min_size=1, max_pixels=1_000_000),
     "paper": dict(image_size=256, n_slices=20, z_shape="16x16x64", z_dim=512, width=32, epochs=150,
                   batch_size=8, lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5,
                   erode=1, percentile=98.0, min_size=6, max_pixels=4_000_000),
@@ -125,7 +131,7 @@ def build_parser():
     g.add_argument("--n-slices", type=int, default=None,
                    help="consecutive axial slices around the middle per subject, §3 'Datasets' (paper 20)")
     g.add_argument("--z-shape", default=None,
-                   help="spatial bottleneck h x w x c, Table 1 (paper 16x16x64; 8x8x64 for sAE1; quick 4x4x64); "
+                   help="spatial bottleneck h x w x c, Table 1 (paper 16x16x64; 8x8x64 for sAE1; quick 8x8x16); "
                         "also sets the depth of the shared encoder: log2(image-size / h) stride-2 stages")
     g.add_argument("--z-dim", type=int, default=None, help="dense bottleneck size, Table 1 (paper 512; quick 32)")
     g.add_argument("--width", type=int, default=None,
@@ -143,15 +149,17 @@ def build_parser():
     g.add_argument("--lam-adv", type=float, default=None,
                    help="λ3 in Eq. (2), GAN models only (paper: not reported; 1)")
     g.add_argument("--median", type=int, default=None,
-                   help="median filter size (voxels) over each patient's residual sub-volume, §3 'Postprocessing' (paper 5)")
+                   help="median filter size (voxels) over each patient's residual sub-volume, §3 'Postprocessing' (paper 5; quick 3)")
     g.add_argument("--erode", type=int, default=None,
                    help="brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded'; 1)")
     g.add_argument("--percentile", type=float, default=None,
                    help="threshold = this percentile of healthy residuals, §3 'Postprocessing' (paper 98)")
     g.add_argument("--min-size", type=int, default=None,
-                   help="remove 3D connected components smaller than this (voxels), §3 'Postprocessing' (paper 6)")
+                   help="remove 3D connected components smaller than this (voxels), §3 'Postprocessing' (paper 6; quick 1 = keep all)")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours, not in the paper)")
+    g.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                   help="keep only these anomalous test groups (default: all; e.g. lesion_hyper tumor)")
     g.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                    help="no training: write Table 1 (table1.md) and Fig. 5 across finished runs into --out")
     return p
@@ -300,6 +308,15 @@ def build_models(args):
     return ae, dis
 
 
+def z_paper_equivalent(args):
+    """The Table 1 bottleneck with the same compression (latent units per pixel) at 256×256:
+    quick 8x8x16 (1024 units / 64²) -> 16x16x64, 8x8x4 -> 8x8x64, dense 32 -> 512."""
+    h, w, c = parse_z_shape(args.z_shape)
+    units = (h * w * c if args.model in SPATIAL else args.z_dim) * (256 / args.image_size) ** 2
+    names = {16384: "16x16x64", 4096: "8x8x64"} if args.model in SPATIAL else {512: "512"}
+    return names.get(round(units), f"{round(units)} units")
+
+
 def z_label(args):
     """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
     return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
@@ -375,7 +392,7 @@ def reconstruct(ae, x, *, device, batch_size, amp=False):
     ae.eval()
     out = np.empty(x.shape, np.float32)
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.asarray(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
+        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
         with C.autocast(device, enabled=amp):
             x_hat, _, _ = ae(xb, sample=False)
         out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
@@ -389,7 +406,7 @@ def reconstruct(ae, x, *, device, batch_size, amp=False):
 # =================================================================================================
 
 def to_batch(S, idx, device):
-    return torch.from_numpy(np.asarray(S.x[np.sort(idx)], np.float32)).to(device)[:, None]  # (B, 1, S, S)
+    return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]  # (B, 1, S, S)
 
 
 def train(args, run, ae, dis, S_train, S_val, start=None):
@@ -448,19 +465,19 @@ def train(args, run, ae, dis, S_train, S_val, start=None):
                 opt_dis.step()
             step += 1
             if step % 5 == 0 or b == n_batches - 1:
-                hist["L_rec"].append((step, float(l_rec)))
+                hist["L_rec"].append((step, float(l_rec.detach())))
                 if logvar is not None:
-                    hist["L_prior"].append((step, float(l_prior)))
+                    hist["L_prior"].append((step, float(l_prior.detach())))
                 if dis is not None:
-                    hist["L_adv"].append((step, float(l_adv)))
-                    hist["L_Dis"].append((step, float(l_dis)))
+                    hist["L_adv"].append((step, float(l_adv.detach())))
+                    hist["L_Dis"].append((step, float(l_dis.detach())))
         # validation reconstruction error (monitoring only: selects nothing)
         x_val = np.asarray(S_val.x)
         v = float(np.abs(reconstruct(ae, x_val, device=device, batch_size=64, amp=args.amp) - x_val)
                   .reshape(len(x_val), -1).sum(1).mean())
         hist["val L_rec"].append((step, v))
-        run.log(f"epoch {epoch + 1}/{args.epochs}  L_rec {float(l_rec):.1f}  L_prior {float(l_prior):.1f}  "
-                f"L_adv {float(l_adv):.3f}  L_Dis {float(l_dis):.3f}  val L_rec {v:.1f}")
+        run.log(f"epoch {epoch + 1}/{args.epochs}  L_rec {l_rec.item():.1f}  L_prior {l_prior.item():.1f}  "
+                f"L_adv {l_adv.item():.3f}  L_Dis {l_dis.item():.3f}  val L_rec {v:.1f}")
         C.save_checkpoint(ckpt, {
             "models": {"ae": ae.state_dict(), **({"dis": dis.state_dict()} if dis is not None else {})},
             "optims": {"ae": opt.state_dict(), **({"dis": opt_dis.state_dict()} if dis is not None else {})},
@@ -486,6 +503,15 @@ def score_set(ae, S, args, device):
             filtered[rows] = filter_residual(r, S.brain[rows], args)
             brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
     return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
+
+
+def healthy_threshold(ae, S_val, args, device):
+    """§3 'Postprocessing': the threshold is the --percentile (98th) of the model's post-processed
+    residuals on HEALTHY data, here the validation subjects, inside their eroded brain masks.
+    -> (threshold, the healthy values it was taken from)."""
+    sc = score_set(ae, S_val, args, device)
+    values = sc["filtered"][sc["brain_e"]]
+    return C.threshold_from_healthy(values, percentile=args.percentile), values
 
 
 def sample_pixels(sel, max_pixels, seed=0):
@@ -647,12 +673,12 @@ def compare(args, run):
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
     groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r in rows)] or ["all"]
-    head = ("| model | z | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
+    head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
             + " | pixel AUROC | slice AUROC | reco time [s/slice] | paper Dice (μ ± σ) | run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d, r in rows:
         t = r["table1"]
-        cells = [t["model"], t["z"]]
+        cells = [t["model"], f"{t['z']} ({t.get('paper_row', '?')})"]
         for g in groups:
             dg = r["dice"].get(g)
             cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f}" if dg else "–")
@@ -713,15 +739,16 @@ def main(argv=None):
         ck = C.load_checkpoint(args.checkpoint or args.resume, "cpu")
         if not isinstance(ck, dict) or "models" not in ck or "ae" not in ck.get("models", {}):
             C.fail(f"checkpoint {args.checkpoint or args.resume} is not a last.pt of anovaegan.py")
-        for k in ("model", "image_size", "z_shape", "z_dim", "width"):
-            setattr(args, k, ck["args"][k])
+        arch = {k: ck["args"][k] for k in ("model", "image_size", "z_shape", "z_dim", "width")}
+        vars(args).update(arch)
         start = ck
+        print(f"architecture from the checkpoint: {arch}", flush=True)
     validate(args)
     run = C.start_run(args, method=METHOD)
     device = run.device
 
     # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
-    data = C.load_dataset(args, contrast="flair")
+    data = C.load_dataset(args, contrast="flair", groups=args.groups)
     sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices, center=0.5,
               cache_dir=args.cache_dir)
     S_train = C.slice_stack(data.train, desc="train", **sl)
@@ -753,9 +780,7 @@ def main(argv=None):
                       ylabel="loss (L_rec, L_prior summed per slice)", logy=True)
 
     # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
-    sc_val = score_set(ae, S_val, args, device)
-    val_values = sc_val["filtered"][sc_val["brain_e"]]
-    threshold = C.threshold_from_healthy(val_values, percentile=args.percentile)
+    threshold, val_values = healthy_threshold(ae, S_val, args, device)
     run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
 
     # ---- test: reconstruct, post-process, segment, evaluate
@@ -792,7 +817,7 @@ def main(argv=None):
                         gt=np.stack([it["gt"] for it in items]), filtered=np.stack([it["filtered"] for it in items]),
                         seg=np.stack([it["seg"] for it in items]), label=np.array([it["label"] for it in items]),
                         vmax=vmax)
-    plot_fig6(sc["filtered"], gt_all, np.asarray(S_test.brain) > 0, threshold, run.out / "fig6_residual_histogram.png",
+    plot_fig6(sc["filtered"], gt_all, sc["brain_e"], threshold, run.out / "fig6_residual_histogram.png",
               f"Fig. 6 ({args.model}): residuals of test pixels | {args.percentile:g}th pct. healthy val.",
               args.max_pixels, val_values=val_values)
 
@@ -805,8 +830,9 @@ def main(argv=None):
               "dice_n": len(dice_rows),
               "dice_groups": headline or ["all"],
               "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "paper": list(PAPER_TABLE1[(args.model, z_label(args))])
-              if (args.model, z_label(args)) in PAPER_TABLE1 else None,
+              "paper_row": z_paper_equivalent(args),
+              "paper": list(PAPER_TABLE1[(args.model, z_paper_equivalent(args))])
+              if (args.model, z_paper_equivalent(args)) in PAPER_TABLE1 else None,
               "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
     extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"], "pixel": ev["pixel"],
              "scan_level": ev["scan"], "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
