@@ -1194,7 +1194,9 @@ def postprocess_3d(residual, brain, median=5, erode=1, threshold=None, min_size=
         else np.asarray(residual, dtype=np.float32)
     b = np.asarray(brain).astype(bool)
     if erode:
-        b = ndi.binary_erosion(b, iterations=erode)
+        # border_value=1: the array's ends are not brain boundaries (a slab of 20 slices would otherwise
+        # lose its first and last slice entirely)
+        b = ndi.binary_erosion(b, iterations=erode, border_value=1)
     r = r * b
     if threshold is None:
         return r
