@@ -370,7 +370,7 @@ def eroded_brain(brain, erode):
     """The 'slightly eroded brain mask' of §3 'Postprocessing' (as C.postprocess_3d erodes it)."""
     from scipy import ndimage as ndi
     b = np.asarray(brain).astype(bool)
-    return ndi.binary_erosion(b, iterations=erode) if erode else b
+    return ndi.binary_erosion(b, iterations=erode, border_value=1) if erode else b
 
 
 def filter_residual(r, brain, args):
@@ -622,31 +622,36 @@ def plot_fig5(items, path, title, vmax):
         a[0].set_ylabel(it["label"], fontsize=8)
         for ax in a:
             ax.set_xticks([]), ax.set_yticks([])
-    for ax, t in zip(axes[0], ("input + ground truth (green)", "filtered residual", "segmentation")):
+    for ax, t in zip(axes[0], ("input, ground truth", "filtered residual", "segmentation")):
         ax.set_title(t, fontsize=9)
     fig.suptitle(title + "\nyellow: true positive, red: false positive, cyan: missed", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     C._save(fig, path)
 
 
-def plot_fig6(filtered, gt, brain, threshold, path, title, max_pixels, val_values=None):
-    """Fig. 6 equivalent: histogram of post-processed residuals of normal and abnormal test pixels
-    (inside the brain) with the threshold taken from healthy validation data."""
+def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
+              groups=HEADLINE_GROUPS):
+    """Fig. 6 equivalent: histograms of the post-processed residuals of normal test pixels and of the
+    abnormal pixels of each headline group (inside the eroded brain), the healthy validation pixels
+    the threshold was taken from, and the threshold."""
     plt = C._plt()
-    idx = sample_pixels(brain.ravel(), max_pixels, seed=1)
+    sel = brain_e & (row_group[:, None, None] != "")                                # (N, S, S)
+    idx = sample_pixels(sel.ravel(), max_pixels, seed=1)
     s, y = filtered.ravel()[idx], gt.ravel()[idx]
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    g = np.broadcast_to(row_group[:, None, None], filtered.shape).ravel()[idx]
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
     hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
     bins = np.linspace(0, hi, 80)
-    ax.hist(s[~y], bins=bins, density=True, alpha=0.55, color="tab:blue", label=f"normal pixels (n={int((~y).sum())})")
-    if y.any():
-        ax.hist(s[y], bins=bins, density=True, alpha=0.55, color="tab:red", label=f"abnormal pixels (n={int(y.sum())})")
-    if val_values is not None:
-        ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
-                label="healthy validation pixels")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f} ({title.split('|')[-1].strip()})")
+    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"normal test pixels (n={int((~y).sum())})")
+    for name, col in zip([n for n in groups if (y & (g == n)).any()], ("tab:red", "tab:orange", "tab:purple")):
+        v = s[y & (g == name)]
+        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col, label=f"abnormal pixels, {name} (n={len(v)})")
+    ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
+            label="healthy validation pixels")
+    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
     ax.set_yscale("log")
-    ax.set(xlabel="filtered residual |x − x̂| (median 5×5×5, eroded brain)", ylabel="density (log)",
-           title=title.split("|")[0].strip())
+    ax.set(xlabel=f"filtered residual |x − x̂| (median {median}×{median}×{median}, eroded brain)",
+           ylabel="density (log)", title=title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     C._save(fig, path)
@@ -674,7 +679,8 @@ def compare(args, run):
     rows.sort(key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
     groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r in rows)] or ["all"]
     head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
-            + " | pixel AUROC | slice AUROC | reco time [s/slice] | paper Dice (μ ± σ) | run |")
+            + " | " + " | ".join(f"pixel / slice AUROC {g}" for g in groups)
+            + " | reco time [s/slice] | paper Dice (μ ± σ) | run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d, r in rows:
         t = r["table1"]
@@ -682,9 +688,10 @@ def compare(args, run):
         for g in groups:
             dg = r["dice"].get(g)
             cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f}" if dg else "–")
-        pa = r["pixel"].get("all", {}).get("auroc")
-        cells += [f"{pa:.3f}" if pa is not None else "–", f"{r['metrics']['auroc']:.3f}",
-                  f"{t['reco_s_per_sample']:.4f}"]
+        for g in groups:
+            pa, sa = r["pixel"].get(g, {}).get("auroc"), r["groups"].get(g, {}).get("auroc")
+            cells.append(" / ".join(f"{v:.3f}" if v is not None else "–" for v in (pa, sa)))
+        cells.append(f"{t['reco_s_per_sample']:.4f}")
         p = t.get("paper")
         cells += [f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
         lines.append("| " + " | ".join(cells) + " |")
@@ -703,7 +710,8 @@ def plot_fig5_models(items, path):
     residual (top) and the segmentation over the input (bottom), for each stored example slice."""
     plt = C._plt()
     n_ex = min(len(it[1]["x"]) for it in items)
-    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(2.1 * (len(items) + 1), 4.3 * n_ex), squeeze=False)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * (len(items) + 1), 3.9 * n_ex + 0.4),
+                             squeeze=False)
     for e in range(n_ex):
         x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
         a, b = axes[2 * e, 0], axes[2 * e + 1, 0]
@@ -722,6 +730,7 @@ def plot_fig5_models(items, path):
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle("Fig. 5: filtered residuals (top) and segmentations (bottom; yellow TP, red FP, cyan FN)",
                  fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     C._save(fig, path)
 
 
@@ -775,7 +784,7 @@ def main(argv=None):
         else:
             hist = train(args, run, ae, dis, S_train, S_val, start=start)
     if hist:
-        curves = {k: v for k, v in hist.items() if v and k != "val L_rec"}
+        curves = {k: v for k, v in hist.items() if v}
         C.plot_curves(curves, run.out / "losses.png", title=f"{args.model}: Eq. (2) terms and Eq. (3)",
                       ylabel="loss (L_rec, L_prior summed per slice)", logy=True)
 
@@ -807,7 +816,7 @@ def main(argv=None):
     ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in groups_present] or ordered[:1], per_group=2)
     ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in groups_present else []
     pat_dice = {p["id"]: p["dice"] for p in patients}
-    items = [dict(label=f"{S_test.cases[i].group} {S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
+    items = [dict(label=f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
                   x=np.asarray(S_test.x[j]), gt=gt_all[j], filtered=sc["filtered"][j], seg=seg_all[j],
                   dice=pat_dice[S_test.cases[i].id]) for i, j in ex5]
     plot_fig5(items, run.out / "fig5_segmentations.png",
@@ -817,9 +826,10 @@ def main(argv=None):
                         gt=np.stack([it["gt"] for it in items]), filtered=np.stack([it["filtered"] for it in items]),
                         seg=np.stack([it["seg"] for it in items]), label=np.array([it["label"] for it in items]),
                         vmax=vmax)
-    plot_fig6(sc["filtered"], gt_all, sc["brain_e"], threshold, run.out / "fig6_residual_histogram.png",
-              f"Fig. 6 ({args.model}): residuals of test pixels | {args.percentile:g}th pct. healthy val.",
-              args.max_pixels, val_values=val_values)
+    row_group = np.array([c.group for c in S_test.cases])[S_test.case]
+    plot_fig6(sc["filtered"], gt_all, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
+              title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
+              median=args.median, max_pixels=args.max_pixels, val_values=val_values)
 
     # ---- results.json: contract keys + everything for a Table 1 row
     headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]

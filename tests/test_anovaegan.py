@@ -114,6 +114,17 @@ def test_postprocess_median_removes_speckle_keeps_blob_and_mask():
     assert expect.sum() == 64
 
 
+def test_postprocess_erosion_keeps_first_and_last_slice_of_the_slab():
+    # a 20-slice sub-volume ends where the slab ends, not where the brain ends: its first and last slices
+    # are eroded in-plane like the others, not dropped
+    brain = np.zeros((20, 16, 16), np.uint8)
+    brain[:, 3:13, 3:13] = 1
+    e = A.eroded_brain(brain, 1)
+    assert e[0].sum() == e[10].sum() == e[19].sum() == 8 * 8
+    f = A.filter_residual(np.ones((20, 16, 16), np.float32), brain, _cfg(median=1))
+    assert (f[0] == e[0]).all() and (f[19] == e[19]).all()
+
+
 def test_postprocess_removes_components_under_min_size():
     f = np.zeros((6, 16, 16), np.float32)
     f[1, 1:3, 1:3] = 1.0                                         # 4 voxels  -> removed (< 6)
