@@ -91,7 +91,7 @@ MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
 SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}
 VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}
 ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}
-HEADLINE_GROUPS = ("lesion_hyper", "tumor")
+HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")
 # Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
 PAPER_TABLE1 = {
     ("dAE", "512"): (0.12764, 0.14617, None),
@@ -514,6 +514,15 @@ def healthy_threshold(ae, S_val, args, device):
     return C.threshold_from_healthy(values, percentile=args.percentile), values
 
 
+def whole_slabs(cases):
+    """The paper scores each test patient's whole sub-volume (§3 'Postprocessing' filters it in 3D).
+    Real data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
+    anomaly-free slices (common._anomalous_splits); keep one case per scan with all its slices, each
+    slice labelled by its own mask voxels."""
+    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
+    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
+
+
 def sample_pixels(sel, max_pixels, seed=0):
     """Indices of at most max_pixels True entries of the flat boolean array sel (uniform, seeded)."""
     idx = np.flatnonzero(sel)
@@ -551,7 +560,9 @@ def evaluate_test(S, sc, threshold, args):
             # slice label: the slice holds ground-truth anomaly voxels; an anomalous scan without any
             # mask file counts every slice as anomalous
             label = int(gt[k].any()) if (has_mask or case.label == 0) else int(case.label)
-            rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=case.group, label=label,
+            # real data sets of anomalous scans only: their anomaly-free slices are the `normal` group
+            group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
+            rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
                              score=float(sc["filtered"][j].max()), case=case.id, z=int(S.z[j]),
                              gt_voxels=int(gt[k].sum()), seg_voxels=int(seg[k].sum())))
     groups = [g for g in dict.fromkeys(p["group"] for p in patients)]
@@ -762,7 +773,7 @@ def main(argv=None):
               cache_dir=args.cache_dir)
     S_train = C.slice_stack(data.train, desc="train", **sl)
     S_val = C.slice_stack(data.val, desc="val", **sl)
-    S_test = C.slice_stack(data.test, desc="test", **sl)
+    S_test = C.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
     run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} validation, "
             f"{len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
 
