@@ -184,6 +184,8 @@ def validate(args):
     for name in ("n_slices", "z_dim", "width", "epochs", "batch_size", "min_size", "max_pixels"):
         C.check_range(args, name, lo=1, integer=True)
     C.check_range(args, "median", lo=0, integer=True)
+    if args.median > 1 and args.median % 2 == 0:
+        C.fail(f"--median must be odd (a centred window) or 0/1 for none, got {args.median}")
     C.check_range(args, "erode", lo=0, integer=True)
     C.check_range(args, "percentile", lo=0, hi=100)
     for name in ("lr", "lr_adv"):
@@ -373,9 +375,31 @@ def eroded_brain(brain, erode):
     return ndi.binary_erosion(b, iterations=erode, border_value=1) if erode else b
 
 
-def filter_residual(r, brain, args):
+def median_filter_3d(r, size, device):
+    """size×size×size median filter of a (Z, H, W) volume with torch on `device`, equal to
+    scipy.ndimage.median_filter(r, size) (its 'reflect' border = numpy's 'symmetric' padding).
+    Used on a GPU, where it takes milliseconds; scipy's takes seconds per 20×256×256 patient."""
+    k = size // 2
+    t = torch.from_numpy(np.ascontiguousarray(r, np.float32)).to(device)
+    for dim in range(3):                                                       # pad k on both sides
+        idx = np.pad(np.arange(t.shape[dim]), (k, k), mode="symmetric")
+        t = t.index_select(dim, torch.from_numpy(idx).to(device))             # (Z+2k, H+2k, W+2k)
+    Z, H, W = r.shape
+    out = torch.empty((Z, H, W), device=device)
+    chunk = max(1, 2 ** 24 // (size ** 3 * H * W))                            # bound the unfolded memory
+    for z0 in range(0, Z, chunk):
+        z1 = min(Z, z0 + chunk)
+        u = t[z0:z1 + 2 * k].unfold(0, size, 1).unfold(1, size, 1).unfold(2, size, 1)  # (z, H, W, s, s, s)
+        out[z0:z1] = u.reshape(z1 - z0, H, W, -1).median(-1).values
+    return out.cpu().numpy()
+
+
+def filter_residual(r, brain, args, device=None):
     """§3 'Postprocessing', first half: (Z, H, W) residual of one patient -> median-filtered (5×5×5)
     residual multiplied by the eroded brain mask."""
+    if device is not None and device.type == "cuda" and args.median > 1:
+        r = median_filter_3d(r, args.median, device)
+        return C.postprocess_3d(r, brain, median=0, erode=args.erode, threshold=None)
     return C.postprocess_3d(r, brain, median=args.median, erode=args.erode, threshold=None)
 
 
@@ -500,7 +524,7 @@ def score_set(ae, S, args, device):
         for i in range(len(S.cases)):
             rows = S.slices_of(i)
             r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
-            filtered[rows] = filter_residual(r, S.brain[rows], args)
+            filtered[rows] = filter_residual(r, S.brain[rows], args, device)
             brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
     return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
 

@@ -114,6 +114,14 @@ def test_postprocess_median_removes_speckle_keeps_blob_and_mask():
     assert expect.sum() == 64
 
 
+@pytest.mark.parametrize("shape,size", [((7, 9, 11), 5), ((2, 6, 6), 5), ((20, 16, 16), 3)])
+def test_postprocess_torch_median_equals_scipy(shape, size):
+    # the GPU path of the 5×5×5 median filter gives exactly scipy's answer, borders included
+    from scipy import ndimage as ndi
+    r = np.random.default_rng(0).random(shape).astype(np.float32)
+    np.testing.assert_array_equal(A.median_filter_3d(r, size, torch.device("cpu")), ndi.median_filter(r, size=size))
+
+
 def test_postprocess_erosion_keeps_first_and_last_slice_of_the_slab():
     # a 20-slice sub-volume ends where the slab ends, not where the brain ends: its first and last slices
     # are eroded in-plane like the others, not dropped
