@@ -264,8 +264,7 @@ def test_lesion_boxes_are_bounding_boxes_of_components():
 
 def test_smoke_run_writes_the_contract_files(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "reversed_ae.py", "--preset", "smoke", "--out", str(out),
-                        "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+    r = subprocess.run([sys.executable, "reversed_ae.py", "--preset", "smoke", "--out", str(out), "--device", "cpu"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("config.json", "results.json", "scores.csv", "last.pt", "roc.png", "scores.png", "examples.png",
