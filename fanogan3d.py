@@ -600,8 +600,11 @@ def write_figures(run, args, S, rows, sc, recs, rows_val, curves, extra):
     if three:
         plot_three_planes(three[:3], out / "fig6_three_planes.png",
                           title="Fig. 6: original, reconstruction, voxel error and ground truth (three planes)")
-    C.plot_curves(curves, out / "losses.png", title="training: step 1 WGAN-GP, step 2 encoder, step 3 fine-tuning",
-                  ylabel="loss (symlog)", logy=True, xlabel="iteration of each step")
+    gan = {k: v for k, v in curves.items() if not k.startswith("L_E")}
+    C.plot_curves(gan, out / "losses.png", title="step 1: WGAN-GP (Eq. 2-3)", ylabel="loss (symlog)", logy=True,
+                  xlabel="generator iteration")
+    C.plot_curves({k: v for k, v in curves.items() if k.startswith("L_E")}, out / "losses_encoder.png",
+                  title="steps 2-3: encoder loss L_E (Eq. 6)", ylabel="L_E", xlabel="iteration of each step")
 
 
 def pick_examples(rows):
