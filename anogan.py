@@ -39,10 +39,13 @@ Beyond the paper (see README and results.json):
 
 Deviations from the paper:
   1. Data: retinal OCT B-scans -> axial brain MRI slices (FLAIR on the phantom, `--modality` for real
-     data), cropped to the brain's bounding box and resized to `--slice-size`; training patches at
-     random positions with >= `--min-brain` brain pixels (the paper flattens the retina instead).
-  2. Test patches lie on a regular grid (`--test-stride`) over `--test-slices` slices per scan; the
-     paper does not say how its 8192 test patches were placed.
+     data), cropped to the brain's bounding box and resized to `--slice-size`; "patches inside the
+     brain" = patches with >= `--min-brain` brain pixels (the paper flattens the retina instead).
+     Training patches are drawn from the `--train-slices` central slices of each healthy scan.
+  2. Test patches lie on a regular grid (`--test-stride`) over the `--test-slices` central slices of
+     each test scan (the ventricle level on the phantom); the paper does not say how its 8192 test
+     patches were placed. Patches of an anomalous scan without an anomalous pixel are negatives
+     (§3's rule); they keep the group name `<group>_0` in scores.csv.
   3. The paper does not give the mapping optimiser. We use Adam on z (`--map-lr`, β1 `--map-beta1`),
      the optimiser of the completion code the paper adapted (bamos/dcgan-completion.tensorflow,
      lr 0.01, β1 0.9), and clip z to [-1, 1], the support of p_z (`--z-clip`).
@@ -51,12 +54,19 @@ Deviations from the paper:
      of DCGAN code), the usual reading of "maximizing D(G(z))". Adam lr 2e-4, β1 0.5, batch 64 and
      z dimension 100 are DCGAN's (the paper says only "Adam", "widely the same DCGAN").
   6. Table 1's cut-off is the Youden index on the test ROC, i.e. chosen with test labels; we report it
-     as `oracle_youden` and add an honest operating point from healthy validation patches (the
-     `--threshold-pct` percentile of their scores), `at_val_threshold`.
+     as `oracle_youden_table1` and add an honest operating point from healthy validation patches
+     (the `--threshold-pct` percentile of their scores), `at_val_threshold`.
   7. The aCAE comparison (adversarial convolutional autoencoder, Fig. 4a) is not implemented.
-  8. `quick` preset (2-core CPU, ~5 min): 64×64 slices and 32×32 patches, 16-32-64-128 channels
-     (`--ch 16`), 4 training epochs over 6,000 patches, Γ = 40 mapping steps at Adam lr 0.05,
-     grid stride 32 over 3 slices of 6 scans per test group. `smoke`: seconds, for the tests.
+  8. `quick` preset (2-core CPU, ~5 min): 96×96 slices and 32×32 patches with >= 90% brain (paper:
+     64×64), channels 128-64-32-16 (`--ch 16`; paper 512-256-128-64), 4 epochs over 20,000 patches
+     (1,252 updates; paper 20 epochs over 1,000,000), Γ = 40 mapping steps at Adam lr 0.05 (paper
+     500), a 16-pixel grid over the 4 central slices of 4 scans per test group. This small DCGAN is
+     undertrained: G(z_Γ) is a blurred approximation of the query (see fig3.png), so R(x) mostly
+     measures how much detail a patch has, and small lesions are not separated (see the README).
+     16×16 patches train faster but the generator collapsed to a constant in our run. `smoke`:
+     seconds, for the tests.
+  9. `paper` preset on brain slices: 128×128 slices, 64×64 patches with >= 90% brain, 100,000
+     training patches (the paper: 1,000,000 OCT patches), a 16-pixel test grid.
 
 Commands:
     python anogan.py                                   # quick: FLAIR phantom, ~5 min on 2 CPU cores
@@ -90,10 +100,10 @@ PRESETS = {
                   z_clip=1, ganr=1, test_slices=2, test_stride=16, test_cases=3, val_patches=32,
                   train_eval_patches=32, time_single=2, threshold_pct=95.0, agg="max"),
     # a real run on a 2-core CPU in ~5 minutes (deviation 8)
-    "quick": dict(slice_size=64, patch_size=16, min_brain=0.95, train_slices=16, slice_step=2,
+    "quick": dict(slice_size=96, patch_size=32, min_brain=0.9, train_slices=16, slice_step=2,
                   train_patches=20_000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=30, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=0, test_slices=6, test_stride=16, test_cases=4,
+                  beta1=0.5, g_steps=1, steps=40, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
+                  feature_layer=3, z_clip=1, ganr=0, test_slices=4, test_stride=16, test_cases=4,
                   val_patches=96, train_eval_patches=96, time_single=4, threshold_pct=95.0, agg="max"),
     # the paper's settings (§3 "Implementation details"); a GPU job
     "paper": dict(slice_size=128, patch_size=64, min_brain=0.9, train_slices=32, slice_step=1,
@@ -438,6 +448,17 @@ def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves
 # Scoring and evaluation
 # =================================================================================================
 
+def patch_labels(mask):
+    """§3: a patch is anomalous (1) if it contains at least one anomalous pixel. (N, c, c) -> (N,)"""
+    return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
+
+
+def patch_group(label, case_group, case_label):
+    """The group a patch is reported in: its scan's group if the patch is anomalous, 'normal' for the
+    patches of healthy scans, '<group>_0' for the lesion-free patches of anomalous scans (negatives)."""
+    return case_group if label else ("normal" if case_label == 0 else f"{case_group}_0")
+
+
 def grid_patch_set(S, rows, size, stride, min_brain):
     """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays."""
     pos = [(i, t, l) for i in rows for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
@@ -547,7 +568,7 @@ def plot_fig4(y, sc, dist, path, title):
     panels = ((0, "(a) model comparison", (("AnoGAN A(x)", "A", "k"), ("GAN_R Â(x)", "A_hat", "tab:red"),
                                           ("P_D", "P_D", "tab:green"))),
               (1, "(b) anomaly score components", (("R(x)", "R", "tab:green"), ("D(x)", "D", "k"),
-                                                   ("D̂(x)", "D_hat", "tab:red"))))
+                                                   ("D̂(x)" if "A_hat" in sc else "D̂(x) at AnoGAN's z_Γ", "D_hat", "tab:red"))))
     for k, ttl, lines in panels:
         for name, key, col in lines:
             if key in sc:
@@ -683,12 +704,8 @@ def main(argv=None):
     # ---- labels and rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) -------------
     cases = S_te.cases
     case_of = S_te.case[P["row"]]
-    y = P["mask"].reshape(len(P["x"]), -1).any(1).astype(int)
-    groups = []
-    for k in range(len(y)):
-        cg = cases[case_of[k]].group
-        groups.append(cg if y[k] else ("normal" if cases[case_of[k]].label == 0 else f"{cg}_0"))
-    groups = np.array(groups)
+    y = patch_labels(P["mask"])                                            # (N,)
+    groups = np.array([patch_group(y[k], cases[case_of[k]].group, cases[case_of[k]].label) for k in range(len(y))])
     rows = []
     for k in range(len(y)):
         cs = cases[case_of[k]]
@@ -708,7 +725,7 @@ def main(argv=None):
         cs = cases[S_te.case[row]]
         lab = int(np.asarray(S_te.mask[row]).any())
         rows_slice.append(dict(id=f"{cs.id}/z{int(S_te.z[row])}", label=lab, score=s,
-                               group=cs.group if lab else ("normal" if cs.label == 0 else f"{cs.group}_0")))
+                               group=patch_group(lab, cs.group, cs.label)))
     agg_c = C.aggregate(sc["A"], case_of.tolist(), how=args.agg)
     rows_scan = [dict(id=cases[i].id, group=cases[i].group, label=cases[i].label, score=s) for i, s in agg_c.items()]
 
@@ -722,6 +739,16 @@ def main(argv=None):
     table = table1(y, {"AnoGAN A": sc["A"], "P_D": sc["P_D"], **({"GAN_R Â": sc["A_hat"]} if args.ganr else {})})
     thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("A", "R", "D")}
     at_val = {k: operating_point(y, sc[k], thr[k]) for k in ("A", "R", "D")}
+    # how AUROC(A) depends on how much of the patch is anomalous (§3's rule counts a single pixel)
+    n_px = P["mask"].reshape(len(y), -1).sum(1)
+    by_size = {}
+    for gn in sorted({gr for gr in groups if gr != "normal" and not gr.endswith("_0")}):
+        by_size[gn] = {}
+        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
+            pos = (groups == gn) & (n_px >= lo) & (n_px <= hi)
+            if pos.any():
+                sel = pos | (y == 0)
+                by_size[gn][f"{lo}-{hi}px"] = {"n": int(pos.sum()), "auroc": C.auroc(y[sel], sc["A"][sel])}
 
     # ---- figures ------------------------------------------------------------------------------------
     res = sc["x_res"] = np.abs(P["x"] - sc["G_z"])                        # residual images x_R (§2.3)
@@ -778,6 +805,7 @@ def main(argv=None):
         "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "val": len(Pv["x"]), "train_eval": n_tr,
                       "train": len(X)},
         "comparison_auroc": comparison,
+        "auroc_A_by_anomalous_pixels": by_size,
         "oracle_youden_table1": table,
         "at_val_threshold": {"percentile": args.threshold_pct, **at_val},
         "slice_level": {"how": f"{args.agg} of the patch scores A(x) of a slice's grid patches; a slice is "

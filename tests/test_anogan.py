@@ -3,6 +3,7 @@ mapping's properties (loss decreases, only z moves, BatchNorm frozen, batched ==
 and a subprocess smoke run checked against the contract."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ import anogan as A
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent / "shared"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and two threads on a busy 2-core machine spin (40x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---- Eq. (1)-(6) on hand-computed values ---------------------------------------------------------
@@ -71,6 +81,16 @@ def test_eq6_anomaly_score_puts_lambda_on_the_discrimination_score():
     R, D = np.array([200.0, 50.0]), np.array([1000.0, 3000.0])
     # 0.9·200 + 0.1·1000 = 280; 0.9·50 + 0.1·3000 = 345
     assert np.allclose(A.anomaly_score(R, D, 0.1), [280.0, 345.0])
+
+
+def test_patch_label_rule_of_section_3():
+    m = np.zeros((3, 4, 4), np.uint8)
+    m[1, 3, 3] = 1                                                      # one anomalous pixel is enough
+    m[2] = 1
+    assert A.patch_labels(m).tolist() == [0, 1, 1]
+    assert A.patch_group(1, "tumor", 1) == "tumor"
+    assert A.patch_group(0, "tumor", 1) == "tumor_0"                    # lesion-free patch of a tumour scan
+    assert A.patch_group(0, "normal", 0) == "normal"
 
 
 # ---- networks ----------------------------------------------------------------------------------
@@ -182,13 +202,14 @@ def test_scores_do_not_depend_on_batch_composition():
 # ---- the script end to end ---------------------------------------------------------------------
 
 def _run(args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}                        # tiny smoke tensors: see one_thread
     return subprocess.run([sys.executable, str(REPO / "anogan.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_smoke_run_writes_the_contract_files(tmp_path):
     out = tmp_path / "run"
-    p = _run(["--preset", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    p = _run(["--preset", "smoke", "--out", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     from check_contract import check
     problems = check(str(out))
@@ -205,8 +226,8 @@ def test_smoke_run_writes_the_contract_files(tmp_path):
         assert (out / f).stat().st_size > 0
     # --checkpoint: skip training, score again with the same models -> the same scores
     out2 = tmp_path / "again"
-    p = _run(["--preset", "smoke", "--out", str(out2), "--cache-dir", str(tmp_path / "cache"),
-              "--checkpoint", str(out / "last.pt"), "--ganr", "0", "--time-single", "0"])
+    p = _run(["--preset", "smoke", "--out", str(out2), "--checkpoint", str(out / "last.pt"), "--ganr", "0",
+              "--time-single", "0"])
     assert p.returncode == 0, p.stderr[-3000:]
     a = (out / "scores.csv").read_text().splitlines()
     b = (out2 / "scores.csv").read_text().splitlines()
