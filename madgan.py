@@ -40,8 +40,9 @@ Deviations from the paper (and readings of what it leaves open):
      and the 3 next slices (6 channels, pix2pix-style conditional critic) and has no BatchNorm:
      batch normalisation breaks the per-sample gradient penalty of WGAN-GP (Gulrajani et al., §4).
      It ends in a 1-channel conv whose map is averaged into one score per sample.
-  3. Unstated in the paper, set as in the cited sources: gradient-penalty weight 10 and one critic
-     update per generator update (`--gp-weight`, `--n-critic`), Adam betas (0.5, 0.999) (pix2pix).
+  3. Unstated in the paper, set as in the cited sources: gradient-penalty weight 10 (Gulrajani et al.)
+     and Adam betas (0.5, 0.999) (pix2pix); one critic update per generator update (`--n-critic 1`,
+     as in pix2pix; WGAN-GP's own default is 5, which costs ~3x per step), `--gp-weight`, `--beta1`.
   4. Eq. (1)/(2) are sums over the P pixels; we use means (sum / P). The l1 weight 100 then has its
      pix2pix meaning, and the scan score is unchanged up to the constant P (AUCs identical). The l2
      score is computed on intensities rescaled to [0, 1], the range of the paper's Fig. 3 colour bar.
@@ -55,7 +56,19 @@ Deviations from the paper (and readings of what it leaves open):
   7. Synthetic data: the T1 phantom's atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour
      groups are scored too. The paper's T1c metastasis experiment (private data) is not reproduced.
   8. `quick` preset (2-core CPU, ~5 min): 64x64 slices, 24 slices per scan, `--base-ch 32`, 1,200
-     steps instead of 1.8M; `smoke`: 32x32, 8 slices, tiny nets, a few steps (tests only).
+     steps instead of 1.8M (everything else as `paper`); `smoke`: 32x32, 8 slices, tiny nets, a few
+     steps (tests only). Slices are 2 mm on the phantom, so 24 slices span about the 48 mm that the
+     paper's ~51 1-mm slices do.
+
+Read the results against the untrained generator. auc_steps.png (Fig. 8) starts at step 0: on the
+phantom an UNTRAINED generator already separates atrophy (AUC about 0.69 / 0.90 / 1.00 for stage
+1 / 2 / 3), because atrophy changes the slab's intensity statistics (more dark CSF) and the l2 score
+feels that. Training mainly adds stage 1 and the lesion groups (about 0.5 -> 0.65-0.7). Short runs
+are noisy: with n_critic = 1 and the label flip the critic often rates reconstructions above real
+slices (watch `wdist` in losses.png), and the AUC can dip for a few hundred steps (Fig. 8 shows the
+paper's AUCs moving with training steps too). On the quick preset (one seed, 2 pinned cores of a
+server, 6 runs at once) we measured at step 1,200: MADGAN 0.85 / 0.98 / 0.99 (stage 1/2/3), all
+groups 0.81; w/o l1 0.75 / 0.73 / 0.59: l1 matters, as in Table 1. More in the project's README.
 
 Commands:
     python madgan.py                                  # quick: T1 phantom, ~5 min on 2 CPU cores
@@ -90,7 +103,7 @@ PRESETS = {
     # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
     "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.5, k_in=3, k_out=3, base_ch=32, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=200,
+                  batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=300,
                   eval_batch=64, ckpt_every=0, log_every=20),
     # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
     "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.5, k_in=3, k_out=3, base_ch=64, sa=0,
@@ -473,9 +486,11 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
     run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps; "
             f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
             f"parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    if args.eval_every and state["step"] == 0 and not state["auc_steps"]:
+        state["auc_steps"].append(evaluator(0))                # the untrained generator: a baseline
+    t0 = time.time()
     G.train()
     D.train()
-    t0 = time.time()
     for step in C.progress(range(state["step"] + 1, args.steps + 1), total=args.steps - state["step"], desc="train"):
         # ---- critic: n_critic updates; the labels flip once every `flip_every` updates ----
         for i in range(args.n_critic):
@@ -611,7 +626,7 @@ def plot_fig3(examples, path, vmax=0.2):
     for ex in examples:
         win, rec = ex["window"], ex["recon"]                   # (6, H, W), (3, H, W)
         k_in = win.shape[0] - rec.shape[0]
-        gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1)   # (H, W, 3)
+        gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1).astype(np.float32)  # (H, W, 3)
         l2map = ((win[k_in:] - rec) / 2) ** 2                  # (3, H, W), [0, 1] units as Eq. (2)
         alpha = np.clip(l2map / vmax, 0, 1)[..., None] * 0.85  # (3, H, W, 1)
         over = [(1 - alpha[j]) * gray(win[k_in + j]) + alpha[j] * jet(np.clip(l2map[j] / vmax, 0, 1))[..., :3]
@@ -623,10 +638,10 @@ def plot_fig3(examples, path, vmax=0.2):
 
     def x0(j):                                                 # left edge of tile j; a wider gap every 3 tiles
         return j * (W + gap) + gap * (j // 3)
-    mosaic = np.ones((len(rows) * (H + gap), x0(n_t), 3))
+    mosaic = np.ones((len(rows) * (H + gap), x0(n_t), 3), np.float32)
     for i, (tiles, _) in enumerate(rows):
         for j, t in enumerate(tiles):
-            mosaic[i * (H + gap): i * (H + gap) + H, x0(j): x0(j) + W] = t
+            mosaic[i * (H + gap): i * (H + gap) + H, x0(j): x0(j) + W] = np.clip(t, 0, 1)
     fig, ax = plt.subplots(figsize=(min(1.1 * n_t, 16), 1.15 * len(rows) + 0.7))
     ax.imshow(mosaic, interpolation="nearest")
     k_in = n_t - 3 * k
@@ -741,8 +756,9 @@ def main(argv=None):
     run = C.start_run(args, METHOD)
     device = run.device
     data = C.load_dataset(args, contrast="t1")
+    # whole slabs of consecutive slices (drop_anomalous=False): a window must never skip a slice
     stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
-                 cache_dir=args.cache_dir)
+                 cache_dir=args.cache_dir, drop_anomalous=False)
     with C.Timer() as t_cache:
         S_train = C.slice_stack(data.train, desc="train", **stack)
         S_val = C.slice_stack(data.val, desc="val", **stack) if data.val else None
@@ -751,7 +767,8 @@ def main(argv=None):
     if len(win_rows) == 0:
         C.fail(f"no training window: every scan has fewer than --k-in + --k-out = {args.k_in + args.k_out} slices")
     run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
-            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s")
+            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
+            f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
 
     G, D = build_models(args)
     G, D = G.to(device), D.to(device)
@@ -781,6 +798,7 @@ def main(argv=None):
         reader.close()
         auc_steps = state["auc_steps"]
         timing["train_s"] = round(train_s, 2)
+        run.log(f"trained in {train_s:.0f}s; peak memory so far {C.peak_memory_mb(device)}")
     extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
              "steps": args.steps, "score_windows": args.score_windows,
              "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)}}

@@ -275,7 +275,7 @@ def test_smoke_subprocess_sa0_then_resume_and_score_only(tmp_path):
     # --resume continues at step 5 with the saved optimisers and data order
     M.main(_argv(tmp_path / "resumed", "--resume", str(out / "last.pt"), "--steps", "6"))
     ck2 = C.load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert ck2["step"] == 6 and [e["step"] for e in ck2["train_state"]["auc_steps"]] == [2, 4, 6]
+    assert ck2["step"] == 6 and [e["step"] for e in ck2["train_state"]["auc_steps"]] == [0, 2, 4, 6]
     # --checkpoint skips training and gives the same scores
     r3 = M.main(_argv(tmp_path / "scored", "--checkpoint", str(out / "last.pt")))
     assert r3["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
