@@ -518,7 +518,9 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
         C.check_finite(loss_G, step=step, ckpt=ckpt_path)
         C.check_finite(loss_D, step=step, ckpt=ckpt_path)
         if step % args.log_every == 0 or step == args.steps:
-            for k, v in (("loss_D", loss_D), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
+            # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP) so that flipped steps don't zig-zag the plot
+            loss_D_plain = critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach()
+            for k, v in (("loss_D", loss_D_plain), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
                          ("wdist", (d_real - d_fake).mean())):
                 hist[k].append((step, float(v.detach())))
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
@@ -616,7 +618,7 @@ def plot_auc_steps(auc_steps, path, title):
     C._save(fig, path)
 
 
-def plot_fig3(examples, path, vmax=0.2):
+def plot_fig3(examples, path, vmax=0.1):
     """Fig. 3: per row one scan: input 3 slices | ground-truth next 3 | reconstructed next 3 |
     pixelwise l2 (jet, [0, vmax], alpha-blended) over the ground truth, with each slice's l2 value.
     Drawn as one mosaic image (fast even for many rows)."""
@@ -656,7 +658,7 @@ def plot_fig3(examples, path, vmax=0.2):
             ax.text(x0(n_t - k + j) + 1, y0 + H - 1, f"{v:.4f}", color="white", fontsize=6, va="bottom")
     ax.axis("off")
     ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet [0, {vmax}] "
-                 f"(Fig. 3)", fontsize=8, pad=14)
+                 f"(Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
     C._save(fig, path)
 
 
