@@ -1467,6 +1467,8 @@ def set_rng_state(st):
     torch.set_rng_state(st["torch"].cpu() if hasattr(st["torch"], "cpu") else st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+    if ddp_world() > 1:   # the checkpoint holds process 0's state: give each process its own stream again
+        seed_everything(int(torch.randint(2 ** 31 - 1, (1,))) + ddp_rank())
 
 
 def save_checkpoint(path, state):
@@ -1523,7 +1525,7 @@ def progress(iterable, total=None, desc="", every=5.0, file=None):
     for i, item in enumerate(iterable, 1):
         yield item
         now = time.time()
-        if now - last >= every or (total and i == total and now - t0 > every):
+        if (now - last >= every or (total and i == total and now - t0 > every)) and is_main():
             rate = i / max(now - t0, 1e-9)
             if total:
                 eta = (total - i) / max(rate, 1e-9)
@@ -1629,10 +1631,20 @@ def is_main():
 
 
 def ddp_wrap(model, device):
-    """DistributedDataParallel around `model` when running under torchrun; the model itself otherwise."""
+    """DistributedDataParallel around `model` when running under torchrun; the model itself otherwise.
+    On CUDA, BatchNorm layers become SyncBatchNorm (statistics over the global batch, as on one GPU);
+    gloo on CPU has no SyncBatchNorm, so there each process normalises with its own share of the batch.
+    Parameter names do not change, so checkpoints load in single-process runs and vice versa."""
     if ddp_world() == 1:
         return model
+    import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # channels-last weights with one input channel have two equal layouts; DDP warns (speed only) when the
+    # gradient picks the other one
+    import warnings
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -1675,7 +1687,9 @@ def start_run(args, method):
     """Seed everything, choose the device, create the run directory and write config.json."""
     import torch
     rank, world = ddp_setup()
-    seed_everything(args.seed)
+    # one random stream per process (noise, dropout, z): process 0 has --seed's, so a single-process run is
+    # unchanged; data order comes from seeded generators of its own, identical on every process
+    seed_everything(args.seed + rank)
     device = get_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

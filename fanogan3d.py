@@ -321,21 +321,29 @@ def set_trainable(module, flag):
         p.requires_grad_(flag)
 
 
+def rank_batch(n, batch_size, it, seed):
+    """This process's rows of iteration `it`. Alone: batch_indices(...). Under torchrun each of the N
+    processes takes its disjoint share (C.shard) of the global batch of batch_size x N rows."""
+    return C.shard(batch_indices(n, batch_size * C.ddp_world(), it, seed))
+
+
 def train_wgan_gp(G, D, opt_G, opt_D, X, *, steps, start=0, n_critic=5, lam=10.0, batch_size=4, latent_dim=2500,
-                  seed=0, device="cpu", amp=False, curves=None, save=None, ckpt_every=1):
-    """Step 1: Eq. (2) for the critic (n_critic iterations), then Eq. (3) for the generator."""
+                  seed=0, device="cpu", amp=False, curves=None, save=None, ckpt_every=1, ddp=None):
+    """Step 1: Eq. (2) for the critic (n_critic iterations), then Eq. (3) for the generator.
+    ddp: {"G": G_, "D": D_}, the DistributedDataParallel wrappers under torchrun (else G and D)."""
     curves = curves if curves is not None else {}
+    G_, D_ = (ddp or {}).get("G", G), (ddp or {}).get("D", D)
     G.train(), D.train()
     for step in C.progress(range(start, steps), total=steps - start, desc="step 1 WGAN-GP"):
         set_trainable(D, True)
         for k in range(n_critic):
-            x = get_batch(X, batch_indices(len(X), batch_size, step * n_critic + k, seed), device)
+            x = get_batch(X, rank_batch(len(X), batch_size, step * n_critic + k, seed), device)
             z = torch.randn(len(x), latent_dim, device=device)          # z ~ N(0, I)
             with C.autocast(device, amp):
                 with torch.no_grad():
-                    x_tilde = G(z)                                     # (B, 1, S, S, S)
-                W = critic_wasserstein_loss(D(x), D(x_tilde)).float()
-                gp = gradient_penalty(D, x, x_tilde)
+                    x_tilde = G_(z)                                    # (B, 1, S, S, S)
+                W = critic_wasserstein_loss(D_(x), D_(x_tilde)).float()
+                gp = gradient_penalty(D_, x, x_tilde)
                 L_D = W + lam * gp                                     # Eq. (2)
             opt_D.zero_grad(set_to_none=True)
             L_D.backward()
@@ -343,7 +351,7 @@ def train_wgan_gp(G, D, opt_G, opt_D, X, *, steps, start=0, n_critic=5, lam=10.0
         set_trainable(D, False)                                        # G's step does not touch D
         z = torch.randn(batch_size, latent_dim, device=device)
         with C.autocast(device, amp):
-            L_G = generator_loss(D(G(z))).float()                      # Eq. (3)
+            L_G = generator_loss(D(G_(z))).float()                     # Eq. (3); plain D: it is frozen here
         opt_G.zero_grad(set_to_none=True)
         L_G.backward()
         opt_G.step()
@@ -358,19 +366,22 @@ def train_wgan_gp(G, D, opt_G, opt_D, X, *, steps, start=0, n_critic=5, lam=10.0
 
 
 def train_encoder(E, G, D, opt, X, *, steps, start=0, kappa=1.0, finetune=False, batch_size=4, seed=0,
-                  device="cpu", amp=False, curves=None, save=None, ckpt_every=1, phase="step 2 encoder"):
+                  device="cpu", amp=False, curves=None, save=None, ckpt_every=1, phase="step 2 encoder", ddp=None):
     """Step 2 (finetune=False): only E minimises Eq. (6); G and D are frozen (no gradients, eval mode).
-    Step 3 (finetune=True): E and G minimise Eq. (6) together; D stays frozen (it only provides f)."""
+    Step 3 (finetune=True): E and G minimise Eq. (6) together; D stays frozen (it only provides f).
+    ddp: {"E": E_, "G": G_}, the DistributedDataParallel wrappers under torchrun (else E and G)."""
     curves = curves if curves is not None else {}
+    E_ = (ddp or {}).get("E", E)
+    G_ = (ddp or {}).get("G", G) if finetune else G                    # a frozen G needs no gradient averaging
     D.eval(), G.eval(), E.train()
     set_trainable(D, False)
     set_trainable(G, finetune)
     key = "L_E (Eq. 6), step 3 fine-tune E+G" if finetune else "L_E (Eq. 6), step 2 encoder"
     offset = 10**6 if finetune else 5 * 10**5                          # different batches from step 1
     for step in C.progress(range(start, steps), total=steps - start, desc=phase):
-        x = get_batch(X, batch_indices(len(X), batch_size, offset + step, seed), device)
+        x = get_batch(X, rank_batch(len(X), batch_size, offset + step, seed), device)
         with C.autocast(device, amp):
-            x_rec = G(E(x))                                            # x~ = G(E(x))
+            x_rec = G_(E_(x))                                          # x~ = G(E(x))
             with torch.no_grad():
                 f_x = D.features(x)
             L_E = encoder_loss(x, x_rec, f_x, D.features(x_rec), kappa).mean()  # Eq. (6)
@@ -675,7 +686,16 @@ def main(argv=None):
             state["phase"] = 4
         run.log(f"loaded {ck_src} (phase {ck['phase']}, step {ck['step']})")
 
-    ckpt_every = args.ckpt_every or max(1, len(S_train.x) // args.batch_size)   # default: once per epoch
+    # torchrun: DistributedDataParallel wrappers average the gradients over the processes, each of which
+    # trains on its own --batch-size share of every global batch (alone, they are the models themselves)
+    ddp = {k: C.ddp_wrap(m, device) for k, m in models.items()}
+    global_batch = args.batch_size * C.ddp_world()
+    if global_batch > len(S_train.x):
+        C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
+               f"{len(S_train.x)} training samples; use a smaller --batch-size")
+    if C.ddp_world() > 1:
+        run.log(f"{C.ddp_world()} processes x batch {args.batch_size} = effective batch {global_batch}")
+    ckpt_every = args.ckpt_every or max(1, len(S_train.x) // global_batch)   # default: once per epoch
 
     def saver(phase):
         def save(step):
@@ -702,17 +722,17 @@ def main(argv=None):
     if state["phase"] == 1:
         run.log(f"step 1: WGAN-GP, {args.gan_steps} generator iterations x {args.n_critic} critic iterations")
         train_wgan_gp(G, D, opt_G, opt_D, S_train.x, steps=args.gan_steps, start=state["step"], n_critic=args.n_critic,
-                      lam=args.lam, latent_dim=args.latent_dim, save=saver(1), **common_kw)
+                      lam=args.lam, latent_dim=args.latent_dim, save=saver(1), ddp=ddp, **common_kw)
         track("step1_wgan_gp")
         release(models.values(), opt_G, opt_D)
         state.update(phase=2, step=0)
     if state["phase"] == 2:
         run.log(f"step 2: encoder (izif), G and D frozen, {args.enc_steps} iterations")
         train_encoder(E, G, D, opt_E, S_train.x, steps=args.enc_steps, start=state["step"], kappa=args.kappa,
-                      finetune=False, save=saver(2), **common_kw)
+                      finetune=False, save=saver(2), ddp=ddp, **common_kw)
         track("step2_encoder")
         release(models.values(), opt_E)
-        if args.finetune:   # keep the test scores before step 3 for the ablation (suppl. Table S2)
+        if args.finetune and C.is_main():   # keep the test scores before step 3 for the ablation (suppl. Table S2)
             state["scores_step2"] = {"test": score_set(E, G, D, S_test, kappa=args.kappa, batch_size=args.batch_size,
                                                        device=device, amp=args.amp)[0]}
         state.update(phase=3, step=0)
@@ -720,11 +740,13 @@ def main(argv=None):
         if args.finetune:
             run.log(f"step 3: fine-tuning E and G on L_E, {args.ft_steps} iterations")
             train_encoder(E, G, D, opt_EG, S_train.x, steps=args.ft_steps, start=state["step"], kappa=args.kappa,
-                          finetune=True, save=saver(3), phase="step 3 fine-tune", **common_kw)
+                          finetune=True, save=saver(3), phase="step 3 fine-tune", ddp=ddp, **common_kw)
             track("step3_finetune")
             release(models.values(), opt_EG)
         saver(4)(0)                                                    # the finished model, train_s included
     train_s = state["train_s"]
+    if not C.is_main():                                                # torchrun: process 0 scores and writes
+        return None
 
     # ---- scoring ---------------------------------------------------------------------------------
     with C.Timer() as t_score:
@@ -745,6 +767,7 @@ def main(argv=None):
     thr = C.threshold_from_healthy(val_scores, percentile=args.val_percentile)
     extra = {
         "dims": args.dims,
+        "world_size": C.ddp_world(), "effective_batch_size": global_batch,
         "per_type": per_type(rows),
         "oracle_youden": C.youden(y, s),
         "val_threshold": {"percentile": args.val_percentile, "threshold": thr,

@@ -451,8 +451,16 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
     device = run.device
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    # Under torchrun (several GPUs/machines) G_ and D_ are DistributedDataParallel wrappers that average
+    # the gradients over the processes; alone they are G and D themselves. Each process takes its own
+    # --batch-size windows of every global batch (C.shard), so the effective batch is batch x processes.
+    G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
+    global_batch = args.batch_size * C.ddp_world()
     n_win = len(win_rows)
-    epoch_steps = max(1, math.ceil(n_win / args.batch_size))
+    if global_batch > n_win:
+        C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
+               f"{n_win} training windows; use a smaller --batch-size")
+    epoch_steps = max(1, math.ceil(n_win / global_batch))
     ckpt_every = min(args.ckpt_every or epoch_steps, epoch_steps)          # at least once per epoch
     rng = np.random.default_rng(args.seed)
     hist = {"loss_D": [], "loss_G_adv": [], "loss_l1": [], "gp": [], "wdist": []}
@@ -470,10 +478,11 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
     ckpt_path = run.out / "last.pt"
 
     def next_batch():
-        if state["pos"] + args.batch_size > n_win:             # new epoch: reshuffle the windows
+        if state["pos"] + global_batch > n_win:                # new epoch: reshuffle the windows
             state["perm"], state["pos"] = rng.permutation(n_win), 0
-        idx = state["perm"][state["pos"]: state["pos"] + args.batch_size]
-        state["pos"] += args.batch_size
+        idx = state["perm"][state["pos"]: state["pos"] + global_batch]
+        state["pos"] += global_batch
+        idx = C.shard(idx)                                     # this process's windows (all of them alone)
         return split_window(reader(win_rows[idx]), args.k_in, device)
 
     def save():
@@ -483,10 +492,11 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
             "step": state["step"], "args": vars(args), "rng": C.rng_state(),
             "sampler_rng": rng.bit_generator.state, "train_state": state, "history": hist})
 
-    run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps; "
+    run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps, batch "
+            f"{args.batch_size}{f' x {C.ddp_world()} processes = {global_batch}' if C.ddp_world() > 1 else ''}; "
             f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
             f"parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
-    if args.eval_every and state["step"] == 0 and not state["auc_steps"]:
+    if args.eval_every and state["step"] == 0 and not state["auc_steps"] and C.is_main():
         state["auc_steps"].append(evaluator(0))                # the untrained generator: a baseline
     t0 = time.time()
     G.train()
@@ -497,20 +507,20 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
             cond, real = next_batch()                          # (B, 3, H, W), (B, 3, H, W)
             last = i == args.n_critic - 1
             with torch.set_grad_enabled(last), C.autocast(device, args.amp):
-                fake = G(cond)                                 # (B, 3, H, W) reconstructed next slices
+                fake = G_(cond)                                # (B, 3, H, W) reconstructed next slices
             state["critic_updates"] += 1
             flip = args.flip_every > 0 and state["critic_updates"] % args.flip_every == 0
             with C.autocast(device, args.amp):
-                d_real, d_fake = D(cond, real), D(cond, fake.detach())
+                d_real, d_fake = D_(cond, real), D_(cond, fake.detach())
                 loss_wd = critic_loss(d_real, d_fake, flip=flip)
-                gp = gradient_penalty(D, cond, real, fake.float())
+                gp = gradient_penalty(D_, cond, real, fake.float())
                 loss_D = loss_wd + args.gp_weight * gp
             opt_D.zero_grad(set_to_none=True)
             loss_D.backward()
             opt_D.step()
         # ---- generator: WGAN-GP adversarial + 100 l1, on the last critic batch ----
         with C.autocast(device, args.amp):
-            loss_G, adv, l1 = generator_loss(D(cond, fake), real, fake, args.l1_weight)
+            loss_G, adv, l1 = generator_loss(D_(cond, fake), real, fake, args.l1_weight)
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
@@ -523,8 +533,8 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
             for k, v in (("loss_D", loss_D_plain), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
                          ("wdist", (d_real - d_fake).mean())):
                 hist[k].append((step, float(v.detach())))
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            state["auc_steps"].append(evaluator(step))
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps) and C.is_main():
+            state["auc_steps"].append(evaluator(step))         # (under torchrun: process 0 only)
             G.train()
         if step % ckpt_every == 0 or step == args.steps:
             save()
@@ -801,8 +811,11 @@ def main(argv=None):
         auc_steps = state["auc_steps"]
         timing["train_s"] = round(train_s, 2)
         run.log(f"trained in {train_s:.0f}s; peak memory so far {C.peak_memory_mb(device)}")
+    if not C.is_main():                                        # torchrun: process 0 scores and writes
+        return None
     extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
              "steps": args.steps, "score_windows": args.score_windows,
+             "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
              "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)}}
     res = evaluate_and_plot(args, run, G, test_scorer, S_test, val_scorer, hist, auc_steps, timing, data.info, extra)
     return res
