@@ -114,10 +114,15 @@ def run_script(method, preset, seed, runs, skip_existing):
 
 
 def _dice_of(res, group):
+    """Per-case Dice at the method's healthy-data threshold, where the script reports one
+    (anovaegan.py: results["dice"][group]["mean"]); None elsewhere."""
     g = res.get("groups", {}).get(group, {})
     for k in ("dice", "dice_mean"):
         if isinstance(g.get(k), (int, float)):
             return g[k]
+    d = res.get("dice", {})
+    if isinstance(d, dict) and isinstance(d.get(group), dict) and isinstance(d[group].get("mean"), (int, float)):
+        return d[group]["mean"]
     return None
 
 
@@ -178,18 +183,44 @@ def main():
     write_report(a, methods, table, costs, roc, total)
 
 
+def _contrast_of(key):
+    """'madgan (scan)' -> 't1'; 'baseline zscore (t1, volume)' -> 't1'."""
+    if key.startswith("baseline"):
+        return key.split("(")[1].split(",")[0]
+    return METHODS[key.split(" ")[0]]
+
+
 def write_report(a, methods, table, costs, roc, total):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Benchmark: `python benchmark.py --seeds {a.seeds} --preset {a.preset}`", "",
              f"Synthetic phantom, CPU, {a.seeds} seed(s){' (mean ± std)' if a.seeds > 1 else ''}; "
              f"total {total / 60:.1f} min. Each anomalous group is scored against the normal test group of "
-             "the same contrast, at the unit in brackets (patch, slice, volume, scan). Dice: per-case Dice "
-             "at a threshold from healthy validation data (– where the method gives no segmentation).", "",
-             "| method (unit) | group | AUROC | AUPRC | Dice |", "|---|---|---|---|---|"]
-    for (k, g), e in sorted(table.items()):
-        lines.append(f"| {k} | {g} | {_fmt(e['auroc'])} | {_fmt(e['auprc'])} | {_fmt(e['dice'])} |")
-    lines += ["", "| method (unit) | train s | score s / sample | peak RSS MB |", "|---|---|---|---|"]
+             "the same contrast, at the unit in brackets (patch, slice, volume, scan): units differ between "
+             "methods, so compare a method with the baselines of its own contrast first.", ""]
+    names = {"t1": "T1", "flair": "FLAIR", "ct": "CT"}
+    for contrast in ("t1", "flair", "ct"):
+        keys = [k for k in dict.fromkeys(k for k, _ in table) if _contrast_of(k) == contrast]
+        if not keys:
+            continue
+        keys.sort(key=lambda k: (k.startswith("baseline"), k))
+        groups = sorted({g for k, g in table if k in keys})
+        lines += [f"## {names[contrast]}: AUROC (AUPRC)", "",
+                  "| method (unit) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for k in keys:
+            cells = [f"{_fmt(table[(k, g)]['auroc'], 2)} ({_fmt(table[(k, g)]['auprc'], 2)})" if (k, g) in table
+                     else "–" for g in groups]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        with_dice = [k for k in keys if any(v is not None for g in groups for v in table.get((k, g), {}).get("dice", []))]
+        if with_dice:
+            lines += ["", f"Dice per case at a threshold from healthy validation data ({names[contrast]}):", "",
+                      "| method (unit) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+            for k in with_dice:
+                lines.append(f"| {k} | " + " | ".join(_fmt(table[(k, g)]["dice"], 3) if (k, g) in table else "–"
+                                                      for g in groups) + " |")
+        lines.append("")
+    lines += ["## Cost (2-core CPU)", "", "| method (unit) | train s | score s / sample | peak RSS MB |",
+              "|---|---|---|---|"]
     for k, c in costs.items():
         lines.append(f"| {k} | {_fmt(c['train_s'], 1)} | {_fmt(c['score'], 4)} | {_fmt(c['rss'], 0)} |")
     (out / "benchmark.md").write_text("\n".join(lines) + "\n")
@@ -197,7 +228,8 @@ def write_report(a, methods, table, costs, roc, total):
                                           "table": {f"{k}|{g}": e for (k, g), e in table.items()},
                                           "costs": costs})
     plt = C._plt()
-    keys = list(roc)
+    order = {"t1": 0, "flair": 1, "ct": 2}
+    keys = sorted(roc, key=lambda k: (order[_contrast_of(k)], k.startswith("baseline"), k))
     ncol = 4
     nrow = (len(keys) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.8 * nrow), squeeze=False)
