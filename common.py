@@ -1506,14 +1506,21 @@ def check_finite(loss, step=None, ckpt=None):
 
 @contextlib.contextmanager
 def autocast(device, enabled=False):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
+    """Mixed precision (--amp) on CUDA in bf16; a no-op elsewhere. bf16 has float32's exponent range, so no
+    GradScaler is needed. GPUs without bf16 (before Ampere) train in float32: fp16 would need loss scaling
+    in every loop, including through the double backward of the gradient penalties."""
     import torch
-    if enabled and getattr(device, "type", str(device)) == "cuda":
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast("cuda", dtype=dt):
+    if enabled and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_bf16_supported():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             yield
     else:
+        if enabled and getattr(device, "type", str(device)) == "cuda" and not _warned.get("amp"):
+            _warned["amp"] = True
+            print("warning: --amp needs a GPU with bf16 (Ampere or newer); training in float32", file=sys.stderr)
         yield
+
+
+_warned = {}
 
 
 def progress(iterable, total=None, desc="", every=5.0, file=None):

@@ -66,6 +66,7 @@ Commands
     python fanogan3d.py --dims 2                       # the 2D f-AnoGAN baseline (§3)
     python fanogan3d.py --preset paper --data ctich    # the paper's settings, on a GPU
     python fanogan3d.py --preset paper --max-steps 5 --batch-size 4   # short run: peak GPU memory
+    torchrun --nproc_per_node=4 fanogan3d.py --preset paper --data ctich --batch-size 1   # 4 GPUs, batch 4
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def build_parser():
     g.add_argument("--width", type=int, default=None,
                    help="channels of the widest-resolution layer; deeper layers double it, Fig. 3 / [15] (paper 64)")
     g.add_argument("--latent-dim", type=int, default=None, help="size of z, §2 'Model architecture' (paper 2500)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size; not in the paper ([15] uses 4)")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size (per process under torchrun); not in the paper ([15] uses 4)")
     g.add_argument("--n-critic", type=int, default=None, help="critic iterations per G iteration, WGAN-GP [9] (5)")
     g.add_argument("--lam", type=float, default=None, help="λ in Eq. (2), gradient-penalty weight [9] (paper 10)")
     g.add_argument("--kappa", type=float, default=None, help="κ in Eq. (6), feature-loss weight; not given (f-AnoGAN 1)")

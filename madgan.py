@@ -75,6 +75,8 @@ Commands:
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
     python madgan.py --data oasis3 --data-root data/oasis3 --preset paper --amp   # the paper (GPU)
     python madgan.py --data oasis3 --checkpoint runs/.../last.pt                  # score only
+    torchrun --nproc_per_node=4 madgan.py --data oasis3 --preset paper --amp --batch-size 4
+                                      # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def build_parser():
     a("--lr", type=float, default=None, help="Adam learning rate, §Implementation (paper 2e-4)")
     a("--beta1", type=float, default=None, help="Adam β1 (not stated in the paper; pix2pix 0.5)")
     a("--beta2", type=float, default=None, help="Adam β2 (not stated in the paper; 0.999)")
-    a("--batch-size", type=int, default=None, help="windows per step, §Implementation (paper 16)")
+    a("--batch-size", type=int, default=None, help="windows per step (per process under torchrun), §Implementation (paper 16)")
     a("--steps", type=int, default=None, help="generator steps, §Implementation (paper 1.8M; quick 1200)")
     a("--n-critic", type=int, default=None, help="critic updates per generator update (not stated; 1)")
     a("--flip-every", type=int, default=None,
