@@ -677,12 +677,24 @@ def main(argv=None):
     S_te = C.slice_stack(test_cases, desc="test", **kw)
     S_va = C.slice_stack(data.val, desc="val", **kw)
     P = grid_patch_set(S_te, range(len(S_te)), c, args.test_stride, args.min_brain)
-    Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain)
-    if args.val_patches and len(Pv["x"]) > args.val_patches:
+    # healthy validation patches set the operating point; a data set can leave none at the test level (BraTS
+    # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy
+    # training patches set it (optimistic, but never the test labels), and results.json says so.
+    val_from = "val"
+    if len(S_va) and any(len(C.grid_patches(np.asarray(S_va.brain[i]), c, args.test_stride, args.min_brain))
+                         for i in range(len(S_va))):
+        Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain)
+    else:
+        val_from = "train (no healthy validation patch at the test slices)"
+        run.log("warning: no healthy validation patch; the operating point comes from training patches")
+        Pv = None
+    if Pv is not None and args.val_patches and len(Pv["x"]) > args.val_patches:
         sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
         Pv = {k: v[sel] for k, v in Pv.items()}
     n_tr = min(args.train_eval_patches or len(X), len(X))
     X_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
+    if Pv is None:
+        Pv = {"x": X_tr}
     run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, {len(Pv['x'])} validation and "
             f"{n_tr} training patches; Γ={args.steps}, batch {args.map_batch}")
 
@@ -807,7 +819,7 @@ def main(argv=None):
         "comparison_auroc": comparison,
         "auroc_A_by_anomalous_pixels": by_size,
         "oracle_youden_table1": table,
-        "at_val_threshold": {"percentile": args.threshold_pct, **at_val},
+        "at_val_threshold": {"percentile": args.threshold_pct, "from": val_from, **at_val},
         "slice_level": {"how": f"{args.agg} of the patch scores A(x) of a slice's grid patches; a slice is "
                                "anomalous if it holds >= 1 anomalous pixel", **ev_slice},
         "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group", **ev_scan},
