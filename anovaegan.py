@@ -696,13 +696,17 @@ def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, media
 
 def compare(args, run):
     """Table 1 and Fig. 5 across finished runs of this script (each run = one row)."""
+    import json
     rows, fig_items = [], []
     for d in args.compare:
         d = Path(d)
         f = d / "results.json"
+        cfg = d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("args", {}).get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")   # runs/anovaegan__* has it
+            continue
         if not f.is_file():
             C.fail(f"--compare {d}: no results.json (is it a finished run of anovaegan.py?)")
-        import json
         res = json.loads(f.read_text())
         if res.get("method") != METHOD:
             C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {METHOD}")

@@ -284,6 +284,13 @@ def test_smoke_run_writes_contract_files(tmp_path):
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["threshold"]["value"] == pytest.approx(res["threshold"]["value"], rel=1e-4)
     assert set(res2["groups"]) == {"normal", "tumor"}
+    # --compare builds Table 1 over finished runs; a glob such as runs/anovaegan__* also matches earlier
+    # --compare folders, which are skipped rather than stopping the table
+    cmp1, cmp2 = tmp_path / "cmp1", tmp_path / "cmp2"
+    A.main(["--compare", str(out), str(out2), "--out", str(cmp1)])
+    A.main(["--compare", str(out), str(cmp1), str(out2), "--out", str(cmp2)])
+    assert (cmp1 / "table1.md").read_text() == (cmp2 / "table1.md").read_text()
+    assert (cmp2 / "table1.md").read_text().count("AnoVAEGAN") >= 2
 
 
 def test_bad_flags_give_one_error_line(tmp_path):
