@@ -22,6 +22,7 @@ Their maps are thresholded at the 98th percentile of the map on healthy validati
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +44,19 @@ PAPERS = {  # the papers' own headline numbers, for the README table
 }
 
 
+PLURAL = {"patch": "patches", "slice": "slices", "volume": "volumes", "scan": "scans"}
+# the paper's headline comparison -> the phantom groups that stand in for it (README "The five papers")
+HEADLINE = {
+    "anogan": ("Schlegl et al., IPMI 2017", "retinal OCT patches", ["lesion_hyper", "tumor"], "auroc"),
+    "fanogan3d": ("Simarro Viana et al., BrainLes 2020", "TBI head CT volumes", ["hemorrhage"], "auroc"),
+    "anovaegan": ("Baur et al., BrainLes 2018", "MS lesions, FLAIR slices", ["lesion_hyper", "tumor"], "dice"),
+    "madgan": ("Han et al., BMC Bioinformatics 2021", "OASIS-3 T1 scans, CDR 0.5 / 1 / 2",
+               ["atrophy_1", "atrophy_2", "atrophy_3"], "auroc"),
+    "reversed_ae": ("Bercea et al., MIDL 2023", "T1 slices, global pathologies",
+                    ["atrophy_1", "atrophy_2", "atrophy_3", "tumor"], "auroc"),
+}
+
+
 def parse():
     p = C.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with seeds 0..N-1 (default 1)")
@@ -51,6 +65,8 @@ def parse():
     p.add_argument("--out", default="results", help="where benchmark.md/png/json go (default results/)")
     p.add_argument("--runs", default="runs/benchmark", help="run directories of the scripts")
     p.add_argument("--skip-existing", action="store_true", help="reuse a finished run directory")
+    p.add_argument("--no-readme", action="store_true",
+                   help="do not copy the tables into README.md (done by default for --preset quick into results/)")
     return p.parse_args()
 
 
@@ -97,10 +113,15 @@ def baselines(contrast, preset, seed):
 
 # ---- running the scripts ------------------------------------------------------------------------
 
+REUSED = []   # (method, train + score seconds) of the runs --skip-existing took from an earlier invocation
+
+
 def run_script(method, preset, seed, runs, skip_existing):
     out = Path(runs) / f"{method}__{preset}__{seed}"
     if skip_existing and (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text()), out
+        r = json.loads((out / "results.json").read_text())
+        REUSED.append((method, r.get("timing", {}).get("train_s", 0) + r.get("timing", {}).get("score_s", 0)))
+        return r, out
     cmd = [sys.executable, f"{method}.py", "--preset", preset, "--seed", str(seed), "--out", str(out), "--device", "cpu"]
     print("$ " + " ".join(cmd), flush=True)
     t = time.time()
@@ -195,10 +216,25 @@ def write_report(a, methods, table, costs, roc, total):
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Benchmark: `python benchmark.py --seeds {a.seeds} --preset {a.preset}`", "",
              f"Synthetic phantom, CPU, {a.seeds} seed(s){' (mean ± std)' if a.seeds > 1 else ''}; "
-             f"total {total / 60:.1f} min. Each anomalous group is scored against the normal test group of "
+             f"this invocation {total / 60:.1f} min"
+             + (f" ({len(REUSED)} script runs reused from an earlier invocation with --skip-existing, "
+                f"{sum(t for _, t in REUSED) / 60:.1f} min of training and scoring)" if REUSED else "")
+             + f"; threads per run: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Each anomalous group is scored against the normal test group of "
              "the same contrast, at the unit in brackets (patch, slice, volume, scan): units differ between "
              "methods, so compare a method with the baselines of its own contrast first.", ""]
     names = {"t1": "T1", "flair": "FLAIR", "ct": "CT"}
+    lines += ["## The papers' headline comparisons, on the phantom", "",
+              f"| paper | script | paper's data | phantom stand-in | ours (--preset {a.preset}) | the paper's number |",
+              "|---|---|---|---|---|---|"]
+    for m in methods:
+        key = next((k for k, _ in table if k.split(" ")[0] == m), None)
+        if key is None:
+            continue
+        cite, pdata, groups, metric = HEADLINE[m]
+        ours = " / ".join(_fmt(table[(key, g)][metric], 2) if (key, g) in table else "–" for g in groups)
+        lines.append(f"| {cite} | `{m}.py` | {pdata} | {names[METHODS[m]]} {PLURAL[key.split('(')[1][:-1]]}: "
+                     f"{' / '.join(groups)} | {metric.upper() if metric == 'auroc' else 'Dice'} {ours} | {PAPERS[m]} |")
+    lines.append("")
     for contrast in ("t1", "flair", "ct"):
         keys = [k for k in dict.fromkeys(k for k, _ in table) if _contrast_of(k) == contrast]
         if not keys:
@@ -219,7 +255,7 @@ def write_report(a, methods, table, costs, roc, total):
                 lines.append(f"| {k} | " + " | ".join(_fmt(table[(k, g)]["dice"], 3) if (k, g) in table else "–"
                                                       for g in groups) + " |")
         lines.append("")
-    lines += ["## Cost (2-core CPU)", "", "| method (unit) | train s | score s / sample | peak RSS MB |",
+    lines += ["## Cost (CPU, as run)", "", "| method (unit) | train s | score s / sample | peak RSS MB |",
               "|---|---|---|---|"]
     for k, c in costs.items():
         lines.append(f"| {k} | {_fmt(c['train_s'], 1)} | {_fmt(c['score'], 4)} | {_fmt(c['rss'], 0)} |")
@@ -248,11 +284,33 @@ def write_report(a, methods, table, costs, roc, total):
         ax.set_title(k, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.set(xlim=(0, 1), ylim=(0, 1.01))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("true positive rate")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("false positive rate")
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
     fig.suptitle("ROC per method and group (normal vs group), synthetic phantom", fontsize=11)
     C._save(fig, out / "benchmark.png")
     print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.png'} in {total / 60:.1f} min")
+    if a.preset == "quick" and Path(a.out).resolve() == (REPO / "results").resolve() and not a.no_readme:
+        update_readme(REPO / "README.md", lines)
+
+
+README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+def update_readme(path, lines):
+    """Copy the tables between the README's benchmark markers, so the README shows what this run produced."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"{path}: no {README_START} ... {README_END} markers; README left as it is")
+        return
+    body = "\n".join(["", *[ln.replace("## ", "#### ", 1) if ln.startswith("## ") else ln for ln in lines[2:]],
+                      "![ROC curves per method and group](results/benchmark.png)", ""])
+    head, rest = text.split(README_START, 1)
+    path.write_text(head + README_START + body + README_END + rest.split(README_END, 1)[1])
+    print(f"updated the benchmark tables in {path}")
 
 
 if __name__ == "__main__":

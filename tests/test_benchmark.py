@@ -33,3 +33,12 @@ def test_report_has_one_table_per_contrast_and_mean_std_over_seeds(tmp_path):
     assert "0.85 ± 0.05 (0.70 ± 0.00)" in md                           # mean ± std over the two seeds
     assert "0.200 ± 0.100" in md                                         # the baseline's Dice
     assert (tmp_path / "benchmark.png").stat().st_size > 0 and (tmp_path / "benchmark.json").is_file()
+
+
+def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{B.README_START}\nold numbers\n{B.README_END}\nafter\n")
+    B.update_readme(readme, ["# title", "", "## T1: AUROC (AUPRC)", "| a | b |"])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old numbers" not in text
+    assert "#### T1: AUROC (AUPRC)" in text and "| a | b |" in text and "results/benchmark.png" in text
