@@ -967,8 +967,11 @@ def main(argv=None):
 
     # §4.1 / Table 1: synthetic anomalies painted on the held-out normal test slices
     normal_rows = [i for i in keep if S_test.cases[S_test.case[i]].label == 0]
-    table1, figs = synthetic_experiment(model, perceptual, x_test[normal_rows], np.asarray(S_test.brain)[normal_rows],
-                                        args, device)
+    x_syn, brain_syn, syn_on = x_test[normal_rows], np.asarray(S_test.brain)[normal_rows], "normal test slices"
+    if not normal_rows:   # e.g. BraTS tested alone: no normal test slice at these levels; use held-out healthy ones
+        x_syn, brain_syn, syn_on = x_val, np.asarray(S_val.brain), "healthy validation slices (no normal test slice)"
+    table1, figs = synthetic_experiment(model, perceptual, x_syn, brain_syn, args, device)
+    table1 = {k: {**v, "painted_on": syn_on} for k, v in table1.items()}
     score_s = time.perf_counter() - t_score
 
     # ---- figures ----
@@ -982,7 +985,7 @@ def main(argv=None):
                             "gt": np.asarray(S_test.mask[i]) if has_mask[i] else None})
     ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
     C.plot_examples(ex_rows, run.out / "examples.png")
-    plot_fig3(x_test[normal_rows], figs, main_variant, run.out / "synthetic.png")
+    plot_fig3(x_syn, figs, main_variant, run.out / "synthetic.png")
     fig7 = []
     for grp in sorted({groups[i] for i in loc}):
         cand = [i for i in sorted(loc) if groups[i] == grp]

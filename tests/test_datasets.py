@@ -335,7 +335,9 @@ SCRIPT_RUNS = [
     ("anovaegan", ["--data", "mslub"], "mslub", {"ms_lesion"}),
     ("anovaegan", ["--data", "isbi2015"], "isbi2015", {"ms_lesion"}),
     ("anogan", ["--data", "brats"], "brats", {"tumor"}),
-    ("reversed_ae", ["--data", "brats", "--modality", "t1", "--train-data", "ixi"], "brats", {"tumor"}),
+    # BraTS' normal test slices are its tumour-free ones, away from the centre: score a thicker slab
+    ("reversed_ae", ["--data", "brats", "--modality", "t1", "--train-data", "ixi", "--test-slices", "30"], "brats",
+     {"tumor"}),
 ]
 
 
