@@ -1723,6 +1723,12 @@ def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None
     Under torchrun only rank 0 writes."""
     if not is_main():
         return evaluate(rows)
+    labels = {int(r["label"]) for r in rows}
+    if labels != {0, 1}:
+        missing = "normal (label 0)" if 0 not in labels else "anomalous (label 1)"
+        fail(f"no {missing} {unit} among the {len(rows)} scored, so AUROC is undefined and no results.json is "
+             f"written; score more of each scan (e.g. more test slices, see --help) or use a test set with both "
+             f"(the checkpoint {run.out / 'last.pt'} can be re-scored with --checkpoint)")
     out = run.out
     keys = ["id", "group", "label", "score"]
     extra_cols = [k for k in rows[0] if k not in keys] if rows else []

@@ -290,3 +290,13 @@ def test_finish_run_writes_contract_files(tmp_path):
         assert (run.out / f).stat().st_size > 0
     assert json.loads((run.out / "results.json").read_text())["groups"]["lesion"]["n"] == 5
     assert (run.out / "scores.csv").read_text().splitlines()[0] == "id,group,label,score"
+
+
+def test_finish_run_refuses_a_test_set_without_normal_units(tmp_path):
+    args = _args(tmp_path, preset="smoke")
+    run = C.Run(out=tmp_path / "run", device=torch.device("cpu"), method="m", t0=0)
+    run.out.mkdir()
+    rows = [{"id": f"a{i}", "group": "lesion", "label": 1, "score": float(i)} for i in range(3)]
+    with pytest.raises(C.UserError, match="no normal"):
+        C.finish_run(run, args, "m", "slice", rows, {"train_s": 1.0})
+    assert not (run.out / "results.json").exists()
