@@ -700,7 +700,7 @@ def main(argv=None):
     # trains on its own --batch-size share of every global batch (alone, they are the models themselves)
     ddp = {k: C.ddp_wrap(m, device) for k, m in models.items()}
     global_batch = args.batch_size * C.ddp_world()
-    if global_batch > len(S_train.x):
+    if C.ddp_world() > 1 and global_batch > len(S_train.x):      # every process needs its own samples
         C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
                f"{len(S_train.x)} training samples; use a smaller --batch-size")
     if C.ddp_world() > 1:
@@ -773,7 +773,15 @@ def main(argv=None):
 
     # ---- evaluation (§3) -------------------------------------------------------------------------
     y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
-    val_scores = sc_val["score"] if len(sc_val["score"]) else s[y == 0]   # no val set: fall back, and say so
+    val_from = "val"
+    val_scores = sc_val["score"]
+    if not len(val_scores):   # no healthy validation set: healthy training volumes (optimistic), never test labels
+        val_from = "train (no val set)"
+        n = min(len(S_train.x), 64)
+        sub = C.ArraySet(x=S_train.x[:n], mask=S_train.mask[:n], brain=S_train.brain[:n], case=S_train.case[:n],
+                         z=S_train.z[:n], cases=S_train.cases)
+        val_scores = score_set(E, G, D, sub, kappa=args.kappa, batch_size=args.batch_size, device=device,
+                               amp=args.amp)[0]["score"]
     thr = C.threshold_from_healthy(val_scores, percentile=args.val_percentile)
     extra = {
         "dims": args.dims,
@@ -781,7 +789,7 @@ def main(argv=None):
         "per_type": per_type(rows),
         "oracle_youden": C.youden(y, s),
         "val_threshold": {"percentile": args.val_percentile, "threshold": thr,
-                          "from": "val" if len(sc_val["score"]) else "test normal (no val set)",
+                          "from": val_from,
                           **C.binary_stats(y, s >= thr)},
         "params": n_par,
         "memory": {**C.peak_memory_mb(device), **({"cuda_mb": max(state["peak_cuda_mb"].values()),

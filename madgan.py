@@ -468,7 +468,7 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
     G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
     global_batch = args.batch_size * C.ddp_world()
     n_win = len(win_rows)
-    if global_batch > n_win:
+    if C.ddp_world() > 1 and global_batch > n_win:             # every process needs its own windows
         C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
                f"{n_win} training windows; use a smaller --batch-size")
     epoch_steps = max(1, math.ceil(n_win / global_batch))
