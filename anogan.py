@@ -459,9 +459,12 @@ def patch_group(label, case_group, case_label):
     return case_group if label else ("normal" if case_label == 0 else f"{case_group}_0")
 
 
-def grid_patch_set(S, rows, size, stride, min_brain):
-    """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays."""
+def grid_patch_set(S, rows, size, stride, min_brain, allow_empty=False):
+    """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays
+    (None when there is none and allow_empty)."""
     pos = [(i, t, l) for i in rows for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos and allow_empty:
+        return None
     if not pos:
         C.fail(f"no {size}x{size} test patch with >= {min_brain:.0%} brain; lower --patch-size or --min-brain")
     idx, top, left = (np.array(a, dtype=np.int64) for a in zip(*pos))
@@ -681,13 +684,10 @@ def main(argv=None):
     # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy
     # training patches set it (optimistic, but never the test labels), and results.json says so.
     val_from = "val"
-    if len(S_va) and any(len(C.grid_patches(np.asarray(S_va.brain[i]), c, args.test_stride, args.min_brain))
-                         for i in range(len(S_va))):
-        Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain)
-    else:
+    Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain, allow_empty=True)
+    if Pv is None:
         val_from = "train (no healthy validation patch at the test slices)"
         run.log("warning: no healthy validation patch; the operating point comes from training patches")
-        Pv = None
     if Pv is not None and args.val_patches and len(Pv["x"]) > args.val_patches:
         sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
         Pv = {k: v[sel] for k, v in Pv.items()}

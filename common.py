@@ -1655,6 +1655,15 @@ def ddp_wrap(model, device):
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def global_batch_size(batch_size, n, what="training samples"):
+    """--batch-size per process x processes; under torchrun every process needs its own share of the data."""
+    g = batch_size * ddp_world()
+    if ddp_world() > 1 and g > n:
+        fail(f"--batch-size {batch_size} x {ddp_world()} processes = {g} is more than the {n} {what}; "
+             f"use a smaller --batch-size")
+    return g
+
+
 def unwrap(model):
     """The plain module inside a DDP wrapper (checkpoints hold plain state_dicts: loadable either way)."""
     return getattr(model, "module", model)

@@ -699,10 +699,7 @@ def main(argv=None):
     # torchrun: DistributedDataParallel wrappers average the gradients over the processes, each of which
     # trains on its own --batch-size share of every global batch (alone, they are the models themselves)
     ddp = {k: C.ddp_wrap(m, device) for k, m in models.items()}
-    global_batch = args.batch_size * C.ddp_world()
-    if C.ddp_world() > 1 and global_batch > len(S_train.x):      # every process needs its own samples
-        C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
-               f"{len(S_train.x)} training samples; use a smaller --batch-size")
+    global_batch = C.global_batch_size(args.batch_size, len(S_train.x))
     if C.ddp_world() > 1:
         run.log(f"{C.ddp_world()} processes x batch {args.batch_size} = effective batch {global_batch}")
     ckpt_every = args.ckpt_every or max(1, len(S_train.x) // global_batch)   # default: once per epoch
@@ -777,10 +774,8 @@ def main(argv=None):
     val_scores = sc_val["score"]
     if not len(val_scores):   # no healthy validation set: healthy training volumes (optimistic), never test labels
         val_from = "train (no val set)"
-        n = min(len(S_train.x), 64)
-        sub = C.ArraySet(x=S_train.x[:n], mask=S_train.mask[:n], brain=S_train.brain[:n], case=S_train.case[:n],
-                         z=S_train.z[:n], cases=S_train.cases)
-        val_scores = score_set(E, G, D, sub, kappa=args.kappa, batch_size=args.batch_size, device=device,
+        first64 = argparse.Namespace(x=S_train.x[:64])                 # score_set reads only .x
+        val_scores = score_set(E, G, D, first64, kappa=args.kappa, batch_size=args.batch_size, device=device,
                                amp=args.amp)[0]["score"]
     thr = C.threshold_from_healthy(val_scores, percentile=args.val_percentile)
     extra = {

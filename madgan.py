@@ -466,11 +466,8 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
     # the gradients over the processes; alone they are G and D themselves. Each process takes its own
     # --batch-size windows of every global batch (C.shard), so the effective batch is batch x processes.
     G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
-    global_batch = args.batch_size * C.ddp_world()
     n_win = len(win_rows)
-    if C.ddp_world() > 1 and global_batch > n_win:             # every process needs its own windows
-        C.fail(f"--batch-size {args.batch_size} x {C.ddp_world()} processes = {global_batch} is more than the "
-               f"{n_win} training windows; use a smaller --batch-size")
+    global_batch = C.global_batch_size(args.batch_size, n_win, "training windows")
     epoch_steps = max(1, math.ceil(n_win / global_batch))
     ckpt_every = min(args.ckpt_every or epoch_steps, epoch_steps)          # at least once per epoch
     rng = np.random.default_rng(args.seed)
