@@ -199,6 +199,17 @@ def test_scores_do_not_depend_on_batch_composition():
     assert torch.allclose(p[0], p0[0]) and ((p >= 0) & (p <= 1)).all()
 
 
+def test_nearest_patch_residual_is_eq3_for_the_closest_training_patch():
+    """R_nn (beyond the paper): Σ|x - t| for the L1-nearest reference patch t; 0 for a patch in the set."""
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(-1, 1, (50, 8, 8)).astype(np.float32)
+    x = np.concatenate([ref[[3, 17]], rng.uniform(-1, 1, (5, 8, 8)).astype(np.float32)])
+    expected = np.abs(x[:, None] - ref[None]).sum((2, 3)).min(1)              # brute force, (7,)
+    got = A.nearest_patch_residual(x, ref, torch.device("cpu"), chunk=2)        # chunks of 2 and a rest
+    assert got.shape == (7,) and np.allclose(got, expected, rtol=1e-5)
+    assert np.allclose(got[:2], 0.0) and (got[2:] > 1.0).all()
+
+
 # ---- the script end to end ---------------------------------------------------------------------
 
 def _run(args, timeout=120):
@@ -220,7 +231,7 @@ def test_smoke_run_writes_the_contract_files(tmp_path):
     for k in ("map_s_per_patch_batched", "map_s_per_patch_single", "train_s", "score_s"):
         assert r["timing"][k] > 0
     assert r["batched_vs_single_max_abs_diff_A"] < 1e-2 * max(1.0, abs(r["groups"]["normal"]["score_mean"]))
-    assert {"A", "R", "D", "D_hat", "P_D", "A_hat"} <= set(r["comparison_auroc"])
+    assert {"A", "R", "D", "D_hat", "P_D", "A_hat", "R_nn", "x_max"} <= set(r["comparison_auroc"])
     assert {"AnoGAN A", "P_D", "GAN_R Â"} <= set(r["oracle_youden_table1"])
     for f in ("fig3.png", "fig4.png", "mapping.png"):
         assert (out / f).stat().st_size > 0
