@@ -68,7 +68,9 @@ Deviations from the paper:
   9. `paper` preset on brain slices: 128×128 slices, 64×64 patches with >= 90% brain, 100,000
      training patches (the paper: 1,000,000 OCT patches), a 16-pixel test grid.
 
-What the quick preset shows (seed 0, `python anogan.py`, patch AUROC against all normal patches):
+What the quick preset shows (seed 0, `python anogan.py` on 2 threads, patch AUROC against all normal
+patches; the one-thread benchmark run gives 0.31 / 0.77 for the first two, as float sums differ with
+the thread count and GAN training amplifies that):
     A(x): lesion_hyper 0.29, tumor 0.80, atrophy_1/2/3 0.53/0.70/0.85; mapping 19.7 ms/patch batched vs
     366 ms/patch one at a time (18.6x). The small MS-like lesions are missed: a positive patch holds a
     median of 13 lesion pixels out of 1,024, worth about 10 units of Σ|x - G(z)|, while the residual of
