@@ -87,8 +87,9 @@ the thread count and GAN training amplifies that):
     16 epochs on 128×128 slices 0.49 (where R beats the memoriser, 0.48 vs 0.42: the GAN generalises a
     little beyond its training patches), and with Γ = 200 0.55; two G updates per D update (the reference
     code's habit) 0.44; BatchNorm statistics re-estimated after training 0.48. A memoriser of 16×16
-    patches on 96 to 256-pixel slices (against normal patches only): 0.46-0.60. The tumour (median 55 pixels per patch) and the
-    atrophy stages, where a patch changes as a whole, are what this score detects.
+    patches on 96 to 256-pixel slices (against normal patches only): 0.46-0.60. The tumour (median 55
+    pixels per patch) and the atrophy stages, where a patch changes as a whole, are what this score
+    detects.
 
 Commands:
     python anogan.py                                   # quick: FLAIR phantom, ~4.5 min on 2 CPU cores
@@ -364,8 +365,9 @@ def discriminator_score(D, x):
 def nearest_patch_residual(x, X_ref, device, chunk=256):
     """Beyond the paper, a reference for R(x): R_nn(x) = min_t Σ|x - t| over healthy training patches t,
     i.e. Eq. (3) for a 'generator' that reproduces every training patch exactly and nothing in between
-    (a memoriser). If R_nn cannot separate an anomaly either, a better-trained G would not fix it: the
-    anomaly is too small against the residual of normal anatomy the score sums over.
+    (a memoriser). If R_nn cannot separate an anomaly either, training G longer is unlikely to be enough:
+    the anomaly is small against the residual of normal anatomy the score sums over. A reference, not a
+    bound: a generator can also produce patches between its training patches.
     x: (N, c, c), X_ref: (M, c, c) numpy or tensors -> (N,) numpy."""
     T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)   # (M, c*c)
     out = []
