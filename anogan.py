@@ -35,7 +35,7 @@ Beyond the paper (see README and results.json):
     checks this in float64; every run also re-maps a few patches one at a time and reports both speeds
     (`timing.map_s_per_patch_batched` / `_single`) and their largest score difference. In float32 a
     batch and a single patch round differently, and the trajectories drift apart: 0.03 on scores near
-    200 in the quick run, up to 0.7 (0.35 %) for a generator trained 9x longer.
+    200 in the quick run, 0.7 (0.35 %) for a generator trained 9x longer, 2.0 (1.3 %) after Γ = 200.
   * Slice and scan scores: the maximum patch score A over a slice's (a scan's) grid patches
     (`--agg`), for anomalies that a patch label cannot see (e.g. global atrophy).
   * Two references that are not AnoGAN, so that a poor AUROC can be read: R_nn(x), the residual to
@@ -88,7 +88,7 @@ the thread count and GAN training amplifies that):
     Also measured (one thread each, lesion_hyper AUROC): 16 epochs (5,008 updates, 15 min) 0.43;
     36 epochs (11,268 updates, 36 min) 0.39, as D wins the game (loss_D 0.22);
     16 epochs on 128×128 slices 0.49 (where R beats the memoriser, 0.48 vs 0.42: the GAN generalises a
-    little beyond its training patches), and with Γ = 200 0.55; two G updates per D update (the reference
+    little beyond its training patches), and with Γ = 200 0.55 (0.53 after 36 epochs: a plateau); two G updates per D update (the reference
     code's habit) 0.44; BatchNorm statistics re-estimated after training 0.48. A memoriser of 16×16
     patches on 96 to 256-pixel slices (against normal patches only): 0.46-0.60. The tumour (median 55
     pixels per patch) and the atrophy stages, where a patch changes as a whole, are what this score
