@@ -761,10 +761,11 @@ def main(argv=None):
     s_single, A_single = time_one_at_a_time(P["x"][:n_single], G, D, args, device, z1[:n_single])
     n_maps = 2 if args.ganr else 1
     # two references beyond the paper (not AnoGAN): a memoriser's residual and the brightest pixel
-    if args.nn_ref:
+    n_nn = min(args.nn_ref, len(X))
+    if n_nn:
         with C.Timer() as t_nn:
-            sc["R_nn"] = nearest_patch_residual(P["x"], X[: args.nn_ref, 0], device)
-        run.log(f"R_nn: nearest of {min(args.nn_ref, len(X))} training patches, {t_nn.seconds:.0f} s")
+            sc["R_nn"] = nearest_patch_residual(P["x"], X[:n_nn, 0], device)
+        run.log(f"R_nn: nearest of {n_nn} training patches, {t_nn.seconds:.0f} s")
     sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
     s_batched = t_map.seconds / len(P["x"])
 
@@ -799,8 +800,7 @@ def main(argv=None):
     rows_scan = [dict(id=cases[i].id, group=cases[i].group, label=cases[i].label, score=s) for i, s in agg_c.items()]
 
     # ---- comparisons of §3: A, R, D, D̂, (Â), P_D; Table 1; an operating point from healthy data ----
-    keys = ["A", "R", "D", "D_hat", "P_D"] + (["A_hat"] if args.ganr else []) + (["R_nn"] if args.nn_ref else [])
-    keys += ["x_max"]
+    keys = ["A", "R", "D", "D_hat", "P_D"] + (["A_hat"] if args.ganr else []) + (["R_nn"] if n_nn else []) + ["x_max"]
     comparison = {}
     for key in keys:
         e = C.evaluate([dict(group=gn, label=int(l), score=float(v)) for gn, l, v in zip(groups, y, sc[key])])
@@ -877,8 +877,8 @@ def main(argv=None):
         "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "val": len(Pv["x"]), "train_eval": n_tr,
                       "train": len(X)},
         "comparison_auroc": comparison,
-        "references": {"R_nn": (f"min over the first {min(args.nn_ref, len(X))} training patches t of Σ|x - t|: Eq. (3) "
-                                "for a generator that memorised them (beyond the paper)") if args.nn_ref else "off (--nn-ref 0)",
+        "references": {"R_nn": (f"min over the first {n_nn} training patches t of Σ|x - t|: Eq. (3) "
+                                "for a generator that memorised them (beyond the paper)") if n_nn else "off (--nn-ref 0)",
                        "x_max": "the patch's highest normalised intensity (a baseline for hyperintense anomalies, "
                                 "not AnoGAN)"},
         "auroc_A_by_anomalous_pixels": by_size,
