@@ -111,6 +111,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from data import datasets
 
 METHOD = "anogan"
 
@@ -667,11 +668,11 @@ def main(argv=None):
     run = C.start_run(args, METHOD)
     device = run.device
     size, c = (args.slice_size, args.slice_size), args.patch_size
-    data = C.load_dataset(args, contrast="flair")
+    data = datasets.load_dataset(args, contrast="flair")
     rng = np.random.default_rng(args.seed)
 
     # ---- data: training patches at random positions inside the brain (§2.1, §3) ----------------
-    S_tr = C.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices, step=args.slice_step,
+    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices, step=args.slice_step,
                          cache_dir=args.cache_dir, desc="train")
     idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches, rng=rng,
                                       min_brain=args.min_brain)
@@ -726,8 +727,8 @@ def main(argv=None):
     # test/val slices: the central `--test-slices` of the training slab (same centre and step)
     kw = dict(size=size, norm="mri", n_slices=min(args.test_slices, args.train_slices), step=args.slice_step,
               cache_dir=args.cache_dir)
-    S_te = C.slice_stack(test_cases, desc="test", **kw)
-    S_va = C.slice_stack(data.val, desc="val", **kw)
+    S_te = datasets.slice_stack(test_cases, desc="test", **kw)
+    S_va = datasets.slice_stack(data.val, desc="val", **kw)
     P = grid_patch_set(S_te, range(len(S_te)), c, args.test_stride, args.min_brain)
     # healthy validation patches set the operating point; a data set can leave none at the test level (BraTS
     # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy

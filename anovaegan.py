@@ -95,6 +95,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from data import datasets
 
 METHOD = "anovaegan"
 MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
@@ -806,12 +807,12 @@ def main(argv=None):
     device = run.device
 
     # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
-    data = C.load_dataset(args, contrast="flair", groups=args.groups)
+    data = datasets.load_dataset(args, contrast="flair", groups=args.groups)
     sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices, center=0.5,
               cache_dir=args.cache_dir)
-    S_train = C.slice_stack(data.train, desc="train", **sl)
-    S_val = C.slice_stack(data.val, desc="val", **sl)
-    S_test = C.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
+    S_train = datasets.slice_stack(data.train, desc="train", **sl)
+    S_val = datasets.slice_stack(data.val, desc="val", **sl)
+    S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
     run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} validation, "
             f"{len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import common as C
+from data import datasets
 
 REPO = Path(__file__).resolve().parent
 # script -> the phantom contrast it trains on (each script's own choice, see its docstring)
@@ -76,13 +77,13 @@ def baselines(contrast, preset, seed):
     """Both baselines on the phantom of one contrast: volume-level rows and pixel-level figures."""
     args = type("A", (), dict(data="synthetic", data_root=None, train_data=None, train_root=None,
                               preset=preset, seed=seed))()
-    data = C.load_dataset(args, contrast=contrast)
+    data = datasets.load_dataset(args, contrast=contrast)
     norm = "ct" if contrast == "ct" else "mri"
     size = (32, 32, 32) if preset == "smoke" else (64, 64, 64)
     t0 = time.perf_counter()
-    tr = C.volume_stack(data.train, size=size, norm=norm, desc="baseline train")
-    va = C.volume_stack(data.val, size=size, norm=norm, desc="baseline val")
-    te = C.volume_stack(data.test, size=size, norm=norm, desc="baseline test")
+    tr = datasets.volume_stack(data.train, size=size, norm=norm, desc="baseline train")
+    va = datasets.volume_stack(data.val, size=size, norm=norm, desc="baseline val")
+    te = datasets.volume_stack(data.test, size=size, norm=norm, desc="baseline test")
     mu = np.asarray(tr.x).mean(0)
     sd = np.asarray(tr.x).std(0) + 0.05
     train_s = time.perf_counter() - t0

@@ -89,6 +89,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from data import datasets
 
 METHOD = "fanogan3d"
 
@@ -417,9 +418,9 @@ def load_arrays(args, cases, desc):
     if not cases:
         return None
     if args.dims == 3:
-        return C.volume_stack(cases, size=(args.size,) * 3, norm="ct", ct_window=tuple(args.window),
+        return datasets.volume_stack(cases, size=(args.size,) * 3, norm="ct", ct_window=tuple(args.window),
                               smooth_sigma=args.smooth_sigma, cache_dir=args.cache_dir, desc=desc)
-    return C.slice_stack(cases, size=(args.size,) * 2, norm="ct", n_slices=args.n_slices, center=0.5,
+    return datasets.slice_stack(cases, size=(args.size,) * 2, norm="ct", n_slices=args.n_slices, center=0.5,
                          ct_window=tuple(args.window), cache_dir=args.cache_dir, desc=desc)
 
 
@@ -650,7 +651,7 @@ def main(argv=None):
     args = parse(argv)
     run = C.start_run(args, METHOD)
     device = run.device
-    data = C.load_dataset(args, contrast="ct")
+    data = datasets.load_dataset(args, contrast="ct")
     with C.Timer() as t_data:
         S_train = load_arrays(args, data.train, "train")
         S_val = load_arrays(args, data.val, "val")

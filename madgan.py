@@ -48,7 +48,7 @@ Deviations from the paper (and readings of what it leaves open):
      score is computed on intensities rescaled to [0, 1], the range of the paper's Fig. 3 colour bar.
   5. Slices: the paper keeps the ~51 axial slices containing hippocampus, amygdala and ventricles
      and zero-pads 176x240 to 176x256. We take `--n-slices` consecutive slices centred at
-     `--slice-center` of the brain's inferior->superior extent (C.slice_stack: crop to the brain's
+     `--slice-center` of the brain's inferior->superior extent (datasets.slice_stack: crop to the brain's
      bounding box, pad to a square, resize to `--image-size`), a registration-free approximation.
      The paper discards "low-quality slices" by an unstated rule; we discard none.
   6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout), so a scan's
@@ -98,6 +98,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from data import datasets
 
 METHOD = "madgan"
 
@@ -775,14 +776,14 @@ def main(argv=None):
     args = parse_args(argv)
     run = C.start_run(args, METHOD)
     device = run.device
-    data = C.load_dataset(args, contrast="t1")
+    data = datasets.load_dataset(args, contrast="t1")
     # whole slabs of consecutive slices (drop_anomalous=False): a window must never skip a slice
     stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
                  cache_dir=args.cache_dir, drop_anomalous=False)
     with C.Timer() as t_cache:
-        S_train = C.slice_stack(data.train, desc="train", **stack)
-        S_val = C.slice_stack(data.val, desc="val", **stack) if data.val else None
-        S_test = C.slice_stack(data.test, desc="test", **stack)
+        S_train = datasets.slice_stack(data.train, desc="train", **stack)
+        S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
+        S_test = datasets.slice_stack(data.test, desc="test", **stack)
     win_rows, _ = window_table(S_train, args.k_in, args.k_out)
     if len(win_rows) == 0:
         C.fail(f"no training window: every scan has fewer than --k-in + --k-out = {args.k_in + args.k_out} slices")

@@ -89,6 +89,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from data import datasets
 
 METHOD = "reversed_ae"
 
@@ -888,14 +889,14 @@ def main(argv=None):
     run = C.start_run(args, METHOD)
     device = run.device
     lpips_net = LPIPSDistance(device) if args.perceptual == "lpips" else None   # fail early, before training
-    data = C.load_dataset(args, contrast="t1")
+    data = datasets.load_dataset(args, contrast="t1")
     if not data.val:
         C.fail(f"--data {args.data}: no healthy validation volumes (needed for the 5% FPR threshold)")
     size = (args.image_size, args.image_size)
     common_kw = dict(size=size, norm="mri", center=0.5, cache_dir=args.cache_dir)
-    S_train = C.slice_stack(data.train, n_slices=args.train_slices, desc="train", **common_kw)
-    S_val = C.slice_stack(data.val, n_slices=args.test_slices, desc="val", **common_kw)
-    S_test = C.slice_stack(data.test, n_slices=args.test_slices, desc="test", **common_kw)
+    S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **common_kw)
+    S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **common_kw)
+    S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **common_kw)
     run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)} at {size[0]}x{size[1]}")
 
     model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size).to(device)

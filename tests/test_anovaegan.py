@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import anovaegan as A  # noqa: E402
 import common as C  # noqa: E402
+from data import datasets  # noqa: E402
 
 
 # ---- Eq. (2): L_VAE = λ1·‖x − x̂‖₁ + λ2·D_KL(z‖N(0, I)) − λ3·log Dis(x̂) -----------------------------
@@ -217,8 +218,8 @@ def _tiny_set(n=16, size=32, seed=0):
     brain = (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 2.5) ** 2).astype(np.uint8)
     x = np.where(brain > 0, rng.uniform(-0.5, 0.5, (n, size, size)), -1.0).astype(np.float32)
     k = n // 2
-    cases = [C.Case(id=f"c{i}", subject=f"c{i}", group="val", label=0, image="") for i in range(2)]
-    return C.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.repeat(brain[None], n, 0),
+    cases = [datasets.Case(id=f"c{i}", subject=f"c{i}", group="val", label=0, image="") for i in range(2)]
+    return datasets.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.repeat(brain[None], n, 0),
                       case=np.repeat(np.arange(2), k).astype(np.int32), z=np.tile(np.arange(k), 2).astype(np.int32),
                       cases=cases)
 
@@ -273,8 +274,8 @@ def test_smoke_run_writes_contract_files(tmp_path):
     import argparse
     ns = argparse.Namespace(data="synthetic", data_root=None, train_data=None, train_root=None, preset="smoke",
                             seed=0, modality=None)
-    data = C.load_dataset(ns, contrast="flair")
-    S_val = C.slice_stack(data.val, size=(32, 32), norm="mri", n_slices=8, center=0.5)
+    data = datasets.load_dataset(ns, contrast="flair")
+    S_val = datasets.slice_stack(data.val, size=(32, 32), norm="mri", n_slices=8, center=0.5)
     n_val = sum(int(A.eroded_brain(S_val.brain[S_val.slices_of(i)], 1).sum()) for i in range(len(S_val.cases)))
     assert res["threshold"]["source"] == "healthy validation" and res["threshold"]["n_val_pixels"] == n_val
     # --checkpoint scores without training and reproduces the threshold

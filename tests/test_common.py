@@ -13,6 +13,7 @@ import torch
 from sklearn import metrics as skm
 
 import common as C
+from data import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,42 +202,42 @@ def _args(root, **kw):
 
 
 def test_folder_loader_groups_labels_and_val_split(tmp_path):
-    s = C.load_dataset(_args(make_folder(tmp_path / "d")))
+    s = datasets.load_dataset(_args(make_folder(tmp_path / "d")))
     assert len(s.train) == 3 and len(s.val) == 1          # 10% of subjects (at least one) -> val
     assert {(c.group, c.label) for c in s.test} == {("normal", 0), ("lesion", 1)}
     assert all(c.brainmask for c in s.test) and all(c.mask for c in s.test)
-    S = C.slice_stack(s.test, size=(16, 16), n_slices=4, cache_dir=tmp_path / "cache")
+    S = datasets.slice_stack(s.test, size=(16, 16), n_slices=4, cache_dir=tmp_path / "cache")
     assert S.x.shape == (16, 16, 16) and S.x.min() >= -1 and S.x.max() <= 1
     lesion_rows = [i for i in range(len(S)) if S.cases[S.case[i]].group == "lesion"]
     assert S.mask[lesion_rows].sum() > 0 and S.mask[[i for i in range(len(S)) if i not in lesion_rows]].sum() == 0
     # the cache is reused: same files, same arrays
-    S2 = C.slice_stack(s.test, size=(16, 16), n_slices=4, cache_dir=tmp_path / "cache")
+    S2 = datasets.slice_stack(s.test, size=(16, 16), n_slices=4, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(np.asarray(S.x), np.asarray(S2.x))
-    V = C.volume_stack(s.test, size=(8, 8, 8), norm="mri", cache_dir=tmp_path / "cache")
+    V = datasets.volume_stack(s.test, size=(8, 8, 8), norm="mri", cache_dir=tmp_path / "cache")
     assert V.x.shape == (4, 8, 8, 8)
 
 
 def test_bad_inputs_give_user_errors(tmp_path):
     with pytest.raises(C.UserError, match="does not exist"):
-        C.load_dataset(_args(tmp_path / "missing"))
+        datasets.load_dataset(_args(tmp_path / "missing"))
     root = make_folder(tmp_path / "d")
     # corrupt file
     bad = root / "test" / "normal" / "test-normal0.nii.gz"
     bad.write_bytes(b"not a nifti")
-    case = [c for c in C.load_dataset(_args(root)).test if c.image == str(bad)][0]
+    case = [c for c in datasets.load_dataset(_args(root)).test if c.image == str(bad)][0]
     with pytest.raises(C.UserError, match="cannot read image .*test-normal0"):
-        C.read_case(case)
+        datasets.read_case(case)
     # NaNs
     x, _ = _blob()
     x[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(x, np.eye(4)), bad)
     with pytest.raises(C.UserError, match="NaN"):
-        C.read_case(case)
+        datasets.read_case(case)
     # mask shape mismatch
     nib.save(nib.Nifti1Image(_blob()[0], np.eye(4)), bad)
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), root / "test/normal/test-normal0_mask.nii.gz")
     with pytest.raises(C.UserError, match="has shape"):
-        C.read_case(case)
+        datasets.read_case(case)
 
 
 def test_main_guard_prints_one_error_line():

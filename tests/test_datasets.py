@@ -1,4 +1,4 @@
-"""The real-data loaders of common.py (issue 3) on fixture trees laid out like the downloads.
+"""The real-data loaders of data/datasets.py on fixture trees laid out like the downloads.
 
 The trees come from tests/fixtures.py (real file names, folder layouts and CSV headers, tiny
 volumes); ../shared/DATASETS.md describes the real data sets. Run: python -m pytest tests/test_datasets.py
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import common as C
+from data import datasets
 from tests import fixtures as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def ns(**kw):
 
 
 def load(name, root, contrast="t1", **kw):
-    return C.DATASETS[name][0](Path(root), ns(data=name, data_root=str(root), **kw), contrast)
+    return datasets.DATASETS[name][0](Path(root), ns(data=name, data_root=str(root), **kw), contrast)
 
 
 def by_group(splits):
@@ -135,7 +136,7 @@ def test_oasis3_without_cdr_table_says_what_it_looked_for(trees, tmp_path):
 
 def test_oasis3_through_load_dataset_and_group_filter(trees):
     # a script may ask for the phantom's groups; a real data set without them keeps its own
-    s = C.load_dataset(ns(data="oasis3", data_root=str(trees["oasis3"])), "t1",
+    s = datasets.load_dataset(ns(data="oasis3", data_root=str(trees["oasis3"])), "t1",
                        groups=["atrophy_1", "atrophy_2", "atrophy_3"])
     assert s.info["test_groups"] == {"cdr_0": 3, "cdr_0.5": 2, "cdr_1": 2, "cdr_2": 1}
     assert s.info["n_train"] == 6 and s.info["n_val"] == 1
@@ -177,13 +178,13 @@ def test_brats_healthy_training_from_tumour_free_slices(trees, tmp_path):
     assert not {c.subject for c in s.train + s.val} & {c.subject for c in s.test}
     # slice_stack keeps only the slices without tumour voxels for those cases
     kw = dict(size=(32, 32), n_slices=24, cache_dir=tmp_path / "cache")
-    kept = C.slice_stack(g["train"], **kw)
-    every = C.slice_stack(g["train"], drop_anomalous=False, **kw)
+    kept = datasets.slice_stack(g["train"], **kw)
+    every = datasets.slice_stack(g["train"], drop_anomalous=False, **kw)
     assert len(every) == 24 * len(g["train"]) and 0 < len(kept) < len(every)
     assert kept.mask.sum() == 0 and every.mask.sum() > 0
     # test: each slice of a test scan once, tumour slices under `tumor`, the others under `normal`
-    test = C.slice_stack(g["tumor"] + g["normal"], **kw)
-    whole = C.slice_stack(g["tumor"], drop_anomalous=False, **kw)
+    test = datasets.slice_stack(g["tumor"] + g["normal"], **kw)
+    whole = datasets.slice_stack(g["tumor"], drop_anomalous=False, **kw)
     assert len(test) == len(whole) == 24 * len(g["tumor"])
     label = np.array([test.cases[i].label for i in test.case])
     assert test.mask[label == 0].sum() == 0   # (a tumour edge may vanish in the resize: >= 80%, not all)
@@ -200,10 +201,10 @@ def test_slice_stack_drops_cases_left_without_slices(tmp_path):
     F.save(tmp_path / "a.nii.gz", img)
     F.save(tmp_path / "a_mask.nii.gz", brain, dtype=np.uint8)   # every brain voxel anomalous
     a = dict(subject="a", image=str(tmp_path / "a.nii.gz"), mask=str(tmp_path / "a_mask.nii.gz"))
-    cases = [C.Case(id="a", group="tumor", label=1, meta={"anomalous_slices_only": True}, **a),
-             C.Case(id="a/free", group="normal", label=0, meta={"healthy_slices_only": True}, **a),
-             C.Case(id="a/all", group="tumor", label=1, **a)]
-    S = C.slice_stack(cases, size=(16, 16), n_slices=6, cache_dir=tmp_path / "cache")
+    cases = [datasets.Case(id="a", group="tumor", label=1, meta={"anomalous_slices_only": True}, **a),
+             datasets.Case(id="a/free", group="normal", label=0, meta={"healthy_slices_only": True}, **a),
+             datasets.Case(id="a/all", group="tumor", label=1, **a)]
+    S = datasets.slice_stack(cases, size=(16, 16), n_slices=6, cache_dir=tmp_path / "cache")
     assert [c.id for c in S.cases] == ["a", "a/all"] and len(S) == 12
     assert [len(S.slices_of(i)) for i in range(2)] == [6, 6] and S.mask.reshape(12, -1).any(1).all()
 
@@ -211,14 +212,14 @@ def test_slice_stack_drops_cases_left_without_slices(tmp_path):
 def test_brats_tested_against_ixi_training(trees):
     args = ns(data="brats", data_root=str(trees["brats"]), train_data="ixi", train_root=str(trees["ixi"]),
               modality="t2")
-    s = C.load_dataset(args, "flair")
+    s = datasets.load_dataset(args, "flair")
     assert {c.subject[:3] for c in s.train + s.val} == {"IXI"} and s.info["train_from"] == "ixi"
     assert all(c.image.endswith("-T2.nii.gz") for c in s.train) and len(s.train + s.val) == 9
     assert s.info["test_groups"] == {"normal": 6, "tumor": 6}   # every BraTS case is a test case
     assert s.info["healthy_training"] == "--train-data ixi"
     # a FLAIR script must choose a modality IXI has
     with pytest.raises(C.UserError, match="--modality t2"):
-        C.load_dataset(ns(**{**vars(args), "modality": None}), "flair")
+        datasets.load_dataset(ns(**{**vars(args), "modality": None}), "flair")
 
 
 def test_ixi_modalities_and_no_test_set(trees):
@@ -233,7 +234,7 @@ def test_ixi_modalities_and_no_test_set(trees):
     with pytest.raises(C.UserError, match="--modality flair: --data ixi has"):
         load("ixi", trees["ixi"], modality="flair")
     with pytest.raises(C.UserError, match="use it as --train-data"):
-        C.load_dataset(ns(data="ixi", data_root=str(trees["ixi"])), "t1")
+        datasets.load_dataset(ns(data="ixi", data_root=str(trees["ixi"])), "t1")
 
 
 # ---- CT-ICH -------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_ctich_normal_vs_hemorrhage_and_types(trees):
     assert all(c.mask and c.mask.endswith(f"masks/{c.id}.nii") for c in s.train + s.test)
     assert all(c.brainmask is None for c in s.train + s.test)
     # no brain masks in CT-ICH: read_case's HU skull strip keeps brain, drops skull and air
-    img, mask, brain, spacing = C.read_case(h["066"], kind="ct")
+    img, mask, brain, spacing = datasets.read_case(h["066"], kind="ct")
     assert spacing == pytest.approx((0.45, 0.45, 5.0))
     assert brain.sum() > 0.1 * brain.size and img[brain > 0].max() < 150 and mask[brain == 0].sum() == 0
 
@@ -293,7 +294,7 @@ def test_isbi2015_preprocessed_rater1_and_timepoints(trees):
     for subject in {x.subject for x in c.values()}:   # all timepoints of a subject on one side
         sides = {"train" if x.group in ("train", "val") else "test" for x in c.values() if x.subject == subject}
         assert len(sides) == 1
-    img, mask, brain, _ = C.read_case(t)
+    img, mask, brain, _ = datasets.read_case(t)
     assert img.shape == mask.shape == F.SHAPE and mask.sum() > 0
 
 
@@ -302,10 +303,10 @@ def test_isbi2015_preprocessed_rater1_and_timepoints(trees):
 @pytest.mark.parametrize("name", ["oasis3", "ixi", "brats", "ctich", "mslub", "isbi2015"])
 def test_missing_or_wrong_root(tmp_path, name):
     with pytest.raises(C.UserError, match=rf"data root .*nowhere.* --data {name}.*data/README\.md"):
-        C.load_dataset(ns(data=name, data_root=str(tmp_path / "nowhere")), "t1")
+        datasets.load_dataset(ns(data=name, data_root=str(tmp_path / "nowhere")), "t1")
     (tmp_path / "empty" / "docs").mkdir(parents=True)
     with pytest.raises(C.UserError, match=rf"--data {name}: found no .* under .*empty; data/README\.md"):
-        C.load_dataset(ns(data=name, data_root=str(tmp_path / "empty")), "t1")
+        datasets.load_dataset(ns(data=name, data_root=str(tmp_path / "empty")), "t1")
 
 
 def test_unreadable_file_is_named(trees, tmp_path):
@@ -318,9 +319,9 @@ def test_unreadable_file_is_named(trees, tmp_path):
 
 
 def test_error_is_one_line_on_stderr(tmp_path):
-    code = ("import common as C, types\n"
+    code = ("import common as C, types\nfrom data import datasets\n"
             "a = types.SimpleNamespace(data='oasis3', data_root=%r, train_data=None, train_root=None)\n"
-            "C.main_guard(lambda argv: C.load_dataset(a))" % str(tmp_path / "missing"))
+            "C.main_guard(lambda argv: datasets.load_dataset(a))" % str(tmp_path / "missing"))
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common as C
+from data import datasets
 import madgan as M
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,8 +153,8 @@ def fake_stack(lengths, H=4, W=4, seed=0, shuffle=False):
         p = rng.permutation(len(case))
         case, z = case[p], z[p]
     x = rng.uniform(-1, 1, (len(case), H, W)).astype(np.float32)
-    cases = [C.Case(id=f"t/{i}", subject=str(i), group="normal", label=0, image="") for i in range(len(lengths))]
-    return C.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.ones_like(x, np.uint8), case=case, z=z,
+    cases = [datasets.Case(id=f"t/{i}", subject=str(i), group="normal", label=0, image="") for i in range(len(lengths))]
+    return datasets.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.ones_like(x, np.uint8), case=case, z=z,
                       cases=cases)
 
 
@@ -211,7 +212,7 @@ def test_window_reader_memmap_matches_array(tmp_path):
     mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=S.x.shape)
     mm[:] = S.x
     mm.flush()
-    S2 = C.ArraySet(x=np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=S.x.shape),
+    S2 = datasets.ArraySet(x=np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=S.x.shape),
                     mask=S.mask, brain=S.brain, case=S.case, z=S.z, cases=S.cases)
     rows, _ = M.window_table(S2, 3, 3)
     r = M.WindowReader(S2)
@@ -223,7 +224,7 @@ def test_window_reader_memmap_matches_array(tmp_path):
 
 
 def test_group_aucs_normal_is_any_label_0_group():
-    cases = [C.Case(id=str(i), subject=str(i), group=g, label=int(g != "cdr_0"), image="")
+    cases = [datasets.Case(id=str(i), subject=str(i), group=g, label=int(g != "cdr_0"), image="")
              for i, g in enumerate(["cdr_0"] * 3 + ["cdr_0.5"] * 2 + ["cdr_2"] * 2)]
     s = np.array([0.1, 0.2, 0.3, 0.25, 0.35, 0.5, 0.6])
     a = M.group_aucs(cases, s)

@@ -1,0 +1,913 @@
+"""Loading: NIfTI files -> cases -> preprocessed, memory-mapped arrays. No paper code here.
+
+  * `read_nifti`, `read_case`: one scan in canonical RAS orientation, with its anomaly and brain masks,
+    validated (the contract's "Bad input": one `error:` line naming the file).
+  * The dataset registry: `--data synthetic` (the phantom, data/phantom.py), `folder`
+    (../shared/CONTRACT.md layout) and the public data sets (OASIS-3, IXI, BraTS, CT-ICH, MSLUB,
+    ISBI 2015; ../shared/DATASETS.md, data/README.md), all split per subject.
+  * `slice_stack`, `volume_stack`: the preprocessed axial slices / volumes of a list of cases in a
+    memory-mapped cache (data/cache/), built once, case by case, so memory stays at one case.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import common as C
+from common import REPO, fail, progress
+
+# =================================================================================================
+# 2. Loading
+# =================================================================================================
+
+DATA_README = "data/README.md"
+
+
+@dataclass
+class Case:
+    """One scan: an image file with its optional anomaly mask and brain mask."""
+    id: str
+    subject: str
+    group: str            # 'train' | 'val' | 'normal' | <anomaly group>
+    label: int            # 0 healthy, 1 anomalous
+    image: str
+    mask: str | None = None
+    brainmask: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Splits:
+    train: list
+    val: list
+    test: list
+    info: dict = field(default_factory=dict)
+
+
+def read_nifti(path, what="image"):
+    """Read a NIfTI file -> (float32 array (X, Y, Z) in canonical RAS orientation, spacing, affine).
+
+    Validates what a user can get wrong: unreadable/corrupt file, not 3D, NaN/inf, empty (constant)."""
+    import nibabel as nib
+    path = str(path)
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # noqa: BLE001 -- any reader failure is a bad file for the user
+        fail(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+             f" (is it a valid NIfTI file?)")
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        fail(f"{what} {path} has shape {arr.shape}; expected a 3D volume")
+    if not np.isfinite(arr).all():
+        fail(f"{what} {path} contains NaN or infinite values; fix or remove the file")
+    if what == "image" and float(arr.max()) == float(arr.min()):
+        fail(f"{what} {path} is empty (all voxels equal {arr.max():g}); remove the file")
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
+    return arr, spacing, img.affine
+
+
+def auto_brain_mask(img, kind="mri"):
+    """Fallback brain mask when a dataset has none.
+
+    MRI: foreground by Otsu threshold, largest component, holes filled (a head mask, not a skull strip).
+    CT: a simple HU skull strip (documented deviation for CT-ICH): soft tissue 0..100 HU, opened,
+    largest component, holes filled."""
+    from scipy import ndimage as ndi
+    if kind == "ct":
+        m = (img > 0) & (img < 100)
+        m = ndi.binary_opening(m, iterations=2)
+    else:
+        from skimage.filters import threshold_otsu
+        m = img > threshold_otsu(img[img > img.min()]) * 0.5
+    lab, n = ndi.label(m)
+    if n == 0:
+        return m.astype(np.uint8)
+    largest = np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    m = lab == largest
+    m = np.stack([ndi.binary_fill_holes(m[:, :, k]) for k in range(m.shape[2])], axis=2)
+    return m.astype(np.uint8)
+
+
+def read_case(case: Case, kind="mri"):
+    """-> image float32 (X, Y, Z), anomaly mask uint8 or None, brain mask uint8, spacing."""
+    img, spacing, _ = read_nifti(case.image)
+    masks = []
+    for p, what in ((case.mask, "anomaly mask"), (case.brainmask, "brain mask")):
+        if p is None:
+            masks.append(None)
+            continue
+        m, _, _ = read_nifti(p, what)
+        if m.shape != img.shape:
+            fail(f"{what} {p} has shape {m.shape} but its image {case.image} has {img.shape}")
+        masks.append((m > 0).astype(np.uint8))
+    mask, brain = masks
+    if brain is None:
+        brain = auto_brain_mask(img, kind)
+    return img, mask, brain, spacing
+
+
+# ---- dataset registry ---------------------------------------------------------------------------
+DATASETS: dict = {}
+
+
+def register_dataset(name, help=""):
+    """Decorator: a loader `fn(root: Path, args, contrast: str) -> Splits` available as `--data name`."""
+    def deco(fn):
+        DATASETS[name] = (fn, help)
+        return fn
+    return deco
+
+
+def subject_split(cases, frac, seed=0):
+    """Split cases into (rest, held) by subject, `frac` of the subjects held out (at least one)."""
+    subjects = sorted({c.subject for c in cases})
+    rng = random.Random(seed)
+    rng.shuffle(subjects)
+    n = max(1, int(round(frac * len(subjects)))) if len(subjects) > 1 else 0
+    held = set(subjects[:n])
+    return [c for c in cases if c.subject not in held], [c for c in cases if c.subject in held]
+
+
+NIFTI_EXT = (".nii.gz", ".nii")
+
+
+def _stem(p: Path):
+    n = p.name
+    for e in NIFTI_EXT:
+        if n.endswith(e):
+            return n[: -len(e)]
+    return n
+
+
+def _images_in(folder: Path):
+    """Image files in a folder (not masks), sorted by name, with their side files."""
+    out = []
+    if not folder.is_dir():
+        return out
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_EXT))
+    names = {_stem(p): p for p in files}
+    for p in files:
+        s = _stem(p)
+        if s.endswith("_mask") or s.endswith("_brainmask"):
+            continue
+        out.append((s, p, names.get(s + "_mask"), names.get(s + "_brainmask")))
+    return out
+
+
+@register_dataset("folder", "ROOT/train, ROOT/val (optional), ROOT/test/<group>/ of NIfTI volumes")
+def load_folder(root: Path, args=None, contrast=None) -> Splits:
+    """The contract's `--data folder` layout (../shared/CONTRACT.md)."""
+    meta = {}
+    if (root / "meta.json").is_file():
+        meta = json.loads((root / "meta.json").read_text())
+
+    def cases(folder, group, label):
+        out = []
+        for s, p, m, b in _images_in(folder):
+            rel = str(p.relative_to(root))
+            md = dict(meta.get(rel, {}))
+            subject = str(md.get("subject", s))
+            out.append(Case(id=f"{group}/{s}", subject=subject, group=group, label=label, image=str(p),
+                            mask=str(m) if m else None, brainmask=str(b) if b else None, meta=md))
+        return out
+
+    train = cases(root / "train", "train", 0)
+    val = cases(root / "val", "val", 0)
+    if not train:
+        fail(f"no training volumes (*.nii or *.nii.gz) in {root / 'train'}; "
+             f"see ../shared/CONTRACT.md or {DATA_README} for the folder layout")
+    if not val:
+        train, val = subject_split(train, 0.1, seed=getattr(args, "seed", 0))
+        for c in val:
+            c.group = "val"
+    test = []
+    tdir = root / "test"
+    if tdir.is_dir():
+        for g in sorted(p.name for p in tdir.iterdir() if p.is_dir()):
+            test += cases(tdir / g, g, 0 if g == "normal" else 1)
+    return Splits(train, val, test, {"root": str(root)})
+
+
+@register_dataset("synthetic", "the built-in procedural brain phantom (generated on first use)")
+def load_synthetic(root: Path, args=None, contrast="t1") -> Splits:
+    sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
+    from data.phantom import ensure_phantom
+    size = "tiny" if getattr(args, "preset", "quick") == "smoke" else "full"
+    t = time.time()
+    variant = ensure_phantom(root=root, contrast=contrast, size=size, seed=0)
+    s = load_folder(Path(variant), args)
+    s.info.update({"phantom": f"{contrast}_{size}", "phantom_ready_s": round(time.time() - t, 2)})
+    return s
+
+
+def load_dataset(args, contrast="t1", groups=None) -> Splits:
+    """Resolve --data/--data-root (and --train-data/--train-root) into train/val/test cases.
+
+    `contrast` picks the phantom's contrast for `--data synthetic` (real loaders use --modality).
+    `groups` keeps only these test groups (plus the normal ones)."""
+    def one(name, root):
+        if name not in DATASETS:
+            fail(f"--data {name}: unknown dataset; choose one of {', '.join(sorted(DATASETS))}")
+        root = Path(root) if root else (REPO / "data" / name)
+        if name != "synthetic" and not root.is_dir():
+            fail(f"data root {root} for --data {name} does not exist; {DATA_README} explains how to get "
+                 f"the {name} dataset and which folder to pass as --data-root")
+        return DATASETS[name][0](root, args, contrast)
+
+    s = one(args.data, args.data_root)
+    if getattr(args, "train_data", None):
+        t = one(args.train_data, args.train_root)
+        s.info["train_from"] = args.train_data
+        s = Splits(t.train, t.val, s.test, {**s.info, "train_info": t.info})
+    if groups is not None and any(c.group in groups for c in s.test if c.label == 1):
+        # the groups a script asks for (e.g. the phantom's) filter only data sets that have them
+        s.test = [c for c in s.test if c.label == 0 or c.group in groups]
+    if not s.train:
+        fail(f"--data {args.data}: no healthy training volumes found")
+    if not s.test or len({c.label for c in s.test}) < 2:
+        hint = f"; {s.info['hint']}" if s.info.get("hint") else ""
+        fail(f"--data {args.data}: the test set needs both normal and anomalous volumes "
+             f"(found groups: {sorted({c.group for c in s.test}) or 'none'}){hint}")
+    overlap = {c.subject for c in s.train + s.val} & {c.subject for c in s.test}
+    if overlap:
+        fail(f"subjects {sorted(overlap)[:5]} appear in both training and test data; "
+             f"a subject must stay on one side of the split")
+    s.info.update({"n_train": len(s.train), "n_val": len(s.val),
+                   "test_groups": {g: sum(c.group == g for c in s.test) for g in sorted({c.group for c in s.test})}})
+    return s
+
+
+# ---- real datasets ------------------------------------------------------------------------------
+# Loaders for the public data sets, written from ../shared/DATASETS.md (the downloads' file names,
+# folder layouts and CSV headers) and tested on fixture trees that copy them (tests/fixtures.py).
+# data/README.md says where to get each one and which folder to pass as --data-root. A loader only
+# indexes files (and opens their NIfTI headers, so an unreadable file is named at once); voxels are
+# read later by read_case / slice_stack. Every Case carries its subject id and every split below is
+# made per subject, so all of a subject's scans stay on one side.
+
+MODALITY_ALIASES = {"t1": "t1", "t1w": "t1", "t1n": "t1", "mprage": "t1", "t2": "t2", "t2w": "t2",
+                    "flair": "flair", "t2f": "flair", "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce",
+                    "t1wks": "t1ce", "pd": "pd", "mra": "mra"}
+
+
+def _no_data(name, root, looked_for):
+    fail(f"--data {name}: found no {looked_for} under {root}; {DATA_README} explains how to get the "
+         f"data set and which folder to pass as --data-root")
+
+
+def _walk(root, pattern, dirs=False):
+    """[(path, match)] for every file (or folder, if `dirs`) under `root` whose name fully matches the
+    regex `pattern` (case-insensitive), in sorted order; hidden folders are skipped."""
+    rx = re.compile(pattern, re.IGNORECASE)
+    out = []
+    for d, sub, files in os.walk(root):
+        sub[:] = sorted(s for s in sub if not s.startswith("."))
+        for n in (sub if dirs else sorted(files)):
+            m = rx.fullmatch(n)
+            if m:
+                out.append((Path(d) / n, m))
+    return out
+
+
+def _check_headers(name, paths):
+    """Open the NIfTI header of every indexed file (no voxel data is read); name the ones that fail."""
+    import nibabel as nib
+    bad = []
+    for p in paths:
+        try:
+            nib.load(str(p))
+        except Exception as e:  # noqa: BLE001 -- any reader failure is a bad file for the user
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        fail(f"--data {name}: cannot read {len(bad)} NIfTI file(s): {'; '.join(bad[:3])}{more}; "
+             f"re-download or remove them")
+
+
+def _modality(name, args, contrast, table, default):
+    """-> (key, the data set's file token) for --modality, else the script's contrast when the data
+    set has it, else `default`. `table` maps t1|t1ce|t2|flair|pd|mra -> the token in file names."""
+    flag = getattr(args, "modality", None)
+    if flag:
+        key = MODALITY_ALIASES.get(str(flag).lower())
+        if key not in table:
+            fail(f"--modality {flag}: --data {name} has {', '.join(sorted(table))}")
+        return key, table[key]
+    key = MODALITY_ALIASES.get(str(contrast).lower())
+    key = key if key in table else default
+    return key, table[key]
+
+
+def _with(c, **kw):
+    """A copy of Case c with fields changed (a `meta` argument is merged into c.meta)."""
+    meta = {**c.meta, **kw.pop("meta", {})}
+    return Case(**{**vars(c), **kw, "meta": meta})
+
+
+def _test_frac(args):
+    f = getattr(args, "test_frac", None)
+    f = 0.3 if f is None else float(f)
+    if not 0 <= f < 1:
+        fail(f"--test-frac must be in [0, 1), got {f}")
+    return f
+
+
+def _healthy_split(cases, args, normal="normal", test=True, val_frac=0.1):
+    """Subject-level split of healthy cases -> (train, val, test normals), deterministic from --seed:
+    --test-frac of the subjects (default 0.3) are held out as the test group `normal` (if `test`),
+    then `val_frac` of the remaining subjects become the healthy validation set."""
+    seed = getattr(args, "seed", 0) or 0
+    frac = _test_frac(args)
+    rest, held = subject_split(cases, frac, seed) if test and frac > 0 else (list(cases), [])
+    train, val = subject_split(rest, val_frac, seed + 1)
+    return ([_with(c, group="train", label=0) for c in train], [_with(c, group="val", label=0) for c in val],
+            [_with(c, group=normal, label=0) for c in held])
+
+
+def _counts(cases):
+    """{group: {"subjects": n, "scans": n}} in group order of appearance."""
+    out = {}
+    for g in dict.fromkeys(c.group for c in cases):
+        cs = [c for c in cases if c.group == g]
+        out[g] = {"subjects": len({c.subject for c in cs}), "scans": len(cs)}
+    return out
+
+
+class _Excluded:
+    """Counts of excluded files/scans per reason, with a few examples each (-> Splits.info)."""
+
+    def __init__(self):
+        self.n, self.examples = {}, {}
+
+    def __call__(self, reason, what):
+        self.n[reason] = self.n.get(reason, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(str(what))
+
+    def info(self):
+        return {"excluded": dict(self.n), "excluded_examples": dict(self.examples)}
+
+
+def _anomalous_splits(name, cases, args, group, what):
+    """Splits for a data set whose every scan is anomalous (BraTS, MSLUB, ISBI 2015).
+
+    Test (slice level): every test-split scan twice, as `group` (label 1) with meta
+    {"anomalous_slices_only": True} and as `normal` (label 0) with meta {"healthy_slices_only": True};
+    slice_stack keeps the slices with, resp. without, anomaly-mask voxels, so each slice is scored
+    once, under the right label. Healthy training: --train-data if given (then every scan is a test
+    scan), else the anomaly-free slices of the training-split subjects."""
+    info = {}
+    if getattr(args, "train_data", None):
+        train, val, test = [], [], list(cases)
+        info["healthy_training"] = f"--train-data {args.train_data}"
+    else:
+        seed = getattr(args, "seed", 0) or 0
+        rest, test = subject_split(cases, _test_frac(args) or 0.3, seed)
+        train, val = subject_split(rest, 0.1, seed + 1)
+        flag = {"healthy_slices_only": True}
+        train = [_with(c, group="train", label=0, meta=flag) for c in train]
+        val = [_with(c, group="val", label=0, meta=flag) for c in val]
+        info["healthy_training"] = (f"{what}-free slices of the training-split {name} subjects "
+                                    f"(slice_stack drop_anomalous); pass --train-data ixi to train on IXI")
+    test = ([_with(c, group=group, label=1, meta={"anomalous_slices_only": True}) for c in test]
+            + [_with(c, id=f"{c.id}/{what}-free", group="normal", label=0, meta={"healthy_slices_only": True})
+               for c in test])
+    info["test_slices"] = (f"slice level: group {group} = the test scans' slices with {what} voxels, group "
+                           f"normal = their slices without (slice_stack drop_anomalous); not for 3D methods")
+    return train, val, test, info
+
+
+# ---- OASIS-3 --------------------------------------------------------------------------------------
+
+def _oasis3_cdr(root):
+    """{subject: {day: CDR}} from every CDR table found under `root`, and the tables used.
+
+    Current release: OASIS3_UDSb4_cdr.csv (OASISID, days_to_visit, CDRTOT; OASIS_session_label
+    `OAS30001_UDSb4_d0339` as a fallback for the day). Legacy "ADRC Clinical Data" csv:
+    `ADRC_ADRCCLINICALDATA ID` = `OAS30001_ClinicalData_d0000` (the day is the dNNNN suffix), Subject,
+    cdr. Both may be present; a visit found in both keeps the current release's value."""
+    def num(v):
+        try:
+            x = float(str(v).strip())
+        except (TypeError, ValueError):
+            return None
+        return x if math.isfinite(x) else None
+
+    def day_of(label):
+        m = re.search(r"_d(\d+)\s*$", str(label or ""))
+        return int(m.group(1)) if m else None
+
+    tables = []   # (priority, path, schema, [(subject, day, cdr)])
+    for p, _ in _walk(root, r".*\.csv"):
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            if re.search(r"cdr|clinical|uds", p.name, re.IGNORECASE):
+                fail(f"--data oasis3: cannot read the CDR table {p} ({type(e).__name__}); re-download it")
+            continue
+        col = {k.strip().lower(): k for k in (rows[0] if rows else {}) if k}
+        visits = []
+        if "oasisid" in col and "cdrtot" in col:
+            for r in rows:
+                d = num(r.get(col.get("days_to_visit"))) if "days_to_visit" in col else None
+                d = int(d) if d is not None else day_of(r.get(col.get("oasis_session_label")))
+                visits.append((str(r[col["oasisid"]]).strip(), d, num(r[col["cdrtot"]])))
+            tables.append((0, p, "OASIS3_UDSb4_cdr (OASISID, days_to_visit, CDRTOT)", visits))
+        elif "adrc_adrcclinicaldata id" in col and "cdr" in col:
+            for r in rows:
+                rid = str(r[col["adrc_adrcclinicaldata id"]]).strip()
+                subj = str(r[col["subject"]]).strip() if "subject" in col else rid.split("_")[0]
+                visits.append((subj, day_of(rid), num(r[col["cdr"]])))
+            tables.append((1, p, "legacy ADRC clinical data (ADRC_ADRCCLINICALDATA ID, Subject, cdr)", visits))
+    out, skipped, conflicts = {}, 0, 0
+    for _, p, schema, visits in sorted(tables, key=lambda t: (t[0], str(t[1]))):
+        for subj, d, cdr in visits:
+            if not subj or d is None or cdr is None:
+                skipped += 1
+                continue
+            v = out.setdefault(subj, {})
+            if d in v and v[d] != cdr:
+                conflicts += 1
+            v.setdefault(d, cdr)
+    used = [{"path": str(p), "schema": s, "rows": len(v)} for _, p, s, v in tables]
+    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped, "cdr_visits_conflicting": conflicts}
+
+
+@register_dataset("oasis3", "OASIS-3 T1w MRI + Clinical Dementia Rating: unchanged CDR 0 vs CDR 0.5/1/2/3")
+def load_oasis3(root: Path, args=None, contrast=None) -> Splits:
+    """OASIS-3 as in MADGAN (Han et al. 2021, "AD dataset: OASIS-3"), see ../shared/DATASETS.md.
+
+    Images: every `*T1w.nii[.gz]` under root, in any layout (BIDS `sub-X/ses-dNNNN/anat/`, the
+    download script's `X_MR_dNNNN/anat1/`, raw XNAT `X_MR_dNNNN/scans/anat2-T1w/resources/NIFTI/files/`),
+    `ses-` or `sess-`, optional `run-NN`: one scan per session (subject, day), the lowest run.
+    Label: the CDR of the clinical visit closest in days (earlier visit on a tie), if within
+    --cdr-window-days; else the scan is excluded. Healthy = subjects whose CDR is 0 at every visit;
+    they are split by subject into train / val / test group `cdr_0` (--test-frac, default 0.3 ~ the
+    paper's 168 of 576 healthy subjects). Scans of other subjects form the groups cdr_0.5, cdr_1,
+    cdr_2, cdr_3 (label 1); their CDR-0 scans belong to no group. Exclusions are counted in info."""
+    flag = getattr(args, "modality", None)
+    if flag and MODALITY_ALIASES.get(str(flag).lower()) != "t1":
+        fail(f"--modality {flag}: --data oasis3 loads T1w images only")
+    window = getattr(args, "cdr_window_days", None)
+    window = 365 if window is None else int(window)
+    if window < 0:
+        fail(f"--cdr-window-days must be >= 0, got {window}")
+    ex = _Excluded()
+    sessions, n_files = {}, 0
+    for p, _ in _walk(root, r".*T1w\.nii(\.gz)?"):
+        n_files += 1
+        ent = {k.lower(): v for k, v in re.findall(r"([A-Za-z]+)-([A-Za-z0-9]+)", p.name)}
+        m = re.search(r"(OAS3\d+)_MR_d(\d+)", str(p.relative_to(root)))
+        subj = ent.get("sub") or (m.group(1) if m else None)
+        ses = ent.get("ses") or ent.get("sess") or (f"d{m.group(2)}" if m else "")
+        if not subj or not re.fullmatch(r"d\d+", ses):
+            ex("T1w file whose name and folders give no subject and session dNNNN", p)
+            continue
+        run = int(ent["run"]) if ent.get("run", "").isdigit() else 0
+        sessions.setdefault((subj, int(ses[1:])), []).append((run, str(p)))
+    if not sessions:
+        _no_data("oasis3", root, "OASIS-3 T1w images (*T1w.nii[.gz], e.g. sub-OAS30001_ses-d0129_run-01_T1w.nii.gz)")
+    scans = []
+    for (subj, day), runs in sorted(sessions.items()):
+        runs.sort()
+        for _, p in runs[1:]:
+            ex("another run (or copy) of a session: the lowest run is used", p)
+        scans.append((subj, day, runs[0][0], runs[0][1]))
+    _check_headers("oasis3", [s[3] for s in scans])
+    visits, tables, table_info = _oasis3_cdr(root)
+    if not visits:
+        fail(f"--data oasis3: found no CDR table under {root} (a csv with columns OASISID, days_to_visit, "
+             f"CDRTOT such as OASIS3_UDSb4_cdr.csv, or the legacy ADRC clinical data csv with "
+             f"`ADRC_ADRCCLINICALDATA ID`, Subject, cdr); {DATA_README} explains where to get it")
+    healthy = {s for s, v in visits.items() if v and all(c == 0 for c in v.values())}
+    pool, anomalous = [], []
+    for subj, day, run, path in scans:
+        sid = f"{subj}_MR_d{day:04d}"
+        v = visits.get(subj)
+        if not v:
+            ex("no CDR visit of the subject in the CDR table", sid)
+            continue
+        vday = min(v, key=lambda d: (abs(d - day), d))
+        if abs(vday - day) > window:
+            ex(f"closest CDR visit more than {window} days from the scan (--cdr-window-days)", sid)
+            continue
+        cdr = v[vday]
+        c = Case(id=sid, subject=subj, group="", label=0, image=path,
+                 meta={"cdr": cdr, "days": day, "cdr_visit_days": vday, "days_scan_to_visit": vday - day,
+                       "run": run or None, "subject_unchanged_cdr0": subj in healthy})
+        if subj in healthy:
+            pool.append(c)
+        elif cdr == 0:
+            ex("CDR 0 scan of a subject whose CDR changes (not unchanged CDR 0)", sid)
+        elif cdr in (0.5, 1, 2, 3):
+            anomalous.append(_with(c, group=f"cdr_{cdr:g}", label=1))
+        else:
+            ex("CDR value other than 0, 0.5, 1, 2, 3", sid)
+    train, val, normal = _healthy_split(pool, args, normal="cdr_0")
+    anomalous.sort(key=lambda c: (float(c.meta["cdr"]), c.id))
+    seed = getattr(args, "seed", 0) or 0
+    info = {"dataset": "oasis3", "root": str(root), "cdr_tables": tables, **table_info,
+            "cdr_window_days": window, "t1w_files": n_files, "sessions": len(sessions),
+            "subjects_with_cdr": len(visits), "subjects_unchanged_cdr0": len(healthy),
+            "groups": _counts(train + val + normal + anomalous), **ex.info(),
+            "split": f"by subject, seed {seed}: {_test_frac(args):.0%} of the unchanged-CDR-0 subjects -> "
+                     f"test group cdr_0, 10% of the rest -> val; every other subject is test only",
+            "slices": "MADGAN selects the axial slices through hippocampus, amygdala and lateral ventricles "
+                      "(~51 per scan); choose the range with the script's slice flags"}
+    return Splits(train, val, normal + anomalous, info)
+
+
+# ---- IXI, BraTS, CT-ICH, MSLUB, ISBI 2015 ---------------------------------------------------------
+
+@register_dataset("ixi", "IXI healthy MRI (T1/T2/PD; --modality): healthy training data, no test set")
+def load_ixi(root: Path, args=None, contrast=None) -> Splits:
+    """IXI: `IXI002-Guys-0828-T1.nii.gz` = IXI<id>-<site>-<number>-<modality>, any folders. Healthy
+    only: split by subject into train / val; no test set (use it as --train-data, e.g.
+    `--data brats --train-data ixi`). IXI has no FLAIR: a FLAIR script must say --modality t2."""
+    if not getattr(args, "modality", None) and str(contrast).lower() == "flair":
+        fail("--data ixi has no FLAIR images (T1, T2, PD); pass --modality t2 to use IXI T2 "
+             "(the test data set is then read as T2 too)")
+    key, tok = _modality("ixi", args, contrast, {"t1": "T1", "t2": "T2", "pd": "PD", "mra": "MRA"}, "t1")
+    ex, cases = _Excluded(), {}
+    for p, m in _walk(root, rf"(IXI\d+)-(Guys|HH|IOP)-(\d+)-{tok}\.nii(\.gz)?"):
+        subj = m.group(1).upper()
+        if subj in cases:
+            ex("another file of the same IXI subject and modality", p)
+            continue
+        cases[subj] = Case(id=_stem(p), subject=subj, group="train", label=0, image=str(p),
+                           meta={"site": m.group(2)})
+    if not cases:
+        _no_data("ixi", root, f"IXI {tok} images (IXI<id>-<Guys|HH|IOP>-<nnnn>-{tok}.nii.gz)")
+    cases = list(cases.values())
+    _check_headers("ixi", [c.image for c in cases])
+    train, val, _ = _healthy_split(cases, args, test=False)
+    info = {"dataset": "ixi", "root": str(root), "modality": tok, "groups": _counts(train + val),
+            "sites": {s: sum(c.meta["site"] == s for c in cases) for s in sorted({c.meta["site"] for c in cases})},
+            **ex.info(), "hint": "IXI is healthy only: use it as --train-data with a test data set, "
+                                 "e.g. --data brats --train-data ixi"}
+    return Splits(train, val, [], info)
+
+
+@register_dataset("brats", "BraTS 2020/2021/2023 gliomas (FLAIR default; --modality), mask = seg > 0")
+def load_brats(root: Path, args=None, contrast=None) -> Splits:
+    """BraTS: 2020 `BraTS20_Training_001/BraTS20_Training_001_flair.nii[.gz]`, 2021
+    `BraTS2021_00000/BraTS2021_00000_flair.nii.gz`, 2023 `BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz`
+    (t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2). Anomaly mask = seg > 0 (a case without seg, e.g.
+    validation data, is excluded). 2023 subject = BraTS-GLI-00000 (the last number is the timepoint).
+    Every scan has a tumour: see _anomalous_splits for the test normals and the healthy training."""
+    key, _ = _modality("brats", args, contrast, {"t1": 0, "t1ce": 0, "t2": 0, "flair": 0}, "flair")
+    tok = {"2023": {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, "2020": {}}
+    files = {}
+    for p, m in _walk(root, r"(BraTS\d*_(?:[A-Za-z]+_)?\d+)_(flair|t1|t1ce|t2|seg)\.nii(\.gz)?"):
+        files.setdefault((m.group(1), "2020"), {}).setdefault(m.group(2).lower(), p)
+    for p, m in _walk(root, r"(BraTS-[A-Z]+-\d+-\d+)-(t1c|t1n|t2f|t2w|seg)\.nii(\.gz)?"):
+        files.setdefault((m.group(1), "2023"), {}).setdefault(m.group(2).lower(), p)
+    if not files:
+        _no_data("brats", root, "BraTS cases (BraTS20_Training_001_flair.nii, BraTS2021_00000_flair.nii.gz "
+                                "or BraTS-GLI-00000-000-t2f.nii.gz)")
+    ex, cases = _Excluded(), []
+    for (cid, rel), f in sorted(files.items()):
+        t = tok[rel].get(key, key)
+        if t not in f:
+            ex(f"no {key} image", cid)
+            continue
+        seg = f.get("seg")
+        if seg is None:  # BraTS 2020 case 355 names its seg W39_1998.09.19_Segm.nii
+            seg = next((p for p in sorted(f[t].parent.iterdir()) if re.search(r"seg.*\.nii(\.gz)?$", p.name, re.I)), None)
+        if seg is None:
+            ex("no segmentation (validation/test data have none)", cid)
+            continue
+        release = "2023" if rel == "2023" else ("2021" if cid.startswith("BraTS2021") else "2020 or earlier")
+        subj = "-".join(cid.split("-")[:3]) if rel == "2023" else cid
+        cases.append(Case(id=cid, subject=subj, group="tumor", label=1, image=str(f[t]), mask=str(seg),
+                          meta={"release": release, "modality": t}))
+    _check_headers("brats", [p for c in cases for p in (c.image, c.mask)])
+    train, val, test, sinfo = _anomalous_splits("brats", cases, args, "tumor", "tumour")
+    info = {"dataset": "brats", "root": str(root), "modality": key,
+            "releases": {r: sum(c.meta["release"] == r for c in cases) for r in sorted({c.meta["release"] for c in cases})},
+            **sinfo, "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
+
+
+CTICH_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
+
+
+@register_dataset("ctich", "PhysioNet CT-ICH head CT: normal scans vs hemorrhage (per-type meta)")
+def load_ctich(root: Path, args=None, contrast=None) -> Splits:
+    """PhysioNet CT-ICH 1.3.1: `ct_scans/NNN.nii` (HU) + `masks/NNN.nii` (> 0 = hemorrhage) +
+    `hemorrhage_diagnosis_raw_ct.csv` (one row per slice). A scan is normal when every slice has
+    No_Hemorrhage = 1; its hemorrhage types are those flagged on any slice: meta["subtypes"] (list)
+    and meta["subtype"] (the type flagged on most slices). Normal scans are split by subject into
+    train / val / test `normal`; the rest are the test group `hemorrhage`. No brain masks: read_case
+    uses auto_brain_mask(kind="ct"), a simple HU skull strip (a documented deviation)."""
+    scans = {}
+    for p, m in _walk(root, r"(\d+)\.nii(\.gz)?"):
+        if p.parent.name.lower() == "ct_scans":
+            scans.setdefault(int(m.group(1)), p)
+    if not scans:
+        _no_data("ctich", root, "CT-ICH scans (ct_scans/049.nii ...)")
+    tables = [p for p, _ in _walk(root, r"hemorrhage_diagnosis_raw_ct\.csv")]
+    if not tables:
+        _no_data("ctich", root, "CT-ICH slice labels (hemorrhage_diagnosis_raw_ct.csv)")
+    need = ["PatientNumber", "SliceNumber", *CTICH_TYPES, "No_Hemorrhage", "Fracture_Yes_No"]
+    rows = {}
+    try:
+        with open(tables[0], newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip() for h in reader.fieldnames or []]
+            if set(need) - set(fields):
+                fail(f"--data ctich: {tables[0]} lacks the columns {sorted(set(need) - set(fields))}; "
+                     f"expected {', '.join(need)}")
+            for r in reader:
+                r = {k.strip(): v for k, v in r.items() if k}
+                rows.setdefault(int(float(r["PatientNumber"])), []).append(
+                    {k: int(float(r[k] or 0)) for k in need[2:]})
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+        fail(f"--data ctich: cannot read {tables[0]} ({type(e).__name__}: {e}); re-download it")
+    ex, normal, bleed = _Excluded(), [], []
+    for pid, p in sorted(scans.items()):
+        if pid not in rows:
+            ex(f"no rows in {tables[0].name}", p.name)
+            continue
+        mask = next((q for q in (p.parent.parent / "masks" / p.name,
+                                 p.parent.parent / "masks" / (p.name + ".gz"),
+                                 p.parent.parent / "masks" / p.name.replace(".nii.gz", ".nii"))
+                     if q.is_file()), None)
+        slices = rows[pid]
+        per_type = {t.lower(): sum(r[t] for r in slices) for t in CTICH_TYPES}
+        types = [t for t, n in per_type.items() if n > 0]
+        meta = {"subtypes": types, "slices_per_type": {t: per_type[t] for t in types},
+                "fracture": any(r["Fracture_Yes_No"] for r in slices), "n_slices_csv": len(slices)}
+        c = Case(id=f"{pid:03d}", subject=f"ctich{pid:03d}", group="", label=0, image=str(p),
+                 mask=str(mask) if mask else None, meta=meta)
+        if all(r["No_Hemorrhage"] == 1 for r in slices):
+            normal.append(c)
+        else:
+            sub = max(types, key=lambda t: per_type[t]) if types else "unspecified"
+            bleed.append(_with(c, group="hemorrhage", label=1, meta={"subtype": sub}))
+    _check_headers("ctich", [p for c in normal + bleed for p in (c.image, c.mask) if p])
+    train, val, test = _healthy_split(normal, args)
+    info = {"dataset": "ctich", "root": str(root), "labels_csv": str(tables[0]),
+            "groups": _counts(train + val + test + bleed),
+            "hemorrhage_scans_per_type": {t.lower(): sum(t.lower() in c.meta["subtypes"] for c in bleed)
+                                          for t in CTICH_TYPES},
+            "dominant_subtype": {s: sum(c.meta["subtype"] == s for c in bleed) for s in sorted({c.meta["subtype"] for c in bleed})},
+            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull strip", **ex.info()}
+    return Splits(train, val, test + bleed, info)
+
+
+@register_dataset("mslub", "MSLUB MS lesions (FLAIR default; consensus masks, brain masks)")
+def load_mslub(root: Path, args=None, contrast=None) -> Splits:
+    """MSLUB (Lesjak et al. 2018): `patientXX/patientXX_FLAIR.nii.gz` (or without the `patientXX_`
+    prefix), T1W / T1WKS / T2W, `_brainmask`, `_consensus_gt` (lesion mask). Where a patient appears
+    twice (raw and preprocessed copies), the copy whose path says "preprocessed" wins. Every scan has
+    lesions: see _anomalous_splits for the test normals and the healthy training."""
+    key, tok = _modality("mslub", args, contrast, {"flair": "flair", "t1": "t1w", "t1ce": "t1wks", "t2": "t2w"}, "flair")
+    found = {}
+    for d, _ in _walk(root, r"patient\d+", dirs=True):
+        f = {}
+        for p in sorted(d.iterdir()):
+            m = re.fullmatch(rf"(?:{d.name}_)?(flair|t1w|t1wks|t2w|brainmask|consensus_gt)\.nii(\.gz)?", p.name, re.I)
+            if m:
+                f[m.group(1).lower()] = p
+        if f:
+            found.setdefault(d.name.lower(), []).append((d, f))
+    if not found:
+        _no_data("mslub", root, "MSLUB patients (patientXX/patientXX_FLAIR.nii.gz or patientXX/FLAIR.nii.gz)")
+    ex, cases = _Excluded(), []
+    for pid, copies in sorted(found.items()):
+        copies.sort(key=lambda t: ("preprocessed" not in str(t[0]).lower(), str(t[0])))
+        for d, _ in copies[1:]:
+            ex("another copy of the patient (the preprocessed one, else the first, is used)", d)
+        d, f = copies[0]
+        if tok not in f or "consensus_gt" not in f:
+            ex(f"no {tok.upper()} image or no consensus_gt lesion mask", d)
+            continue
+        cases.append(Case(id=pid, subject=pid, group="ms_lesion", label=1, image=str(f[tok]),
+                          mask=str(f["consensus_gt"]), brainmask=str(f["brainmask"]) if "brainmask" in f else None,
+                          meta={"modality": tok}))
+    _check_headers("mslub", [p for c in cases for p in (c.image, c.mask, c.brainmask) if p])
+    train, val, test, sinfo = _anomalous_splits("mslub", cases, args, "ms_lesion", "lesion")
+    info = {"dataset": "mslub", "root": str(root), "modality": key, **sinfo,
+            "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
+
+
+@register_dataset("isbi2015", "ISBI 2015 longitudinal MS lesions (FLAIR default; rater-1 masks)")
+def load_isbi2015(root: Path, args=None, contrast=None) -> Splits:
+    """ISBI 2015: `training/training01/preprocessed/training01_01_flair_pp.nii` (mprage, pd, t2; the
+    `orig/` copies without `_pp` are used only where no preprocessed one exists) and
+    `training/training01/masks/training01_01_mask1.nii` (rater 1 = the mask; rater 2 in meta).
+    Scans without masks (the challenge's test data) are excluded. A subject's timepoints stay together.
+    Every scan has lesions: see _anomalous_splits for the test normals and the healthy training."""
+    key, tok = _modality("isbi2015", args, contrast, {"flair": "flair", "t1": "mprage", "t2": "t2", "pd": "pd"}, "flair")
+    imgs, masks = {}, {}
+    for p, m in _walk(root, r"((?:training|test)\d+)_(\d+)_(flair|mprage|pd|t2)(_pp)?\.nii(\.gz)?"):
+        if m.group(3).lower() == tok:
+            imgs.setdefault((m.group(1).lower(), m.group(2)), []).append((0 if m.group(4) else 1, str(p)))
+    for p, m in _walk(root, r"((?:training|test)\d+)_(\d+)_mask([12])\.nii(\.gz)?"):
+        masks.setdefault((m.group(1).lower(), m.group(2)), {}).setdefault(int(m.group(3)), str(p))
+    if not imgs:
+        _no_data("isbi2015", root, f"ISBI 2015 {tok} images (training/training01/preprocessed/training01_01_{tok}_pp.nii)")
+    ex, cases = _Excluded(), []
+    for (subj, tp), found in sorted(imgs.items()):
+        found.sort()
+        mk = masks.get((subj, tp), {})
+        if 1 not in mk:
+            ex("no rater-1 lesion mask (e.g. the challenge's test data)", f"{subj}_{tp}")
+            continue
+        cases.append(Case(id=f"{subj}_{tp}", subject=subj, group="ms_lesion", label=1, image=found[0][1],
+                          mask=mk[1], meta={"timepoint": int(tp), "mask_rater2": mk.get(2),
+                                            "preprocessed": found[0][0] == 0}))
+    _check_headers("isbi2015", [p for c in cases for p in (c.image, c.mask)])
+    train, val, test, sinfo = _anomalous_splits("isbi2015", cases, args, "ms_lesion", "lesion")
+    info = {"dataset": "isbi2015", "root": str(root), "modality": tok, **sinfo,
+            "groups": _counts(train + val + test), **ex.info()}
+    return Splits(train, val, test, info)
+
+
+
+
+# =================================================================================================
+# 3. Memory-mapped caches of preprocessed slices and volumes
+# =================================================================================================
+
+@dataclass
+class ArraySet:
+    """Preprocessed arrays of a list of cases (memory-mapped when cached)."""
+    x: np.ndarray          # (N, H, W) slices or (N, D, H, W) volumes, float32 in [-1, 1]
+    mask: np.ndarray       # same shape, uint8 anomaly mask (zeros where a case has none)
+    brain: np.ndarray      # same shape, uint8 brain mask
+    case: np.ndarray       # (N,) int32 index into `cases`
+    z: np.ndarray          # (N,) int32 axial index of the slice in its volume (0 for volumes)
+    cases: list
+
+    def __len__(self):
+        return len(self.x)
+
+    def slices_of(self, i):
+        """Row indices of case i, in slice order."""
+        rows = np.nonzero(self.case == i)[0]
+        return rows[np.argsort(self.z[rows], kind="stable")]
+
+
+def _cache_key(cases, params):
+    h = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode())
+    for c in cases:
+        for p in (c.image, c.mask, c.brainmask):
+            if p:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _normalize(img, brain, norm, ct_win, strip):
+    if norm == "ct":
+        x = C.ct_window(img, *ct_win)
+    elif norm == "mri":
+        x = C.normalize_mri(img, brain)
+    else:
+        fail(f"unknown normalisation {norm!r} (use 'mri' or 'ct')")
+    if strip:
+        x = np.where(brain > 0, x, -1.0).astype(np.float32)
+    return x
+
+
+def _cached_build(kind, cases, params, cache_dir, builder, desc):
+    """Build (or reuse) a memory-mapped cache: raw .dat arrays appended case by case, so peak memory
+    is one case, not the data set. Built in a temp dir and renamed, so a crash leaves no half cache."""
+    cache_dir = Path(cache_dir or REPO / "data" / "cache")
+    key = _cache_key(cases, {"kind": kind, **params})
+    d = cache_dir / f"{kind}-{key}"
+    if not (d / "meta.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".tmp-{kind}-{key}-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
+        n, shape, t0 = 0, None, time.time()
+        for i, c in enumerate(progress(cases, total=len(cases), desc=f"cache {desc}")):
+            x, m, b, z = builder(c)
+            shape = x.shape[1:]
+            files["x"].write(x.astype(np.float32).tobytes())
+            files["mask"].write(m.astype(np.uint8).tobytes())
+            files["brain"].write(b.astype(np.uint8).tobytes())
+            files["case"].write(np.full(len(x), i, np.int32).tobytes())
+            files["z"].write(np.asarray(z, np.int32).tobytes())
+            n += len(x)
+        for f in files.values():
+            f.close()
+        (tmp / "meta.json").write_text(json.dumps({"n": n, "shape": list(shape), "params": params,
+                                                   "build_s": round(time.time() - t0, 2)}, default=str))
+        try:
+            os.rename(tmp, d)
+        except OSError:  # another process finished the same cache first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((d / "meta.json").read_text())
+    n, shape = meta["n"], tuple(meta["shape"])
+
+    def mm(k, dt, shp):
+        return np.memmap(d / f"{k}.dat", dtype=dt, mode="r", shape=shp) if n else np.zeros(shp, dt)
+    return ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
+                    brain=mm("brain", np.uint8, (n, *shape)), case=np.array(mm("case", np.int32, (n,))),
+                    z=np.array(mm("z", np.int32, (n,))), cases=list(cases))
+
+
+def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,
+                ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="",
+                drop_anomalous=True) -> ArraySet:
+    """Axial slices of each case, normalised to [-1, 1] and resized to `size`, memory-mapped.
+
+    Per case: `n_slices` consecutive slices (every `step`-th) centred at `center` = fraction of the
+    brain's inferior->superior extent (0 = lowest brain slice, 1 = highest); n_slices=None takes every
+    slice that contains brain. In-plane, all slices of a case share one crop (the brain's bounding box
+    over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned.
+    `drop_anomalous`: for real data sets whose every scan is anomalous (BraTS, MSLUB, ISBI 2015),
+    cases whose meta says {"healthy_slices_only": True} (healthy training slices, the test's `normal`
+    group) keep only the chosen slices without anomaly-mask voxels, and cases marked
+    {"anomalous_slices_only": True} only those with some; a case left with no slice is dropped
+    from S.cases (S.case indexes the remaining ones)."""
+    kind = "ct" if norm == "ct" else "mri"
+    params = dict(size=list(size), norm=norm, n_slices=n_slices, center=center, step=step,
+                  ct_window=list(ct_window), crop=crop, strip=strip, margin=margin)
+    only = {k: [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get(k)]
+            for k in ("healthy_slices_only", "anomalous_slices_only")}
+    params.update({k: v for k, v in only.items() if v})
+
+    def build(c):
+        img, m, b, _ = read_case(c, kind)
+        x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))          # (Z, H, W)
+        b = C.axial_stack(b)
+        m = C.axial_stack(m) if m is not None else np.zeros_like(b)
+        zs = np.nonzero(b.reshape(len(b), -1).any(1))[0]
+        lo, hi = (int(zs.min()), int(zs.max())) if len(zs) else (0, len(b) - 1)
+        if n_slices is None:
+            z = np.arange(lo, hi + 1, step)
+        else:
+            span = (n_slices - 1) * step
+            start = int(round(lo + center * (hi - lo) - span / 2))
+            start = min(max(start, 0), max(len(b) - 1 - span, 0))
+            z = np.clip(start + np.arange(n_slices) * step, 0, len(b) - 1)
+        x, m, b = x[z], m[z], b[z]
+        if crop:
+            _, sy, sx = C.bbox(b, margin)
+            x, m, b = x[:, sy, sx], m[:, sy, sx], b[:, sy, sx]
+        if drop_anomalous and (c.meta.get("healthy_slices_only") or c.meta.get("anomalous_slices_only")):
+            # after the crop, so that both parts of a scan share the crop of the whole slab
+            keep = m.reshape(len(m), -1).any(1) == bool(c.meta.get("anomalous_slices_only"))
+            x, m, b, z = x[keep], m[keep], b[keep], z[keep]
+            if not len(z):
+                e = np.zeros((0, *size), np.float32)
+                return e, e.astype(bool), e.astype(bool), z
+        x, m, b = C.pad_to_square(x, -1.0), C.pad_to_square(m, 0), C.pad_to_square(b, 0)
+        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z)
+    S = _cached_build("slices", cases, params, cache_dir, build, desc)
+    n = np.bincount(S.case, minlength=len(cases))
+    if (n == 0).any():   # cases left without slices by drop_anomalous
+        keep = np.nonzero(n)[0]
+        new = np.full(len(cases), -1, np.int32)
+        new[keep] = np.arange(len(keep), dtype=np.int32)
+        S.case, S.cases = new[S.case], [cases[i] for i in keep]
+    return S
+
+
+def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smooth_sigma=0.0,
+                 crop=True, strip=True, margin=1, cache_dir=None, desc="") -> ArraySet:
+    """Whole volumes (D, H, W) = (axial, anterior->posterior, left->right), normalised to [-1, 1]:
+    skull-stripped with the brain mask (`strip`), cropped to the brain's bounding box (removes black
+    borders), optional Gaussian smoothing (sigma in voxels, before resizing), padded to a cube and
+    resized (linear) to `size`. Memory-mapped like slice_stack."""
+    kind = "ct" if norm == "ct" else "mri"
+    params = dict(size=list(size), norm=norm, ct_window=list(ct_window), smooth=smooth_sigma, crop=crop,
+                  strip=strip, margin=margin)
+
+    def build(c):
+        img, m, b, _ = read_case(c, kind)
+        x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))
+        b = C.axial_stack(b)
+        m = C.axial_stack(m) if m is not None else np.zeros_like(b)
+        if crop:
+            sl = C.bbox(b, margin)
+            x, m, b = x[sl], m[sl], b[sl]
+        x = C.gaussian_smooth(x, smooth_sigma)
+        x, m, b = C.pad_to_cube(x, -1.0), C.pad_to_cube(m, 0), C.pad_to_cube(b, 0)
+        return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
+                np.zeros(1, np.int32))
+    return _cached_build("volumes", cases, params, cache_dir, build, desc)
+
+
