@@ -50,18 +50,30 @@ def fail(msg: str):
 
 
 def main_guard(main, argv=None):
-    """Run `main(argv)`; a UserError becomes one line `error: ...` on stderr and exit status 2."""
+    """Run `main(argv)`; a UserError becomes one line `error: ...` on stderr and exit status 2. A run that
+    stops on bad input before it wrote anything but config.json leaves no run folder behind."""
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        _drop_empty_run()
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; resume with --resume <out>/last.pt", file=sys.stderr, flush=True)
+        ck = _RUN["out"] / "last.pt" if _RUN.get("out") else None
+        hint = f"; resume with --resume {ck}" if ck is not None and ck.is_file() else ""
+        print(f"error: interrupted{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         if "torch.distributed" in sys.modules:
             ddp_teardown()
+
+
+def _drop_empty_run():
+    out = _RUN.get("out")
+    if out is not None and _RUN.get("created") and out.is_dir() and is_main():
+        if {p.name for p in out.iterdir()} <= {"config.json"}:
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
 
 
 # =================================================================================================
@@ -330,23 +342,161 @@ def postprocess_3d(residual, brain, median=5, erode=1, threshold=None, min_size=
     return seg
 
 
-def evaluate(rows):
-    """Contract metrics from per-unit rows (dicts with group, label, score): `metrics` = every
-    anomalous unit against every normal one; `groups` = per group n, and for anomalous groups
-    AUROC/AUPRC against the normal units."""
+# ---- per-group evaluation with clean negatives and intervals over cases -------------------------
+# A row is one scored unit: {id, group, label, score, [case]}. `group` is the group of the unit's CASE
+# (the scan it comes from), `label` the unit's own label, `case` the case id (default: the unit's id, for
+# scan- and volume-level scores). So a lesion-free patch of a tumour scan is {group: tumor, label: 0}.
+# Units of one scan are correlated: every interval resamples whole cases, each group's cases within
+# their group (a stratified bootstrap), seeded, never single patches or slices.
+
+N_BOOT = 1000          # bootstrap resamples for every interval (percentile method, 95%)
+
+
+def _ranked(s, W, y, descending=False):
+    """Unit weights summed per distinct score (ties are one threshold), positives and negatives apart."""
+    order = np.argsort(-s if descending else s, kind="mergesort")
+    s_sorted = s[order]
+    _, start = np.unique(-s_sorted if descending else s_sorted, return_index=True)
+    W, y = W[:, order], y[order]
+    return np.add.reduceat(W * (y == 1), start, axis=1), np.add.reduceat(W * (y == 0), start, axis=1)
+
+
+def weighted_auroc(y, s, W):
+    """AUROC = P(score of a positive > score of a negative) + ½ P(tie), each unit counted W times.
+    y, s: (n,); W: (B, n) weights (e.g. bootstrap counts) -> (B,). Equals scikit-learn's
+    roc_auc_score(y, s, sample_weight=W[b]) (tested)."""
+    P, N = _ranked(np.asarray(s, np.float64), np.atleast_2d(W), np.asarray(y))
+    below = np.cumsum(N, axis=1) - N                             # negative weight strictly below
+    den = P.sum(1) * N.sum(1)
+    return np.where(den > 0, (P * (below + 0.5 * N)).sum(1) / np.where(den > 0, den, 1), np.nan)
+
+
+def weighted_auprc(y, s, W):
+    """Average precision AP = Σ_k (R_k − R_{k−1}) P_k over decreasing thresholds (scikit-learn's
+    average_precision_score with sample_weight, tested). y, s: (n,); W: (B, n) -> (B,)."""
+    P, N = _ranked(np.asarray(s, np.float64), np.atleast_2d(W), np.asarray(y), descending=True)
+    tp, fp = np.cumsum(P, axis=1), np.cumsum(N, axis=1)
+    total = tp[:, -1:]
+    prec = tp / np.where(tp + fp > 0, tp + fp, 1)
+    rec = tp / np.where(total > 0, total, 1)
+    d_rec = np.diff(rec, axis=1, prepend=0.0)
+    return np.where(total[:, 0] > 0, (d_rec * prec).sum(1), np.nan)
+
+
+def case_bootstrap(case, strata, n_boot=N_BOOT, seed=0):
+    """(n_boot, n_units) weights: in each resample every stratum's cases are drawn with replacement
+    (as many as it has) and a unit weighs as often as its case was drawn. case, strata: (n_units,)."""
+    cases, unit_case = np.unique(np.asarray(case).astype(str), return_inverse=True)
+    case_stratum = np.empty(len(cases), dtype=object)
+    case_stratum[unit_case] = np.asarray(strata).astype(str)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, len(cases)), np.float32)
+    for st in sorted(set(case_stratum)):
+        idx = np.nonzero(case_stratum == st)[0]
+        draws = rng.integers(0, len(idx), (n_boot, len(idx)))
+        np.add.at(counts, (np.arange(n_boot)[:, None], idx[draws]), 1.0)
+    return counts[:, unit_case]
+
+
+def interval(values):
+    """95% percentile interval of bootstrap values (nan-aware) -> [lo, hi]."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [float("nan")] * 2
+
+
+def _metrics_ci(y, s, case, strata, n_boot, seed):
+    W = case_bootstrap(case, strata, n_boot, seed)
+    return {"auroc": auroc(y, s), "auroc_ci": interval(weighted_auroc(y, s, W)),
+            "auprc": auprc(y, s), "auprc_ci": interval(weighted_auprc(y, s, W))}
+
+
+def mean_ci(values, n_boot=N_BOOT, seed=0):
+    """Mean of per-case values (e.g. Dice per scan) with its 95% bootstrap interval over the cases."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"mean": float("nan"), "ci": [float("nan")] * 2, "n": 0}
+    draws = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    return {"mean": float(v.mean()), "ci": interval(v[draws].mean(1)), "n": int(len(v))}
+
+
+def _columns(rows, key="score"):
     y = np.array([int(r["label"]) for r in rows])
-    s = np.array([float(r["score"]) for r in rows])
-    g = np.array([r["group"] for r in rows])
-    out = {"metrics": {"auroc": auroc(y, s), "auprc": auprc(y, s), "fpr_at_95tpr": fpr_at_tpr(y, s)
-                       if len(set(y)) == 2 else float("nan")}, "groups": {}}
+    s = np.array([float(r[key]) for r in rows])
+    g = np.array([str(r["group"]) for r in rows])
+    c = np.array([str(r.get("case", r.get("id", i))) for i, r in enumerate(rows)])
+    return y, s, g, c
+
+
+def normal_groups(y, g):
+    """Groups none of whose units is anomalous: the normal scans (e.g. `normal`, `cdr_0`)."""
+    return sorted({n for n in set(g) if y[g == n].max() == 0})
+
+
+def evaluate(rows, key="score", n_boot=N_BOOT, seed=0):
+    """Contract metrics of per-unit rows (see above), negatives from normal scans only:
+      metrics        every anomalous unit against every unit of a normal scan (+ FPR at 95% TPR)
+      groups[g]      n, n_cases, score mean/std; for an anomalous group: its anomalous units against
+                     the units of normal scans, AUROC/AUPRC with 95% intervals over cases
+      groups_same_scan[g]  only where g's scans also hold normal units (a lesion-free patch of a
+                     lesion scan): g's anomalous units against g's own normal units, the negatives
+                     of AnoGAN's §3, reported under this name so it is never mistaken for the above."""
+    y, s, g, c = _columns(rows, key)
+    normal = np.isin(g, normal_groups(y, g))
+    clean = (y == 1) | normal
+    out = {"metrics": {}, "groups": {}, "negatives": "units of normal scans only (groups "
+           + ", ".join(normal_groups(y, g)) + ")", "bootstrap": f"{n_boot} resamples of cases, "
+           "stratified by group, seed " + str(seed)}
+    if len(set(y[clean])) == 2:
+        out["metrics"] = {**_metrics_ci(y[clean], s[clean], c[clean], g[clean], n_boot, seed),
+                          "fpr_at_95tpr": fpr_at_tpr(y[clean], s[clean])}
+    same = {}
     for name in sorted(set(g), key=lambda n: (y[g == n].max(), n)):
         sel = g == name
-        entry = {"n": int(sel.sum()), "score_mean": float(s[sel].mean()), "score_std": float(s[sel].std())}
-        if y[sel].max() == 1:
-            both = sel | (y == 0)
-            entry.update(auroc=auroc(y[both], s[both]), auprc=auprc(y[both], s[both]))
-        out["groups"][str(name)] = entry
+        e = {"n": int(sel.sum()), "n_cases": int(len(set(c[sel]))), "score_mean": float(s[sel].mean()),
+             "score_std": float(s[sel].std())}
+        pos = sel & (y == 1)
+        if pos.any() and normal.any():
+            both = pos | normal
+            e.update(_metrics_ci(y[both], s[both], c[both], g[both], n_boot, seed), n_anomalous=int(pos.sum()))
+        if pos.any() and (sel & (y == 0)).any():
+            same[str(name)] = {"n_anomalous": int(pos.sum()), "n_normal": int((sel & (y == 0)).sum()),
+                               **_metrics_ci(y[sel], s[sel], c[sel], np.where(y[sel] == 1, "a", "n"),
+                                             n_boot, seed)}
+        out["groups"][str(name)] = e
+    if same:
+        out["groups_same_scan"] = same
     return out
+
+
+def paired_difference(y, s_a, s_b, case, strata, metric="auroc", n_boot=2 * N_BOOT, seed=0):
+    """metric(s_a) − metric(s_b) on the same units, with a 95% interval from ONE bootstrap over cases
+    (both scores see the same resampled cases, so their correlation is kept). "A beats B" needs an
+    interval that excludes 0; otherwise the difference is not resolved. -> {diff, ci, a, b, resolved}"""
+    fn = {"auroc": weighted_auroc, "auprc": weighted_auprc}[metric]
+    y = np.asarray(y)
+    W = case_bootstrap(case, strata, n_boot, seed)
+    one = np.ones((1, len(y)))
+    a, b = float(fn(y, s_a, one)[0]), float(fn(y, s_b, one)[0])
+    ci = interval(fn(y, s_a, W) - fn(y, s_b, W))
+    return {"diff": a - b, "ci": ci, "a": a, "b": b, "resolved": bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def compare_scores(rows_a, rows_b, group=None, key_a="score", key_b="score", **kw):
+    """paired_difference of two score columns over the units both row lists share (joined by id),
+    normal scans against `group` (None: all anomalous units), negatives from normal scans only."""
+    b = {r["id"]: r for r in rows_b}
+    rows = [r for r in rows_a if r["id"] in b]
+    y, sa, g, c = _columns(rows, key_a)
+    sb = np.array([float(b[r["id"]][key_b]) for r in rows])
+    sel = np.isin(g, normal_groups(y, g)) | ((y == 1) & ((g == group) if group else True))
+    return paired_difference(y[sel], sa[sel], sb[sel], c[sel], g[sel], **kw)
+
+
+def fmt_ci(v, ci, digits=3):
+    """0.812 [0.71, 0.90]"""
+    return f"{v:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]" if v == v else "nan"
 
 
 # =================================================================================================
@@ -482,7 +632,7 @@ def plot_curves(curves, path, title="", ylabel="", logy=False, xlabel="step"):
 
 
 # =================================================================================================
-# 5. Run files: arguments, seeding, device, checkpoints, results
+# 5. Run files: arguments, seeding, device, checkpoints, the training loop, results
 # =================================================================================================
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -490,6 +640,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kw.setdefault("conflict_handler", "resolve")   # a script's own flag may refine a shared one
         super().__init__(*a, **kw)
 
     def error(self, message):
@@ -497,33 +648,54 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def hp(default, help, lo=None, hi=None, **kw):
+    """One hyperparameter, declared once: its paper value (the default of --preset paper), its source
+    (`help`) and its valid range [lo, hi]. kw: choices, metavar, type (for a None default), odd."""
+    return dict(default=default, help=help, lo=lo, hi=hi, **kw)
+
+
 def add_contract_args(p, method):
     """The flags every script shares (../shared/CONTRACT.md), identical across the five scripts."""
     g = p.add_argument_group("shared flags (../shared/CONTRACT.md)")
-    g.add_argument("--data", default="synthetic", help="dataset: synthetic (default, the phantom), folder, oasis3, ixi, brats, ctich, mslub, isbi2015")
-    g.add_argument("--data-root", default=None, help="where the dataset lives (default data/<NAME>)")
-    g.add_argument("--train-data", default=None, help="take the healthy training set from another dataset")
-    g.add_argument("--train-root", default=None, help="root of --train-data (default data/<NAME>)")
-    g.add_argument("--modality", default=None, help="real datasets: which image to load (e.g. t1, t2, flair)")
-    g.add_argument("--cdr-window-days", type=int, default=365,
-                   help="oasis3: a scan takes the CDR of the closest visit within this many days (default 365)")
-    g.add_argument("--test-frac", type=float, default=None,
-                   help="real data sets: fraction of the healthy (or, for brats/mslub/isbi2015, of all) "
-                        "subjects held out for testing, split by subject with --seed (default 0.3)")
-    g.add_argument("--preset", default="quick", choices=["smoke", "quick", "paper"],
-                   help="smoke: seconds (tests); quick: minutes on a 2-core CPU (default); paper: the paper's settings")
-    g.add_argument("--out", default=None, help=f"run directory (default runs/{method}__<data>__<seed>__<time>)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
-    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch and data order (default 0)")
-    g.add_argument("--resume", default=None, help="continue training from this checkpoint (last.pt)")
-    g.add_argument("--checkpoint", default=None, help="skip training and score with this checkpoint")
-    g.add_argument("--cache-dir", default=None, help="memory-mapped preprocessed arrays (default data/cache)")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16); ignored on CPU")
+    a = g.add_argument
+    a("--data", default="synthetic",
+      help="dataset: synthetic (default, the phantom), folder, oasis3, ixi, brats, ctich, mslub, isbi2015")
+    a("--data-root", default=None, help="where the dataset lives (default data/<NAME>)")
+    a("--train-data", default=None, help="take the healthy training set from another dataset")
+    a("--train-root", default=None, help="root of --train-data (default data/<NAME>)")
+    a("--modality", default=None, help="real datasets: which image to load (e.g. t1, t2, flair)")
+    a("--cdr-window-days", type=int, default=365,
+      help="oasis3: a scan takes the CDR of the closest visit within this many days (default 365)")
+    a("--test-frac", type=float, default=None,
+      help="real data sets: fraction of the healthy (or, for brats/mslub/isbi2015, of all) subjects "
+           "held out for testing, split by subject with --seed (default 0.3)")
+    a("--preset", default="quick", choices=["smoke", "quick", "paper"],
+      help="smoke: seconds (tests); quick: minutes on a 2-core CPU (default); paper: the paper's settings")
+    a("--out", default=None, help=f"run directory (default runs/{method}__<data>__<seed>__<time>)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    a("--seed", type=int, default=0, help="seeds python, numpy, torch and data order (default 0)")
+    a("--resume", default=None, help="continue training from this checkpoint (last.pt)")
+    a("--checkpoint", default=None, help="skip training and score with this checkpoint")
+    a("--cache-dir", default=None, help="memory-mapped preprocessed arrays (default data/cache)")
+    a("--amp", action="store_true", help="mixed precision on CUDA (bf16); ignored on CPU")
+    r = p.add_argument_group("training run (the same in every script)")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="stop training after N steps in all (all phases together) for a short trial; every "
+                        "file is still written, and --resume of its last.pt continues exactly")
+    r.add_argument("--ckpt-every", type=int, default=0,
+                   help="write last.pt every N steps (default 0: on a time budget, see --ckpt-minutes)")
+    r.add_argument("--ckpt-minutes", type=float, default=10.0,
+                   help="with --ckpt-every 0: write last.pt every this many minutes, and never so often that "
+                        "writing takes over 2%% of the time (default 10); always at the end of each phase")
     return p
 
 
-def parse_args(parser, presets, argv=None, method=None):
-    """Parse; every flag left at None takes the preset's value (an explicit flag always wins)."""
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _parse_args_legacy(parser, presets, argv=None, method=None):
+    """Scripts that still build their own parser (until every script declares hyperparameters once)."""
     args = parser.parse_args(argv)
     for k, v in presets[args.preset].items():
         if getattr(args, k, None) is None:
@@ -538,19 +710,73 @@ def parse_args(parser, presets, argv=None, method=None):
     return args
 
 
+def parse_args(argv, hyper=None, presets=None, method=None, doc=None, check=None):
+    """The command line of a method script, generated from its hyperparameter table.
+
+    hyper: {name: hp(paper value, source, lo, hi)}; presets: {"quick": {name: value}, "smoke": {...}},
+    what each CPU preset changes (paper = the declared values). A flag given on the command line always
+    wins. Range checks come from the table (floats must be finite); `check(args)` adds the script's own."""
+    if isinstance(argv, argparse.ArgumentParser):
+        return _parse_args_legacy(argv, hyper, presets, method)
+    p = ArgumentParser(description=doc)
+    add_contract_args(p, method)
+    g = p.add_argument_group(f"{method}: the paper's value is the default of --preset paper (source in "
+                             f"brackets); --preset quick/smoke change the values shown")
+    for name, spec in hyper.items():
+        d = spec["default"]
+        shown = {k: v[name] for k, v in presets.items() if name in v}
+        txt = spec["help"] + (" [paper: %s%s]" % (d, "".join(f"; {k}: {v}" for k, v in shown.items())))
+        txt = txt.replace("%", "%%")
+        if isinstance(d, bool):
+            g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=txt)
+        elif isinstance(d, (list, tuple)):
+            g.add_argument(_flag(name), type=type(d[0]), nargs=len(d), default=None, help=txt,
+                           metavar=spec.get("metavar"))
+        else:
+            g.add_argument(_flag(name), type=spec.get("type", type(d)), default=None, help=txt,
+                           choices=spec.get("choices"), metavar=spec.get("metavar"))
+    args = p.parse_args(argv)
+    for name, spec in hyper.items():
+        if getattr(args, name) is None:
+            v = presets.get(args.preset, {}).get(name, spec["default"])
+            setattr(args, name, list(v) if isinstance(v, tuple) else v)
+        check_range(args, name, spec["lo"], spec["hi"])
+    if not 0 <= args.seed < 2 ** 32:
+        fail(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
+    for name in ("max_steps", "ckpt_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.ckpt_minutes) and args.ckpt_minutes > 0):
+        fail(f"--ckpt-minutes must be a positive number, got {args.ckpt_minutes}")
+    if args.out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = str(Path("runs") / f"{method}__{args.data}__{args.seed}__{stamp}")
+    for path, what in ((args.resume, "--resume"), (args.checkpoint, "--checkpoint")):
+        if path and not Path(path).is_file():
+            fail(f"{what} {path}: no such checkpoint file")
+    if check is not None:
+        check(args)
+    return args
+
+
 def check_range(args, name, lo=None, hi=None, integer=False):
-    """Flag validation: `--name` must lie in [lo, hi]."""
+    """Flag validation: `--name` must lie in [lo, hi] (each element of a list); a float must be finite."""
     v = getattr(args, name)
-    flag = "--" + name.replace("_", "-")
-    if v is None or (lo is not None and v < lo) or (hi is not None and v > hi) or (integer and int(v) != v):
-        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        fail(f"{flag} must be {'an integer ' if integer else ''}in {rng}, got {v}")
+    for x in (v if isinstance(v, (list, tuple)) else [v]):
+        if isinstance(x, float) and not math.isfinite(x):
+            fail(f"{_flag(name)} must be a finite number, got {x}")
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and (
+                (lo is not None and x < lo) or (hi is not None and x > hi)):
+            fail(f"{_flag(name)} must be in [{lo if lo is not None else '-inf'}, "
+                 f"{hi if hi is not None else 'inf'}], got {x}")
+        if integer and int(x) != x:
+            fail(f"{_flag(name)} must be an integer, got {x}")
 
 
 def seed_everything(seed):
     import torch
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
@@ -572,45 +798,79 @@ def get_device(name="auto"):
 
 
 def rng_state():
+    """Every random stream of this process (python, numpy, torch CPU, each CUDA device), as CPU objects."""
     import torch
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return st
 
 
 def set_rng_state(st):
+    """Restore rng_state(). The torch/CUDA states must be CPU ByteTensors (torch refuses others), so they
+    are moved to the CPU whatever device a checkpoint was loaded to; CUDA states apply to as many devices
+    as both the checkpoint and this machine have, and are skipped on a machine without CUDA."""
     import torch
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"].cpu() if hasattr(st["torch"], "cpu") else st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    torch.set_rng_state(torch.as_tensor(st["torch"]).cpu().to(torch.uint8))
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        for i, s in enumerate(st["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.as_tensor(s).cpu().to(torch.uint8), i)
     if ddp_world() > 1:   # the checkpoint holds process 0's state: give each process its own stream again
         seed_everything(int(torch.randint(2 ** 31 - 1, (1,))) + ddp_rank())
 
 
 def save_checkpoint(path, state):
     """torch.save to a temp file in the same folder, then an atomic rename: a crash never leaves a
-    half-written checkpoint in place of the last good one."""
+    half-written checkpoint in place of the last good one. -> seconds the write took."""
     import torch
     if not is_main():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write the checkpoint {path} ({e.strerror}); free disk space or choose another --out")
+    return time.perf_counter() - t0
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, method=None):
+    """torch.load onto the CPU (models and optimisers copy what they need to their own device; the RNG
+    states must stay CPU tensors). With `method`: a checkpoint of another script is one clear error."""
     import torch
+    method = method if isinstance(method, str) else None   # (an older call passed a device here)
     if not path or not Path(path).is_file():
         fail(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        fail(f"checkpoint {path} cannot be read ({type(e).__name__}); is it a last.pt of this script?")
+        fail(f"checkpoint {path} cannot be read ({type(e).__name__}); is it a last.pt of "
+             f"{method + '.py' if method else 'this script'}?")
+    if method and (not isinstance(ck, dict) or ck.get("method", method) != method or "models" not in ck):
+        other = ck.get("method") if isinstance(ck, dict) else None
+        fail(f"checkpoint {path} is not a last.pt of {method}.py"
+             + (f" (it is one of {other}.py)" if other else ""))
+    return ck
+
+
+def load_models(path, models, method):
+    """Load the weights of a checkpoint into `models` ({name: nn.Module}); -> the checkpoint dict."""
+    ck = load_checkpoint(path, method)
+    try:
+        for k, m in models.items():
+            m.load_state_dict(ck["models"][k])
+    except (KeyError, RuntimeError) as e:
+        was = ck.get("args", {})
+        fail(f"checkpoint {path} is a last.pt of {method}.py with other network settings (preset "
+             f"{was.get('preset', '?')}; {type(e).__name__}: {str(e).splitlines()[0][:120]}); pass the "
+             f"--preset and network flags of its config.json")
+    return ck
 
 
 def check_finite(loss, step=None, ckpt=None):
@@ -728,8 +988,12 @@ def _json_default(o):
 # `torchrun --nproc_per_node=N script.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE; without them every
 # helper below is a no-op, so a reader who ignores DDP sees the plain single-process loop.
 
+_SYNC = {}   # a gloo process group with a week-long timeout: waits for process 0 that must not time out
+
+
 def ddp_setup():
     """Join the process group when launched by torchrun; -> (rank, world_size). NCCL on CUDA, else gloo."""
+    import datetime
     import torch
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -738,6 +1002,7 @@ def ddp_setup():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _SYNC["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     return ddp_rank(), world
 
 
@@ -795,9 +1060,41 @@ def shard(indices):
 
 
 def ddp_barrier():
+    """Wait for every process, without the collective timeout (process 0 may be building a cache or
+    evaluating for many minutes); a no-op alone."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_SYNC.get("group"))
+
+
+@contextlib.contextmanager
+def main_first():
+    """Under torchrun: process 0 runs the block first (e.g. builds a cache on disk), the others wait for
+    it (without a timeout) and then run the block themselves (opening what process 0 built)."""
+    if not is_main():
+        ddp_barrier()
+    yield
+    if is_main():
+        ddp_barrier()
+
+
+def on_main(fn, *args, **kw):
+    """fn(*args) on process 0 alone (evaluation during training) while the others wait for it without a
+    timeout; -> fn's result on process 0, None on the others."""
+    out = fn(*args, **kw) if is_main() else None
+    ddp_barrier()
+    return out
+
+
+def ddp_any(flag, device=None):
+    """True on every process if `flag` is true on any of them (one all-reduce; the flag itself alone)."""
+    if ddp_world() == 1:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def ddp_teardown():
@@ -805,6 +1102,217 @@ def ddp_teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
+
+# ---- the training loop: everything besides the paper's update, the same in all five scripts -------
+
+class Batches:
+    """Shuffled minibatches of row indices of a training set of n rows, resumable.
+
+    Epoch e visits the rows in the order of a permutation seeded by (seed, stream, e), so where a run is
+    in its data is two numbers (epoch, pos) and a resumed run draws exactly the batches an uninterrupted
+    one would. `drop_last` skips an epoch's last, smaller batch. Under torchrun every process draws the
+    same global batch of batch_size x processes rows and takes its own share (shard)."""
+
+    def __init__(self, n, batch_size, seed, drop_last=True, stream=0):
+        if n < 1:
+            fail("no training samples")
+        self.n, self.seed, self.stream, self.drop_last = int(n), int(seed), int(stream), drop_last
+        self.global_batch = global_batch_size(batch_size, n)
+        per = self.n / self.global_batch
+        self.steps_per_epoch = max(1, int(per) if drop_last else math.ceil(per))
+        self.epoch, self.pos, self._perm = 0, 0, (None, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pos >= self.steps_per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        if self._perm[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.stream, self.epoch])
+            self._perm = (self.epoch, rng.permutation(self.n))
+        b = self.global_batch
+        idx = self._perm[1][self.pos * b:(self.pos + 1) * b]
+        self.pos += 1
+        return shard(idx)
+
+    @property
+    def epoch_done(self):
+        """True right after the last batch of an epoch was drawn."""
+        return self.pos == self.steps_per_epoch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, st):
+        self.epoch, self.pos = int(st["epoch"]), int(st["pos"])
+
+
+class Loop:
+    """The plumbing of a training loop, so that a script's loop is only its paper's update:
+
+        loop = C.Loop(run, args, models={"G": G, "D": D}, optims={"G": opt_G, "D": opt_D},
+                      batches={"train": batches})
+        for step in loop.phase("train", args.steps):        # 1, 2, ..., args.steps
+            loop.log(train_step(G, D, next(batches), ...))  # losses: kept, and checked for NaN
+        loop.close()                                         # last.pt of the finished run
+
+    It resumes from --resume (weights, optimisers, every random stream, the data position, the loss
+    history and `loop.state`, which a script may extend), shows progress with an ETA, stops a diverged
+    run on every process at once, writes last.pt atomically on a step (--ckpt-every) or time budget
+    (--ckpt-minutes, never over 2% of the time) and at each phase's end, stops after --max-steps (the run
+    then scores what it has), and on Ctrl-C finishes the step, saves and exits with a resume hint.
+    Phases (fanogan3d's three steps) run in order; a resumed run skips the finished ones."""
+
+    def __init__(self, run, args, models, optims, batches=None, generators=None, log_every=1):
+        self.run, self.args, self.models, self.optims = run, args, models, optims
+        self.batches, self.generators = batches or {}, generators or {}
+        self.log_every, self.path = max(int(log_every), 1), run.out / "last.pt"
+        self.state = {"phase": None, "step": 0, "done": [], "total_steps": 0, "train_s": 0.0}
+        self.history, self.step, self._stop, self.write_s = {}, 0, None, []
+        self._last_save, self._t_phase = time.time(), None
+        if args.resume:
+            self._resume(args.resume)
+        self._old_sigint = None
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self, path):
+        ck = load_models(path, self.models, self.run.method)
+        for k, opt in self.optims.items():
+            lr_now = [g["lr"] for g in opt.param_groups]
+            opt.load_state_dict(ck["optims"][k])
+            lr_was = [g["lr"] for g in opt.param_groups]
+            if lr_was != lr_now:   # the command line wins over the checkpoint, and says so
+                for g, lr in zip(opt.param_groups, lr_now):
+                    g["lr"] = lr
+                self.run.log(f"--resume: optimiser {k} learning rate {lr_was[0]:g} -> {lr_now[0]:g} "
+                             f"(this command line's value)")
+        for k, b in self.batches.items():
+            b.load_state_dict(ck["batches"][k])
+        for k, g in self.generators.items():
+            g.set_state(ck["generators"][k])
+        self.state.update(ck["loop"])
+        self.history = ck["history"]
+        set_rng_state(ck["rng"])
+        self.run.log(f"resumed from {path}: phase {self.state['phase']}, step {self.state['step']}, "
+                     f"{self.state['total_steps']} steps done")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def phase(self, name, n_steps, desc=None):
+        """Yield the step numbers of phase `name` still to run (1-based, up to n_steps)."""
+        if name in self.state["done"] or self._stop:
+            return
+        if self.state["phase"] != name:
+            self.state.update(phase=name, step=0)
+        self._install_sigint()
+        t0 = time.time()
+        start = self.state["step"]
+        try:
+            for step in progress(range(start + 1, n_steps + 1), total=n_steps - start, desc=desc or name):
+                self.step = step
+                yield step
+                self.state["step"] = step
+                self.state["total_steps"] += 1
+                self.state["train_s"] += time.time() - t0
+                t0 = time.time()
+                self._after_step(last=step == n_steps)
+                if self._stop:
+                    return
+            self.state["done"].append(name)
+            self._save()
+        finally:
+            self._restore_sigint()
+
+    def log(self, values, every=None):
+        """This step's losses {name: tensor or float}: stop if one is not finite (on every process at
+        once, keeping the last good checkpoint); kept in `history` every `log_every` steps."""
+        import torch
+        names = list(values)
+        t = torch.stack([torch.as_tensor(values[k]).detach().float().reshape(()).cpu() for k in names])
+        bad = not bool(torch.isfinite(t).all())
+        if ddp_any(bad):
+            what = ", ".join(f"{k} = {float(v):g}" for k, v in zip(names, t)) if bad else "another process"
+            keep = f"; the last good checkpoint is kept at {self.path}" if self.path.is_file() else ""
+            fail(f"training diverged in {self.state['phase']} at step {self.step} ({what}){keep}; "
+                 f"try a lower learning rate or another --seed")
+        every = every or self.log_every
+        if self.step % every == 0 or self.step == 1:
+            for k, v in zip(names, t.tolist()):
+                self.history.setdefault(k, []).append((self.step, v))
+
+    def _after_step(self, last):
+        a = self.args
+        if a.max_steps is not None and self.state["total_steps"] >= a.max_steps:
+            self._stop = "max_steps"
+        if ddp_any(self._stop == "interrupt" or _INTERRUPT["flag"]):
+            self._stop = "interrupt"
+        if self._stop:
+            self._save()
+            if self._stop == "interrupt":
+                raise KeyboardInterrupt
+            self.run.log(f"--max-steps {a.max_steps}: training stopped after {a.max_steps} steps in "
+                         f"{self.state['phase']} (step {self.step}); scoring this model")
+            return
+        if last:
+            return   # the phase's end saves
+        due = (self.state["total_steps"] % a.ckpt_every == 0) if a.ckpt_every else (
+            time.time() - self._last_save >= max(60 * a.ckpt_minutes, 50 * max(self.write_s or [0])))
+        if due:
+            self._save()
+
+    def _save(self):
+        st = {"method": self.run.method, "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},
+              "optims": {k: o.state_dict() for k, o in self.optims.items()},
+              "batches": {k: b.state_dict() for k, b in self.batches.items()},
+              "generators": {k: g.get_state() for k, g in self.generators.items()},
+              "loop": self.state, "history": self.history, "rng": rng_state(), "args": vars(self.args)}
+        self.write_s.append(save_checkpoint(self.path, st))
+        self._last_save = time.time()
+
+    def close(self):
+        """After the last phase: write last.pt of the finished (or stopped) run; -> training seconds."""
+        if self._stop is None:
+            self._save()
+        return self.state["train_s"]
+
+    @property
+    def stopped_early(self):
+        return self._stop == "max_steps"
+
+    def io_report(self):
+        """Checkpoint writes of this run: count, total seconds, share of training time, size in MB."""
+        size = self.path.stat().st_size / 2 ** 20 if self.path.is_file() else 0.0
+        tot = sum(self.write_s)
+        return {"checkpoints": len(self.write_s), "write_s": round(tot, 3), "size_mb": round(size, 1),
+                "share_of_train": round(tot / max(self.state["train_s"], 1e-9), 4)}
+
+    # -- Ctrl-C: finish the step, save, exit with a resume hint -----------------------------------
+    def _install_sigint(self):
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        _INTERRUPT["flag"] = False
+
+        def handler(sig, frame):
+            if _INTERRUPT["flag"]:        # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            _INTERRUPT["flag"] = True
+            print("\ninterrupted: finishing this step and writing last.pt (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        self._old_sigint = signal.signal(signal.SIGINT, handler)
+
+    def _restore_sigint(self):
+        import signal
+        if self._old_sigint is not None:
+            signal.signal(signal.SIGINT, self._old_sigint)
+            self._old_sigint = None
+
+
+_INTERRUPT = {"flag": False}
+
+
+# ---- a run: its folder, config.json, results --------------------------------------------------------
 
 @dataclass
 class Run:
@@ -818,6 +1326,9 @@ class Run:
             print(f"[{self.method} {time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
 
+_RUN = {}   # the current run's folder, for main_guard's messages
+
+
 def start_run(args, method):
     """Seed everything, choose the device, create the run directory and write config.json."""
     import torch
@@ -829,10 +1340,19 @@ def start_run(args, method):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
-        fail(f"--out {out}: cannot create the run directory ({e.strerror})")
+        fail(f"--out {out}: cannot write the run directory ({e.strerror}); choose another --out")
+    for stale in out.glob(".last.pt.tmp*"):   # left by a run killed while writing its checkpoint
+        stale.unlink(missing_ok=True)
+    _RUN.update(out=out, created=created)
     if is_main():
         write_json(out / "config.json", {
             "method": method, "args": vars(args), "device": str(device), "world_size": world,
@@ -846,50 +1366,99 @@ def start_run(args, method):
     return run
 
 
-def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None, roc_title="", log_scores=False):
-    """Write the contract's scores.csv, results.json, roc.png and scores.png; return the results dict.
-    Under torchrun only rank 0 writes."""
-    if not is_main():
-        return evaluate(rows)
+def _check_scores(rows, unit):
     labels = {int(r["label"]) for r in rows}
     if labels != {0, 1}:
         missing = "normal (label 0)" if 0 not in labels else "anomalous (label 1)"
-        fail(f"no {missing} {unit} among the {len(rows)} scored, so AUROC is undefined and no results.json is "
-             f"written; score more of each scan (e.g. more test slices, see --help) or use a test set with both "
-             f"(the checkpoint {run.out / 'last.pt'} can be re-scored with --checkpoint)")
-    out = run.out
+        fail(f"no {missing} {unit} among the {len(rows)} scored, so AUROC is undefined and no results.json "
+             f"is written; score more of each scan (e.g. more test slices, see --help) or use a test set with "
+             f"both (the checkpoint {_RUN.get('out', Path('.')) / 'last.pt'} can be re-scored with --checkpoint)")
+    s = np.array([float(r["score"]) for r in rows])
+    if not np.isfinite(s).all():
+        fail(f"{int((~np.isfinite(s)).sum())} of {len(s)} test scores are NaN or infinite; the model diverged "
+             f"or an input is broken, so no results.json is written")
+    if np.ptp(s) <= 1e-9 * max(1.0, float(np.abs(s).max())):
+        fail(f"all {len(s)} test scores are identical ({s[0]:.6g}): the model's output does not depend on its "
+             f"input, so every AUROC would be 0.5 by construction and no results.json is written; check the "
+             f"preprocessing (e.g. MRI volumes through a CT window: see --modality / --help)")
+
+
+def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores=None, threshold_pct=95.0,
+           history=None, examples=None, titles=None, log_scores=False, slabs=None):
+    """Everything a run reports, the same way in all five scripts; -> the results dict.
+
+    rows: one dict per scored unit (id, group, label, score, optional case and more columns; see
+    evaluate). Writes scores.csv; results.json with AUROC/AUPRC and their 95% intervals over cases,
+    per group against normal scans only, the operating point at the `threshold_pct` percentile of the
+    HEALTHY validation scores `val_scores` (never the test labels), timing, memory, data and `extra`;
+    roc.png, scores.png, and examples.png / losses.png when `examples` (rows for plot_examples) /
+    `history` ({curve: [(step, value)]}) are given. titles: {"roc", "losses", "losses_ylabel",
+    "examples_cols"}. Under torchrun only process 0 writes."""
+    if not is_main():
+        return None
+    titles = titles or {}
+    _check_scores(rows, unit)
+    out, method = run.out, run.method
     keys = ["id", "group", "label", "score"]
-    extra_cols = [k for k in rows[0] if k not in keys] if rows else []
+    cols = keys + [k for k in rows[0] if k not in keys]
     with open(out / ".scores.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(keys + extra_cols)
+        w.writerow(cols)
         for r in rows:
-            w.writerow([r.get(k) for k in keys + extra_cols])
+            w.writerow([r.get(k) for k in cols])
     os.replace(out / ".scores.csv.tmp", out / "scores.csv")
     ev = evaluate(rows)
-    res = {"method": method, "data": args.data, "preset": args.preset, "seed": args.seed, "unit": unit,
-           **ev, "timing": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
+    res = {"method": method, "data": args.data, "preset": args.preset, "seed": args.seed, "unit": unit, **ev,
+           "timing": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
            "memory": peak_memory_mb(run.device)}
+    y, s, g, _ = _columns(rows)
+    thr = None
+    if val_scores is not None and len(val_scores):
+        thr = threshold_from_healthy(val_scores, percentile=threshold_pct)
+        clean = (y == 1) | np.isin(g, normal_groups(y, g))
+        res["operating_point"] = {"threshold": thr, "rule": f"{threshold_pct:g}th percentile of "
+                                  f"{len(val_scores)} healthy validation {unit} scores",
+                                  **binary_stats(y[clean], s[clean] >= thr)}
+    if slabs is not None:
+        res["slabs"] = slabs
     if data_info is not None:
         res["data_info"] = data_info
     res.update(extra or {})
     write_json(out / "results.json", res)
-    y = np.array([int(r["label"]) for r in rows])
-    s = np.array([float(r["score"]) for r in rows])
-    g = np.array([r["group"] for r in rows])
-    curves = {}
-    anomalous = [n for n in dict.fromkeys(g) if y[g == n].max() == 1]
-    for n in anomalous:
-        sel = (g == n) | (y == 0)
-        curves[n] = (y[sel], s[sel])
-    if len(anomalous) > 1:
-        curves["all anomalous"] = (y, s)
-    plot_roc(curves, out / "roc.png", title=roc_title or f"{method}: {unit}-level ROC, normal vs each group")
-    order = sorted(dict.fromkeys(g), key=lambda n: (y[g == n].max(), n))
-    plot_scores({n: s[g == n] for n in order}, out / "scores.png", log=log_scores,
+    # figures: ROC of each anomalous group against the normal scans' units, score boxes per group
+    normal = np.isin(g, normal_groups(y, g))
+    curves = {n: (y[(g == n) & (y == 1) | normal], s[(g == n) & (y == 1) | normal])
+              for n in dict.fromkeys(g) if (y[g == n] == 1).any()}
+    if len(curves) > 1:
+        curves["all anomalous"] = (y[(y == 1) | normal], s[(y == 1) | normal])
+    plot_roc(curves, out / "roc.png", title=titles.get("roc", f"{method}: {unit}-level ROC, normal scans vs "
+                                                              f"each group"))
+    boxes = {}
+    for n in sorted(dict.fromkeys(g), key=lambda n: (y[g == n].max(), n)):
+        for lab in (1, 0):
+            sel = (g == n) & (y == lab)
+            if sel.any():
+                both = (y[g == n] == 0).any() and (y[g == n] == 1).any()
+                boxes[f"{n}{' (anomalous)' if both and lab else ' (normal units)' if both else ''}"] = s[sel]
+    plot_scores(boxes, out / "scores.png", log=log_scores, threshold=thr,
                 title=f"{method}: {unit} scores per group")
+    if examples:
+        plot_examples(examples, out / "examples.png", cols=titles.get("examples_cols",
+                      ("input", "reconstruction", "anomaly map", "ground truth")))
+    if history is not None:
+        plot_curves(history or {"no training in this run": [(0, 0.0)]}, out / "losses.png",
+                    title=titles.get("losses", f"{method} training"), ylabel=titles.get("losses_ylabel", "loss"),
+                    logy=titles.get("losses_logy", False))
     m = res["metrics"]
-    run.log(f"AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}  ("
-            + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in res["groups"].items() if "auroc" in v) + ")")
-    run.log(f"wrote {out}/results.json, scores.csv, roc.png, scores.png")
+    run.log(f"AUROC {fmt_ci(m['auroc'], m['auroc_ci'])}  AUPRC {fmt_ci(m['auprc'], m['auprc_ci'])}  ("
+            + ", ".join(f"{k} {fmt_ci(v['auroc'], v['auroc_ci'])}" for k, v in res["groups"].items()
+                        if "auroc" in v) + ")")
+    run.log(f"wrote {out}/results.json, scores.csv and figures; 95% intervals: bootstrap over cases")
     return res
+
+
+def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None, roc_title="",
+               log_scores=False):
+    """The earlier name of report() (kept while the scripts move over)."""
+    return report(run, args, unit, rows, timing, extra=extra, data_info=data_info, log_scores=log_scores,
+                  titles={"roc": roc_title} if roc_title else None)

@@ -109,7 +109,8 @@ def test_evaluate_groups_against_normal_only():
     ev = C.evaluate(rows)
     assert ev["groups"]["a"]["auroc"] == pytest.approx(1.0)
     assert ev["groups"]["b"]["auroc"] == pytest.approx(skm.roc_auc_score([0, 0, 0, 1, 1], [.1, .2, .3, .15, .25]))
-    assert ev["groups"]["normal"] == {"n": 3, "score_mean": pytest.approx(0.2), "score_std": pytest.approx(np.std([.1, .2, .3]))}
+    assert ev["groups"]["normal"] == {"n": 3, "n_cases": 3, "score_mean": pytest.approx(0.2),
+                                      "score_std": pytest.approx(np.std([.1, .2, .3]))}
     y = [r["label"] for r in rows]
     s = [r["score"] for r in rows]
     assert ev["metrics"]["auroc"] == pytest.approx(skm.roc_auc_score(y, s))
