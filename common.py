@@ -86,9 +86,48 @@ def ct_window(hu, lo=-20.0, hi=100.0):
     return (np.clip((hu - lo) / (hi - lo), 0, 1) * 2 - 1).astype(np.float32)
 
 
-def normalize_mri(img, brain=None, lo_pct=1.0, hi_pct=99.0):
-    """MRI intensities -> [-1, 1] by the lo/hi percentiles of the brain voxels (all voxels > min if no mask)."""
+# MRI intensities have no physical unit: every scan is scaled by one number of its own. That number must
+# not be one that pathology moves, or a score partly detects a scan-wide brightness shift instead of the
+# anomaly: the 1st/99th percentiles of all brain voxels (this repository's earlier rule) moved a tumour
+# scan's healthy tissue by about 6 healthy SDs, because oedema raised the 99th percentile by 28%, and
+# clipped 90% of FLAIR lesion voxels at exactly 1.
+#   tissue median m: the median of the brain voxels within a factor of 2 of m (found by iteration from
+#     the plain median). The factor-2 window leaves out CSF-dark voxels in T1/FLAIR and background;
+#     pathology covers a minority of the tissue, so the median barely moves (a painted-in tumour with
+#     oedema changes the other voxels by < 0.02 at their median, tests/test_common.py), unlike a tail
+#     percentile, which the brightest or darkest few percent - often the anomaly - decide.
+#   x = 2 * clip(I / (HEADROOM * m), 0, 1) - 1: background -1, the tissue median -1/3, and three times
+#     it +1, so hyperintense anomalies (FLAIR lesions and oedema ~2x white matter, T2 CSF ~2.3x) keep
+#     their contrast instead of being clipped.
+# The papers' own preprocessing differs and is named in each script's deviations (AnoVAEGAN and RA:
+# per-scan [0, 1] scaling; MADGAN: [-1, 1]; AnoGAN: OCT B-scans, no MRI).
+MRI_HEADROOM = 3.0
+
+
+def tissue_median(img, brain=None, window=2.0, iters=5):
+    """The median m of the brain voxels within [m / window, m * window] (iterated from the median)."""
     img = np.asarray(img, dtype=np.float32)
+    v = img[brain > 0] if brain is not None and np.any(brain) else img[img > img.min()]
+    v = v[v > 0] if (v > 0).any() else v
+    m = float(np.median(v))
+    for _ in range(iters):
+        sel = v[(v >= m / window) & (v <= m * window)]
+        if not len(sel):
+            break
+        m = float(np.median(sel))
+    return m
+
+
+def normalize_mri(img, brain=None, rule="percentile", lo_pct=1.0, hi_pct=99.0):
+    """MRI intensities -> [-1, 1]. rule "tissue" (default, see above): 2 clip(I / (3 m), 0, 1) - 1 with m
+    the tissue median; rule "percentile" (the earlier rule, kept for comparison): the lo/hi percentiles
+    of the brain voxels -> -1 / 1, clipped."""
+    img = np.asarray(img, dtype=np.float32)
+    if rule == "tissue":
+        m = tissue_median(img, brain)
+        if not m > 0:
+            fail("an MRI volume has no positive intensity inside its brain mask; is it a CT scan? (--modality)")
+        return (np.clip(img / (MRI_HEADROOM * m), 0, 1) * 2 - 1).astype(np.float32)
     sel = img[brain > 0] if brain is not None and brain.any() else img[img > img.min()]
     lo, hi = np.percentile(sel, [lo_pct, hi_pct])
     return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1).astype(np.float32)

@@ -125,7 +125,7 @@ def test_ct_window_values():
 
 def test_normalize_mri_percentiles():
     img = np.arange(100, dtype=np.float32).reshape(10, 10, 1)
-    out = C.normalize_mri(img, None, 0, 100)  # voxels > min: 1..99 -> [-1, 1]
+    out = C.normalize_mri(img, None, rule="percentile", lo_pct=0, hi_pct=100)  # voxels > min: 1..99 -> [-1, 1]
     assert out.min() == -1 and out.max() == 1 and out[0, 5, 0] == pytest.approx(-1 + 2 * 4 / 98)
 
 
