@@ -356,6 +356,46 @@ def aggregate(values, keys, how="mean"):
     return out
 
 
+# ---- two baselines, computed on a method's OWN arrays, so that they are like for like -------------
+# A deep method is compared with the baselines at its resolution, region and unit: the maps below are
+# made from the same preprocessed arrays the method scores, and each script aggregates them per unit
+# exactly as it aggregates its own anomaly map (rows gain columns baseline_intensity, baseline_zscore).
+
+def slab_positions(S):
+    """Position of every row of a slice ArraySet within its case's slab, centred: the middle slice of
+    every slab is 0, its neighbours -1 and +1, ... (slabs of all cases are placed by one rule, so equal
+    positions are comparable anatomy without registration). Volumes (one row per case) -> 0."""
+    pos = np.zeros(len(S.case), np.int64)
+    for i in np.unique(S.case):
+        rows = np.nonzero(S.case == i)[0]
+        rank = np.argsort(np.argsort(S.z[rows], kind="stable"), kind="stable")
+        pos[rows] = rank - (len(rows) - 1) // 2
+    return pos
+
+
+def baseline_maps(S_train, S_test, eps=0.05):
+    """Anomaly maps of two simple baselines on the rows of S_test (same shape as S_test.x):
+      intensity: the normalised image itself, (x + 1) / 2 -- hyperintense anomalies (Meissen et al. 2022
+                 showed that thresholding FLAIR intensities rivals published deep methods);
+      zscore:    |x - mean| / (sd + eps) against the healthy training rows at the same slab position
+                 (slices) or voxel (volumes): what a voxel-wise normative model finds.
+    Both are zero outside the brain mask."""
+    pos_tr, pos_te = slab_positions(S_train), slab_positions(S_test)
+    mu, sd = {}, {}
+    for p in np.unique(pos_tr):
+        x = np.asarray(S_train.x[np.nonzero(pos_tr == p)[0]], np.float32)
+        mu[p], sd[p] = x.mean(0), x.std(0) + eps
+    known = np.array(sorted(mu))
+    x = np.asarray(S_test.x, np.float32)
+    brain = np.asarray(S_test.brain) > 0
+    z = np.empty_like(x)
+    for p in np.unique(pos_te):
+        rows = np.nonzero(pos_te == p)[0]
+        q = known[np.argmin(np.abs(known - p))]            # nearest training position
+        z[rows] = np.abs(x[rows] - mu[q]) / sd[q]
+    return {"intensity": (x + 1) / 2 * brain, "zscore": z * brain}
+
+
 def postprocess_3d(residual, brain, median=5, erode=1, threshold=None, min_size=6):
     """Residual volume (Z, H, W) -> median-filtered residual masked by the eroded brain; with a
     threshold: the binary segmentation with connected components under `min_size` voxels removed."""
@@ -1243,6 +1283,9 @@ class Loop:
             return
         if self.state["phase"] != name:
             self.state.update(phase=name, step=0)
+        for k in ("planned", "phase_s", "phase_steps"):
+            self.state.setdefault(k, {}).setdefault(name, 0)
+        self.state["planned"][name] = n_steps          # what the full run takes (for time projections)
         self._install_sigint()
         t0 = time.time()
         start = self.state["step"]
@@ -1250,9 +1293,12 @@ class Loop:
             for step in progress(range(start + 1, n_steps + 1), total=n_steps - start, desc=desc or name):
                 self.step = step
                 yield step
+                dt = time.time() - t0
                 self.state["step"] = step
                 self.state["total_steps"] += 1
-                self.state["train_s"] += time.time() - t0
+                self.state["train_s"] += dt
+                self.state["phase_s"][name] += dt
+                self.state["phase_steps"][name] += 1
                 t0 = time.time()
                 self._after_step(last=step == n_steps)
                 if self._stop:
@@ -1319,11 +1365,15 @@ class Loop:
         return self._stop == "max_steps"
 
     def io_report(self):
-        """Checkpoint writes of this run: count, total seconds, share of training time, size in MB."""
+        """Checkpoint writes of this run (count, seconds, share of training time, size in MB) and the
+        steps and seconds of each phase, with the steps a full run plans (for time projections)."""
         size = self.path.stat().st_size / 2 ** 20 if self.path.is_file() else 0.0
         tot = sum(self.write_s)
         return {"checkpoints": len(self.write_s), "write_s": round(tot, 3), "size_mb": round(size, 1),
-                "share_of_train": round(tot / max(self.state["train_s"], 1e-9), 4)}
+                "share_of_train": round(tot / max(self.state["train_s"], 1e-9), 4),
+                "phases": {k: {"steps": self.state.get("phase_steps", {}).get(k, 0),
+                               "seconds": round(self.state.get("phase_s", {}).get(k, 0.0), 3),
+                               "planned_steps": v} for k, v in self.state.get("planned", {}).items()}}
 
     # -- Ctrl-C: finish the step, save, exit with a resume hint -----------------------------------
     def _install_sigint(self):
