@@ -101,9 +101,9 @@ def auto_brain_mask(img, kind="mri"):
     return m.astype(np.uint8)
 
 
-def read_case(case: Case, kind="mri"):
-    """-> image float32 (X, Y, Z), anomaly mask uint8 or None, brain mask uint8, spacing."""
-    img, spacing, _ = read_nifti(case.image)
+def _load_case(case: Case, kind="mri"):
+    """read_case plus the canonical affine (for the scanner z of the slices, see slice_stack)."""
+    img, spacing, affine = read_nifti(case.image)
     masks = []
     for p, what in ((case.mask, "anomaly mask"), (case.brainmask, "brain mask")):
         if p is None:
@@ -114,9 +114,18 @@ def read_case(case: Case, kind="mri"):
             fail(f"{what} {p} has shape {m.shape} but its image {case.image} has {img.shape}")
         masks.append((m > 0).astype(np.uint8))
     mask, brain = masks
+    if brain is not None and not brain.any():
+        # an all-zero mask would make every voxel background: the scan silently turns to -1
+        fail(f"brain mask {case.brainmask} is empty (all voxels 0); fix it, or remove it and a "
+             f"mask is computed from the image")
     if brain is None:
         brain = auto_brain_mask(img, kind)
-    return img, mask, brain, spacing
+    return img, mask, brain, spacing, affine
+
+
+def read_case(case: Case, kind="mri"):
+    """-> image float32 (X, Y, Z), anomaly mask uint8 or None, brain mask uint8, spacing."""
+    return _load_case(case, kind)[:4]
 
 
 # ---- dataset registry ---------------------------------------------------------------------------
@@ -144,35 +153,74 @@ def subject_split(cases, frac, seed=0):
 NIFTI_EXT = (".nii.gz", ".nii")
 
 
+def _is_nifti(name):
+    """A NIfTI file name, whatever the case of its extension (`.NII.GZ` from some exporters)."""
+    return name.lower().endswith(NIFTI_EXT)
+
+
 def _stem(p: Path):
     n = p.name
     for e in NIFTI_EXT:
-        if n.endswith(e):
+        if n.lower().endswith(e):
             return n[: -len(e)]
     return n
 
 
+def _find_nifti(folder: Path, stem):
+    """The NIfTI file `stem`.nii[.gz] in `folder` (any case of the extension), else None."""
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir()
+                   if _is_nifti(p.name) and _stem(p) == stem and p.is_file())
+    return found[0] if found else None
+
+
+def _check_links(paths):
+    """Stop on a symbolic link whose target is gone (it would fail later, far from its cause)."""
+    for p in paths:
+        if Path(p).is_symlink() and not Path(p).exists():
+            fail(f"{p} is a broken symbolic link (its target {os.readlink(p)} does not exist); "
+                 f"fix the link or remove it")
+
+
 def _images_in(folder: Path):
-    """Image files in a folder (not masks), sorted by name, with their side files."""
+    """Image files in a folder (not masks), sorted by name, with their side files. Extensions and
+    the `_mask` / `_brainmask` suffixes are matched case-insensitively."""
     out = []
     if not folder.is_dir():
         return out
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_EXT))
-    names = {_stem(p): p for p in files}
+    files = sorted(p for p in folder.iterdir() if _is_nifti(p.name) and not p.is_dir())
+    _check_links(files)
+    names = {_stem(p).lower(): p for p in files}
     for p in files:
         s = _stem(p)
-        if s.endswith("_mask") or s.endswith("_brainmask"):
+        if s.lower().endswith(("_mask", "_brainmask")):
             continue
-        out.append((s, p, names.get(s + "_mask"), names.get(s + "_brainmask")))
+        out.append((s, p, names.get(s.lower() + "_mask"), names.get(s.lower() + "_brainmask")))
     return out
 
 
+def _read_meta(path: Path, hint=""):
+    """The per-case metadata file of a folder data set: {relative image path: {key: value}}."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else ""
+        fail(f"cannot read {path} ({type(e).__name__}: {why}); "
+             f"{hint or 'fix the file or delete it (it is optional)'}")
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        fail(f"{path} must be a JSON object mapping image paths to objects, e.g. "
+             f'{{"train/a.nii.gz": {{"subject": "a"}}}}; {hint or "fix the file or delete it"}')
+    return meta
+
+
 @register_dataset("folder", "ROOT/train, ROOT/val (optional), ROOT/test/<group>/ of NIfTI volumes")
-def load_folder(root: Path, args=None, contrast=None) -> Splits:
-    """The contract's `--data folder` layout (../shared/CONTRACT.md)."""
+def load_folder(root: Path, args=None, contrast=None, meta_hint="") -> Splits:
+    """The contract's `--data folder` layout (../shared/CONTRACT.md). `meta_hint`: what to do
+    about a corrupt meta.json (the phantom regenerates its folder)."""
     meta = {}
-    if (root / "meta.json").is_file():
-        meta = json.loads((root / "meta.json").read_text())
+    if (root / "meta.json").is_file() or (root / "meta.json").is_symlink():
+        meta = _read_meta(root / "meta.json", meta_hint)
 
     def cases(folder, group, label):
         out = []
@@ -208,9 +256,24 @@ def load_synthetic(root: Path, args=None, contrast="t1") -> Splits:
     size = "tiny" if getattr(args, "preset", "quick") == "smoke" else "full"
     t = time.time()
     variant = ensure_phantom(root=root, contrast=contrast, size=size, seed=0)
-    s = load_folder(Path(variant), args)
+    hint = f"delete the folder {variant} and it is generated again on the next run"
+    s = load_folder(Path(variant), args, meta_hint=hint)
     s.info.update({"phantom": f"{contrast}_{size}", "phantom_ready_s": round(time.time() - t, 2)})
     return s
+
+
+def _check_root(name, root: Path):
+    """A data root must be a folder: say what it is instead (a file, a broken link, nothing)."""
+    where = (f"{DATA_README} explains how to get the {name} dataset and which folder to pass as "
+             f"--data-root")
+    if root.is_symlink() and not root.exists():
+        fail(f"data root {root} for --data {name} is a broken symbolic link (its target "
+             f"{os.readlink(root)} does not exist); fix the link or pass another --data-root")
+    if root.exists() and not root.is_dir():
+        fail(f"data root {root} for --data {name} is a file, not a folder; pass the folder that "
+             f"holds the data set as --data-root ({where})")
+    if name != "synthetic" and not root.is_dir():
+        fail(f"data root {root} for --data {name} does not exist; {where}")
 
 
 def load_dataset(args, contrast="t1", groups=None) -> Splits:
@@ -222,9 +285,7 @@ def load_dataset(args, contrast="t1", groups=None) -> Splits:
         if name not in DATASETS:
             fail(f"--data {name}: unknown dataset; choose one of {', '.join(sorted(DATASETS))}")
         root = Path(root) if root else (REPO / "data" / name)
-        if name != "synthetic" and not root.is_dir():
-            fail(f"data root {root} for --data {name} does not exist; {DATA_README} explains how to get "
-                 f"the {name} dataset and which folder to pass as --data-root")
+        _check_root(name, root)
         return DATASETS[name][0](root, args, contrast)
 
     s = one(args.data, args.data_root)
@@ -263,6 +324,12 @@ MODALITY_ALIASES = {"t1": "t1", "t1w": "t1", "t1n": "t1", "mprage": "t1", "t2": 
                     "t1wks": "t1ce", "pd": "pd", "mra": "mra"}
 
 
+def _warn(msg):
+    """One `warning: ...` line on stderr (process 0 only): for what is skipped but not fatal."""
+    if C.is_main():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _no_data(name, root, looked_for):
     fail(f"--data {name}: found no {looked_for} under {root}; {DATA_README} explains how to get the "
          f"data set and which folder to pass as --data-root")
@@ -279,6 +346,7 @@ def _walk(root, pattern, dirs=False):
             m = rx.fullmatch(n)
             if m:
                 out.append((Path(d) / n, m))
+    _check_links(p for p, _ in out)
     return out
 
 
@@ -323,6 +391,14 @@ def _test_frac(args):
     if not 0 <= f < 1:
         fail(f"--test-frac must be in [0, 1), got {f}")
     return f
+
+
+def _no_normals_hint(args):
+    """data_info["hint"] for load_dataset's "needs normal and anomalous" error, --test-frac 0."""
+    if _test_frac(args) == 0:
+        return {"hint": "--test-frac 0 holds out no healthy subject, so there are no normal test "
+                        "scans; use --test-frac > 0 (default 0.3)"}
+    return {}
 
 
 def _healthy_split(cases, args, normal="normal", test=True, val_frac=0.1):
@@ -376,7 +452,12 @@ def _anomalous_splits(name, cases, args, group, what):
         info["healthy_training"] = f"--train-data {args.train_data}"
     else:
         seed = getattr(args, "seed", 0) or 0
-        rest, test = subject_split(cases, _test_frac(args) or 0.3, seed)
+        frac = _test_frac(args)
+        if frac == 0:   # 0 means no test subject, not the default
+            fail(f"--test-frac 0 holds out no {name} subject, so there is nothing to test (every "
+                 f"{name} scan is anomalous); use --test-frac > 0 (default 0.3), or train on "
+                 f"another data set with --train-data ixi (then every {name} scan is a test scan)")
+        rest, test = subject_split(cases, frac, seed)
         train, val = subject_split(rest, 0.1, seed + 1)
         flag = {"healthy_slices_only": True}
         train = [_with(c, group="train", label=0, meta=flag) for c in train]
@@ -412,13 +493,14 @@ def _oasis3_cdr(root):
         return int(m.group(1)) if m else None
 
     tables = []   # (priority, path, schema, [(subject, day, cdr)])
+    unreadable = []   # csv files named like a clinical table that could not be read
     for p, _ in _walk(root, r".*\.csv"):
         try:
             with open(p, newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             if re.search(r"cdr|clinical|uds", p.name, re.IGNORECASE):
-                fail(f"--data oasis3: cannot read the CDR table {p} ({type(e).__name__}); re-download it")
+                unreadable.append({"path": str(p), "error": type(e).__name__})
             continue
         col = {k.strip().lower(): k for k in (rows[0] if rows else {}) if k}
         visits = []
@@ -444,8 +526,16 @@ def _oasis3_cdr(root):
             if d in v and v[d] != cdr:
                 conflicts += 1
             v.setdefault(d, cdr)
+    if unreadable and not out:
+        # nothing else to label the scans with: the unreadable table is the cause
+        fail(f"--data oasis3: cannot read the CDR table {unreadable[0]['path']} "
+             f"({unreadable[0]['error']}); re-download it")
+    for u in unreadable:   # another table was read: go on, but say so
+        _warn(f"--data oasis3: skipped the unreadable csv {u['path']} ({u['error']}); the CDR "
+              f"labels come from the other table(s), see data_info.cdr_tables")
     used = [{"path": str(p), "schema": s, "rows": len(v)} for _, p, s, v in tables]
-    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped, "cdr_visits_conflicting": conflicts}
+    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped,
+                       "cdr_visits_conflicting": conflicts, "cdr_tables_unreadable": unreadable}
 
 
 @register_dataset("oasis3", "OASIS-3 T1w MRI + Clinical Dementia Rating: unchanged CDR 0 vs CDR 0.5/1/2/3")
@@ -528,7 +618,8 @@ def load_oasis3(root: Path, args=None, contrast=None) -> Splits:
             "split": f"by subject, seed {seed}: {_test_frac(args):.0%} of the unchanged-CDR-0 subjects -> "
                      f"test group cdr_0, 10% of the rest -> val; every other subject is test only",
             "slices": "MADGAN selects the axial slices through hippocampus, amygdala and lateral ventricles "
-                      "(~51 per scan); choose the range with the script's slice flags"}
+                      "(~51 per scan); choose the range with the script's slice flags",
+            **_no_normals_hint(args)}
     return Splits(train, val, normal + anomalous, info)
 
 
@@ -595,13 +686,44 @@ def load_brats(root: Path, args=None, contrast=None) -> Splits:
         release = "2023" if rel == "2023" else ("2021" if cid.startswith("BraTS2021") else "2020 or earlier")
         subj = "-".join(cid.split("-")[:3]) if rel == "2023" else cid
         cases.append(Case(id=cid, subject=subj, group="tumor", label=1, image=str(f[t]), mask=str(seg),
-                          meta={"release": release, "modality": t}))
+                          meta={"release": release, "modality": t, "skull_stripped": True}))
     _check_headers("brats", [p for c in cases for p in (c.image, c.mask)])
+    cases = _dedupe_releases(cases, ex)
     train, val, test, sinfo = _anomalous_splits("brats", cases, args, "tumor", "tumour")
     info = {"dataset": "brats", "root": str(root), "modality": key,
             "releases": {r: sum(c.meta["release"] == r for c in cases) for r in sorted({c.meta["release"] for c in cases})},
             **sinfo, "groups": _counts(train + val + test), **ex.info()}
     return Splits(train, val, test, info)
+
+
+BRATS_RELEASE_ORDER = ("2023", "2021", "2020 or earlier")   # newest first: its copy is kept
+
+
+def _voxel_hash(path):
+    """sha1 of a volume's voxels (canonical orientation, float32): equal for the same scan saved by
+    two releases with other file names, compression or integer type."""
+    arr, _, _ = read_nifti(path, "image")
+    return hashlib.sha1(f"{arr.shape}".encode() + np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _dedupe_releases(cases, ex):
+    """BraTS 2021 contains the 2020 cases and 2023-GLI renames 2021, under new names and no mapping
+    file in ../shared/DATASETS.md: where several releases share a root, cases whose images have
+    identical voxels are one patient, and only the newest release's copy is kept (a patient on both
+    sides of the split would leak test data into training). One release alone is not read."""
+    if len({c.meta["release"] for c in cases}) < 2:
+        return cases
+    kept = {}
+    order = sorted(cases, key=lambda c: (BRATS_RELEASE_ORDER.index(c.meta["release"]), c.id))
+    for c in progress(order, total=len(order), desc="brats: comparing releases"):
+        h = _voxel_hash(c.image)
+        if h in kept:
+            ex("the same scan as a case of a newer release (identical voxels): that copy is used",
+               f"{c.id} = {kept[h].id}")
+            continue
+        kept[h] = c
+    ids = {c.id for c in kept.values()}
+    return [c for c in cases if c.id in ids]
 
 
 CTICH_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
@@ -635,8 +757,12 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
                      f"expected {', '.join(need)}")
             for r in reader:
                 r = {k.strip(): v for k, v in r.items() if k}
-                rows.setdefault(int(float(r["PatientNumber"])), []).append(
-                    {k: int(float(r[k] or 0)) for k in need[2:]})
+                # an empty cell is 0 for a type flag, but unknown (None) for No_Hemorrhage
+                row = {k: int(float(r[k] or 0)) for k in need[2:]}
+                row["SliceNumber"] = r["SliceNumber"]
+                if not str(r["No_Hemorrhage"] or "").strip():
+                    row["No_Hemorrhage"] = None
+                rows.setdefault(int(float(r["PatientNumber"])), []).append(row)
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
         fail(f"--data ctich: cannot read {tables[0]} ({type(e).__name__}: {e}); re-download it")
     ex, normal, bleed = _Excluded(), [], []
@@ -644,10 +770,7 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
         if pid not in rows:
             ex(f"no rows in {tables[0].name}", p.name)
             continue
-        mask = next((q for q in (p.parent.parent / "masks" / p.name,
-                                 p.parent.parent / "masks" / (p.name + ".gz"),
-                                 p.parent.parent / "masks" / p.name.replace(".nii.gz", ".nii"))
-                     if q.is_file()), None)
+        mask = _find_nifti(p.parent.parent / "masks", _stem(p))
         slices = rows[pid]
         per_type = {t.lower(): sum(r[t] for r in slices) for t in CTICH_TYPES}
         types = [t for t, n in per_type.items() if n > 0]
@@ -655,7 +778,14 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
                 "fracture": any(r["Fracture_Yes_No"] for r in slices), "n_slices_csv": len(slices)}
         c = Case(id=f"{pid:03d}", subject=f"ctich{pid:03d}", group="", label=0, image=str(p),
                  mask=str(mask) if mask else None, meta=meta)
-        if all(r["No_Hemorrhage"] == 1 for r in slices):
+        bleeds = any(r["No_Hemorrhage"] not in (1, None) for r in slices)
+        if not bleeds and any(r["No_Hemorrhage"] is None for r in slices):
+            # normal only if every slice says so: an empty cell leaves the scan unknown
+            first = next(r["SliceNumber"] for r in slices if r["No_Hemorrhage"] is None)
+            ex("empty No_Hemorrhage cell, the other slices No_Hemorrhage = 1: normal or not is "
+               "unknown", f"{p.name} (slice {first})")
+            continue
+        if not bleeds:
             normal.append(c)
         else:
             sub = max(types, key=lambda t: per_type[t]) if types else "unspecified"
@@ -667,7 +797,8 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
             "hemorrhage_scans_per_type": {t.lower(): sum(t.lower() in c.meta["subtypes"] for c in bleed)
                                           for t in CTICH_TYPES},
             "dominant_subtype": {s: sum(c.meta["subtype"] == s for c in bleed) for s in sorted({c.meta["subtype"] for c in bleed})},
-            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull strip", **ex.info()}
+            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull "
+                          "strip", **ex.info(), **_no_normals_hint(args)}
     return Splits(train, val, test + bleed, info)
 
 
@@ -733,7 +864,8 @@ def load_isbi2015(root: Path, args=None, contrast=None) -> Splits:
             continue
         cases.append(Case(id=f"{subj}_{tp}", subject=subj, group="ms_lesion", label=1, image=found[0][1],
                           mask=mk[1], meta={"timepoint": int(tp), "mask_rater2": mk.get(2),
-                                            "preprocessed": found[0][0] == 0}))
+                                            "preprocessed": found[0][0] == 0,
+                                            "skull_stripped": found[0][0] == 0}))
     _check_headers("isbi2015", [p for c in cases for p in (c.image, c.mask)])
     train, val, test, sinfo = _anomalous_splits("isbi2015", cases, args, "ms_lesion", "lesion")
     info = {"dataset": "isbi2015", "root": str(root), "modality": tok, **sinfo,

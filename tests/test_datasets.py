@@ -358,3 +358,191 @@ def test_script_runs_on_its_fixture(trees, tmp_path, script, flags, tree, expect
         assert r["data_info"]["train_from"] == "ixi"
     for f in ("config.json", "results.json", "scores.csv", "last.pt", "roc.png", "scores.png"):
         assert (tmp_path / "run" / f).is_file(), f
+
+
+# ---- loader defects ------------------------------------------------------------------------------
+
+def test_brats_patient_in_two_releases_is_kept_once(tmp_path):
+    """BraTS 2021 contains the 2020 cases (new names, .nii.gz): one patient, one copy, one side."""
+    import shutil
+
+    import nibabel as nib
+    root = tmp_path / "brats"
+    F.make_brats(root / "2021", release="2021")
+    F.make_brats(root / "2020", release="2020")
+    for i in (0, 2, 4):   # 2020 cases 001, 003, 005 re-released as 2021 cases 00000, 00002, 00004
+        old, new = f"BraTS20_Training_{i + 1:03d}", f"BraTS2021_{i:05d}"
+        for mod in ("flair", "t1", "t1ce", "t2", "seg"):   # the same voxels, stored as float32
+            src = nib.load(str(root / "2021" / new / f"{new}_{mod}.nii.gz"))
+            nib.save(nib.Nifti1Image(np.asarray(src.dataobj, np.float32), src.affine),
+                     str(root / "2020" / old / f"{old}_{mod}.nii"))
+        # the fixture's 2020 case i is 2021 case i: make the other 2020 cases other patients
+        other = f"BraTS20_Training_{i + 2:03d}" if i < 4 else "BraTS20_Training_355"
+        for mod in ("flair", "t1", "t1ce", "t2"):
+            f = root / "2020" / other / f"{other}_{mod}.nii"
+            img = nib.load(str(f))
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine), str(f))
+    shutil.rmtree(root / "2020" / "validation")
+    s = load("brats", root, contrast="flair")
+    scans = [c for c in s.train + s.val + s.test if c.group != "normal"]
+    assert len(scans) == 12 - 3 and len({c.subject for c in scans}) == 9
+    kept = {c.id for c in scans}
+    assert {"BraTS2021_00000", "BraTS2021_00002", "BraTS2021_00004"} <= kept
+    assert not kept & {"BraTS20_Training_001", "BraTS20_Training_003", "BraTS20_Training_005"}
+    reason = "the same scan as a case of a newer release (identical voxels): that copy is used"
+    assert s.info["excluded"][reason] == 3
+    assert "BraTS20_Training_001 = BraTS2021_00000" in s.info["excluded_examples"][reason]
+
+
+def test_oasis3_unreadable_csv_beside_a_readable_cdr_table(trees, tmp_path, capsys):
+    import shutil
+    root = shutil.copytree(trees["oasis3"], tmp_path / "oasis3")
+    bad = root / "OASIS3_data_files" / "UDSb4" / "csv" / "OASIS3_UDSb4_cdr_backup.csv"
+    bad.write_bytes(b"OASISID,CDRTOT\n\xff\xfe\x00broken")
+    s = load("oasis3", root)
+    assert s.info["cdr_tables_unreadable"] == [{"path": str(bad), "error": "UnicodeDecodeError"}]
+    assert s.info["groups"] == load("oasis3", trees["oasis3"]).info["groups"]
+    assert "skipped the unreadable csv" in capsys.readouterr().err
+    # alone, the unreadable table is the error
+    for p in root.rglob("*.csv"):
+        if p != bad:
+            p.unlink()
+    with pytest.raises(C.UserError, match=r"cannot read the CDR table .*_UDSb4_cdr_backup\.csv"):
+        load("oasis3", root)
+
+
+def test_test_frac_zero_is_zero_or_an_error(trees):
+    s = load("oasis3", trees["oasis3"], test_frac=0)
+    assert "cdr_0" not in by_group(s) and len(s.train + s.val) == 10   # no healthy subject held out
+    with pytest.raises(C.UserError, match=r"needs both.*--test-frac 0 holds out no healthy"):
+        datasets.load_dataset(ns(data="oasis3", data_root=str(trees["oasis3"]), test_frac=0), "t1")
+    with pytest.raises(C.UserError, match=r"--test-frac 0 holds out no brats subject.*--train"):
+        load("brats", trees["brats"], contrast="flair", test_frac=0)
+    # with --train-data, every BraTS scan is a test scan whatever --test-frac says
+    s = datasets.load_dataset(ns(data="brats", data_root=str(trees["brats"]), train_data="ixi",
+                                 train_root=str(trees["ixi"]), modality="t2", test_frac=0), "flair")
+    assert s.info["test_groups"]["tumor"] == 6
+
+
+def test_ctich_empty_no_hemorrhage_cell_is_unknown(trees, tmp_path):
+    import csv
+    import shutil
+    root = shutil.copytree(trees["ctich"], tmp_path / "ctich")
+    table = root / "hemorrhage_diagnosis_raw_ct.csv"
+    rows = list(csv.reader(table.open()))
+    col = rows[0].index("No_Hemorrhage")
+    for r in rows[1:]:
+        if r[0] == "49" and r[1] == "7":
+            r[col] = ""              # normal scan 049, slice 7: the cell is empty
+    with table.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    s = load("ctich", root, contrast="ct")
+    g = by_group(s)
+    assert "049" not in ids(g["hemorrhage"]) and "049" not in ids(s.train + s.val + s.test)
+    reason = ("empty No_Hemorrhage cell, the other slices No_Hemorrhage = 1: normal or not is "
+              "unknown")
+    assert s.info["excluded"][reason] == 1
+    assert s.info["excluded_examples"][reason] == ["049.nii (slice 7)"]
+    assert ids(g["hemorrhage"]) == ["066", "067", "068", "069"]
+
+
+# ---- bad input: one error line that names the file -----------------------------------------------
+
+def _folder_tree(root, n_train=3):
+    """A minimal --data folder tree of fixture heads (train/, test/normal/, test/lesion/)."""
+    for i in range(n_train):
+        F.save(root / "train" / f"t{i}.nii.gz", F.head(seed=10 + i)[0])
+    F.save(root / "test" / "normal" / "n0.nii.gz", F.head(seed=20)[0])
+    img, _, m = F.head(seed=21, lesions=[((0.5, 0.5, 0.5), 4.0)])
+    F.save(root / "test" / "lesion" / "l0.nii.gz", img)
+    F.save(root / "test" / "lesion" / "l0_mask.nii.gz", m, dtype=np.uint8)
+    return root
+
+
+def test_upper_case_nifti_extensions_are_found(tmp_path):
+    root = _folder_tree(tmp_path / "f")
+    up = root / "test" / "HYPER"
+    up.mkdir()
+    img, brain, m = F.head(seed=30, lesions=[((0.5, 0.5, 0.5), 4.0)])
+    for name, a in (("L1.NII.GZ", img), ("L1_MASK.NII.GZ", m), ("L1_BrainMask.Nii.Gz", brain)):
+        dtype = np.int16 if name == "L1.NII.GZ" else np.uint8
+        F.save(up / "tmp.nii.gz", a, dtype=dtype).rename(up / name)   # nibabel wants lower case
+    s = datasets.load_dataset(ns(data="folder", data_root=str(root)), "t1")
+    c = next(c for c in s.test if c.group == "HYPER")
+    assert c.image.endswith("L1.NII.GZ") and c.mask.endswith("L1_MASK.NII.GZ")
+    assert c.brainmask.endswith("L1_BrainMask.Nii.Gz") and c.id == "HYPER/L1"
+
+
+def test_empty_brain_mask_is_an_error(tmp_path):
+    root = _folder_tree(tmp_path / "f")
+    F.save(root / "train" / "t0_brainmask.nii.gz", np.zeros(F.SHAPE), dtype=np.uint8)
+    s = datasets.load_dataset(ns(data="folder", data_root=str(root)), "t1")
+    c = next(c for c in s.train + s.val if c.id.endswith("/t0"))
+    with pytest.raises(C.UserError, match=r"brain mask .*t0_brainmask\.nii\.gz is empty.*remove"):
+        datasets.slice_stack([c], size=(16, 16), n_slices=4, cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_meta_json_is_named(tmp_path):
+    root = _folder_tree(tmp_path / "f")
+    (root / "meta.json").write_text('{"train/t0.nii.gz": {"subject": "a"')
+    with pytest.raises(C.UserError, match=r"cannot read .*f/meta\.json \(JSONDecodeError.*delete"):
+        datasets.load_dataset(ns(data="folder", data_root=str(root)), "t1")
+    (root / "meta.json").write_text('["not", "a", "mapping"]')
+    with pytest.raises(C.UserError, match=r"meta\.json must be a JSON object"):
+        datasets.load_dataset(ns(data="folder", data_root=str(root)), "t1")
+
+
+def test_corrupt_phantom_meta_json_says_how_to_regenerate(tmp_path):
+    import shutil
+
+    from data.phantom import ensure_phantom
+    built = REPO / "data" / "synthetic" / "t1_tiny"   # a copy of the smoke runs' phantom is quicker
+    if (built / "manifest.json").is_file():
+        shutil.copytree(built, tmp_path / "synthetic" / "t1_tiny")
+    # (ensure_phantom regenerates the copy if it is not the current phantom)
+    variant = ensure_phantom(root=tmp_path / "synthetic", contrast="t1", size="tiny", workers=1,
+                             verbose=False)
+    (Path(variant) / "meta.json").write_text("{ truncated")
+    with pytest.raises(C.UserError, match=r"cannot read .*t1_tiny/meta\.json.*delete the folder"):
+        datasets.load_dataset(ns(data="synthetic", data_root=str(tmp_path / "synthetic")), "t1")
+
+
+def test_broken_symlink_and_file_as_root_are_named(trees, tmp_path):
+    root = _folder_tree(tmp_path / "f")
+    (root / "train" / "gone.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(C.UserError, match=r"train/gone\.nii\.gz is a broken symbolic link.*elsew"):
+        datasets.load_dataset(ns(data="folder", data_root=str(root)), "t1")
+    import shutil
+    ixi = shutil.copytree(trees["ixi"], tmp_path / "ixi")
+    (ixi / "IXI-T1" / "IXI099-HH-9999-T1.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(C.UserError, match=r"IXI099-HH-9999-T1\.nii\.gz is a broken symbolic link"):
+        load("ixi", ixi)
+    (tmp_path / "data.nii.gz").write_bytes(b"x")
+    for name in ("folder", "oasis3", "synthetic"):
+        with pytest.raises(C.UserError, match=rf"root .*data\.nii\.gz for --data {name} is a file"):
+            datasets.load_dataset(ns(data=name, data_root=str(tmp_path / "data.nii.gz")), "t1")
+
+
+@pytest.mark.parametrize("case", ["root_is_file", "corrupt_meta", "broken_link"])
+def test_bad_input_is_one_error_line(tmp_path, case):
+    root = _folder_tree(tmp_path / "f", n_train=2)
+    if case == "root_is_file":
+        root, said = tmp_path / "f.nii.gz", "is a file, not a folder"
+        root.write_bytes(b"x")
+    elif case == "corrupt_meta":
+        (root / "meta.json").write_text("{")
+        said = "cannot read"
+    else:
+        (root / "test" / "normal" / "n1.nii.gz").symlink_to(tmp_path / "missing.nii.gz")
+        said = "is a broken symbolic link"
+    code = ("import common as C, types\nfrom data import datasets\n"
+            "a = types.SimpleNamespace(data='folder', data_root=%r, train_data=None,"
+            " train_root=None, seed=0)\nC.main_guard(lambda argv: datasets.load_dataset(a))"
+            % str(root))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    named = root / "test" / "normal" / "n1.nii.gz" if case == "broken_link" else root
+    assert str(named) in lines[0]
+    assert said in lines[0]
