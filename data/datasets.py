@@ -920,18 +920,16 @@ def _normalize(img, brain, norm, ct_win, strip):
     return x
 
 
-def _cached_build(kind, cases, params, cache_dir, builder, desc):
-    """Build (or reuse) a memory-mapped cache: raw .dat arrays appended case by case, so peak memory
-    is one case, not the data set. Built in a temp dir and renamed, so a crash leaves no half cache."""
-    cache_dir = Path(cache_dir or REPO / "data" / "cache")
-    key = _cache_key(cases, {"kind": kind, **params})
-    d = cache_dir / f"{kind}-{key}"
-    if not (d / "meta.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".tmp-{kind}-{key}-{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
-        n, shape, t0 = 0, None, time.time()
+def _build_cache(d, cases, builder, params, desc):
+    """Write cache folder `d`: raw .dat arrays appended case by case, so peak memory is one case,
+    not the data set; built in a temp dir and renamed, so a crash leaves no half cache."""
+    import shutil
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = d.parent / f".tmp-{d.name}-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
+    n, shape, t0 = 0, None, time.time()
+    try:
         for i, c in enumerate(progress(cases, total=len(cases), desc=f"cache {desc}")):
             x, m, b, z = builder(c)
             shape = x.shape[1:]
@@ -941,23 +939,52 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
             files["case"].write(np.full(len(x), i, np.int32).tobytes())
             files["z"].write(np.asarray(z, np.int32).tobytes())
             n += len(x)
+    except BaseException:   # a bad file (or Ctrl-C): leave no half-written temp folder behind
         for f in files.values():
             f.close()
-        (tmp / "meta.json").write_text(json.dumps({"n": n, "shape": list(shape), "params": params,
-                                                   "build_s": round(time.time() - t0, 2)}, default=str))
-        try:
-            os.rename(tmp, d)
-        except OSError:  # another process finished the same cache first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in files.values():
+        f.close()
+    meta = {"n": n, "shape": list(shape or ()), "params": params,
+            "build_s": round(time.time() - t0, 2)}
+    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_build(kind, cases, params, cache_dir, builder, desc):
+    """Build (or reuse) the memory-mapped cache of `cases` and open it as an ArraySet.
+
+    Under torchrun, process 0 builds while the others wait (C.main_first), then they open what
+    it built: one build, not one per process. A process that still finds no cache then (its disk
+    is not the one process 0 wrote to, or process 0 failed) builds its own; process 0's error is
+    raised only after the others were released, so that no process waits forever."""
+    cache_dir = Path(cache_dir or REPO / "data" / "cache")
+    key = _cache_key(cases, {"kind": kind, **params})
+    d = cache_dir / f"{kind}-{key}"
+    error = None
+    with C.main_first():
+        if not (d / "meta.json").is_file():
+            try:
+                _build_cache(d, cases, builder, params, desc)
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after the barrier
+                if not C.is_main():
+                    raise
+                error = e
+    if error is not None:
+        raise error
     meta = json.loads((d / "meta.json").read_text())
     n, shape = meta["n"], tuple(meta["shape"])
 
     def mm(k, dt, shp):
         return np.memmap(d / f"{k}.dat", dtype=dt, mode="r", shape=shp) if n else np.zeros(shp, dt)
     return ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
-                    brain=mm("brain", np.uint8, (n, *shape)), case=np.array(mm("case", np.int32, (n,))),
-                    z=np.array(mm("z", np.int32, (n,))), cases=list(cases))
+                    brain=mm("brain", np.uint8, (n, *shape)),
+                    case=np.array(mm("case", np.int32, (n,))), z=np.array(mm("z", np.int32, (n,))),
+                    cases=list(cases))
 
 
 def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,

@@ -546,3 +546,70 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     named = root / "test" / "normal" / "n1.nii.gz" if case == "broken_link" else root
     assert str(named) in lines[0]
     assert said in lines[0]
+
+
+# ---- one cache build under torchrun --------------------------------------------------------------
+
+def _two_ranks_build(rank, runs, cache_dir, out):
+    """In each of two gloo processes, for each (name, cases) of `runs`: slice_stack, counting how
+    many NIfTI files this process reads, and write what it got to out/<name>-rank<rank>.json."""
+    import hashlib
+
+    import torch.distributed as dist
+    calls = []
+    read = datasets.read_nifti
+    datasets.read_nifti = lambda path, what="image": calls.append(path) or read(path, what)
+    for name, cases in runs:
+        calls.clear()
+        try:
+            S = datasets.slice_stack(cases, size=(16, 16), n_slices=4, cache_dir=cache_dir)
+            res = {"calls": len(calls), "x": hashlib.sha1(np.asarray(S.x).tobytes()).hexdigest(),
+                   "z": S.z.tolist(), "slabs": getattr(S, "slabs", None), "error": None}
+        except C.UserError as e:
+            res = {"calls": len(calls), "error": str(e)}
+        dist.barrier()
+        Path(out, f"{name}-rank{rank}.json").write_text(json.dumps(res))
+
+
+def _gloo_worker(rank, fn, init_file, args):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn2(tmp_path, fn, *args, timeout=180):
+    """fn(rank, *args) in two gloo processes; a hang (a process waiting forever) fails the test."""
+    import torch.multiprocessing as mp
+    init = tmp_path / f"pg{len(list(tmp_path.iterdir()))}"      # a fresh rendezvous file per call
+    ctx = mp.spawn(_gloo_worker, args=(fn, str(init), args), nprocs=2, join=False)
+    import time
+    end = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two processes did not finish: one is waiting for the other")
+
+
+def test_cache_is_built_once_under_two_processes(trees, tmp_path):
+    cases = load("ixi", trees["ixi"]).train[:3]
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    broken = [datasets._with(cases[0], image=str(bad))]
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = [("ok", cases), ("broken", broken)]
+    _spawn2(tmp_path, _two_ranks_build, runs, str(tmp_path / "cache"), str(out))
+    r0, r1 = (json.loads((out / f"ok-rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] == 3 and r1["calls"] == 0               # rank 0 built it, rank 1 opened it
+    assert r0["error"] is None and all(r0[k] == r1[k] for k in ("x", "z", "slabs"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1   # one cache, no temp of the failed one
+    # a build that fails on process 0 fails on both (rank 1 tries itself), neither waits forever
+    for r in (0, 1):
+        res = json.loads((out / f"broken-rank{r}.json").read_text())
+        assert "cannot read image" in res["error"] and res["calls"] == 1
