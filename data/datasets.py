@@ -888,6 +888,10 @@ class ArraySet:
     case: np.ndarray       # (N,) int32 index into `cases`
     z: np.ndarray          # (N,) int32 axial index of the slice in its volume (0 for volumes)
     cases: list
+    # slice_stack: {case id: {"first", "last" (axial indices as in z), "z_mm": [lo, hi] (scanner
+    # z of those slices), "rule", ...}}, for results.json and plot_slabs
+    slabs: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)   # {case id: why it has no rows (too few slices)}
 
     def __len__(self):
         return len(self.x)
@@ -922,16 +926,17 @@ def _normalize(img, brain, norm, ct_win, strip):
 
 def _build_cache(d, cases, builder, params, desc):
     """Write cache folder `d`: raw .dat arrays appended case by case, so peak memory is one case,
-    not the data set; built in a temp dir and renamed, so a crash leaves no half cache."""
+    not the data set; built in a temp dir and renamed, so a crash leaves no half cache.
+    builder(case) -> (x, mask, brain, z, info); the per-case `info` dicts go to meta.json."""
     import shutil
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = d.parent / f".tmp-{d.name}-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
-    n, shape, t0 = 0, None, time.time()
+    n, shape, infos, t0 = 0, None, [], time.time()
     try:
         for i, c in enumerate(progress(cases, total=len(cases), desc=f"cache {desc}")):
-            x, m, b, z = builder(c)
+            x, m, b, z, info = builder(c)
             shape = x.shape[1:]
             files["x"].write(x.astype(np.float32).tobytes())
             files["mask"].write(m.astype(np.uint8).tobytes())
@@ -939,6 +944,7 @@ def _build_cache(d, cases, builder, params, desc):
             files["case"].write(np.full(len(x), i, np.int32).tobytes())
             files["z"].write(np.asarray(z, np.int32).tobytes())
             n += len(x)
+            infos.append(info)
     except BaseException:   # a bad file (or Ctrl-C): leave no half-written temp folder behind
         for f in files.values():
             f.close()
@@ -947,7 +953,7 @@ def _build_cache(d, cases, builder, params, desc):
     for f in files.values():
         f.close()
     meta = {"n": n, "shape": list(shape or ()), "params": params,
-            "build_s": round(time.time() - t0, 2)}
+            "build_s": round(time.time() - t0, 2), "cases": infos}
     (tmp / "meta.json").write_text(json.dumps(meta, default=str))
     try:
         os.rename(tmp, d)
@@ -981,47 +987,146 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
 
     def mm(k, dt, shp):
         return np.memmap(d / f"{k}.dat", dtype=dt, mode="r", shape=shp) if n else np.zeros(shp, dt)
-    return ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
-                    brain=mm("brain", np.uint8, (n, *shape)),
-                    case=np.array(mm("case", np.int32, (n,))), z=np.array(mm("z", np.int32, (n,))),
-                    cases=list(cases))
+    S = ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
+                 brain=mm("brain", np.uint8, (n, *shape)),
+                 case=np.array(mm("case", np.int32, (n,))), z=np.array(mm("z", np.int32, (n,))),
+                 cases=list(cases))
+    for c, info in zip(cases, meta.get("cases", [])):
+        if "slab" in info:
+            S.slabs[c.id] = info["slab"]
+        if "skipped" in info:
+            S.skipped[c.id] = info["skipped"]
+    return S
+
+
+# ---- the axial slab of a scan -------------------------------------------------------------------
+# Where a scan has no brain mask and is not skull-stripped (OASIS-3, IXI: auto_brain_mask is then
+# a mask of the whole head, with the neck and shoulders when the field of view has them), the
+# lower end of the mask says nothing about the brain. The slab is then placed down from the top of
+# the head, in millimetres (the header's voxel size), on adult anatomy (Talairach & Tournoux 1988:
+# the top of the brain ~75 mm above the AC-PC plane; scalp + skull + CSF ~13 mm at the vertex):
+# `center` is a fraction of a nominal brain extent from HEAD_TO_BRAIN_MM to HEAD_TO_BRAIN_MM +
+# BRAIN_HEIGHT_MM below the top of the head, so center=0.5 is 85 mm below it, at the AC-PC plane;
+# a 51-mm slab then spans ~25 mm below to ~25 mm above that plane: amygdala, hippocampus,
+# temporal horns and lateral ventricles.
+HEAD_TO_BRAIN_MM = 13.0       # top of the head (scalp) -> top of the brain
+BRAIN_HEIGHT_MM = 144.0       # top of the brain -> bottom of the cerebellum (nominal adult)
+VERTEX_MIN_AREA_MM2 = 200.0   # the top of the head: the highest axial slice with this much head
+SLAB_RULES = ("auto", "brain", "vertex")
+
+
+def _slab_rule(case, kind, mask_height_mm, slab):
+    """slice_stack's `slab` for one case: "auto" -> "vertex" for an MRI head mask (no brain mask
+    file, not meta["skull_stripped"]) taller than a brain could be (so something below it is in
+    the field of view), else "brain" (a fraction of the mask's extent)."""
+    if slab != "auto":
+        return slab
+    head = kind == "mri" and case.brainmask is None and not case.meta.get("skull_stripped")
+    return "vertex" if head and mask_height_mm > HEAD_TO_BRAIN_MM + BRAIN_HEIGHT_MM else "brain"
+
+
+def _slab(case, b, affine, kind, n_slices, center, step, slab):
+    """-> (axial indices of the case's slab, its record for S.slabs); indices None if the volume has
+    fewer slices than the slab needs (the record then says why). `b`: the (Z, H, W) brain mask."""
+    voxel = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)   # mm per voxel along X, Y, Z
+    dz = float(voxel[2])
+    area = b.reshape(len(b), -1).sum(1) * float(voxel[0] * voxel[1])
+    zs = np.nonzero(area)[0]
+    lo, hi = (int(zs.min()), int(zs.max())) if len(zs) else (0, len(b) - 1)
+    rule = _slab_rule(case, kind, (hi - lo + 1) * dz, slab)
+    rec = {"rule": rule}
+    if rule == "vertex":
+        tops = np.nonzero(area >= VERTEX_MIN_AREA_MM2)[0]
+        top = int(tops.max()) if len(tops) else hi
+        mid = top - (HEAD_TO_BRAIN_MM + (1 - center) * BRAIN_HEIGHT_MM) / dz
+        lo = max(lo, int(math.ceil(top - (HEAD_TO_BRAIN_MM + BRAIN_HEIGHT_MM) / dz)))
+        rec.update(vertex=top, vertex_z_mm=_z_mm(affine, b.shape, top),
+                   vertex_in_fov=top < len(b) - 1)
+    else:
+        mid = lo + center * (hi - lo)
+    if n_slices is None:
+        z = np.arange(lo, hi + 1, step)
+    else:
+        span = (n_slices - 1) * step
+        if len(b) < span + 1:   # never repeat edge slices to fill a slab
+            rec["skipped"] = (f"{len(b)} axial slices, fewer than the {span + 1} the slab needs "
+                              f"(n_slices {n_slices}, step {step})")
+            return None, rec
+        start = int(round(mid - span / 2))
+        start = min(max(start, 0), len(b) - 1 - span)
+        z = start + np.arange(n_slices) * step
+    rec.update(first=int(z[0]), last=int(z[-1]), n=len(z), slice_mm=round(dz, 4),
+               z_mm=[_z_mm(affine, b.shape, z[0]), _z_mm(affine, b.shape, z[-1])])
+    return z, rec
+
+
+def _z_mm(affine, shape_zyx, k):
+    """Scanner z (mm, from the affine) of the centre of axial slice k of a (Z, Y, X) stack."""
+    _, ny, nx = shape_zyx
+    return round(float(np.asarray(affine)[2] @ [(nx - 1) / 2, (ny - 1) / 2, float(k), 1.0]), 2)
+
+
+def _pad_to_aspect(arr, value, size):
+    """Pad the last two axes (centred) to the aspect ratio of `size` = (H, W), so that resizing to
+    `size` scales both axes alike (MADGAN zero-pads 176x240 to 176x256). A square `size`:
+    pad_to_square, as before."""
+    H, W = (int(v) for v in size)
+    if H == W:
+        return C.pad_to_square(arr, value)
+    h, w = arr.shape[-2:]
+    if h * W >= w * H:                       # taller than the target: widen
+        th, tw = h, max(w, int(round(h * W / H)))
+    else:                                    # wider: heighten
+        th, tw = max(h, int(round(w * H / W))), w
+    pads = [(0, 0)] * (arr.ndim - 2) + [((th - h) // 2, th - h - (th - h) // 2),
+                                         ((tw - w) // 2, tw - w - (tw - w) // 2)]
+    return np.pad(arr, pads, constant_values=value)
 
 
 def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,
                 ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="",
-                drop_anomalous=True) -> ArraySet:
+                drop_anomalous=True, slab="auto") -> ArraySet:
     """Axial slices of each case, normalised to [-1, 1] and resized to `size`, memory-mapped.
 
-    Per case: `n_slices` consecutive slices (every `step`-th) centred at `center` = fraction of the
-    brain's inferior->superior extent (0 = lowest brain slice, 1 = highest); n_slices=None takes every
-    slice that contains brain. In-plane, all slices of a case share one crop (the brain's bounding box
-    over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned.
+    Per case: `n_slices` consecutive slices (every `step`-th) around `center`, placed by `slab`:
+      "brain": `center` = fraction of the brain mask's inferior->superior extent (0 = lowest brain
+        slice, 1 = highest);
+      "vertex": `center` = fraction of a nominal brain extent 13..157 mm below the top of the head
+        (center 0.5 = 85 mm below it, at the AC-PC level; see HEAD_TO_BRAIN_MM);
+      "auto" (default): "vertex" for MRI scans without a brain mask that are not skull-stripped and
+        whose head mask is taller than 157 mm (a neck in the field of view), else "brain".
+    n_slices=None takes every slice that contains brain. A volume with fewer slices than the slab is
+    skipped (S.skipped says why, with a warning), not padded with repeated slices. S.slabs records
+    every case's slab (first/last index, scanner z in mm). In-plane, all slices of a case share one
+    crop (the brain's bounding box over the chosen slab + `margin`), padded to the aspect ratio of
+    `size` (a square for a square `size`) and resized, so that both axes scale alike.
     `drop_anomalous`: for real data sets whose every scan is anomalous (BraTS, MSLUB, ISBI 2015),
     cases whose meta says {"healthy_slices_only": True} (healthy training slices, the test's `normal`
     group) keep only the chosen slices without anomaly-mask voxels, and cases marked
     {"anomalous_slices_only": True} only those with some; a case left with no slice is dropped
     from S.cases (S.case indexes the remaining ones)."""
+    if slab not in SLAB_RULES:
+        fail(f"slab={slab!r}: use one of {', '.join(SLAB_RULES)}")
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, n_slices=n_slices, center=center, step=step,
-                  ct_window=list(ct_window), crop=crop, strip=strip, margin=margin)
+                  ct_window=list(ct_window), crop=crop, strip=strip, margin=margin, slab=slab)
     only = {k: [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get(k)]
             for k in ("healthy_slices_only", "anomalous_slices_only")}
     params.update({k: v for k, v in only.items() if v})
 
+    def empty(z, info):
+        e = np.zeros((0, *size), np.float32)
+        return e, e.astype(bool), e.astype(bool), np.asarray(z, np.int32), info
+
     def build(c):
-        img, m, b, _ = read_case(c, kind)
+        img, m, b, _, affine = _load_case(c, kind)
         x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))          # (Z, H, W)
         b = C.axial_stack(b)
         m = C.axial_stack(m) if m is not None else np.zeros_like(b)
-        zs = np.nonzero(b.reshape(len(b), -1).any(1))[0]
-        lo, hi = (int(zs.min()), int(zs.max())) if len(zs) else (0, len(b) - 1)
-        if n_slices is None:
-            z = np.arange(lo, hi + 1, step)
-        else:
-            span = (n_slices - 1) * step
-            start = int(round(lo + center * (hi - lo) - span / 2))
-            start = min(max(start, 0), max(len(b) - 1 - span, 0))
-            z = np.clip(start + np.arange(n_slices) * step, 0, len(b) - 1)
+        z, rec = _slab(c, b, affine, kind, n_slices, center, step, slab)
+        if z is None:
+            return empty([], {"skipped": rec["skipped"]})
+        info = {"slab": rec}
         x, m, b = x[z], m[z], b[z]
         if crop:
             _, sy, sx = C.bbox(b, margin)
@@ -1031,17 +1136,29 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             keep = m.reshape(len(m), -1).any(1) == bool(c.meta.get("anomalous_slices_only"))
             x, m, b, z = x[keep], m[keep], b[keep], z[keep]
             if not len(z):
-                e = np.zeros((0, *size), np.float32)
-                return e, e.astype(bool), e.astype(bool), z
-        x, m, b = C.pad_to_square(x, -1.0), C.pad_to_square(m, 0), C.pad_to_square(b, 0)
-        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z)
+                return empty(z, info)
+        x, m, b = (_pad_to_aspect(a, v, size) for a, v in ((x, -1.0), (m, 0), (b, 0)))
+        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z,
+                info)
     S = _cached_build("slices", cases, params, cache_dir, build, desc)
     n = np.bincount(S.case, minlength=len(cases))
-    if (n == 0).any():   # cases left without slices by drop_anomalous
+    if (n == 0).any():   # cases left without slices by drop_anomalous or too short for the slab
         keep = np.nonzero(n)[0]
         new = np.full(len(cases), -1, np.int32)
         new[keep] = np.arange(len(keep), dtype=np.int32)
         S.case, S.cases = new[S.case], [cases[i] for i in keep]
+        S.slabs = {c.id: S.slabs[c.id] for c in S.cases if c.id in S.slabs}
+    cut = [cid for cid, r in S.slabs.items() if r.get("vertex_in_fov") is False]
+    if cut:   # the head touches the top slice: its real top is higher, so the slab too
+        _warn(f"cache {desc}: the head reaches the top slice of {len(cut)} scan(s) "
+              f"({', '.join(cut[:3])}), so the slab placed from the top of the head may lie too "
+              f"low; check S.slabs")
+    if S.skipped:
+        ex = "; ".join(f"{cid}: {why}" for cid, why in list(S.skipped.items())[:3])
+        if not len(S):
+            fail(f"every scan of the {desc or 'data'} set is too short for the slab: {ex}; use a "
+                 f"smaller number of slices (n_slices, e.g. the script's --n-slices) or step")
+        _warn(f"cache {desc}: skipped {len(S.skipped)} scan(s) with too few slices: {ex}")
     return S
 
 
@@ -1066,7 +1183,53 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
         x = C.gaussian_smooth(x, smooth_sigma)
         x, m, b = C.pad_to_cube(x, -1.0), C.pad_to_cube(m, 0), C.pad_to_cube(b, 0)
         return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
-                np.zeros(1, np.int32))
+                np.zeros(1, np.int32), {})
     return _cached_build("volumes", cases, params, cache_dir, build, desc)
 
 
+# ---- a figure of the slabs ---------------------------------------------------------------------
+
+def plot_slabs(cases, slabs, path, title=""):
+    """A mid-sagittal view of the first scan of every group with its slab (S.slabs) marked, in
+    scanner millimetres, to check that the slab lies where it should (MADGAN: hippocampus,
+    amygdala, ventricles). -> the ids of the cases drawn (none: no figure is written)."""
+    first = {}
+    for c in cases:
+        if c.id in slabs and c.group not in first:
+            first[c.group] = c
+    if not first:
+        return []
+    plt = C._plt()
+    fig, axes = plt.subplots(1, len(first), figsize=(3.2 * len(first), 4.0), squeeze=False)
+    for ax, (group, c) in zip(axes[0], first.items()):
+        img, _, affine = read_nifti(c.image)
+        sag = img[img.shape[0] // 2].T                     # (Z, Y): inferior->superior rows
+        (y0, y1), (z0, z1) = (_axis_mm(affine, img.shape, a) for a in (1, 2))
+        lo, hi = np.percentile(sag, [1, 99])
+        ax.imshow(sag, cmap="gray", origin="lower", extent=(y0, y1, z0, z1), vmin=lo, vmax=hi,
+                  aspect="equal")
+        s = slabs[c.id]
+        half = s.get("slice_mm", 1.0) / 2
+        ax.axhspan(s["z_mm"][0] - half, s["z_mm"][1] + half, color="tab:orange", alpha=0.3, lw=0)
+        for zz in s["z_mm"]:
+            ax.axhline(zz, color="tab:orange", lw=0.8)
+        ax.set_title(f"{group}: {c.id}\nslices {s['first']}-{s['last']}, {s['rule']} rule",
+                     fontsize=8)
+        ax.set_xlabel("posterior -> anterior (mm)", fontsize=7)
+        ax.set_ylabel("inferior -> superior (mm)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    C._save(fig, path)
+    return [c.id for c in first.values()]
+
+
+def _axis_mm(affine, shape, axis):
+    """Scanner coordinate (mm) along `axis` of the first and last voxel centres (through the
+    middle of the other axes)."""
+    ends = []
+    for k in (0, shape[axis] - 1):
+        v = [(n - 1) / 2 for n in shape] + [1.0]
+        v[axis] = float(k)
+        ends.append(float(np.asarray(affine)[axis] @ v))
+    return tuple(ends)

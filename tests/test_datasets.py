@@ -613,3 +613,112 @@ def test_cache_is_built_once_under_two_processes(trees, tmp_path):
     for r in (0, 1):
         res = json.loads((out / f"broken-rank{r}.json").read_text())
         assert "cannot read image" in res["error"] and res["calls"] == 1
+
+
+# ---- the slab of a raw head with a neck (OASIS-3 is not skull-stripped) --------------------------
+
+@pytest.fixture(scope="module")
+def necks(tmp_path_factory):
+    """Two raw T1w heads with neck and shoulders (tests/fixtures.neck_head): 2x2x1.5 mm down to the
+    shoulders, and 1.6x1.6x1.2 mm with less neck; -> [(Case, levels)]."""
+    base = tmp_path_factory.mktemp("necks")
+    out = []
+    for name, kw in (("a", {}), ("b", dict(spacing=(1.6, 1.6, 1.2), fov_mm=(180, 210, 240)))):
+        path, levels = F.make_neck_head(base / f"sub-{name}_T1w.nii.gz", **kw)
+        case = datasets.Case(id=name, subject=name, group=f"g{name}", label=0, image=str(path))
+        out.append((case, levels))
+    return out
+
+
+def _covered(slab, levels):
+    """Fraction of each structure's axial extent [lo, hi] (mm) inside the slab's slices."""
+    half = slab["slice_mm"] / 2
+    a, b = slab["z_mm"][0] - half, slab["z_mm"][1] + half
+    return {k: max(0.0, min(hi + half, b) - max(lo - half, a)) / (hi - lo + 2 * half)
+            for k, (lo, hi) in levels.items()}
+
+
+def test_slab_of_a_head_with_neck_covers_hippocampus_amygdala_ventricles(necks, tmp_path):
+    cases = [c for c, _ in necks]
+    # MADGAN's 51 mm: 34 slices of 1.5 mm, 42 of 1.2 mm
+    S = {c.id: datasets.slice_stack([c], size=(32, 32), n_slices=n, cache_dir=tmp_path / "cache")
+         for c, n in zip(cases, (34, 42))}
+    for c, levels in necks:
+        slab = S[c.id].slabs[c.id]
+        assert slab["rule"] == "vertex" and slab["vertex_in_fov"]
+        assert slab["vertex_z_mm"] == pytest.approx(F.NECK_HEAD_TOP_MM, abs=2.0)
+        cover = _covered(slab, levels)
+        assert min(cover.values()) >= 0.9, (slab, cover)
+        # the old rule, a fraction of the head mask's extent, is pulled down into the neck
+        old = datasets.slice_stack([c], size=(32, 32), n_slices=slab["n"], slab="brain",
+                                   cache_dir=tmp_path / "cache").slabs[c.id]
+        assert min(_covered(old, levels).values()) <= 0.5 and np.mean(old["z_mm"]) < -20, old
+    # the same anatomy at another voxel size and neck coverage: the same slab in millimetres
+    a, b = (S[c.id].slabs[c.id]["z_mm"] for c in cases)
+    assert abs(np.mean(a) - np.mean(b)) <= 1.5 and abs((a[1] - a[0]) - (b[1] - b[0])) <= 1.5
+
+
+def test_slab_record_follows_the_affine_and_survives_the_cache(necks, tmp_path):
+    import nibabel as nib
+    c, _ = necks[0]
+    kw = dict(size=(32, 32), n_slices=10, step=2, cache_dir=tmp_path / "cache")
+    S = datasets.slice_stack([c], **kw)
+    s = S.slabs["a"]
+    assert (s["first"], s["last"]) == (int(S.z.min()), int(S.z.max()))
+    assert s["last"] - s["first"] == 18
+    aff = nib.load(c.image).affine
+    assert s["z_mm"] == pytest.approx([aff[2, 2] * k + aff[2, 3] for k in (s["first"], s["last"])])
+    assert datasets.slice_stack([c], **kw).slabs == S.slabs            # read back from meta.json
+    json.dumps(S.slabs)                                                  # goes to results.json
+    # a brain mask beside the image keeps the brain-extent rule (the phantom's)
+    img = nib.load(c.image)
+    bm = Path(c.image).with_name("sub-a_T1w_brainmask.nii.gz")
+    nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 500).astype(np.uint8), img.affine), str(bm))
+    withmask = datasets.Case(id="m", subject="a", group="g", label=0, image=c.image,
+                             brainmask=str(bm))
+    assert datasets.slice_stack([withmask], **kw).slabs["m"]["rule"] == "brain"
+
+
+def test_plot_slabs_one_scan_per_group(necks, tmp_path):
+    from PIL import Image
+    cases = [c for c, _ in necks]
+    extra = datasets.Case(id="a2", subject="a", group="ga", label=0, image=cases[0].image)
+    S = datasets.slice_stack(cases + [extra], size=(32, 32), n_slices=20,
+                             cache_dir=tmp_path / "cache")
+    drawn = datasets.plot_slabs(S.cases, S.slabs, tmp_path / "slabs.png")
+    assert drawn == ["a", "b"]                       # the first scan of each group
+    w, h = Image.open(tmp_path / "slabs.png").size
+    assert w > h > 100
+    assert datasets.plot_slabs(S.cases, {}, tmp_path / "none.png") == []
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_non_square_size_keeps_the_aspect_ratio(tmp_path):
+    """A 44 x 60 (LR x AP) slice to size (64, 44): padded to 44 x 64 first, as MADGAN zero-pads
+    176 x 240 to 176 x 256, so a disc stays round (padded to a square: 0.69 as wide as tall)."""
+    x, y = np.meshgrid(np.arange(44) - 21.5, np.arange(60) - 29.5, indexing="ij")
+    disc = ((x ** 2 + y ** 2) < 15 ** 2).astype(np.float32)
+    F.save(tmp_path / "d.nii.gz", np.repeat((disc * (500 + 10 * y))[:, :, None], 6, 2))
+    c = datasets.Case(id="d", subject="d", group="g", label=0, image=str(tmp_path / "d.nii.gz"))
+    S = datasets.slice_stack([c], size=(64, 44), n_slices=4, crop=False, strip=False,
+                             cache_dir=tmp_path / "cache")
+    disc = np.asarray(S.brain[0]) > 0                     # the auto mask of the disc, resized
+    tall, wide = disc.any(1).sum(), disc.any(0).sum()
+    assert S.x.shape[1:] == (64, 44) and abs(tall - wide) <= 1, (tall, wide)
+    # the paper's case is zero-padding alone; a square target pads to a square, as before
+    a = np.random.default_rng(0).random((3, 240, 176))
+    assert datasets._pad_to_aspect(a, 0, (256, 176)).shape == (3, 256, 176)
+    assert np.array_equal(datasets._pad_to_aspect(a, -1, (64, 64)), C.pad_to_square(a, -1))
+
+
+def test_volume_shorter_than_the_slab_is_skipped_not_padded(tmp_path):
+    for name, nz in (("short", 5), ("long", 12)):
+        img, _, _ = F.head(seed=3, shape=(24, 28, nz))
+        F.save(tmp_path / f"{name}.nii.gz", img)
+    cases = [datasets.Case(id=n, subject=n, group="g", label=0, image=str(tmp_path / f"{n}.nii.gz"))
+             for n in ("short", "long")]
+    S = datasets.slice_stack(cases, size=(16, 16), n_slices=8, cache_dir=tmp_path / "cache")
+    assert [c.id for c in S.cases] == ["long"] and len(S) == 8 and len(set(S.z.tolist())) == 8
+    assert "5 axial slices, fewer than the 8" in S.skipped["short"] and "short" not in S.slabs
+    with pytest.raises(C.UserError, match=r"every scan of the .* set is too short.*short: 5 axial"):
+        datasets.slice_stack(cases[:1], size=(16, 16), n_slices=8, cache_dir=tmp_path / "cache")
