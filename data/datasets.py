@@ -892,6 +892,7 @@ class ArraySet:
     # z of those slices), "rule", ...}}, for results.json and plot_slabs
     slabs: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)   # {case id: why it has no rows (too few slices)}
+    stats: dict = field(default_factory=dict)     # {case id: {"brain_std", ...}}: _check_contrast
 
     def __len__(self):
         return len(self.x)
@@ -922,6 +923,18 @@ def _normalize(img, brain, norm, ct_win, strip):
     if strip:
         x = np.where(brain > 0, x, -1.0).astype(np.float32)
     return x
+
+
+STAT_KEYS = ("brain_std", "saturated", "raw_min", "brain_voxels")   # per case, in meta.json
+
+
+def _brain_stats(x, b, img):
+    """Spread of the normalised intensities inside the brain and the raw image's minimum, for
+    _check_contrast (cheap: one pass over one case)."""
+    v = x[b > 0] if b.any() else x.ravel()    # no brain voxel: the whole, stripped to -1
+    return {"brain_std": round(float(v.std()), 5),
+            "saturated": round(float((np.abs(v) >= 0.999).mean()), 5),
+            "raw_min": float(img.min()), "brain_voxels": int(np.count_nonzero(b))}
 
 
 def _build_cache(d, cases, builder, params, desc):
@@ -996,7 +1009,50 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
             S.slabs[c.id] = info["slab"]
         if "skipped" in info:
             S.skipped[c.id] = info["skipped"]
+        if "brain_std" in info:
+            S.stats[c.id] = {k: info[k] for k in STAT_KEYS}
     return S
+
+
+# ---- data the normalisation does not fit -------------------------------------------------------
+# MRI volumes pushed through the CT window [-20, 100] HU clip to +1 inside a brain mask, and where
+# the mask comes from the HU skull strip it is not a brain at all: a model trained on that learns
+# nothing. Per case, the std and the clipped fraction of the normalised brain voxels and the raw
+# minimum are recorded in the cache's meta.json; a set whose cases mostly fail is an error.
+FLAT_STD = 0.02          # brain std below this (intensities in [-1, 1]) is flat
+FLAT_SATURATED = 0.95    # or this fraction of the brain voxels at -1 or +1
+CT_AIR_BELOW_HU = -200   # a head CT in Hounsfield units has air (-1000 HU) around the head
+
+
+def _misfit(v, norm):
+    """Why one case's stats (S.stats) say the normalisation does not fit it, or None."""
+    why = [] if v["brain_voxels"] else ["no brain voxel in the slices"]
+    if v["brain_std"] < FLAT_STD or v["saturated"] > FLAT_SATURATED:
+        why.append(f"brain std {v['brain_std']:.3f}, {v['saturated']:.0%} at -1/+1")
+    if norm == "ct" and v["raw_min"] > CT_AIR_BELOW_HU:
+        why.append(f"no voxel below {CT_AIR_BELOW_HU} HU, so no air")
+    return "; ".join(why) or None
+
+
+def _check_contrast(S, norm, ct_window, desc):
+    """Stop when more than half of the cases of S are flat after normalisation (or, for the CT
+    window, not in Hounsfield units); warn when a few are."""
+    bad = {cid: why for cid, why in ((cid, _misfit(v, norm)) for cid, v in S.stats.items()) if why}
+    if not bad:
+        return
+    ex = ", ".join(f"{cid} ({why})" for cid, why in list(bad.items())[:3])
+    if norm == "ct":
+        how = (f"do not look like CT in Hounsfield units under the CT window [{ct_window[0]:g}, "
+               f"{ct_window[1]:g}] HU", "are these MRI volumes? The CT window needs head CT in HU "
+               "(--data ctich); for MRI use an MRI script or data set")
+    else:
+        how = ("are (nearly) constant in the brain after the MRI normalisation (brain percentiles "
+               "1-99 -> [-1, 1])", "check --modality (is the image a mask or a constant channel?) "
+               "and --data / --data-root (CT data need a CT script)")
+    what = f"{len(bad)} of {len(S.stats)} scans of the {desc or 'data'} set {how[0]}: {ex}"
+    if 2 * len(bad) > len(S.stats):
+        fail(f"{what}; {how[1]}")
+    _warn(what)
 
 
 # ---- the axial slab of a scan -------------------------------------------------------------------
@@ -1104,7 +1160,8 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
     cases whose meta says {"healthy_slices_only": True} (healthy training slices, the test's `normal`
     group) keep only the chosen slices without anomaly-mask voxels, and cases marked
     {"anomalous_slices_only": True} only those with some; a case left with no slice is dropped
-    from S.cases (S.case indexes the remaining ones)."""
+    from S.cases (S.case indexes the remaining ones). A set that is constant in the brain after
+    normalisation (e.g. MRI through the CT window) stops with an error (_check_contrast)."""
     if slab not in SLAB_RULES:
         fail(f"slab={slab!r}: use one of {', '.join(SLAB_RULES)}")
     kind = "ct" if norm == "ct" else "mri"
@@ -1137,6 +1194,7 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             x, m, b, z = x[keep], m[keep], b[keep], z[keep]
             if not len(z):
                 return empty(z, info)
+        info.update(_brain_stats(x, b, img))
         x, m, b = (_pad_to_aspect(a, v, size) for a, v in ((x, -1.0), (m, 0), (b, 0)))
         return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z,
                 info)
@@ -1159,6 +1217,7 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             fail(f"every scan of the {desc or 'data'} set is too short for the slab: {ex}; use a "
                  f"smaller number of slices (n_slices, e.g. the script's --n-slices) or step")
         _warn(f"cache {desc}: skipped {len(S.skipped)} scan(s) with too few slices: {ex}")
+    _check_contrast(S, norm, ct_window, desc)
     return S
 
 
@@ -1167,10 +1226,11 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
     """Whole volumes (D, H, W) = (axial, anterior->posterior, left->right), normalised to [-1, 1]:
     skull-stripped with the brain mask (`strip`), cropped to the brain's bounding box (removes black
     borders), optional Gaussian smoothing (sigma in voxels, before resizing), padded to a cube and
-    resized (linear) to `size`. Memory-mapped like slice_stack."""
+    resized (linear) to `size`. Memory-mapped like slice_stack, and checked alike
+    (_check_contrast)."""
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, ct_window=list(ct_window), smooth=smooth_sigma, crop=crop,
-                  strip=strip, margin=margin)
+                  strip=strip, margin=margin, stats=1)
 
     def build(c):
         img, m, b, _ = read_case(c, kind)
@@ -1180,11 +1240,14 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
         if crop:
             sl = C.bbox(b, margin)
             x, m, b = x[sl], m[sl], b[sl]
+        info = _brain_stats(x, b, img)
         x = C.gaussian_smooth(x, smooth_sigma)
         x, m, b = C.pad_to_cube(x, -1.0), C.pad_to_cube(m, 0), C.pad_to_cube(b, 0)
         return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
-                np.zeros(1, np.int32), {})
-    return _cached_build("volumes", cases, params, cache_dir, build, desc)
+                np.zeros(1, np.int32), info)
+    S = _cached_build("volumes", cases, params, cache_dir, build, desc)
+    _check_contrast(S, norm, ct_window, desc)
+    return S
 
 
 # ---- a figure of the slabs ---------------------------------------------------------------------

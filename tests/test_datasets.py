@@ -722,3 +722,30 @@ def test_volume_shorter_than_the_slab_is_skipped_not_padded(tmp_path):
     assert "5 axial slices, fewer than the 8" in S.skipped["short"] and "short" not in S.slabs
     with pytest.raises(C.UserError, match=r"every scan of the .* set is too short.*short: 5 axial"):
         datasets.slice_stack(cases[:1], size=(16, 16), n_slices=8, cache_dir=tmp_path / "cache")
+
+
+# ---- data the normalisation does not fit ---------------------------------------------------------
+
+def test_mri_through_the_ct_window_is_an_error(trees, tmp_path):
+    ct = dict(norm="ct", cache_dir=tmp_path / "c")
+    # with brain masks (MSLUB): every brain voxel is above 100 "HU" and clips to +1
+    ms = load("mslub", trees["mslub"], contrast="flair").test[:3]
+    with pytest.raises(C.UserError, match=r"3 of 3 scans of the test set do not look like CT in "
+                                          r"Hounsfield units under the CT window \[-20, 100\] HU: "
+                                          r"patient\d+ \(brain std .*% at -1/\+1.*MRI volumes.*"
+                                          r"--data ctich"):
+        datasets.slice_stack(ms, size=(16, 16), n_slices=4, desc="test", drop_anomalous=False, **ct)
+    # without (IXI): the HU skull strip finds something, but an MRI has no air at -1000 HU
+    ixi = load("ixi", trees["ixi"]).train[:4]
+    with pytest.raises(C.UserError, match=r"4 of 4 scans of the train set do not look like CT.*no "
+                                          r"voxel below -200 HU, so no air"):
+        datasets.slice_stack(ixi, size=(16, 16), n_slices=4, desc="train", **ct)
+    with pytest.raises(C.UserError, match=r"do not look like CT in Hounsfield units"):
+        datasets.volume_stack(ixi, size=(8, 8, 8), **ct)
+    S = datasets.slice_stack(ixi, size=(16, 16), n_slices=4, cache_dir=tmp_path / "c")   # MRI: fine
+    assert min(v["brain_std"] for v in S.stats.values()) > 0.3
+    meta = json.loads(next((tmp_path / "c").glob("slices-*/meta.json")).read_text())
+    assert {"brain_std", "saturated", "raw_min"} <= set(meta["cases"][0])   # recorded in the cache
+    # real CT passes
+    h = load("ctich", trees["ctich"], contrast="ct")
+    assert len(datasets.slice_stack(h.train[:2], size=(16, 16), n_slices=4, **ct)) == 8
