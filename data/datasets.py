@@ -101,9 +101,9 @@ def auto_brain_mask(img, kind="mri"):
     return m.astype(np.uint8)
 
 
-def read_case(case: Case, kind="mri"):
-    """-> image float32 (X, Y, Z), anomaly mask uint8 or None, brain mask uint8, spacing."""
-    img, spacing, _ = read_nifti(case.image)
+def _load_case(case: Case, kind="mri"):
+    """read_case plus the canonical affine (for the scanner z of the slices, see slice_stack)."""
+    img, spacing, affine = read_nifti(case.image)
     masks = []
     for p, what in ((case.mask, "anomaly mask"), (case.brainmask, "brain mask")):
         if p is None:
@@ -114,9 +114,18 @@ def read_case(case: Case, kind="mri"):
             fail(f"{what} {p} has shape {m.shape} but its image {case.image} has {img.shape}")
         masks.append((m > 0).astype(np.uint8))
     mask, brain = masks
+    if brain is not None and not brain.any():
+        # an all-zero mask would make every voxel background: the scan silently turns to -1
+        fail(f"brain mask {case.brainmask} is empty (all voxels 0); fix it, or remove it and a "
+             f"mask is computed from the image")
     if brain is None:
         brain = auto_brain_mask(img, kind)
-    return img, mask, brain, spacing
+    return img, mask, brain, spacing, affine
+
+
+def read_case(case: Case, kind="mri"):
+    """-> image float32 (X, Y, Z), anomaly mask uint8 or None, brain mask uint8, spacing."""
+    return _load_case(case, kind)[:4]
 
 
 # ---- dataset registry ---------------------------------------------------------------------------
@@ -144,35 +153,74 @@ def subject_split(cases, frac, seed=0):
 NIFTI_EXT = (".nii.gz", ".nii")
 
 
+def _is_nifti(name):
+    """A NIfTI file name, whatever the case of its extension (`.NII.GZ` from some exporters)."""
+    return name.lower().endswith(NIFTI_EXT)
+
+
 def _stem(p: Path):
     n = p.name
     for e in NIFTI_EXT:
-        if n.endswith(e):
+        if n.lower().endswith(e):
             return n[: -len(e)]
     return n
 
 
+def _find_nifti(folder: Path, stem):
+    """The NIfTI file `stem`.nii[.gz] in `folder` (any case of the extension), else None."""
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir()
+                   if _is_nifti(p.name) and _stem(p) == stem and p.is_file())
+    return found[0] if found else None
+
+
+def _check_links(paths):
+    """Stop on a symbolic link whose target is gone (it would fail later, far from its cause)."""
+    for p in paths:
+        if Path(p).is_symlink() and not Path(p).exists():
+            fail(f"{p} is a broken symbolic link (its target {os.readlink(p)} does not exist); "
+                 f"fix the link or remove it")
+
+
 def _images_in(folder: Path):
-    """Image files in a folder (not masks), sorted by name, with their side files."""
+    """Image files in a folder (not masks), sorted by name, with their side files. Extensions and
+    the `_mask` / `_brainmask` suffixes are matched case-insensitively."""
     out = []
     if not folder.is_dir():
         return out
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_EXT))
-    names = {_stem(p): p for p in files}
+    files = sorted(p for p in folder.iterdir() if _is_nifti(p.name) and not p.is_dir())
+    _check_links(files)
+    names = {_stem(p).lower(): p for p in files}
     for p in files:
         s = _stem(p)
-        if s.endswith("_mask") or s.endswith("_brainmask"):
+        if s.lower().endswith(("_mask", "_brainmask")):
             continue
-        out.append((s, p, names.get(s + "_mask"), names.get(s + "_brainmask")))
+        out.append((s, p, names.get(s.lower() + "_mask"), names.get(s.lower() + "_brainmask")))
     return out
 
 
+def _read_meta(path: Path, hint=""):
+    """The per-case metadata file of a folder data set: {relative image path: {key: value}}."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else ""
+        fail(f"cannot read {path} ({type(e).__name__}: {why}); "
+             f"{hint or 'fix the file or delete it (it is optional)'}")
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        fail(f"{path} must be a JSON object mapping image paths to objects, e.g. "
+             f'{{"train/a.nii.gz": {{"subject": "a"}}}}; {hint or "fix the file or delete it"}')
+    return meta
+
+
 @register_dataset("folder", "ROOT/train, ROOT/val (optional), ROOT/test/<group>/ of NIfTI volumes")
-def load_folder(root: Path, args=None, contrast=None) -> Splits:
-    """The contract's `--data folder` layout (../shared/CONTRACT.md)."""
+def load_folder(root: Path, args=None, contrast=None, meta_hint="") -> Splits:
+    """The contract's `--data folder` layout (../shared/CONTRACT.md). `meta_hint`: what to do
+    about a corrupt meta.json (the phantom regenerates its folder)."""
     meta = {}
-    if (root / "meta.json").is_file():
-        meta = json.loads((root / "meta.json").read_text())
+    if (root / "meta.json").is_file() or (root / "meta.json").is_symlink():
+        meta = _read_meta(root / "meta.json", meta_hint)
 
     def cases(folder, group, label):
         out = []
@@ -208,9 +256,24 @@ def load_synthetic(root: Path, args=None, contrast="t1") -> Splits:
     size = "tiny" if getattr(args, "preset", "quick") == "smoke" else "full"
     t = time.time()
     variant = ensure_phantom(root=root, contrast=contrast, size=size, seed=0)
-    s = load_folder(Path(variant), args)
+    hint = f"delete the folder {variant} and it is generated again on the next run"
+    s = load_folder(Path(variant), args, meta_hint=hint)
     s.info.update({"phantom": f"{contrast}_{size}", "phantom_ready_s": round(time.time() - t, 2)})
     return s
+
+
+def _check_root(name, root: Path):
+    """A data root must be a folder: say what it is instead (a file, a broken link, nothing)."""
+    where = (f"{DATA_README} explains how to get the {name} dataset and which folder to pass as "
+             f"--data-root")
+    if root.is_symlink() and not root.exists():
+        fail(f"data root {root} for --data {name} is a broken symbolic link (its target "
+             f"{os.readlink(root)} does not exist); fix the link or pass another --data-root")
+    if root.exists() and not root.is_dir():
+        fail(f"data root {root} for --data {name} is a file, not a folder; pass the folder that "
+             f"holds the data set as --data-root ({where})")
+    if name != "synthetic" and not root.is_dir():
+        fail(f"data root {root} for --data {name} does not exist; {where}")
 
 
 def load_dataset(args, contrast="t1", groups=None) -> Splits:
@@ -222,9 +285,7 @@ def load_dataset(args, contrast="t1", groups=None) -> Splits:
         if name not in DATASETS:
             fail(f"--data {name}: unknown dataset; choose one of {', '.join(sorted(DATASETS))}")
         root = Path(root) if root else (REPO / "data" / name)
-        if name != "synthetic" and not root.is_dir():
-            fail(f"data root {root} for --data {name} does not exist; {DATA_README} explains how to get "
-                 f"the {name} dataset and which folder to pass as --data-root")
+        _check_root(name, root)
         return DATASETS[name][0](root, args, contrast)
 
     s = one(args.data, args.data_root)
@@ -263,6 +324,12 @@ MODALITY_ALIASES = {"t1": "t1", "t1w": "t1", "t1n": "t1", "mprage": "t1", "t2": 
                     "t1wks": "t1ce", "pd": "pd", "mra": "mra"}
 
 
+def _warn(msg):
+    """One `warning: ...` line on stderr (process 0 only): for what is skipped but not fatal."""
+    if C.is_main():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _no_data(name, root, looked_for):
     fail(f"--data {name}: found no {looked_for} under {root}; {DATA_README} explains how to get the "
          f"data set and which folder to pass as --data-root")
@@ -279,6 +346,7 @@ def _walk(root, pattern, dirs=False):
             m = rx.fullmatch(n)
             if m:
                 out.append((Path(d) / n, m))
+    _check_links(p for p, _ in out)
     return out
 
 
@@ -323,6 +391,14 @@ def _test_frac(args):
     if not 0 <= f < 1:
         fail(f"--test-frac must be in [0, 1), got {f}")
     return f
+
+
+def _no_normals_hint(args):
+    """data_info["hint"] for load_dataset's "needs normal and anomalous" error, --test-frac 0."""
+    if _test_frac(args) == 0:
+        return {"hint": "--test-frac 0 holds out no healthy subject, so there are no normal test "
+                        "scans; use --test-frac > 0 (default 0.3)"}
+    return {}
 
 
 def _healthy_split(cases, args, normal="normal", test=True, val_frac=0.1):
@@ -376,7 +452,12 @@ def _anomalous_splits(name, cases, args, group, what):
         info["healthy_training"] = f"--train-data {args.train_data}"
     else:
         seed = getattr(args, "seed", 0) or 0
-        rest, test = subject_split(cases, _test_frac(args) or 0.3, seed)
+        frac = _test_frac(args)
+        if frac == 0:   # 0 means no test subject, not the default
+            fail(f"--test-frac 0 holds out no {name} subject, so there is nothing to test (every "
+                 f"{name} scan is anomalous); use --test-frac > 0 (default 0.3), or train on "
+                 f"another data set with --train-data ixi (then every {name} scan is a test scan)")
+        rest, test = subject_split(cases, frac, seed)
         train, val = subject_split(rest, 0.1, seed + 1)
         flag = {"healthy_slices_only": True}
         train = [_with(c, group="train", label=0, meta=flag) for c in train]
@@ -412,13 +493,14 @@ def _oasis3_cdr(root):
         return int(m.group(1)) if m else None
 
     tables = []   # (priority, path, schema, [(subject, day, cdr)])
+    unreadable = []   # csv files named like a clinical table that could not be read
     for p, _ in _walk(root, r".*\.csv"):
         try:
             with open(p, newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             if re.search(r"cdr|clinical|uds", p.name, re.IGNORECASE):
-                fail(f"--data oasis3: cannot read the CDR table {p} ({type(e).__name__}); re-download it")
+                unreadable.append({"path": str(p), "error": type(e).__name__})
             continue
         col = {k.strip().lower(): k for k in (rows[0] if rows else {}) if k}
         visits = []
@@ -444,8 +526,16 @@ def _oasis3_cdr(root):
             if d in v and v[d] != cdr:
                 conflicts += 1
             v.setdefault(d, cdr)
+    if unreadable and not out:
+        # nothing else to label the scans with: the unreadable table is the cause
+        fail(f"--data oasis3: cannot read the CDR table {unreadable[0]['path']} "
+             f"({unreadable[0]['error']}); re-download it")
+    for u in unreadable:   # another table was read: go on, but say so
+        _warn(f"--data oasis3: skipped the unreadable csv {u['path']} ({u['error']}); the CDR "
+              f"labels come from the other table(s), see data_info.cdr_tables")
     used = [{"path": str(p), "schema": s, "rows": len(v)} for _, p, s, v in tables]
-    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped, "cdr_visits_conflicting": conflicts}
+    return out, used, {"cdr_rows_without_subject_day_or_cdr": skipped,
+                       "cdr_visits_conflicting": conflicts, "cdr_tables_unreadable": unreadable}
 
 
 @register_dataset("oasis3", "OASIS-3 T1w MRI + Clinical Dementia Rating: unchanged CDR 0 vs CDR 0.5/1/2/3")
@@ -528,7 +618,8 @@ def load_oasis3(root: Path, args=None, contrast=None) -> Splits:
             "split": f"by subject, seed {seed}: {_test_frac(args):.0%} of the unchanged-CDR-0 subjects -> "
                      f"test group cdr_0, 10% of the rest -> val; every other subject is test only",
             "slices": "MADGAN selects the axial slices through hippocampus, amygdala and lateral ventricles "
-                      "(~51 per scan); choose the range with the script's slice flags"}
+                      "(~51 per scan); choose the range with the script's slice flags",
+            **_no_normals_hint(args)}
     return Splits(train, val, normal + anomalous, info)
 
 
@@ -595,13 +686,44 @@ def load_brats(root: Path, args=None, contrast=None) -> Splits:
         release = "2023" if rel == "2023" else ("2021" if cid.startswith("BraTS2021") else "2020 or earlier")
         subj = "-".join(cid.split("-")[:3]) if rel == "2023" else cid
         cases.append(Case(id=cid, subject=subj, group="tumor", label=1, image=str(f[t]), mask=str(seg),
-                          meta={"release": release, "modality": t}))
+                          meta={"release": release, "modality": t, "skull_stripped": True}))
     _check_headers("brats", [p for c in cases for p in (c.image, c.mask)])
+    cases = _dedupe_releases(cases, ex)
     train, val, test, sinfo = _anomalous_splits("brats", cases, args, "tumor", "tumour")
     info = {"dataset": "brats", "root": str(root), "modality": key,
             "releases": {r: sum(c.meta["release"] == r for c in cases) for r in sorted({c.meta["release"] for c in cases})},
             **sinfo, "groups": _counts(train + val + test), **ex.info()}
     return Splits(train, val, test, info)
+
+
+BRATS_RELEASE_ORDER = ("2023", "2021", "2020 or earlier")   # newest first: its copy is kept
+
+
+def _voxel_hash(path):
+    """sha1 of a volume's voxels (canonical orientation, float32): equal for the same scan saved by
+    two releases with other file names, compression or integer type."""
+    arr, _, _ = read_nifti(path, "image")
+    return hashlib.sha1(f"{arr.shape}".encode() + np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _dedupe_releases(cases, ex):
+    """BraTS 2021 contains the 2020 cases and 2023-GLI renames 2021, under new names and no mapping
+    file in ../shared/DATASETS.md: where several releases share a root, cases whose images have
+    identical voxels are one patient, and only the newest release's copy is kept (a patient on both
+    sides of the split would leak test data into training). One release alone is not read."""
+    if len({c.meta["release"] for c in cases}) < 2:
+        return cases
+    kept = {}
+    order = sorted(cases, key=lambda c: (BRATS_RELEASE_ORDER.index(c.meta["release"]), c.id))
+    for c in progress(order, total=len(order), desc="brats: comparing releases"):
+        h = _voxel_hash(c.image)
+        if h in kept:
+            ex("the same scan as a case of a newer release (identical voxels): that copy is used",
+               f"{c.id} = {kept[h].id}")
+            continue
+        kept[h] = c
+    ids = {c.id for c in kept.values()}
+    return [c for c in cases if c.id in ids]
 
 
 CTICH_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
@@ -635,8 +757,12 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
                      f"expected {', '.join(need)}")
             for r in reader:
                 r = {k.strip(): v for k, v in r.items() if k}
-                rows.setdefault(int(float(r["PatientNumber"])), []).append(
-                    {k: int(float(r[k] or 0)) for k in need[2:]})
+                # an empty cell is 0 for a type flag, but unknown (None) for No_Hemorrhage
+                row = {k: int(float(r[k] or 0)) for k in need[2:]}
+                row["SliceNumber"] = r["SliceNumber"]
+                if not str(r["No_Hemorrhage"] or "").strip():
+                    row["No_Hemorrhage"] = None
+                rows.setdefault(int(float(r["PatientNumber"])), []).append(row)
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
         fail(f"--data ctich: cannot read {tables[0]} ({type(e).__name__}: {e}); re-download it")
     ex, normal, bleed = _Excluded(), [], []
@@ -644,10 +770,7 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
         if pid not in rows:
             ex(f"no rows in {tables[0].name}", p.name)
             continue
-        mask = next((q for q in (p.parent.parent / "masks" / p.name,
-                                 p.parent.parent / "masks" / (p.name + ".gz"),
-                                 p.parent.parent / "masks" / p.name.replace(".nii.gz", ".nii"))
-                     if q.is_file()), None)
+        mask = _find_nifti(p.parent.parent / "masks", _stem(p))
         slices = rows[pid]
         per_type = {t.lower(): sum(r[t] for r in slices) for t in CTICH_TYPES}
         types = [t for t, n in per_type.items() if n > 0]
@@ -655,7 +778,14 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
                 "fracture": any(r["Fracture_Yes_No"] for r in slices), "n_slices_csv": len(slices)}
         c = Case(id=f"{pid:03d}", subject=f"ctich{pid:03d}", group="", label=0, image=str(p),
                  mask=str(mask) if mask else None, meta=meta)
-        if all(r["No_Hemorrhage"] == 1 for r in slices):
+        bleeds = any(r["No_Hemorrhage"] not in (1, None) for r in slices)
+        if not bleeds and any(r["No_Hemorrhage"] is None for r in slices):
+            # normal only if every slice says so: an empty cell leaves the scan unknown
+            first = next(r["SliceNumber"] for r in slices if r["No_Hemorrhage"] is None)
+            ex("empty No_Hemorrhage cell, the other slices No_Hemorrhage = 1: normal or not is "
+               "unknown", f"{p.name} (slice {first})")
+            continue
+        if not bleeds:
             normal.append(c)
         else:
             sub = max(types, key=lambda t: per_type[t]) if types else "unspecified"
@@ -667,7 +797,8 @@ def load_ctich(root: Path, args=None, contrast=None) -> Splits:
             "hemorrhage_scans_per_type": {t.lower(): sum(t.lower() in c.meta["subtypes"] for c in bleed)
                                           for t in CTICH_TYPES},
             "dominant_subtype": {s: sum(c.meta["subtype"] == s for c in bleed) for s in sorted({c.meta["subtype"] for c in bleed})},
-            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull strip", **ex.info()}
+            "brain_mask": "none in the data set: auto_brain_mask(kind='ct'), a simple HU skull "
+                          "strip", **ex.info(), **_no_normals_hint(args)}
     return Splits(train, val, test + bleed, info)
 
 
@@ -733,7 +864,8 @@ def load_isbi2015(root: Path, args=None, contrast=None) -> Splits:
             continue
         cases.append(Case(id=f"{subj}_{tp}", subject=subj, group="ms_lesion", label=1, image=found[0][1],
                           mask=mk[1], meta={"timepoint": int(tp), "mask_rater2": mk.get(2),
-                                            "preprocessed": found[0][0] == 0}))
+                                            "preprocessed": found[0][0] == 0,
+                                            "skull_stripped": found[0][0] == 0}))
     _check_headers("isbi2015", [p for c in cases for p in (c.image, c.mask)])
     train, val, test, sinfo = _anomalous_splits("isbi2015", cases, args, "ms_lesion", "lesion")
     info = {"dataset": "isbi2015", "root": str(root), "modality": tok, **sinfo,
@@ -756,6 +888,11 @@ class ArraySet:
     case: np.ndarray       # (N,) int32 index into `cases`
     z: np.ndarray          # (N,) int32 axial index of the slice in its volume (0 for volumes)
     cases: list
+    # slice_stack: {case id: {"first", "last" (axial indices as in z), "z_mm": [lo, hi] (scanner
+    # z of those slices), "rule", ...}}, for results.json and plot_slabs
+    slabs: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)   # {case id: why it has no rows (too few slices)}
+    stats: dict = field(default_factory=dict)     # {case id: {"brain_std", ...}}: _check_contrast
 
     def __len__(self):
         return len(self.x)
@@ -788,20 +925,31 @@ def _normalize(img, brain, norm, ct_win, strip):
     return x
 
 
-def _cached_build(kind, cases, params, cache_dir, builder, desc):
-    """Build (or reuse) a memory-mapped cache: raw .dat arrays appended case by case, so peak memory
-    is one case, not the data set. Built in a temp dir and renamed, so a crash leaves no half cache."""
-    cache_dir = Path(cache_dir or REPO / "data" / "cache")
-    key = _cache_key(cases, {"kind": kind, **params})
-    d = cache_dir / f"{kind}-{key}"
-    if not (d / "meta.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".tmp-{kind}-{key}-{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
-        n, shape, t0 = 0, None, time.time()
+STAT_KEYS = ("brain_std", "saturated", "raw_min", "brain_voxels")   # per case, in meta.json
+
+
+def _brain_stats(x, b, img):
+    """Spread of the normalised intensities inside the brain and the raw image's minimum, for
+    _check_contrast (cheap: one pass over one case)."""
+    v = x[b > 0] if b.any() else x.ravel()    # no brain voxel: the whole, stripped to -1
+    return {"brain_std": round(float(v.std()), 5),
+            "saturated": round(float((np.abs(v) >= 0.999).mean()), 5),
+            "raw_min": float(img.min()), "brain_voxels": int(np.count_nonzero(b))}
+
+
+def _build_cache(d, cases, builder, params, desc):
+    """Write cache folder `d`: raw .dat arrays appended case by case, so peak memory is one case,
+    not the data set; built in a temp dir and renamed, so a crash leaves no half cache.
+    builder(case) -> (x, mask, brain, z, info); the per-case `info` dicts go to meta.json."""
+    import shutil
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = d.parent / f".tmp-{d.name}-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = {k: open(tmp / f"{k}.dat", "wb") for k in ("x", "mask", "brain", "case", "z")}
+    n, shape, infos, t0 = 0, None, [], time.time()
+    try:
         for i, c in enumerate(progress(cases, total=len(cases), desc=f"cache {desc}")):
-            x, m, b, z = builder(c)
+            x, m, b, z, info = builder(c)
             shape = x.shape[1:]
             files["x"].write(x.astype(np.float32).tobytes())
             files["mask"].write(m.astype(np.uint8).tobytes())
@@ -809,60 +957,233 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
             files["case"].write(np.full(len(x), i, np.int32).tobytes())
             files["z"].write(np.asarray(z, np.int32).tobytes())
             n += len(x)
+            infos.append(info)
+    except BaseException:   # a bad file (or Ctrl-C): leave no half-written temp folder behind
         for f in files.values():
             f.close()
-        (tmp / "meta.json").write_text(json.dumps({"n": n, "shape": list(shape), "params": params,
-                                                   "build_s": round(time.time() - t0, 2)}, default=str))
-        try:
-            os.rename(tmp, d)
-        except OSError:  # another process finished the same cache first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in files.values():
+        f.close()
+    meta = {"n": n, "shape": list(shape or ()), "params": params,
+            "build_s": round(time.time() - t0, 2), "cases": infos}
+    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_build(kind, cases, params, cache_dir, builder, desc):
+    """Build (or reuse) the memory-mapped cache of `cases` and open it as an ArraySet.
+
+    Under torchrun, process 0 builds while the others wait (C.main_first), then they open what
+    it built: one build, not one per process. A process that still finds no cache then (its disk
+    is not the one process 0 wrote to, or process 0 failed) builds its own; process 0's error is
+    raised only after the others were released, so that no process waits forever."""
+    cache_dir = Path(cache_dir or REPO / "data" / "cache")
+    key = _cache_key(cases, {"kind": kind, **params})
+    d = cache_dir / f"{kind}-{key}"
+    error = None
+    with C.main_first():
+        if not (d / "meta.json").is_file():
+            try:
+                _build_cache(d, cases, builder, params, desc)
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after the barrier
+                if not C.is_main():
+                    raise
+                error = e
+    if error is not None:
+        raise error
     meta = json.loads((d / "meta.json").read_text())
     n, shape = meta["n"], tuple(meta["shape"])
 
     def mm(k, dt, shp):
         return np.memmap(d / f"{k}.dat", dtype=dt, mode="r", shape=shp) if n else np.zeros(shp, dt)
-    return ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
-                    brain=mm("brain", np.uint8, (n, *shape)), case=np.array(mm("case", np.int32, (n,))),
-                    z=np.array(mm("z", np.int32, (n,))), cases=list(cases))
+    S = ArraySet(x=mm("x", np.float32, (n, *shape)), mask=mm("mask", np.uint8, (n, *shape)),
+                 brain=mm("brain", np.uint8, (n, *shape)),
+                 case=np.array(mm("case", np.int32, (n,))), z=np.array(mm("z", np.int32, (n,))),
+                 cases=list(cases))
+    for c, info in zip(cases, meta.get("cases", [])):
+        if "slab" in info:
+            S.slabs[c.id] = info["slab"]
+        if "skipped" in info:
+            S.skipped[c.id] = info["skipped"]
+        if "brain_std" in info:
+            S.stats[c.id] = {k: info[k] for k in STAT_KEYS}
+    return S
+
+
+# ---- data the normalisation does not fit -------------------------------------------------------
+# MRI volumes pushed through the CT window [-20, 100] HU clip to +1 inside a brain mask, and where
+# the mask comes from the HU skull strip it is not a brain at all: a model trained on that learns
+# nothing. Per case, the std and the clipped fraction of the normalised brain voxels and the raw
+# minimum are recorded in the cache's meta.json; a set whose cases mostly fail is an error.
+FLAT_STD = 0.02          # brain std below this (intensities in [-1, 1]) is flat
+FLAT_SATURATED = 0.95    # or this fraction of the brain voxels at -1 or +1
+CT_AIR_BELOW_HU = -200   # a head CT in Hounsfield units has air (-1000 HU) around the head
+
+
+def _misfit(v, norm):
+    """Why one case's stats (S.stats) say the normalisation does not fit it, or None."""
+    why = [] if v["brain_voxels"] else ["no brain voxel in the slices"]
+    if v["brain_std"] < FLAT_STD or v["saturated"] > FLAT_SATURATED:
+        why.append(f"brain std {v['brain_std']:.3f}, {v['saturated']:.0%} at -1/+1")
+    if norm == "ct" and v["raw_min"] > CT_AIR_BELOW_HU:
+        why.append(f"no voxel below {CT_AIR_BELOW_HU} HU, so no air")
+    return "; ".join(why) or None
+
+
+def _check_contrast(S, norm, ct_window, desc):
+    """Stop when more than half of the cases of S are flat after normalisation (or, for the CT
+    window, not in Hounsfield units); warn when a few are."""
+    bad = {cid: why for cid, why in ((cid, _misfit(v, norm)) for cid, v in S.stats.items()) if why}
+    if not bad:
+        return
+    ex = ", ".join(f"{cid} ({why})" for cid, why in list(bad.items())[:3])
+    if norm == "ct":
+        how = (f"do not look like CT in Hounsfield units under the CT window [{ct_window[0]:g}, "
+               f"{ct_window[1]:g}] HU", "are these MRI volumes? The CT window needs head CT in HU "
+               "(--data ctich); for MRI use an MRI script or data set")
+    else:
+        how = ("are (nearly) constant in the brain after the MRI normalisation (brain percentiles "
+               "1-99 -> [-1, 1])", "check --modality (is the image a mask or a constant channel?) "
+               "and --data / --data-root (CT data need a CT script)")
+    what = f"{len(bad)} of {len(S.stats)} scans of the {desc or 'data'} set {how[0]}: {ex}"
+    if 2 * len(bad) > len(S.stats):
+        fail(f"{what}; {how[1]}")
+    _warn(what)
+
+
+# ---- the axial slab of a scan -------------------------------------------------------------------
+# Where a scan has no brain mask and is not skull-stripped (OASIS-3, IXI: auto_brain_mask is then
+# a mask of the whole head, with the neck and shoulders when the field of view has them), the
+# lower end of the mask says nothing about the brain. The slab is then placed down from the top of
+# the head, in millimetres (the header's voxel size), on adult anatomy (Talairach & Tournoux 1988:
+# the top of the brain ~75 mm above the AC-PC plane; scalp + skull + CSF ~13 mm at the vertex):
+# `center` is a fraction of a nominal brain extent from HEAD_TO_BRAIN_MM to HEAD_TO_BRAIN_MM +
+# BRAIN_HEIGHT_MM below the top of the head, so center=0.5 is 85 mm below it, at the AC-PC plane;
+# a 51-mm slab then spans ~25 mm below to ~25 mm above that plane: amygdala, hippocampus,
+# temporal horns and lateral ventricles.
+HEAD_TO_BRAIN_MM = 13.0       # top of the head (scalp) -> top of the brain
+BRAIN_HEIGHT_MM = 144.0       # top of the brain -> bottom of the cerebellum (nominal adult)
+VERTEX_MIN_AREA_MM2 = 200.0   # the top of the head: the highest axial slice with this much head
+SLAB_RULES = ("auto", "brain", "vertex")
+
+
+def _slab_rule(case, kind, mask_height_mm, slab):
+    """slice_stack's `slab` for one case: "auto" -> "vertex" for an MRI head mask (no brain mask
+    file, not meta["skull_stripped"]) taller than a brain could be (so something below it is in
+    the field of view), else "brain" (a fraction of the mask's extent)."""
+    if slab != "auto":
+        return slab
+    head = kind == "mri" and case.brainmask is None and not case.meta.get("skull_stripped")
+    return "vertex" if head and mask_height_mm > HEAD_TO_BRAIN_MM + BRAIN_HEIGHT_MM else "brain"
+
+
+def _slab(case, b, affine, kind, n_slices, center, step, slab):
+    """-> (axial indices of the case's slab, its record for S.slabs); indices None if the volume has
+    fewer slices than the slab needs (the record then says why). `b`: the (Z, H, W) brain mask."""
+    voxel = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)   # mm per voxel along X, Y, Z
+    dz = float(voxel[2])
+    area = b.reshape(len(b), -1).sum(1) * float(voxel[0] * voxel[1])
+    zs = np.nonzero(area)[0]
+    lo, hi = (int(zs.min()), int(zs.max())) if len(zs) else (0, len(b) - 1)
+    rule = _slab_rule(case, kind, (hi - lo + 1) * dz, slab)
+    rec = {"rule": rule}
+    if rule == "vertex":
+        tops = np.nonzero(area >= VERTEX_MIN_AREA_MM2)[0]
+        top = int(tops.max()) if len(tops) else hi
+        mid = top - (HEAD_TO_BRAIN_MM + (1 - center) * BRAIN_HEIGHT_MM) / dz
+        lo = max(lo, int(math.ceil(top - (HEAD_TO_BRAIN_MM + BRAIN_HEIGHT_MM) / dz)))
+        rec.update(vertex=top, vertex_z_mm=_z_mm(affine, b.shape, top),
+                   vertex_in_fov=top < len(b) - 1)
+    else:
+        mid = lo + center * (hi - lo)
+    if n_slices is None:
+        z = np.arange(lo, hi + 1, step)
+    else:
+        span = (n_slices - 1) * step
+        if len(b) < span + 1:   # never repeat edge slices to fill a slab
+            rec["skipped"] = (f"{len(b)} axial slices, fewer than the {span + 1} the slab needs "
+                              f"(n_slices {n_slices}, step {step})")
+            return None, rec
+        start = int(round(mid - span / 2))
+        start = min(max(start, 0), len(b) - 1 - span)
+        z = start + np.arange(n_slices) * step
+    rec.update(first=int(z[0]), last=int(z[-1]), n=len(z), slice_mm=round(dz, 4),
+               z_mm=[_z_mm(affine, b.shape, z[0]), _z_mm(affine, b.shape, z[-1])])
+    return z, rec
+
+
+def _z_mm(affine, shape_zyx, k):
+    """Scanner z (mm, from the affine) of the centre of axial slice k of a (Z, Y, X) stack."""
+    _, ny, nx = shape_zyx
+    return round(float(np.asarray(affine)[2] @ [(nx - 1) / 2, (ny - 1) / 2, float(k), 1.0]), 2)
+
+
+def _pad_to_aspect(arr, value, size):
+    """Pad the last two axes (centred) to the aspect ratio of `size` = (H, W), so that resizing to
+    `size` scales both axes alike (MADGAN zero-pads 176x240 to 176x256). A square `size`:
+    pad_to_square, as before."""
+    H, W = (int(v) for v in size)
+    if H == W:
+        return C.pad_to_square(arr, value)
+    h, w = arr.shape[-2:]
+    if h * W >= w * H:                       # taller than the target: widen
+        th, tw = h, max(w, int(round(h * W / H)))
+    else:                                    # wider: heighten
+        th, tw = max(h, int(round(w * H / W))), w
+    pads = [(0, 0)] * (arr.ndim - 2) + [((th - h) // 2, th - h - (th - h) // 2),
+                                         ((tw - w) // 2, tw - w - (tw - w) // 2)]
+    return np.pad(arr, pads, constant_values=value)
 
 
 def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,
                 ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="",
-                drop_anomalous=True) -> ArraySet:
+                drop_anomalous=True, slab="auto") -> ArraySet:
     """Axial slices of each case, normalised to [-1, 1] and resized to `size`, memory-mapped.
 
-    Per case: `n_slices` consecutive slices (every `step`-th) centred at `center` = fraction of the
-    brain's inferior->superior extent (0 = lowest brain slice, 1 = highest); n_slices=None takes every
-    slice that contains brain. In-plane, all slices of a case share one crop (the brain's bounding box
-    over the chosen slab + `margin`, padded to a square) so adjacent slices stay aligned.
+    Per case: `n_slices` consecutive slices (every `step`-th) around `center`, placed by `slab`:
+      "brain": `center` = fraction of the brain mask's inferior->superior extent (0 = lowest brain
+        slice, 1 = highest);
+      "vertex": `center` = fraction of a nominal brain extent 13..157 mm below the top of the head
+        (center 0.5 = 85 mm below it, at the AC-PC level; see HEAD_TO_BRAIN_MM);
+      "auto" (default): "vertex" for MRI scans without a brain mask that are not skull-stripped and
+        whose head mask is taller than 157 mm (a neck in the field of view), else "brain".
+    n_slices=None takes every slice that contains brain. A volume with fewer slices than the slab is
+    skipped (S.skipped says why, with a warning), not padded with repeated slices. S.slabs records
+    every case's slab (first/last index, scanner z in mm). In-plane, all slices of a case share one
+    crop (the brain's bounding box over the chosen slab + `margin`), padded to the aspect ratio of
+    `size` (a square for a square `size`) and resized, so that both axes scale alike.
     `drop_anomalous`: for real data sets whose every scan is anomalous (BraTS, MSLUB, ISBI 2015),
     cases whose meta says {"healthy_slices_only": True} (healthy training slices, the test's `normal`
     group) keep only the chosen slices without anomaly-mask voxels, and cases marked
     {"anomalous_slices_only": True} only those with some; a case left with no slice is dropped
-    from S.cases (S.case indexes the remaining ones)."""
+    from S.cases (S.case indexes the remaining ones). A set that is constant in the brain after
+    normalisation (e.g. MRI through the CT window) stops with an error (_check_contrast)."""
+    if slab not in SLAB_RULES:
+        fail(f"slab={slab!r}: use one of {', '.join(SLAB_RULES)}")
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, n_slices=n_slices, center=center, step=step,
-                  ct_window=list(ct_window), crop=crop, strip=strip, margin=margin)
+                  ct_window=list(ct_window), crop=crop, strip=strip, margin=margin, slab=slab)
     only = {k: [i for i, c in enumerate(cases) if drop_anomalous and c.meta.get(k)]
             for k in ("healthy_slices_only", "anomalous_slices_only")}
     params.update({k: v for k, v in only.items() if v})
 
+    def empty(z, info):
+        e = np.zeros((0, *size), np.float32)
+        return e, e.astype(bool), e.astype(bool), np.asarray(z, np.int32), info
+
     def build(c):
-        img, m, b, _ = read_case(c, kind)
+        img, m, b, _, affine = _load_case(c, kind)
         x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))          # (Z, H, W)
         b = C.axial_stack(b)
         m = C.axial_stack(m) if m is not None else np.zeros_like(b)
-        zs = np.nonzero(b.reshape(len(b), -1).any(1))[0]
-        lo, hi = (int(zs.min()), int(zs.max())) if len(zs) else (0, len(b) - 1)
-        if n_slices is None:
-            z = np.arange(lo, hi + 1, step)
-        else:
-            span = (n_slices - 1) * step
-            start = int(round(lo + center * (hi - lo) - span / 2))
-            start = min(max(start, 0), max(len(b) - 1 - span, 0))
-            z = np.clip(start + np.arange(n_slices) * step, 0, len(b) - 1)
+        z, rec = _slab(c, b, affine, kind, n_slices, center, step, slab)
+        if z is None:
+            return empty([], {"skipped": rec["skipped"]})
+        info = {"slab": rec}
         x, m, b = x[z], m[z], b[z]
         if crop:
             _, sy, sx = C.bbox(b, margin)
@@ -872,17 +1193,31 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             keep = m.reshape(len(m), -1).any(1) == bool(c.meta.get("anomalous_slices_only"))
             x, m, b, z = x[keep], m[keep], b[keep], z[keep]
             if not len(z):
-                e = np.zeros((0, *size), np.float32)
-                return e, e.astype(bool), e.astype(bool), z
-        x, m, b = C.pad_to_square(x, -1.0), C.pad_to_square(m, 0), C.pad_to_square(b, 0)
-        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z)
+                return empty(z, info)
+        info.update(_brain_stats(x, b, img))
+        x, m, b = (_pad_to_aspect(a, v, size) for a, v in ((x, -1.0), (m, 0), (b, 0)))
+        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z,
+                info)
     S = _cached_build("slices", cases, params, cache_dir, build, desc)
     n = np.bincount(S.case, minlength=len(cases))
-    if (n == 0).any():   # cases left without slices by drop_anomalous
+    if (n == 0).any():   # cases left without slices by drop_anomalous or too short for the slab
         keep = np.nonzero(n)[0]
         new = np.full(len(cases), -1, np.int32)
         new[keep] = np.arange(len(keep), dtype=np.int32)
         S.case, S.cases = new[S.case], [cases[i] for i in keep]
+        S.slabs = {c.id: S.slabs[c.id] for c in S.cases if c.id in S.slabs}
+    cut = [cid for cid, r in S.slabs.items() if r.get("vertex_in_fov") is False]
+    if cut:   # the head touches the top slice: its real top is higher, so the slab too
+        _warn(f"cache {desc}: the head reaches the top slice of {len(cut)} scan(s) "
+              f"({', '.join(cut[:3])}), so the slab placed from the top of the head may lie too "
+              f"low; check S.slabs")
+    if S.skipped:
+        ex = "; ".join(f"{cid}: {why}" for cid, why in list(S.skipped.items())[:3])
+        if not len(S):
+            fail(f"every scan of the {desc or 'data'} set is too short for the slab: {ex}; use a "
+                 f"smaller number of slices (n_slices, e.g. the script's --n-slices) or step")
+        _warn(f"cache {desc}: skipped {len(S.skipped)} scan(s) with too few slices: {ex}")
+    _check_contrast(S, norm, ct_window, desc)
     return S
 
 
@@ -891,10 +1226,11 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
     """Whole volumes (D, H, W) = (axial, anterior->posterior, left->right), normalised to [-1, 1]:
     skull-stripped with the brain mask (`strip`), cropped to the brain's bounding box (removes black
     borders), optional Gaussian smoothing (sigma in voxels, before resizing), padded to a cube and
-    resized (linear) to `size`. Memory-mapped like slice_stack."""
+    resized (linear) to `size`. Memory-mapped like slice_stack, and checked alike
+    (_check_contrast)."""
     kind = "ct" if norm == "ct" else "mri"
     params = dict(size=list(size), norm=norm, ct_window=list(ct_window), smooth=smooth_sigma, crop=crop,
-                  strip=strip, margin=margin)
+                  strip=strip, margin=margin, stats=1)
 
     def build(c):
         img, m, b, _ = read_case(c, kind)
@@ -904,10 +1240,59 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
         if crop:
             sl = C.bbox(b, margin)
             x, m, b = x[sl], m[sl], b[sl]
+        info = _brain_stats(x, b, img)
         x = C.gaussian_smooth(x, smooth_sigma)
         x, m, b = C.pad_to_cube(x, -1.0), C.pad_to_cube(m, 0), C.pad_to_cube(b, 0)
         return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
-                np.zeros(1, np.int32))
-    return _cached_build("volumes", cases, params, cache_dir, build, desc)
+                np.zeros(1, np.int32), info)
+    S = _cached_build("volumes", cases, params, cache_dir, build, desc)
+    _check_contrast(S, norm, ct_window, desc)
+    return S
 
 
+# ---- a figure of the slabs ---------------------------------------------------------------------
+
+def plot_slabs(cases, slabs, path, title=""):
+    """A mid-sagittal view of the first scan of every group with its slab (S.slabs) marked, in
+    scanner millimetres, to check that the slab lies where it should (MADGAN: hippocampus,
+    amygdala, ventricles). -> the ids of the cases drawn (none: no figure is written)."""
+    first = {}
+    for c in cases:
+        if c.id in slabs and c.group not in first:
+            first[c.group] = c
+    if not first:
+        return []
+    plt = C._plt()
+    fig, axes = plt.subplots(1, len(first), figsize=(3.2 * len(first), 4.0), squeeze=False)
+    for ax, (group, c) in zip(axes[0], first.items()):
+        img, _, affine = read_nifti(c.image)
+        sag = img[img.shape[0] // 2].T                     # (Z, Y): inferior->superior rows
+        (y0, y1), (z0, z1) = (_axis_mm(affine, img.shape, a) for a in (1, 2))
+        lo, hi = np.percentile(sag, [1, 99])
+        ax.imshow(sag, cmap="gray", origin="lower", extent=(y0, y1, z0, z1), vmin=lo, vmax=hi,
+                  aspect="equal")
+        s = slabs[c.id]
+        half = s.get("slice_mm", 1.0) / 2
+        ax.axhspan(s["z_mm"][0] - half, s["z_mm"][1] + half, color="tab:orange", alpha=0.3, lw=0)
+        for zz in s["z_mm"]:
+            ax.axhline(zz, color="tab:orange", lw=0.8)
+        ax.set_title(f"{group}: {c.id}\nslices {s['first']}-{s['last']}, {s['rule']} rule",
+                     fontsize=8)
+        ax.set_xlabel("posterior -> anterior (mm)", fontsize=7)
+        ax.set_ylabel("inferior -> superior (mm)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    C._save(fig, path)
+    return [c.id for c in first.values()]
+
+
+def _axis_mm(affine, shape, axis):
+    """Scanner coordinate (mm) along `axis` of the first and last voxel centres (through the
+    middle of the other axes)."""
+    ends = []
+    for k in (0, shape[axis] - 1):
+        v = [(n - 1) / 2 for n in shape] + [1.0]
+        v[axis] = float(k)
+        ends.append(float(np.asarray(affine)[axis] @ v))
+    return tuple(ends)

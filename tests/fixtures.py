@@ -200,6 +200,81 @@ def make_oasis3(root, csv_schema="both", shape=SHAPE):
     return root
 
 
+# ---- a raw T1w head with neck and shoulders (OASIS-3 is not skull-stripped) ----------------------
+# In millimetres, in Talairach-like scanner coordinates (RAS, origin on the AC-PC plane at the
+# midline; Talairach & Tournoux 1988): the top of the brain 74 mm above the AC-PC plane, scalp and
+# skull 13 mm over it, so the top of the head is at z = +87; the head is 162 x 194 mm. Shapes: an
+# ellipsoid (centre, semi-axes), a "pair" of ellipsoids at +-x, a vertical cylinder (centre x, y;
+# (radius, z_lo, z_hi)). Later parts overwrite earlier ones.
+# (part, tissue label, shape, centre (x, y, z), semi-axes or (radius, z_lo, z_hi))
+NECK_HEAD_PARTS = [
+    ("head", "scalp", "ellipsoid", (0, -17, 15), (81, 97, 72)),
+    ("face", "scalp", "ellipsoid", (0, 25, -45), (58, 60, 50)),              # face and jaw
+    ("neck", "scalp", "cylinder", (0, -20, 0), (55, -200, -40)),
+    ("shoulders", "scalp", "ellipsoid", (0, -20, -290), (240, 95, 120)),     # wider than the FOV
+    ("spine", "skull", "cylinder", (0, -40, 0), (9, -200, -45)),
+    ("airway", "bg", "cylinder", (0, 10, 0), (7, -170, -60)),
+    ("skull", "skull", "ellipsoid", (0, -17, 15), (76, 92, 66)),
+    ("csf", "csf", "ellipsoid", (0, -17, 15), (70, 86, 62)),
+    ("cortex", "gm", "ellipsoid", (0, -17, 15), (68, 84, 59)),               # cerebrum: z -44..74
+    ("white matter", "wm", "ellipsoid", (0, -17, 15), (65, 81, 56)),
+    ("cerebellum", "gm", "ellipsoid", (0, -55, -35), (50, 30, 22)),
+    ("ventricles", "csf", "pair", (10, -10, 14), (7, 30, 13)),               # z 1..27
+    ("temporal horns", "csf", "pair", (30, -12, -12), (4, 14, 6)),           # z -18..-6
+    ("hippocampus", "gm", "pair", (28, -24, -9), (6, 18, 9)),                # z -18..0
+    ("amygdala", "gm", "pair", (22, -4, -17), (7, 7, 7)),                    # z -24..-10
+]
+# what MADGAN's slab must cover (its lateral ventricles include the temporal horns)
+NECK_HEAD_STRUCTURES = {"ventricles": ("ventricles", "temporal horns"),
+                        "hippocampus": ("hippocampus",), "amygdala": ("amygdala",)}
+NECK_HEAD_TOP_MM = 87.0
+
+
+def _part(X, Y, Z, shape, c, r):
+    """Boolean mask of one NECK_HEAD_PARTS shape on the broadcast grid X, Y, Z (mm)."""
+    if shape == "cylinder":
+        return ((X - c[0]) ** 2 + (Y - c[1]) ** 2 < r[0] ** 2) & (Z > r[1]) & (Z < r[2])
+    m = False
+    for cx in ((c[0], -c[0]) if shape == "pair" else (c[0],)):
+        m = m | (((X - cx) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((Z - c[2]) / r[2]) ** 2 < 1)
+    return m
+
+
+def neck_head(spacing=(2.0, 2.0, 1.5), fov_mm=(176, 208, 300), top_margin_mm=10.0, seed=0):
+    """A T1w head with neck and shoulders on a grid of `spacing` mm -> (image float32 (X, Y, Z),
+    affine (scanner mm = the coordinates of NECK_HEAD_PARTS), {structure: (z_lo, z_hi)}: the
+    scanner z of the lowest and highest slice that holds some of each NECK_HEAD_STRUCTURES). The
+    field of view `fov_mm` ends `top_margin_mm` above the head and reaches down into the neck."""
+    spacing = np.asarray(spacing, float)
+    shape = tuple(int(round(f / s)) for f, s in zip(fov_mm, spacing))
+    corner = [-fov_mm[0] / 2, -17 - fov_mm[1] / 2, NECK_HEAD_TOP_MM + top_margin_mm - fov_mm[2]]
+    origin = np.array(corner) + spacing / 2                           # the first voxel's centre
+    x, y, z = (origin[a] + spacing[a] * np.arange(shape[a], dtype=np.float32) for a in range(3))
+    X, Y, Z = x[:, None, None], y[None, :, None], z[None, None, :]   # broadcast, not a full grid
+    lab = np.zeros(shape, np.uint8)
+    parts = {}
+    for name, tissue, kind, c, r in NECK_HEAD_PARTS:
+        parts[name] = np.broadcast_to(_part(X, Y, Z, kind, c, r), shape)
+        lab[parts[name]] = LABELS.index(tissue)
+    levels = {}
+    for name, members in NECK_HEAD_STRUCTURES.items():
+        ks = np.nonzero(np.any([parts[m] for m in members], axis=0).any(axis=(0, 1)))[0]
+        levels[name] = (float(z[ks.min()]), float(z[ks.max()]))
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return paint(lab, "t1", np.random.default_rng(seed)), affine, levels
+
+
+def make_neck_head(path, **kw):
+    """neck_head() written to `path` (int16 NIfTI with its affine) -> (path, levels)."""
+    import nibabel as nib
+    img, affine, levels = neck_head(**kw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(img).astype(np.int16), affine), str(path))
+    return path, levels
+
+
 # ---- IXI ----------------------------------------------------------------------------------------
 
 IXI_SUBJECTS = ["IXI002-Guys-0828", "IXI012-HH-1211", "IXI013-HH-1212", "IXI014-HH-1236",
