@@ -80,8 +80,11 @@ atrophy_2 0.85 | 0.86, atrophy_3 0.98 | 0.96, tumor 0.56 | 0.57, lesion_hyper 0.
 """
 from __future__ import annotations
 
+import csv
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,95 +97,70 @@ from data import datasets
 METHOD = "reversed_ae"
 
 # =================================================================================================
-# Arguments
+# Hyperparameters
 # =================================================================================================
 
-PRESETS = {
-    # seconds, for the tests: tiny phantom, tiny network
-    "smoke": dict(image_size=32, channels="4,8,16", z_dim=16, batch_size=8, lr=5e-4, epochs=1, patience=500,
-                  beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3,
-                  perceptual="encoder", saliency_sigma=0.5, clahe_clip=0.01, train_slices=2, test_slices=1,
-                  fpr=0.05, detect_frac=0.1, max_steps=3),
-    # a real run on 2 CPU cores in ~5 minutes (see deviation 7)
-    "quick": dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
-                  patience=500, beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3,
-                  perceptual="encoder", saliency_sigma=1.0, clahe_clip=0.01, train_slices=5, test_slices=5,
-                  fpr=0.05, detect_frac=0.1, max_steps=0),
-    # the paper's settings (App. A, App. B, §4.2)
-    "paper": dict(image_size=128, channels="64,128,256,512,512", z_dim=128, batch_size=8, lr=5e-5, epochs=1500,
-                  patience=500, beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3,
-                  perceptual="encoder", saliency_sigma=2.0, clahe_clip=0.01, train_slices=1, test_slices=1,
-                  fpr=0.05, detect_frac=0.1, max_steps=0),
-}
+HYPER = dict(
+    image_size=C.hp(128, "slice size H = W, App. B", lo=8),
+    channels=C.hp("64,128,256,512,512", "encoder channels per level, comma-separated, App. A", type=str),
+    z_dim=C.hp(128, "latent size (reference config zdim; deviation 6)", lo=1),
+    batch_size=C.hp(8, "batch size, App. A", lo=2),
+    lr=C.hp(5e-5, "Adam learning rate of encoder and decoder, App. A", lo=1e-9, hi=1.0),
+    epochs=C.hp(1500, "training epochs at most, App. A", lo=1),
+    patience=C.hp(500, "early stopping: epochs without a lower validation MSE, App. A", lo=1),
+    beta_rec=C.hp(1.0, "β_Rec, weight of the reconstruction term, App. A", lo=0),
+    beta_kl=C.hp(1.0, "β_KL, weight of the KL of real images, App. A", lo=0),
+    beta_neg=C.hp(256.0, "β_Neg, weight of the KL of generated images in expELBO, App. A", lo=0),
+    alpha=C.hp(2.0, "α in Eq. (2) (Soft-Intro VAE reference code)", lo=1e-6),
+    gamma_r=C.hp(1e-8, "γ in Eq. (2) on the reconstruction of generated images (reference code)", lo=0),
+    lam=C.hp(5e-3, "λ, weight of L_Reversed in Eq. (4), §3", lo=0),
+    reverse=C.hp(True, "the reversed embedding loss; --no-reverse (λ = 0) is the SI-VAE backbone, "
+                       "Table 3 'w/o Reverse Loss'"),
+    perceptual=C.hp("lpips", "S in Eq. (5): lpips = the paper's LPIPS (needs the `lpips` package and its "
+                             "weights); encoder = LPIPS-style distance on the trained encoder (deviation 1); "
+                             "none = Table 3 'w/o PL'", choices=["lpips", "encoder", "none"]),
+    eq=C.hp(True, "histogram equalisation in Eq. (5); --no-eq is Table 3 'w/o Hist. Eq.'"),
+    clahe_clip=C.hp(0.01, "clip limit of CLAHE, eq in Eq. (5) (skimage default, reference code)",
+                    lo=1e-6, hi=1.0),
+    saliency_sigma=C.hp(2.0, "Gaussian σ (px) smoothing the perceptual maps (reference code, 128 px)", lo=0),
+    augment=C.hp(True, "the App. B affine training augmentation"),
+    train_slices=C.hp(1, "axial slices per training volume around the middle, App. B (the middle one)", lo=1),
+    test_slices=C.hp(1, "axial slices per validation/test volume around the middle, §4", lo=1),
+    fpr=C.hp(0.05, "pixel false-positive rate on healthy validation slices that sets the threshold, §4.2",
+             lo=1e-6, hi=1.0),
+    detect_frac=C.hp(0.1, "a lesion is detected when more than this fraction of its box is flagged, §4.2",
+                     lo=0, hi=1.0),
+    compare_run=C.hp(None, "not a hyperparameter: a run directory of this script on the same data (e.g. "
+                           "the --no-reverse SI-VAE run) to compare with, paired over cases", type=str,
+                     metavar="RUN_DIR"),
+)
+# quick: 64×64 slices, a 5-level network of 1/8 the width, 12 epochs over 5 slices per volume, lr 10x
+# (so that it learns something in ~5 minutes on 2 CPU cores); the perceptual net is the encoder (no download)
+QUICK = dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
+             perceptual="encoder", saliency_sigma=1.0, train_slices=5, test_slices=5)
+SMOKE = dict(image_size=32, channels="4,8,16", z_dim=16, batch_size=8, lr=5e-4, epochs=2,
+             perceptual="encoder", saliency_sigma=0.5, train_slices=2, test_slices=1)
 
 
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("RA / Soft-Intro VAE (flags default to the preset)")
-    g.add_argument("--image-size", type=int, default=None, help="slice size H=W, App. B (paper 128)")
-    g.add_argument("--channels", default=None,
-                   help="encoder channels per level, comma-separated, App. A (paper 64,128,256,512,512)")
-    g.add_argument("--z-dim", type=int, default=None, help="latent size, reference config zdim (paper 128)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size, App. A (paper 8)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate of encoder and decoder, App. A (paper 5e-5)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs, App. A (paper up to 1500)")
-    g.add_argument("--patience", type=int, default=None,
-                   help="early stopping: epochs without a lower validation MSE, App. A (paper 500)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, 0 = no limit (smoke tests)")
-    g.add_argument("--beta-rec", type=float, default=None, help="β_Rec, weight of the reconstruction term, App. A (paper 1)")
-    g.add_argument("--beta-kl", type=float, default=None, help="β_KL, weight of the KL of real images, App. A (paper 1)")
-    g.add_argument("--beta-neg", type=float, default=None,
-                   help="β_Neg, weight of the KL of generated images in expELBO, App. A (paper 256)")
-    g.add_argument("--alpha", type=float, default=None, help="α in Eq. (2) (Soft-Intro VAE reference code 2)")
-    g.add_argument("--gamma-r", type=float, default=None,
-                   help="γ in Eq. (2) on the reconstruction of generated images (Soft-Intro VAE reference code 1e-8)")
-    g.add_argument("--lam", type=float, default=None, help="λ, weight of L_Reversed in Eq. (4), §3 (paper 5e-3)")
-    g.add_argument("--no-reverse", action="store_true",
-                   help="λ = 0: the SI-VAE baseline, Table 3 'w/o Reverse Loss'")
-    g.add_argument("--perceptual", default=None, choices=["encoder", "lpips", "none"],
-                   help="S in Eq. (5): encoder = LPIPS-style distance on the trained encoder's features "
-                        "(default, see deviation 1); lpips = the paper's LPIPS (needs the `lpips` package); "
-                        "none = Table 3 'w/o PL'")
-    g.add_argument("--no-eq", action="store_true", help="no histogram equalisation in Eq. (5), Table 3 'w/o Hist. Eq.'")
-    g.add_argument("--clahe-clip", type=float, default=None,
-                   help="clip limit of CLAHE (eq in Eq. 5; skimage default 0.01, as the reference code)")
-    g.add_argument("--saliency-sigma", type=float, default=None,
-                   help="Gaussian σ (px) smoothing the perceptual maps (reference code 2 at 128 px)")
-    g.add_argument("--no-augment", action="store_true", help="switch off the App. B training augmentation")
-    g.add_argument("--train-slices", type=int, default=None,
-                   help="axial slices per training volume around the middle (paper 1: the middle slice, App. B)")
-    g.add_argument("--test-slices", type=int, default=None,
-                   help="axial slices per validation/test volume around the middle (paper 1, §4)")
-    g.add_argument("--fpr", type=float, default=None,
-                   help="pixel false-positive rate on healthy validation slices that sets the threshold, §4.2 (paper 0.05)")
-    g.add_argument("--detect-frac", type=float, default=None,
-                   help="a lesion is detected when more than this fraction of its box is flagged, §4.2 (paper 0.1)")
-    return p
-
-
-def parse(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
+def check_args(args):
     try:
         args.channel_list = [int(c) for c in str(args.channels).split(",")]
     except ValueError:
         C.fail(f"--channels must be comma-separated integers, got {args.channels!r}")
     if not args.channel_list or min(args.channel_list) < 1:
         C.fail(f"--channels must be positive integers, got {args.channels!r}")
-    C.check_range(args, "image_size", lo=8, integer=True)
     if args.image_size % (2 ** len(args.channel_list)):
         C.fail(f"--image-size {args.image_size} must be divisible by 2^{len(args.channel_list)} "
                f"(one halving per level of --channels {args.channels})")
-    for name, lo, hi in (("z_dim", 1, None), ("batch_size", 2, None), ("epochs", 1, None), ("patience", 1, None),
-                         ("train_slices", 1, None), ("test_slices", 1, None), ("max_steps", 0, None)):
-        C.check_range(args, name, lo=lo, hi=hi, integer=True)
-    for name, lo, hi in (("lr", 1e-9, 1.0), ("beta_rec", 0, None), ("beta_kl", 0, None), ("beta_neg", 0, None),
-                         ("alpha", 1e-6, None), ("gamma_r", 0, None), ("lam", 0, None), ("clahe_clip", 1e-6, 1.0),
-                         ("saliency_sigma", 0, None), ("fpr", 1e-6, 1.0), ("detect_frac", 0, 1.0)):
-        C.check_range(args, name, lo=lo, hi=hi)
-    if args.no_reverse:
+    if args.compare_run and not (Path(args.compare_run) / "scores.csv").is_file():
+        C.fail(f"--compare-run {args.compare_run}: no scores.csv there; pass the --out of a finished run")
+    if not args.reverse:
         args.lam = 0.0
-    return args
+
+
+def parse_args(argv=None):
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
 
 
 # =================================================================================================
@@ -367,27 +345,37 @@ class EncoderDistance:
 
 
 class LPIPSDistance:
-    """The paper's S: LPIPS (Zhang et al., 2018) with a SqueezeNet backbone, spatial map, as in the
-    reference evaluator. Needs `pip install lpips` and its (torchvision) pretrained weights."""
+    """The paper's S: LPIPS (Zhang et al., 2018) with a SqueezeNet backbone as a spatial map, as in the
+    reference evaluator; a network trained on natural images, frozen and the same for every model."""
 
     name = "lpips"
 
     def __init__(self, device):
-        try:
-            import lpips
-        except ImportError:
-            C.fail("--perceptual lpips needs the optional package `lpips` (pip install lpips; its SqueezeNet "
-                   "weights are downloaded on first use); or use --perceptual encoder (default) or none")
-        try:
-            self.net = lpips.LPIPS(net="squeeze", spatial=True, pretrained=True, verbose=False).to(device).eval()
-        except Exception as e:  # noqa: BLE001 -- no network / no cached weights
-            C.fail(f"--perceptual lpips: cannot load the LPIPS weights ({type(e).__name__}: {e}); "
-                   f"download them once with internet access, or use --perceptual encoder")
+        self.net = load_lpips(device)
 
     @torch.no_grad()
-    def __call__(self, a, b):
+    def __call__(self, a, b):                                         # a, b: (B, 1, H, W) in [0, 1]
+        # LPIPS takes RGB; normalize=True maps [0, 1] to the [-1, 1] it was trained on
         d = self.net(a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1), normalize=True)   # (B, 1, H, W)
         return d[:, 0].float().cpu().numpy()
+
+
+def load_lpips(device):
+    """lpips.LPIPS(net="squeeze", spatial=True), frozen; without the package or its weights one error
+    line that names the fallback. The `lpips` package is optional, never a requirement."""
+    fallback = "or pass --perceptual encoder (deviation 1) to run without it"
+    try:
+        import lpips
+    except ImportError:
+        C.fail(f"--perceptual lpips (S in Eq. 5, the default of --preset paper) needs the optional package "
+               f"`lpips` (pip install lpips; its SqueezeNet weights download on first use); {fallback}")
+    try:
+        net = lpips.LPIPS(net="squeeze", spatial=True, pretrained=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 -- no network, no cached weights
+        C.fail(f"--perceptual lpips: cannot load the LPIPS weights ({type(e).__name__}: "
+               f"{str(e).splitlines()[0][:120] if str(e) else ''}); download them once with internet "
+               f"access, {fallback}")
+    return net.to(device).eval().requires_grad_(False)
 
 
 def smooth_maps(m, sigma):
@@ -516,77 +504,53 @@ def val_mse(model, x_val, device):
     return float(torch.cat(err).mean())
 
 
+def train_batch(S_train, idx, args, augment, device):
+    """The healthy training slices `idx`, augmented (App. B, training only) -> (B, 1, H, W) in [0, 1]."""
+    x = torch.from_numpy(np.array(S_train.x[np.sort(idx)], dtype=np.float32))[:, None]   # [-1, 1]
+    if args.augment:
+        x = C.augment_2d(x, rot_deg=10, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=augment)
+    return to01(x).clamp(0, 1).to(device)
+
+
+def early_stopping(model, S_val, best, loop, run):
+    """After each epoch (App. A): keep the weights with the lowest validation MSE (reference trainer) and
+    count the epochs since; `best` lives in loop.state, so a resumed run continues it exactly."""
+    v = val_mse(model, S_val.x, run.device)
+    loop.log({"val_mse": v}, every=1)
+    best["epoch"] += 1
+    if best["val_mse"] is None or v < best["val_mse"]:
+        best.update(val_mse=v, since=0, best_epoch=best["epoch"],
+                    weights={k: t.detach().clone() for k, t in model.state_dict().items()})
+    else:
+        best["since"] += 1
+    run.log(f"epoch {best['epoch']}: validation MSE {v:.4f}{'  (best)' if best['since'] == 0 else ''}")
+
+
 def train(model, S_train, S_val, args, run):
-    """Train with Adam on encoder and decoder (App. A); keep the weights with the lowest validation MSE
-    (reference trainer); checkpoint last.pt every epoch; early stopping after --patience epochs."""
-    device = run.device
+    """Adam on encoder and decoder (App. A) over shuffled minibatches of healthy slices; after every
+    epoch the validation MSE keeps the best weights; early stopping after --patience epochs without
+    a new best. -> (loop, training seconds); the model holds the best weights."""
     opt_e = torch.optim.Adam(model.encoder.parameters(), lr=args.lr)
     opt_d = torch.optim.Adam(model.decoder.parameters(), lr=args.lr)
-    hist = {"loss_E": [], "loss_D": [], "L_reversed": [], "mse": [], "kl_real": [], "kl_fake": [], "val_mse": []}
-    start_epoch, step, best, best_state, since_best = 0, 0, math.inf, None, 0
-    if args.resume:
-        ck = C.load_checkpoint(args.resume, device)
-        try:
-            model.load_state_dict(ck["models"]["ra"])
-        except (RuntimeError, KeyError) as e:
-            C.fail(f"--resume {args.resume} does not fit this network ({type(e).__name__}); pass the "
-                   f"--preset / --image-size / --channels / --z-dim it was trained with")
-        opt_e.load_state_dict(ck["optims"]["E"])
-        opt_d.load_state_dict(ck["optims"]["D"])
-        start_epoch, step, hist = ck["epoch"] + 1, ck["step"], ck["history"]
-        best, best_state, since_best = ck["best_val_mse"], ck["best_state"], ck["since_best"]
-        C.set_rng_state(ck["rng"])
-        run.log(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
-    gen = torch.Generator().manual_seed(args.seed)
-    N = len(S_train.x)
-    n_batches = N // args.batch_size if N >= args.batch_size else 1     # drop the last partial batch in training
-    ckpt = run.out / "last.pt"
+    batches = C.Batches(len(S_train.x), args.batch_size, args.seed)
+    augment = torch.Generator().manual_seed(args.seed)              # App. B augmentation draws
+    loop = C.Loop(run, args, {"ra": model}, {"E": opt_e, "D": opt_d}, batches={"train": batches},
+                  generators={"augment": augment}, log_every=max(1, batches.steps_per_epoch // 10))
+    best = loop.state.setdefault("early_stopping", dict(val_mse=None, weights=None, since=0, epoch=0,
+                                                        best_epoch=0))
     model.train()
-    t0 = time.perf_counter()
-    every = max(1, n_batches // 10)                                    # ~10 curve points per epoch
-    for epoch in range(start_epoch, args.epochs):
-        perm = torch.randperm(N, generator=gen).numpy()
-        sums = {}
-        for b in C.progress(range(n_batches), total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            idx = np.sort(perm[b * args.batch_size:(b + 1) * args.batch_size])
-            xb = torch.from_numpy(np.array(S_train.x[idx], dtype=np.float32))[:, None]     # (B, 1, H, W) in [-1, 1]
-            if not args.no_augment:                                   # App. B, training only
-                xb = C.augment_2d(xb, rot_deg=10, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=gen)
-            xb = to01(xb).clamp(0, 1).to(device)
-            out = train_step(model, xb, opt_e, opt_d, args, device, amp=args.amp)
-            C.check_finite(out["loss_E"] + out["loss_D"], step=step, ckpt=ckpt)
-            step += 1
-            out = {k: float(v) for k, v in out.items()}
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
-                if step % every == 0 or step == 1:
-                    hist[k].append((step, v))
-            if args.max_steps and step >= args.max_steps:
-                break
-        nb = max(b + 1, 1)
-        mean = {k: v / nb for k, v in sums.items()}
-        v = val_mse(model, S_val.x, device)
-        hist["val_mse"].append((step, v))
-        if v < best:
-            best, since_best = v, 0
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        else:
-            since_best += 1
-        run.log(f"epoch {epoch + 1}: -L_E {mean['loss_E']:.4f}  -L_D {mean['loss_D']:.4f}  L_rev {mean['L_reversed']:.4f}  "
-                f"KL real {mean['kl_real']:.1f} fake {mean['kl_fake']:.1f}  train mse {mean['mse']:.4f}  val mse {v:.4f}"
-                f"{'  (best)' if since_best == 0 else ''}")
-        C.save_checkpoint(ckpt, {"models": {"ra": model.state_dict()}, "optims": {"E": opt_e.state_dict(),
-                                 "D": opt_d.state_dict()}, "epoch": epoch, "step": step, "args": vars(args),
-                                 "rng": C.rng_state(), "history": hist, "best_val_mse": best,
-                                 "best_state": best_state, "since_best": since_best})
-        if since_best >= args.patience:
+    for _ in loop.phase("train", args.epochs * batches.steps_per_epoch):
+        if best["since"] >= args.patience:
             run.log(f"early stopping: no lower validation MSE for {args.patience} epochs")
             break
-        if args.max_steps and step >= args.max_steps:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return hist, time.perf_counter() - t0
+        x = train_batch(S_train, next(batches), args, augment, run.device)
+        loop.log(train_step(model, x, opt_e, opt_d, args, run.device, amp=args.amp))
+        if batches.epoch_done:
+            early_stopping(model, S_val, best, loop, run)
+    train_s = loop.close()
+    if best["weights"] is not None:
+        model.load_state_dict(best["weights"])
+    return loop, train_s
 
 
 # =================================================================================================
@@ -676,14 +640,15 @@ def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
 
 # ---- scoring a stack of slices -------------------------------------------------------------------------
 
-VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual similarity); the first is Eq. (5) itself
-    "Eq. 5 (eq + PL)": (True, True), "w/o Hist. Eq.": (False, True), "w/o PL": (True, False),
-    "w/o Hist. Eq. & w/o PL": (False, False)}
+VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual similarity, column of scores.csv)
+    "Eq. 5 (eq + PL)": (True, True, "s_eq5"), "w/o Hist. Eq.": (False, True, "s_wo_eq"),
+    "w/o PL": (True, False, "s_wo_pl"), "w/o Hist. Eq. & w/o PL": (False, False, "s_neither")}
 
 
 @torch.no_grad()
-def score_images(model, perceptual, x01, args, device, bs=32):
-    """x01 (N, H, W) in [0, 1] -> pseudo-healthy x_ph (N, H, W) and the Eq. (5) factors (N, H, W) each."""
+def score(model, perceptual, x01, args, device, bs=32):
+    """The trained model applied to a set: x01 (N, H, W) in [0, 1] -> the pseudo-healthy x_ph (N, H, W)
+    and the factors of Eq. (5) {res, res_eq, S, S_eq}, (N, H, W) each (S, S_eq None without S)."""
     model.eval()
     phs, terms = [], []
     for i in range(0, len(x01), bs):
@@ -696,12 +661,22 @@ def score_images(model, perceptual, x01, args, device, bs=32):
     return np.concatenate(phs), cat
 
 
-def evaluate_variant(name, t_val, brain_val, t_test, S_test, keep, args):
-    """Threshold on healthy validation slices, image scores and localisation for one Eq. (5) variant."""
-    eq, pl = VARIANTS[name]
-    s_val, s_test = combine_eq5(t_val, eq=eq, pl=pl), combine_eq5(t_test, eq=eq, pl=pl)
-    thr = threshold_at_fpr(s_val, brain_val, args.fpr)
-    scores = image_score(s_test)
+def slice_labels(S):
+    """The rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels (every
+    slice, when its scan has no mask); lesion-free slices of a lesion scan are label 0 of its group.
+    -> labels (N,), the row indices scored, and the anomalous scans left out because none of their
+    scored slices shows the anomaly (kept, their group would look like a normal one)."""
+    has = np.asarray(S.mask).reshape(len(S.x), -1).any(axis=1)
+    scans = [S.cases[c] for c in S.case]
+    label = np.array([int(c.label == 1 and (c.mask is None or h)) for c, h in zip(scans, has)])
+    shown = {int(S.case[i]) for i in np.nonzero(label)[0]}
+    keep = [i for i, c in enumerate(scans) if c.label == 0 or int(S.case[i]) in shown]
+    dropped = sorted({c.id for i, c in enumerate(scans) if c.label == 1 and int(S.case[i]) not in shown})
+    return label, keep, dropped
+
+
+def localize(s_test, S_test, keep, thr, args):
+    """§4.2 on every scored slice with an anomaly mask -> {row index: localization_metrics}."""
     loc = {}
     for i in keep:
         m = np.asarray(S_test.mask[i]) > 0
@@ -709,21 +684,93 @@ def evaluate_variant(name, t_val, brain_val, t_test, S_test, keep, args):
             box = lesion_boxes(m)
             healthy = (np.asarray(S_test.brain[i]) > 0) & ~box
             loc[int(i)] = localization_metrics(s_test[i], box, healthy, thr, args.detect_frac)
-    return s_test, scores, thr, loc
+    return loc
+
+
+def evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args):
+    """Every Eq. (5) variant (Table 3): its pixel threshold at --fpr on the healthy validation slices,
+    its slice scores (a column of `rows`) and its localisation. -> {name: (maps, val scores, thr, loc)}"""
+    out = {}
+    for name, (eq, pl, col) in VARIANTS.items():
+        if pl and t_test["S"] is None:
+            continue
+        s_val, s_test = combine_eq5(t_val, eq=eq, pl=pl), combine_eq5(t_test, eq=eq, pl=pl)
+        thr = threshold_at_fpr(s_val, S_val.brain, args.fpr)
+        scores = image_score(s_test)
+        for r, i in zip(rows, keep):
+            r[col] = float(scores[i])
+        out[name] = (s_test, image_score(s_val), thr, localize(s_test, S_test, keep, thr, args))
+    return out
 
 
 def summarize_localization(loc, groups):
-    """Table 2b per group: detected / n, mean F1 (%), mean FP ratio."""
+    """Table 2b per group: detected / n, mean F1, mean FP ratio."""
     out = {}
-    for g in sorted({groups[i] for i in loc}):
-        v = [loc[i] for i in loc if groups[i] == g]
+    for g in sorted({groups[i] for i in loc}) + (["all"] if loc else []):
+        v = [loc[i] for i in loc if g in ("all", groups[i])]
         out[g] = {"n": len(v), "detected": int(sum(r["tp"] for r in v)),
                   "f1_mean": float(np.mean([r["f1"] for r in v])), "fp_mean": float(np.mean([r["fp"] for r in v]))}
-    if loc:
-        v = list(loc.values())
-        out["all"] = {"n": len(v), "detected": int(sum(r["tp"] for r in v)),
-                      "f1_mean": float(np.mean([r["f1"] for r in v])), "fp_mean": float(np.mean([r["fp"] for r in v]))}
     return out
+
+
+def loc_rows(loc, ids, cases):
+    """Per-slice localisation as rows {id, case, detected, f1} (for paired differences over cases)."""
+    return [{"id": ids[i], "case": cases[i], "detected": m["tp"], "f1": m["f1"]} for i, m in loc.items()]
+
+
+def table3(rows, per, main_name, ids, cases, groups, args):
+    """Table 3 on this model: every Eq. (5) variant's slice AUROC per group (95% intervals over cases)
+    and localisation, and its difference to Eq. (5) (or to this run's map), paired over cases."""
+    ref = "Eq. 5 (eq + PL)" if "Eq. 5 (eq + PL)" in per else main_name
+    out = {}
+    for name, (_, _, thr, loc) in per.items():
+        eq, pl, col = VARIANTS[name]
+        ev = C.evaluate(rows, key=col)["groups"]
+        anom = [g for g, v in ev.items() if "auroc" in v]
+        e = {"eq": eq, "perceptual": args.perceptual if pl else "none", "threshold": thr,
+             "auroc": {g: ev[g]["auroc"] for g in anom}, "auroc_ci": {g: ev[g]["auroc_ci"] for g in anom},
+             "auroc_mean": float(np.mean([ev[g]["auroc"] for g in anom])),
+             "localization": summarize_localization(loc, groups)}
+        if name != ref:
+            a, b = loc_rows(loc, ids, cases), loc_rows(per[ref][3], ids, cases)
+            e["minus_" + ref] = {
+                "auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col, key_b=VARIANTS[ref][2])
+                          for g in [None, *anom]},
+                "detected": paired_case_mean(a, b, "detected"), "f1": paired_case_mean(a, b, "f1")}
+        out[name] = e
+    return out
+
+
+def model_name(a):
+    return "RA" if float(a.get("lam", 1)) > 0 else "SI-VAE (--no-reverse)"
+
+
+def compare_run(rows, args):
+    """'RA vs its SI-VAE backbone' (Table 3 'w/o Reverse Loss'): this run minus the run --compare-run on
+    the same test slices, every Eq. (5) variant both wrote (a column of scores.csv), paired over cases.
+    Only with one S for both models (lpips) does it compare the models alone; with --perceptual
+    encoder each model is scored with its own encoder."""
+    d = Path(args.compare_run)
+    other = read_scores(d / "scores.csv")
+    cfg = json.loads((d / "config.json").read_text()).get("args", {}) if (d / "config.json").is_file() else {}
+    have = {r["id"] for r in other}
+    if not all(r["id"] in have for r in rows):
+        C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, --seed, "
+               f"--test-slices or --image-size?); compare runs on the same test slices")
+    anom = sorted({r["group"] for r in rows if r["label"] == 1})
+    out = {"run": str(d), "this": model_name(vars(args)), "other": model_name(cfg),
+           "perceptual": {"this": args.perceptual, "other": cfg.get("perceptual")},
+           "same_S": args.perceptual == cfg.get("perceptual") and args.perceptual in SHARED_S}
+    for name, (_, _, col) in VARIANTS.items():
+        if col in rows[0] and col in other[0] and other[0][col] != "":
+            out[name] = {g or "all": C.compare_scores(rows, other, g, key_a=col, key_b=col)
+                         for g in [None, *anom]}
+    out["detected"] = paired_case_mean(rows, other, "detected")
+    out["f1"] = paired_case_mean(rows, other, "f1")
+    return out
+
+
+SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
 
 
 def synthetic_experiment(model, perceptual, x01, brain, args, device):
@@ -738,7 +785,7 @@ def synthetic_experiment(model, perceptual, x01, brain, args, device):
         pairs = [fn(x01[i], brain[i], rng) for i in range(len(x01))]
         xa = np.stack([p[0] for p in pairs])                                   # (N, H, W)
         ma = np.stack([p[1] for p in pairs])                                   # (N, H, W) bool
-        ph, t = score_images(model, perceptual, xa, args, device)
+        ph, t = score(model, perceptual, xa, args, device)
         to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
         d_ph = dist(to_t(ph), to_t(x01))                                       # S(x_ph, x_normal) (N, H, W)
         d_in = dist(to_t(xa), to_t(x01))                                       # S(x_anomalous, x_normal)
@@ -748,7 +795,7 @@ def synthetic_experiment(model, perceptual, x01, brain, args, device):
         mse_in = [float(((xa[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
         per_in = [float(d_in[i][ma[i]].mean()) for i in keep]
         auprc = {}
-        for name, (eq, pl) in VARIANTS.items():
+        for name, (eq, pl, _) in VARIANTS.items():
             if pl and t["S"] is None:
                 continue
             auprc[name] = C.auprc(ma[keep].ravel(), combine_eq5(t, eq=eq, pl=pl)[keep].ravel())
@@ -832,52 +879,58 @@ def plot_fig7(items, path):
     plt.close(fig)
 
 
-def plot_losses(hist, lam, path):
-    """losses.png: the objectives of Eq. (2)/(4) and the MSEs (log scale) | L_Reversed of Eq. (3)."""
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 3.6))
-    for key, label in (("loss_E", "-L_E, encoder (Eq. 4)"), ("loss_D", "-L_D, decoder (Eq. 2)"),
-                       ("mse", "train MSE"), ("val_mse", "validation MSE (per epoch)")):
-        pts = np.asarray(hist.get(key, []), dtype=np.float64)
-        if len(pts):
-            a.plot(pts[:, 0], np.maximum(pts[:, 1], 1e-8), lw=1.4, marker="o" if key == "val_mse" else None, ms=3,
-                   label=label)
-    a.set(yscale="log", xlabel="step", ylabel="loss", title="Soft-Intro VAE objectives")
-    a.legend(fontsize=8)
-    a.grid(alpha=0.3)
-    pts = np.asarray(hist.get("L_reversed", []), dtype=np.float64)
-    if len(pts) and lam > 0:
-        b.plot(pts[:, 0], pts[:, 1], lw=1.4, color="tab:green")
-        b.set(title=f"L_Reversed, Eq. (3) (weight λ = {lam:g})")
-    else:
-        b.text(0.5, 0.5, "λ = 0: no reversed loss\n(the SI-VAE baseline)", ha="center", va="center",
-               transform=b.transAxes)
-        b.set(title="L_Reversed, Eq. (3)", xticks=[], yticks=[])
-    b.set(xlabel="step")
-    b.grid(alpha=0.3)
-    fig.suptitle(("RA" if lam > 0 else "SI-VAE (--no-reverse)") + " training", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def print_tables(table1, groups, table2b, table3):
-    """Human-readable Table 1 / 2 / 3 summaries on stdout."""
+def print_tables(table1, groups, table2b, t3, vs):
+    """Table 1 / 2 / 3 on stdout, with 95% intervals over cases where a ranking is read from them."""
     print("\nTable 1 (synthetic anomalies on held-out normal slices; MSE and distance inside the anomaly)")
     for kind, r in table1.items():
         dn = [k for k in r if k.endswith("_dist_mean") and not k.startswith("input")][0]
         print(f"  {kind:9s}  MSE {r['mse_mean']:.4f} ± {r['mse_std']:.4f}   {dn[:-5]} {r[dn]:.4f}   "
               f"(input as is: MSE {r['input_mse_mean']:.4f})   AUPRC "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["auprc"].items()))
-    print("Table 2a (detection AUROC per group)")
-    print("  " + ", ".join(f"{g} {v['auroc']:.3f}" for g, v in groups.items() if "auroc" in v))
+    print("Table 2a (detection AUROC per group, 95% interval over scans)")
+    print("  " + ", ".join(f"{g} {C.fmt_ci(v['auroc'], v['auroc_ci'])}" for g, v in groups.items() if "auroc" in v))
     print("Table 2b (localisation at <= 5% healthy-pixel FPR: detected / n, mean F1)")
     print("  " + ", ".join(f"{g} {v['detected']}/{v['n']} F1 {100 * v['f1_mean']:.1f}" for g, v in table2b.items()))
-    print("Table 3 (ablations of Eq. 5 on the same model)")
-    for name, v in table3.items():
+    print("Table 3 (the Eq. 5 variants on this model; differences to the reference paired over scans)")
+    for name, v in t3.items():
         loc = v["localization"].get("all", {})
-        print(f"  {name:24s} mean AUROC {v['auroc_mean']:.3f}   detected {loc.get('detected', 0)}/{loc.get('n', 0)}"
-              f"   F1 {100 * loc.get('f1_mean', 0):.1f}")
+        line = (f"  {name:24s} mean AUROC {v['auroc_mean']:.3f}   detected {loc.get('detected', 0)}/"
+                f"{loc.get('n', 0)}   F1 {100 * loc.get('f1_mean', 0):.1f}")
+        d = next((x for k, x in v.items() if k.startswith("minus_")), None)
+        if d:
+            a = d["auroc"]["all"]
+            line += (f"   ΔAUROC {a['diff']:+.3f} [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}]"
+                     f"{'' if a['resolved'] else ' (not resolved)'}   ΔF1 {100 * d['f1']['mean']:+.1f} "
+                     f"[{100 * d['f1']['ci'][0]:+.1f}, {100 * d['f1']['ci'][1]:+.1f}]")
+        print(line)
+    if vs:
+        print(f"{vs['this']} minus {vs['other']} ({vs['run']}; same S: {vs['same_S']})")
+        for name, v in vs.items():
+            if isinstance(v, dict) and "all" in v:
+                a = v["all"]
+                print(f"  {name:24s} ΔAUROC {a['diff']:+.3f} [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}]"
+                      f"{'' if a['resolved'] else ' (not resolved)'}")
+
+
+def read_scores(path):
+    """The rows of a scores.csv (strings; labels as int)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["label"] = int(r["label"])
+    return rows
+
+
+def paired_case_mean(rows_a, rows_b, key):
+    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by id;
+    blanks skipped), with its 95% interval over cases (C.mean_ci): paired per-slice counts (TP, F1)."""
+    b = {r["id"]: r for r in rows_b}
+    per = {}
+    for r in rows_a:
+        o = b.get(r["id"])
+        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
+            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
+    return C.mean_ci([np.mean(v) for v in per.values()])
 
 
 # =================================================================================================
@@ -885,108 +938,83 @@ def print_tables(table1, groups, table2b, table3):
 # =================================================================================================
 
 def main(argv=None):
-    args = parse(argv)
+    args = parse_args(argv)
     run = C.start_run(args, METHOD)
     device = run.device
     lpips_net = LPIPSDistance(device) if args.perceptual == "lpips" else None   # fail early, before training
+    model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size).to(device)
+    run.log(f"Soft-Intro VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+            f"λ = {args.lam} ({model_name(vars(args))})")
+    if args.checkpoint:   # score only: the best weights of a finished run
+        ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
+        best = ck["loop"].get("early_stopping") or {}
+        if best.get("weights") is not None:
+            model.load_state_dict(best["weights"])
+        if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
+            C.save_checkpoint(run.out / "last.pt", ck)
+        run.log(f"scoring with {args.checkpoint}")
     data = datasets.load_dataset(args, contrast="t1")
     if not data.val:
         C.fail(f"--data {args.data}: no healthy validation volumes (needed for the 5% FPR threshold)")
-    size = (args.image_size, args.image_size)
-    common_kw = dict(size=size, norm="mri", center=0.5, cache_dir=args.cache_dir)
-    S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **common_kw)
-    S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **common_kw)
-    S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **common_kw)
-    run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)} at {size[0]}x{size[1]}")
-
-    model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size).to(device)
-    run.log(f"Soft-Intro VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-            f"λ = {args.lam} ({'SI-VAE baseline' if args.lam == 0 else 'RA'})")
-
-    # ---- training (or a given checkpoint) ----
+    kw = dict(size=(args.image_size, args.image_size), norm="mri", center=0.5, cache_dir=args.cache_dir)
+    S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **kw)
+    S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **kw)
     if args.checkpoint:
-        ck = C.load_checkpoint(args.checkpoint, device)
-        try:
-            model.load_state_dict(ck.get("best_state") or ck["models"]["ra"])
-        except (RuntimeError, KeyError) as e:
-            C.fail(f"--checkpoint {args.checkpoint} does not fit this network ({type(e).__name__}); pass the "
-                   f"--preset / --image-size / --channels / --z-dim it was trained with")
-        hist, train_s = ck.get("history", {}), 0.0
-        if str(run.out / "last.pt") != str(args.checkpoint):
-            C.save_checkpoint(run.out / "last.pt", ck)
-        run.log(f"scoring with {args.checkpoint}")
+        history, io, train_s, n_train = ck["history"], None, 0.0, None
     else:
-        hist, train_s = train(model, S_train, S_val, args, run)
+        S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
+        run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)}")
+        loop, train_s = train(model, S_train, S_val, args, run)
+        history, io, best, n_train = loop.history, loop.io_report(), loop.state["early_stopping"], len(S_train.x)
         run.log(f"training took {train_s:.1f} s")
     model.eval()
-    if hist:
-        plot_losses(hist, args.lam, run.out / "losses.png")
 
-    # ---- scoring ----
+    # ---- scoring: every Eq. (5) variant on the healthy validation and the test slices ----
     t_score = time.perf_counter()
     perceptual = {"encoder": EncoderDistance(model.encoder), "lpips": lpips_net, "none": None}[args.perceptual]
-    main_variant = (not args.no_eq, perceptual is not None)
-    main_name = [k for k, v in VARIANTS.items() if v == main_variant][0]
+    main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
     x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
-    _, t_val = score_images(model, perceptual, x_val, args, device)
-    ph_test, t_test = score_images(model, perceptual, x_test, args, device)
-
-    # test units: every slice of a normal case or of an anomalous case without a mask; for anomalous cases
-    # with a mask only the slices that contain the anomaly (deviation 3)
-    groups = [S_test.cases[c].group for c in S_test.case]
-    has_mask = np.asarray(S_test.mask).reshape(len(S_test.x), -1).any(axis=1)
-    keep = [i for i in range(len(S_test.x)) if S_test.cases[S_test.case[i]].label == 0
-            or S_test.cases[S_test.case[i]].mask is None or has_mask[i]]
-    dropped = sorted({S_test.cases[S_test.case[i]].id for i in range(len(S_test.x))}
-                     - {S_test.cases[S_test.case[i]].id for i in keep})
+    _, t_val = score(model, perceptual, x_val, args, device)
+    ph_test, t_test = score(model, perceptual, x_test, args, device)
+    label, keep, dropped = slice_labels(S_test)
     if dropped:
-        run.log(f"{len(dropped)} anomalous test volumes have no anomaly in their {args.test_slices} middle slice(s) "
-                f"and are not scored (see data_info.not_scored)")
-
-    table3, per_variant = {}, {}
-    for name, (eq, pl) in VARIANTS.items():
-        if pl and perceptual is None:
-            continue
-        s_test, scores, thr, loc = evaluate_variant(name, t_val, S_val.brain, t_test, S_test, keep, args)
-        per_variant[name] = (s_test, scores, thr, loc)
-        y = np.array([S_test.cases[S_test.case[i]].label for i in keep])
-        g = np.array([groups[i] for i in keep])
-        sc = scores[keep]
-        aurocs = {grp: C.auroc(y[(g == grp) | (y == 0)], sc[(g == grp) | (y == 0)]) for grp in sorted(set(g[y == 1]))}
-        table3[name] = {"eq": eq, "perceptual": args.perceptual if pl else "none", "threshold": thr,
-                        "auroc": aurocs, "auroc_mean": float(np.mean(list(aurocs.values()))),
-                        "localization": summarize_localization(loc, groups)}
-
-    s_test, scores, thr, loc = per_variant[main_name]
-    rows = []
-    for i in keep:
-        case = S_test.cases[S_test.case[i]]
-        r = {"id": f"{case.id}/z{int(S_test.z[i])}", "group": case.group, "label": case.label, "score": float(scores[i])}
-        if i in loc:
-            r.update(detected=loc[i]["tp"], fp=loc[i]["fp"], f1=round(loc[i]["f1"], 4))
-        rows.append(r)
+        run.log(f"{len(dropped)} anomalous test volumes show no anomaly in their {args.test_slices} middle "
+                f"slice(s) and are not scored (data_info.not_scored)")
+    scans = [S_test.cases[c] for c in S_test.case]
+    ids = {i: f"{scans[i].id}/z{int(S_test.z[i])}" for i in keep}
+    cases = {i: scans[i].id for i in keep}
+    groups = [c.group for c in scans]
+    rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None, "case": cases[i]}
+            for i in keep]
+    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
+    s_test, val_scores, thr, loc = per[main_name]
+    for r, i in zip(rows, keep):
+        r["score"] = r[VARIANTS[main_name][2]]
+        m = loc.get(i)
+        r.update(detected=m and m["tp"], fp=m and m["fp"], f1=m and round(m["f1"], 4))
+    t3 = table3(rows, per, main_name, ids, cases, groups, args)
 
     # §4.1 / Table 1: synthetic anomalies painted on the held-out normal test slices
-    normal_rows = [i for i in keep if S_test.cases[S_test.case[i]].label == 0]
+    normal_rows = [i for i in keep if scans[i].label == 0]
     x_syn, brain_syn, syn_on = x_test[normal_rows], np.asarray(S_test.brain)[normal_rows], "normal test slices"
     if not normal_rows:   # e.g. BraTS tested alone: no normal test slice at these levels; use held-out healthy ones
         x_syn, brain_syn, syn_on = x_val, np.asarray(S_val.brain), "healthy validation slices (no normal test slice)"
     table1, figs = synthetic_experiment(model, perceptual, x_syn, brain_syn, args, device)
     table1 = {k: {**v, "painted_on": syn_on} for k, v in table1.items()}
+    vs = compare_run(rows, args) if args.compare_run else None
     score_s = time.perf_counter() - t_score
 
     # ---- figures ----
     ex_rows, seen = [], {}
     for i in keep:
-        grp = groups[i]
-        if seen.get(grp, 0) < (2 if grp == "normal" else 1):
+        grp = groups[i] if label[i] or scans[i].label == 0 else None
+        if grp is not None and seen.get(grp, 0) < (2 if grp == "normal" else 1):
             seen[grp] = seen.get(grp, 0) + 1
-            ex_rows.append({"title": f"{grp} ({scores[i]:.3g})", "input": x_test[i] * 2 - 1,
+            ex_rows.append({"title": f"{grp} ({rows[keep.index(i)]['score']:.3g})", "input": x_test[i] * 2 - 1,
                             "reconstruction": ph_test[i] * 2 - 1, "amap": s_test[i],
-                            "gt": np.asarray(S_test.mask[i]) if has_mask[i] else None})
+                            "gt": np.asarray(S_test.mask[i]) if label[i] else None})
     ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
-    C.plot_examples(ex_rows, run.out / "examples.png")
-    plot_fig3(x_syn, figs, main_variant, run.out / "synthetic.png")
+    plot_fig3(x_syn, figs, VARIANTS[main_name][:2], run.out / "synthetic.png")
     fig7 = []
     for grp in sorted({groups[i] for i in loc}):
         cand = [i for i in sorted(loc) if groups[i] == grp]
@@ -997,20 +1025,25 @@ def main(argv=None):
     plot_fig7(fig7, run.out / "localization.png")
 
     table2b = summarize_localization(loc, groups)
+    best = best if not args.checkpoint else (ck["loop"].get("early_stopping") or {})
     extra = {
-        "method_variant": "SI-VAE (no reverse loss)" if args.lam == 0 else "RA",
-        "anomaly_map": main_name, "perceptual": args.perceptual,
+        "method_variant": model_name(vars(args)), "anomaly_map": main_name, "perceptual": args.perceptual,
         "threshold_5pct_fpr": thr, "table1_synthetic": table1, "table2b_localization": table2b,
-        "table3_ablation": table3,
-        "train": {"n_slices": len(S_train.x), "epochs_run": len(hist.get("val_mse", [])) if hist else 0,
-                  "best_val_mse": min((v for _, v in hist.get("val_mse", [])), default=None) if hist else None},
+        "table3_ablation": t3, **({"vs_run": vs} if vs else {}),
+        "train": {"n_slices": n_train, "epochs_run": best.get("epoch", 0), "best_epoch": best.get("best_epoch"),
+                  "best_val_mse": best.get("val_mse")},
+        "checkpoint_io": io,
         "figures": ["examples.png", "losses.png", "synthetic.png (Fig. 3)", "localization.png (Fig. 7)"],
     }
     info = {**data.info, "test_slices_per_volume": args.test_slices, "not_scored": dropped}
-    res = C.finish_run(run, args, METHOD, unit="slice", rows=rows,
-                       timing={"train_s": train_s, "score_s": score_s, "score_s_per_sample": score_s / max(len(rows), 1)},
-                       extra=extra, data_info=info, roc_title=f"{extra['method_variant']}: slice-level ROC")
-    print_tables(table1, res["groups"], table2b, table3)
+    res = C.report(run, args, "slice", rows,
+                   {"train_s": train_s, "score_s": score_s, "score_s_per_sample": score_s / max(len(rows), 1)},
+                   extra=extra, data_info=info, val_scores=val_scores, threshold_pct=100 * (1 - args.fpr),
+                   history=history, examples=ex_rows,
+                   titles={"roc": f"{extra['method_variant']}: slice-level ROC, normal scans vs each group",
+                           "losses": f"{extra['method_variant']} training: -L_E (Eq. 4), -L_D (Eq. 2), "
+                                     f"L_Reversed (Eq. 3), MSE", "losses_logy": True})
+    print_tables(table1, res["groups"], table2b, t3, vs)
     return res
 
 
