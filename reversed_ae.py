@@ -1,82 +1,59 @@
 """Reversed Autoencoders (RA): pseudo-healthy reconstructions for unbiased pathology screening.
 
-    Cosmin I. Bercea, Benedikt Wiestler, Daniel Rueckert, Julia A. Schnabel.
-    "Generalizing Unsupervised Anomaly Detection: Towards Unbiased Pathology Screening."
-    Medical Imaging with Deep Learning (MIDL), PMLR 227, 2023. https://openreview.net/forum?id=8ojx-Ld3yjR
-    Reference code: https://github.com/ci-ber/RA (model_zoo/ra.py, projects/23_ra_midl/).
+    Cosmin I. Bercea, Benedikt Wiestler, Daniel Rueckert, Julia A. Schnabel. "Generalizing Unsupervised
+    Anomaly Detection: Towards Unbiased Pathology Screening." MIDL 2023, PMLR 227.
+    https://openreview.net/forum?id=8ojx-Ld3yjR; reference code https://github.com/ci-ber/RA
 
-What this file implements (paper section -> code):
-  Eq. (1)  ELBO(x) = E_q[log p(x|z)] - KL[q(z|x) || p(z)]                 -> neg_elbo, kl_divergence
-  Eq. (2)  Soft-Intro VAE (Daniel & Tamar, 2021), to be maximised:
-             L_E(x, z) = ELBO(x) - 1/α · exp(α · ELBO(D(z)))               -> exp_elbo, encoder_loss
-             L_D(x, z) = ELBO(x) + γ · ELBO(D(z))                          -> decoder_loss
-  Eq. (3)  L_Reversed(x) = Σ_l [1 - cos(E^l(x), E^l(x_rec))] + ½·MSE(E^l(x), E^l(x_rec))
-                                                                          -> reversed_embedding_loss
-  Eq. (4)  L_E(x, z) = ELBO(x) - 1/α·exp(α·ELBO(D(z))) - λ·L_Reversed(x), λ = 5e-3  -> encoder_loss
-  Eq. (5)  s(x) = |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x)), eq = CLAHE  -> anomaly_map
-  App. A   encoder/decoder of 5 levels (64,128,256,512,512), Adam 5e-5, batch 8, β_KL=1, β_Rec=1, β_Neg=256
-  App. B   middle axial T1w slices, 128×128, affine augmentation (rotation 10°, translation 0.1,
-           scaling 0.9-1.1, horizontal flip p=0.5), training only
-  §4.1, App. C.1  synthetic intensity (3 ellipses) and copy-paste texture anomalies on held-out
-           normal slices: Table 1 = MSE and perceptual distance inside the anomaly between the
-           pseudo-healthy reconstruction and the true normal image, AUPRC of the anomaly maps
-  §4.2, App. C.2  global detection: AUROC of the image score per group (Table 2a)
-  §4.2, App. C.3  localisation: threshold at <= 5% false-positive pixels on healthy validation
-           slices; a lesion is detected (TP) when > 10% of its bounding box is flagged;
-           FP = Σ_healthy s / Σ_box s; F1 = 2·P·TP / (P + TP), P = TP / (TP + FP) (Table 2b)
-  App. D   ablations (Table 3): w/o reverse loss (--no-reverse = the SI-VAE baseline), w/o histogram
-           equalisation (--no-eq), w/o perceptual similarity (--perceptual none); the eq/PL variants
-           are also computed from the same model at scoring time and reported under "table3".
+Idea: a Soft-Intro VAE (encoder and decoder trained adversarially, no discriminator) whose encoder
+also matches the multi-scale embeddings of an input and of its reconstruction (the "reversed" loss),
+trained on healthy T1w slices. Its reconstruction of a scan is pseudo-healthy; the anomaly map is the
+histogram-equalised residual times two perceptual distances.
+
+  Eq. (1)  ELBO(x) = E_q[log p(x|z)] - KL[q(z|x) || p(z)]                 neg_elbo, kl_divergence
+  Eq. (2)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))),  L_D = ELBO(x) + γ ELBO(D(z))  (maximised)
+                                                                          exp_elbo, decoder_loss
+  Eq. (3)  L_Reversed(x) = Σ_l 1 - cos(E^l(x), E^l(x_rec)) + ½ MSE(E^l(x), E^l(x_rec))
+                                                                          reversed_embedding_loss
+  Eq. (4)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))) - λ L_Reversed(x), λ = 5e-3   encoder_loss
+  Eq. (5)  s(x) = |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x)), eq = CLAHE   anomaly_map
+  §4.1, App. C.1  synthetic ellipses / copy-paste textures on normal slices (Table 1, Fig. 3)
+  §4.2, App. C.2-3  slice AUROC (Table 2a); 5% healthy-pixel FPR threshold, TP when > 10% of a box is
+           flagged, FP = Σ_healthy s / Σ_box s, F1 = 2·P·TP / (P + TP) (Table 2b, Fig. 7)
+  App. D   Table 3: w/o reverse loss (--no-reverse, the SI-VAE backbone), w/o eq, w/o PL
 
 Deviations from the paper
-  1. Perceptual similarity S: the paper uses LPIPS (SqueezeNet, ImageNet weights), which cannot be
-     downloaded here. `--perceptual encoder` (default) is an LPIPS-style distance computed with the
-     run's own trained RA encoder: at every encoder level l, features are unit-normalised along the
-     channels and their squared difference is summed over channels, upsampled to the image and
-     averaged over levels (LPIPS Eq. 1 of Zhang et al. 2018 without the learned channel weights).
-     Why: it needs no download, it is in-domain (the paper itself warns that ImageNet features
-     "may not translate well to the medical imaging domain", §4.2), and it is the network the
-     reversed loss of Eq. (3) trains to compare images at several scales. `--perceptual lpips` uses
-     the `lpips` package when it and its weights are installed; `--perceptual none` is "w/o PL".
-  2. Data: the built-in T1 phantom replaces FastMRI+/IXI. Slices come from common.slice_stack
-     (brain-percentile 1..99 normalisation to [-1, 1], mapped to [0, 1] for the sigmoid decoder)
-     instead of dividing by the 98th percentile of the tissue intensities (App. B). Training uses
-     `--train-slices` axial slices around the middle of each training volume (paper: the middle one).
-  3. Test units: the `--test-slices` slices around the middle of every test volume; for groups with
-     anomaly masks (lesions, tumour) only slices that contain the anomaly are scored (an abnormal
-     subject's lesion-free slice is neither normal nor abnormal); groups without masks (atrophy)
-     keep all their slices. The image score for detection is the mean of the anomaly map, as in
-     the reference code (the paper does not state it).
-  4. Localisation: the 5% FPR threshold counts pixels inside the brain of healthy validation slices
-     (the reference code counts all 128×128 pixels, background included, which is more lenient).
-     The box of a lesion is the bounding box of each connected component of its mask (the paper has
-     expert boxes). "Healthy tissue" for FP is brain outside the boxes. FP is floored to an integer
-     as in Fig. 7 (13.95 / 3.16 -> 4); the reference code divides by max(Σ_box s, 1), we divide by
-     Σ_box s as the paper writes.
-  5. The pseudo-healthy reconstruction uses z = μ(x) (the reference evaluator samples z).
-  6. Soft-Intro details from the reference implementation that the paper does not state: α = 2,
-     γ_r = 1e-8 on the reconstruction part of ELBO(D(z)) in L_D, the expELBO averaged over the two
-     kinds of generated images (reconstructions D(E(x)) and samples D(z), z ~ N(0, I)), all terms
-     scaled by 1/(C·H·W); Gaussian smoothing (σ = 2 px at 128²) of the perceptual maps; latent size
-     128 (App. A mentions "a bottleneck of 256 filters"; the released config uses zdim = 128). The
-     reference trainer uses β_Rec = 0.5, β_Neg = 128 where App. A says 1 and 256; we follow App. A.
-  7. The `quick` preset (64×64 slices, channels 8-16-32-64-64, latent 64, batch 16, lr 5e-4, 12
-     epochs over 5 slices per training volume) is scaled down to train in ~3 minutes on 2 CPU cores;
-     the paper trains up to 1500 epochs with early stopping after 500 (`paper` preset; we keep the
-     weights with the lowest validation MSE, as the reference trainer does).
+  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet weights) under --preset paper; without the `lpips`
+     package or its weights the run stops and names the fallback. quick/smoke use --perceptual encoder:
+     an LPIPS-style distance on the run's own trained encoder (unit-normalised features per level,
+     squared difference summed over channels, upsampled, averaged; no learned channel weights). It
+     needs no download, but each model is then scored with its own S.
+  2. Data: the built-in T1 phantom stands in for FastMRI+/IXI. Slices come from datasets.slice_stack
+     (brain 1-99 percentiles to [-1, 1], then [0, 1] for the sigmoid decoder), not the 98th-percentile
+     scaling of App. B; --train-slices / --test-slices slices around the middle (paper: the middle one).
+  3. Test units: slices. A slice of an anomalous scan is anomalous when it holds anomaly voxels (every
+     slice when its scan has no mask); scans whose scored slices show no anomaly are left out. The
+     image score is the mean of the map (reference code; the paper does not say).
+  4. Localisation: the 5% FPR counts brain pixels of the healthy validation slices (the reference code
+     counts all pixels); boxes are the bounding boxes of the mask's components (no expert boxes);
+     FP is floored as in Fig. 7 and divided by Σ_box s as written (the code uses max(Σ_box s, 1)).
+  5. x_ph = D(μ(x)) (the reference evaluator samples z).
+  6. From the reference code, not the paper: α = 2, γ_r = 1e-8 on the reconstruction part of
+     ELBO(D(z)) in L_D, expELBO averaged over reconstructions D(E(x)) and samples D(z), all terms
+     scaled by 1/(C·H·W), Gaussian smoothing (σ = 2 px at 128²) of S, latent size 128 (App. A: "a
+     bottleneck of 256 filters"). App. A's β_Rec = 1, β_Neg = 256 (the trainer uses 0.5, 128).
+  7. The paper trains up to 1500 epochs with early stopping after 500 and, as the reference trainer,
+     we keep the weights of the lowest validation MSE. quick is scaled down (see QUICK).
+  8. Every AUROC has a 95% interval over scans; Table 3's ablations and RA vs SI-VAE (--compare-run)
+     are differences paired over scans.
 
 Run it
-  python reversed_ae.py                                   # quick preset, phantom, ~5 min on 2 CPU cores
-  python reversed_ae.py --no-reverse                      # the SI-VAE baseline (Table 3 "w/o Reverse Loss")
-  python reversed_ae.py --preset paper --device cuda      # the paper's settings (a GPU job)
-  python reversed_ae.py --data folder --data-root DIR --train-data ixi --train-root IXI_DIR --preset paper
+  python reversed_ae.py --out runs/ra                      # quick preset, phantom, a CPU
+  python reversed_ae.py --no-reverse --out runs/sivae --compare-run runs/ra    # the SI-VAE backbone
+  python reversed_ae.py --preset paper --device cuda       # the paper's settings (a GPU job)
+  python reversed_ae.py --data brats --modality t1 --train-data ixi --train-root IXI_DIR --preset paper
 
-What you should see (quick preset, seed 0, phantom; one CPU thread on a shared machine: 314 s training,
-19 s scoring; results.json has the tables): reconstructions are still blurry after 372 steps, so the
-maps light up the ventricles and sulci. Slice AUROC (RA | SI-VAE --no-reverse): atrophy_1 0.70 | 0.75,
-atrophy_2 0.85 | 0.86, atrophy_3 0.98 | 0.96, tumor 0.56 | 0.57, lesion_hyper 0.45 | 0.50, lesion_hypo
-0.51 | 0.51. Table 3 on the RA model, mean AUROC: Eq. 5 0.67, w/o Hist. Eq. 0.68, w/o PL 0.55, neither
-0.61: the perceptual factor matters most, as in App. D; the reverse loss does not help at this budget.
+The quick preset's reconstructions are still blurry after 12 epochs, so its maps light up ventricles
+and sulci; the measured tables (with the SI-VAE backbone) are in README.md and results/.
 """
 from __future__ import annotations
 
