@@ -73,6 +73,7 @@ from data import datasets
 
 METHOD = "reversed_ae"
 
+
 # =================================================================================================
 # Hyperparameters
 # =================================================================================================
@@ -111,10 +112,14 @@ HYPER = dict(
                            "the --no-reverse SI-VAE run) to compare with, paired over cases", type=str,
                      metavar="RUN_DIR"),
 )
+
+
 # quick: 64×64 slices, a 5-level network of 1/8 the width, 12 epochs over 5 slices per volume, lr 10x
 # (so that it learns something in ~5 minutes on 2 CPU cores); the perceptual net is the encoder (no download)
 QUICK = dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
              perceptual="encoder", saliency_sigma=1.0, train_slices=5, test_slices=5)
+
+
 SMOKE = dict(image_size=32, channels="4,8,16", z_dim=16, batch_size=8, lr=5e-4, epochs=2,
              perceptual="encoder", saliency_sigma=0.5, train_slices=2, test_slices=1)
 
@@ -141,7 +146,7 @@ def parse_args(argv=None):
 
 
 # =================================================================================================
-# Networks: the Soft-Intro VAE of App. A (reference: model_zoo/ra.py)
+# Networks (Fig. 2; App. A: the Soft-Intro VAE of the reference code, model_zoo/ra.py)
 # =================================================================================================
 
 class ResidualBlock(nn.Module):
@@ -227,7 +232,7 @@ def reparameterize(mu, logvar):
 
 
 # =================================================================================================
-# Losses (the paper writes objectives to be MAXIMISED; these functions return what we MINIMISE)
+# Losses (Eq. 1-4): the paper maximises its objectives; these functions return what we minimise
 # =================================================================================================
 
 def kl_divergence(mu, logvar):
@@ -284,7 +289,7 @@ def decoder_loss(rec_real, kl_rec, kl_fake, rec_rec, rec_fake, *, beta_rec, beta
 
 
 # =================================================================================================
-# Anomaly score: Eq. (5)
+# Anomaly score (Eq. 5), score() on a set, and the localisation rule of §4.2
 # =================================================================================================
 
 def clahe(x, clip_limit=0.01):
@@ -355,6 +360,9 @@ def load_lpips(device):
     return net.to(device).eval().requires_grad_(False)
 
 
+SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
+
+
 def smooth_maps(m, sigma):
     """Gaussian smoothing of each (H, W) map of m (B, H, W), as the reference code does for S."""
     from scipy.ndimage import gaussian_filter
@@ -386,6 +394,11 @@ def combine_eq5(t, *, eq=True, pl=True):
     return t["res_eq"] if eq else t["res"]
 
 
+VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual similarity, column of scores.csv)
+    "Eq. 5 (eq + PL)": (True, True, "s_eq5"), "w/o Hist. Eq.": (False, True, "s_wo_eq"),
+    "w/o PL": (True, False, "s_wo_pl"), "w/o Hist. Eq. & w/o PL": (False, False, "s_neither")}
+
+
 def anomaly_map(x, x_ph, perceptual=None, *, eq=True, clip_limit=0.01, sigma=2.0):
     """Eq. (5) for a batch: x, x_ph (B, 1, H, W) in [0, 1] -> s (B, H, W) numpy."""
     t = eq5_terms(x, x_ph, perceptual, clip_limit=clip_limit, sigma=sigma)
@@ -397,8 +410,63 @@ def image_score(s):
     return s.reshape(len(s), -1).mean(axis=1)
 
 
+@torch.no_grad()
+def score(model, perceptual, x01, args, device, bs=32):
+    """The trained model applied to a set: x01 (N, H, W) in [0, 1] -> the pseudo-healthy x_ph (N, H, W)
+    and the factors of Eq. (5) {res, res_eq, S, S_eq}, (N, H, W) each (S, S_eq None without S)."""
+    model.eval()
+    phs, terms = [], []
+    for i in range(0, len(x01), bs):
+        xb = torch.from_numpy(np.array(x01[i:i + bs], dtype=np.float32))[:, None].to(device)   # (B, 1, H, W)
+        with C.autocast(device, args.amp):
+            ph = model.pseudo_healthy(xb).float().clamp(0, 1)
+        phs.append(ph[:, 0].cpu().numpy())
+        terms.append(eq5_terms(xb, ph, perceptual, clip_limit=args.clahe_clip, sigma=args.saliency_sigma))
+    cat = {k: (np.concatenate([t[k] for t in terms]) if terms[0][k] is not None else None) for k in terms[0]}
+    return np.concatenate(phs), cat
+
+
+def threshold_at_fpr(maps, brain, fpr=0.05):
+    """Threshold flagging at most a fraction `fpr` of the brain pixels of HEALTHY validation slices (§4.2):
+    the (n - k)-th smallest value, k = floor(fpr·n), so that at most k pixels lie strictly above it
+    (an interpolated 95th percentile can flag slightly more than 5%)."""
+    v = np.sort(np.asarray(maps, dtype=np.float64)[np.asarray(brain) > 0])
+    if not len(v):
+        C.fail("no brain pixels in the healthy validation slices: cannot set the 5% FPR threshold")
+    k = int(math.floor(fpr * len(v) + 1e-9))
+    return float(v[len(v) - k - 1]) if k < len(v) else float(v[0] - 1.0)
+
+
+def lesion_boxes(mask):
+    """Union of the bounding boxes of the connected components of a 2D mask (stands in for the expert
+    bounding boxes of FastMRI+). (H, W) -> bool (H, W)."""
+    from scipy import ndimage as ndi
+    lab, _ = ndi.label(mask > 0, structure=np.ones((3, 3)))            # 8-connected components
+    box = np.zeros(mask.shape, bool)
+    for sl in ndi.find_objects(lab):
+        box[sl] = True
+    return box
+
+
+def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
+    """§4.2 for one image: s (H, W) anomaly map, box / healthy boolean masks.
+    TP = 1 if more than detect_frac of the box pixels exceed the threshold;
+    FP = floor(Σ_healthy s_thr / Σ_box s_thr) (Fig. 7: 13.95 / 3.16 -> 4), s_thr = s where s > threshold;
+    P = TP / (TP + FP); F1 = 2·P·TP / (P + TP)."""
+    s_thr = np.where(s > threshold, s, 0.0)
+    flagged_in_box = int((s_thr[box] > 0).sum())
+    tp = int(flagged_in_box > detect_frac * box.sum())
+    sum_box, sum_healthy = float(s_thr[box].sum()), float(s_thr[healthy].sum())
+    # §4.2: FP = Σ_{h=0}^{H} s_h / Σ_{a=0}^{A} s_a
+    fp = int(math.floor(sum_healthy / sum_box)) if sum_box > 0 else int(sum_healthy > 0)
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    # §4.2: F1 = (2 × P × TP) / (P + TP)
+    f1 = 2 * precision * tp / (precision + tp) if precision + tp > 0 else 0.0
+    return {"tp": tp, "fp": fp, "precision": precision, "f1": f1, "sum_box": sum_box, "sum_healthy": sum_healthy}
+
+
 # =================================================================================================
-# Training (Soft-Intro VAE updates of the reference trainer + the reversed loss of Eq. 3/4)
+# Training (the Soft-Intro VAE updates of the reference trainer + the reversed loss of Eq. 3/4)
 # =================================================================================================
 
 def to01(x):
@@ -534,7 +602,7 @@ def train(model, S_train, S_val, args, run):
 # Scoring and evaluation
 # =================================================================================================
 
-# ---- App. C.1: synthetic anomalies on held-out normal slices -------------------------------------
+# ---- §4.1 / App. C.1: synthetic anomalies on held-out normal slices (Table 1) --------------------
 
 def synthetic_intensity_anomaly(img, brain, rng):
     """Three ellipses per image (App. C.1): intensities drawn uniformly between the 1st-5th (hypo),
@@ -574,69 +642,41 @@ def synthetic_texture_anomaly(img, brain, rng):
     return out, mask & (np.abs(out - img) > 1e-6)
 
 
-# ---- §4.2: threshold, boxes, detections ------------------------------------------------------------
-
-def threshold_at_fpr(maps, brain, fpr=0.05):
-    """Threshold flagging at most a fraction `fpr` of the brain pixels of HEALTHY validation slices (§4.2):
-    the (n - k)-th smallest value, k = floor(fpr·n), so that at most k pixels lie strictly above it
-    (an interpolated 95th percentile can flag slightly more than 5%)."""
-    v = np.sort(np.asarray(maps, dtype=np.float64)[np.asarray(brain) > 0])
-    if not len(v):
-        C.fail("no brain pixels in the healthy validation slices: cannot set the 5% FPR threshold")
-    k = int(math.floor(fpr * len(v) + 1e-9))
-    return float(v[len(v) - k - 1]) if k < len(v) else float(v[0] - 1.0)
-
-
-def lesion_boxes(mask):
-    """Union of the bounding boxes of the connected components of a 2D mask (stands in for the expert
-    bounding boxes of FastMRI+). (H, W) -> bool (H, W)."""
-    from scipy import ndimage as ndi
-    lab, _ = ndi.label(mask > 0, structure=np.ones((3, 3)))            # 8-connected components
-    box = np.zeros(mask.shape, bool)
-    for sl in ndi.find_objects(lab):
-        box[sl] = True
-    return box
-
-
-def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
-    """§4.2 for one image: s (H, W) anomaly map, box / healthy boolean masks.
-    TP = 1 if more than detect_frac of the box pixels exceed the threshold;
-    FP = floor(Σ_healthy s_thr / Σ_box s_thr) (Fig. 7: 13.95 / 3.16 -> 4), s_thr = s where s > threshold;
-    P = TP / (TP + FP); F1 = 2·P·TP / (P + TP)."""
-    s_thr = np.where(s > threshold, s, 0.0)
-    flagged_in_box = int((s_thr[box] > 0).sum())
-    tp = int(flagged_in_box > detect_frac * box.sum())
-    sum_box, sum_healthy = float(s_thr[box].sum()), float(s_thr[healthy].sum())
-    # §4.2: FP = Σ_{h=0}^{H} s_h / Σ_{a=0}^{A} s_a
-    fp = int(math.floor(sum_healthy / sum_box)) if sum_box > 0 else int(sum_healthy > 0)
-    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
-    # §4.2: F1 = (2 × P × TP) / (P + TP)
-    f1 = 2 * precision * tp / (precision + tp) if precision + tp > 0 else 0.0
-    return {"tp": tp, "fp": fp, "precision": precision, "f1": f1, "sum_box": sum_box, "sum_healthy": sum_healthy}
+def synthetic_experiment(model, perceptual, x01, brain, args, device):
+    """§4.1 / Table 1 on held-out normal slices x01 (N, H, W): for each anomaly type, MSE and perceptual
+    distance inside the anomaly between the pseudo-healthy reconstruction and the true normal image
+    (and, for reference, between the anomalous input and the normal image = what copying the input
+    scores), and the pixel AUPRC of the anomaly maps of every Eq. (5) variant."""
+    dist = perceptual if perceptual is not None else EncoderDistance(model.encoder)
+    res, figs = {}, {}
+    for kind, fn in (("intensity", synthetic_intensity_anomaly), ("texture", synthetic_texture_anomaly)):
+        rng = np.random.default_rng(args.seed + (0 if kind == "intensity" else 1))
+        pairs = [fn(x01[i], brain[i], rng) for i in range(len(x01))]
+        xa = np.stack([p[0] for p in pairs])                                   # (N, H, W)
+        ma = np.stack([p[1] for p in pairs])                                   # (N, H, W) bool
+        ph, t = score(model, perceptual, xa, args, device)
+        to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
+        d_ph = dist(to_t(ph), to_t(x01))                                       # S(x_ph, x_normal) (N, H, W)
+        d_in = dist(to_t(xa), to_t(x01))                                       # S(x_anomalous, x_normal)
+        keep = [i for i in range(len(xa)) if ma[i].any()]
+        mse = [float(((ph[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
+        per = [float(d_ph[i][ma[i]].mean()) for i in keep]
+        mse_in = [float(((xa[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
+        per_in = [float(d_in[i][ma[i]].mean()) for i in keep]
+        auprc = {}
+        for name, (eq, pl, _) in VARIANTS.items():
+            if pl and t["S"] is None:
+                continue
+            auprc[name] = C.auprc(ma[keep].ravel(), combine_eq5(t, eq=eq, pl=pl)[keep].ravel())
+        res[kind] = {"n": len(keep), "mse_mean": float(np.mean(mse)), "mse_std": float(np.std(mse)),
+                     f"{dist.name}_dist_mean": float(np.mean(per)), f"{dist.name}_dist_std": float(np.std(per)),
+                     "input_mse_mean": float(np.mean(mse_in)), f"input_{dist.name}_dist_mean": float(np.mean(per_in)),
+                     "auprc": auprc}
+        figs[kind] = (xa, ph, ma, t)
+    return res, figs
 
 
-# ---- scoring a stack of slices -------------------------------------------------------------------------
-
-VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual similarity, column of scores.csv)
-    "Eq. 5 (eq + PL)": (True, True, "s_eq5"), "w/o Hist. Eq.": (False, True, "s_wo_eq"),
-    "w/o PL": (True, False, "s_wo_pl"), "w/o Hist. Eq. & w/o PL": (False, False, "s_neither")}
-
-
-@torch.no_grad()
-def score(model, perceptual, x01, args, device, bs=32):
-    """The trained model applied to a set: x01 (N, H, W) in [0, 1] -> the pseudo-healthy x_ph (N, H, W)
-    and the factors of Eq. (5) {res, res_eq, S, S_eq}, (N, H, W) each (S, S_eq None without S)."""
-    model.eval()
-    phs, terms = [], []
-    for i in range(0, len(x01), bs):
-        xb = torch.from_numpy(np.array(x01[i:i + bs], dtype=np.float32))[:, None].to(device)   # (B, 1, H, W)
-        with C.autocast(device, args.amp):
-            ph = model.pseudo_healthy(xb).float().clamp(0, 1)
-        phs.append(ph[:, 0].cpu().numpy())
-        terms.append(eq5_terms(xb, ph, perceptual, clip_limit=args.clahe_clip, sigma=args.saliency_sigma))
-    cat = {k: (np.concatenate([t[k] for t in terms]) if terms[0][k] is not None else None) for k in terms[0]}
-    return np.concatenate(phs), cat
-
+# ---- the test slices: rows, localisation (Table 2b), the Eq. (5) variants (Table 3), RA vs SI-VAE ---
 
 def slice_labels(S):
     """The rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels (every
@@ -747,115 +787,6 @@ def compare_run(rows, args):
     return out
 
 
-SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
-
-
-def synthetic_experiment(model, perceptual, x01, brain, args, device):
-    """§4.1 / Table 1 on held-out normal slices x01 (N, H, W): for each anomaly type, MSE and perceptual
-    distance inside the anomaly between the pseudo-healthy reconstruction and the true normal image
-    (and, for reference, between the anomalous input and the normal image = what copying the input
-    scores), and the pixel AUPRC of the anomaly maps of every Eq. (5) variant."""
-    dist = perceptual if perceptual is not None else EncoderDistance(model.encoder)
-    res, figs = {}, {}
-    for kind, fn in (("intensity", synthetic_intensity_anomaly), ("texture", synthetic_texture_anomaly)):
-        rng = np.random.default_rng(args.seed + (0 if kind == "intensity" else 1))
-        pairs = [fn(x01[i], brain[i], rng) for i in range(len(x01))]
-        xa = np.stack([p[0] for p in pairs])                                   # (N, H, W)
-        ma = np.stack([p[1] for p in pairs])                                   # (N, H, W) bool
-        ph, t = score(model, perceptual, xa, args, device)
-        to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
-        d_ph = dist(to_t(ph), to_t(x01))                                       # S(x_ph, x_normal) (N, H, W)
-        d_in = dist(to_t(xa), to_t(x01))                                       # S(x_anomalous, x_normal)
-        keep = [i for i in range(len(xa)) if ma[i].any()]
-        mse = [float(((ph[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
-        per = [float(d_ph[i][ma[i]].mean()) for i in keep]
-        mse_in = [float(((xa[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
-        per_in = [float(d_in[i][ma[i]].mean()) for i in keep]
-        auprc = {}
-        for name, (eq, pl, _) in VARIANTS.items():
-            if pl and t["S"] is None:
-                continue
-            auprc[name] = C.auprc(ma[keep].ravel(), combine_eq5(t, eq=eq, pl=pl)[keep].ravel())
-        res[kind] = {"n": len(keep), "mse_mean": float(np.mean(mse)), "mse_std": float(np.std(mse)),
-                     f"{dist.name}_dist_mean": float(np.mean(per)), f"{dist.name}_dist_std": float(np.std(per)),
-                     "input_mse_mean": float(np.mean(mse_in)), f"input_{dist.name}_dist_mean": float(np.mean(per_in)),
-                     "auprc": auprc}
-        figs[kind] = (xa, ph, ma, t)
-    return res, figs
-
-
-# ---- figures ----------------------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_fig3(x01, figs, main_variant, path, n=3):
-    """Fig. 3: input with synthetic anomalies | pseudo-healthy | ground truth (normal) | anomaly map."""
-    plt = _plt()
-    rows = [(k, i) for k in figs for i in range(min(n, len(x01)))]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(9.2, 2.35 * len(rows)), squeeze=False)
-    eq, pl = main_variant
-    for r, (kind, i) in enumerate(rows):
-        xa, ph, ma, t = figs[kind]
-        s = combine_eq5({k: (v[i:i + 1] if v is not None else None) for k, v in t.items()}, eq=eq, pl=pl)[0]
-        for c, (img, title) in enumerate(((xa[i], "input (synthetic anomaly)"), (ph[i], "pseudo-healthy x_ph"),
-                                          (x01[i], "ground truth (normal)"), (s, "anomaly map, Eq. (5)"))):
-            ax = axes[r, c]
-            ax.axis("off")
-            ax.imshow(img, cmap="gray" if c < 3 else "inferno", vmin=0, vmax=1 if c < 3 else max(float(s.max()), 1e-6))
-            if c in (0, 3):
-                ax.contour(ma[i], levels=[0.5], colors="cyan", linewidths=0.7)
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        axes[r, 0].text(-0.06, 0.5, kind, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center")
-    h = fig.get_figheight()
-    fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
-    fig.suptitle("Fig. 3 style: synthetic anomalies and pseudo-healthy reconstructions (contour = anomaly)", fontsize=9,
-                 y=1 - 0.1 / h, va="top")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_fig7(items, path):
-    """Fig. 7: input | pseudo-healthy | anomaly map | thresholded map | annotation (mask + box)."""
-    plt = _plt()
-    if not items:
-        return
-    fig, axes = plt.subplots(len(items), 5, figsize=(11.5, 2.35 * len(items)), squeeze=False)
-    vmax = max(float(np.percentile(np.concatenate([it["s"].ravel() for it in items]), 99.5)), 1e-6)
-    for r, it in enumerate(items):
-        thr_map = np.where(it["s"] > it["thr"], it["s"], 0)
-        panels = [(it["x"], "input", "gray", 1), (it["ph"], "pseudo-healthy", "gray", 1),
-                  (it["s"], "anomaly map", "inferno", vmax), (thr_map, "thresholded (5% FPR)", "inferno", vmax),
-                  (it["x"], "annotation", "gray", 1)]
-        for c, (img, title, cmap, vm) in enumerate(panels):
-            ax = axes[r, c]
-            ax.axis("off")
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=vm)
-            if c == 4:
-                ax.contour(it["mask"], levels=[0.5], colors="red", linewidths=0.8)
-                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.8)
-            if c == 3:
-                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.6)
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        m = it["m"]
-        axes[r, 4].text(1.04, 0.5, f"TP {m['tp']}\nFP {m['fp']}\nF1 {m['f1']:.2f}", transform=axes[r, 4].transAxes,
-                        va="center", fontsize=8)
-        axes[r, 0].text(-0.06, 0.5, it["title"], transform=axes[r, 0].transAxes, rotation=90, ha="right",
-                        va="center", fontsize=8)
-    h = fig.get_figheight()
-    fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
-    fig.suptitle("Fig. 7 style: localisation at the 5% healthy-pixel FPR threshold (red: anomaly mask, green: its "
-                 "boxes); per group the first detected slice, else the first slice", fontsize=9, y=1 - 0.1 / h, va="top")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 def print_tables(table1, groups, table2b, t3, vs):
     """Table 1 / 2 / 3 on stdout, with 95% intervals over cases where a ranking is read from them."""
     print("\nTable 1 (synthetic anomalies on held-out normal slices; MSE and distance inside the anomaly)")
@@ -887,27 +818,6 @@ def print_tables(table1, groups, table2b, t3, vs):
                 a = v["all"]
                 print(f"  {name:24s} ΔAUROC {a['diff']:+.3f} [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}]"
                       f"{'' if a['resolved'] else ' (not resolved)'}")
-
-
-def read_scores(path):
-    """The rows of a scores.csv (strings; labels as int)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["label"] = int(r["label"])
-    return rows
-
-
-def paired_case_mean(rows_a, rows_b, key):
-    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by id;
-    blanks skipped), with its 95% interval over cases (C.mean_ci): paired per-slice counts (TP, F1)."""
-    b = {r["id"]: r for r in rows_b}
-    per = {}
-    for r in rows_a:
-        o = b.get(r["id"])
-        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
-            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
-    return C.mean_ci([np.mean(v) for v in per.values()])
 
 
 # =================================================================================================
@@ -1022,6 +932,103 @@ def main(argv=None):
                                      f"L_Reversed (Eq. 3), MSE", "losses_logy": True})
     print_tables(table1, res["groups"], table2b, t3, vs)
     return res
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 3, Fig. 7)
+# =================================================================================================
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_fig3(x01, figs, main_variant, path, n=3):
+    """Fig. 3: input with synthetic anomalies | pseudo-healthy | ground truth (normal) | anomaly map."""
+    plt = _plt()
+    rows = [(k, i) for k in figs for i in range(min(n, len(x01)))]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(9.2, 2.35 * len(rows)), squeeze=False)
+    eq, pl = main_variant
+    for r, (kind, i) in enumerate(rows):
+        xa, ph, ma, t = figs[kind]
+        s = combine_eq5({k: (v[i:i + 1] if v is not None else None) for k, v in t.items()}, eq=eq, pl=pl)[0]
+        for c, (img, title) in enumerate(((xa[i], "input (synthetic anomaly)"), (ph[i], "pseudo-healthy x_ph"),
+                                          (x01[i], "ground truth (normal)"), (s, "anomaly map, Eq. (5)"))):
+            ax = axes[r, c]
+            ax.axis("off")
+            ax.imshow(img, cmap="gray" if c < 3 else "inferno", vmin=0, vmax=1 if c < 3 else max(float(s.max()), 1e-6))
+            if c in (0, 3):
+                ax.contour(ma[i], levels=[0.5], colors="cyan", linewidths=0.7)
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        axes[r, 0].text(-0.06, 0.5, kind, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center")
+    h = fig.get_figheight()
+    fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
+    fig.suptitle("Fig. 3 style: synthetic anomalies and pseudo-healthy reconstructions (contour = anomaly)", fontsize=9,
+                 y=1 - 0.1 / h, va="top")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_fig7(items, path):
+    """Fig. 7: input | pseudo-healthy | anomaly map | thresholded map | annotation (mask + box)."""
+    plt = _plt()
+    if not items:
+        return
+    fig, axes = plt.subplots(len(items), 5, figsize=(11.5, 2.35 * len(items)), squeeze=False)
+    vmax = max(float(np.percentile(np.concatenate([it["s"].ravel() for it in items]), 99.5)), 1e-6)
+    for r, it in enumerate(items):
+        thr_map = np.where(it["s"] > it["thr"], it["s"], 0)
+        panels = [(it["x"], "input", "gray", 1), (it["ph"], "pseudo-healthy", "gray", 1),
+                  (it["s"], "anomaly map", "inferno", vmax), (thr_map, "thresholded (5% FPR)", "inferno", vmax),
+                  (it["x"], "annotation", "gray", 1)]
+        for c, (img, title, cmap, vm) in enumerate(panels):
+            ax = axes[r, c]
+            ax.axis("off")
+            ax.imshow(img, cmap=cmap, vmin=0, vmax=vm)
+            if c == 4:
+                ax.contour(it["mask"], levels=[0.5], colors="red", linewidths=0.8)
+                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.8)
+            if c == 3:
+                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.6)
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        m = it["m"]
+        axes[r, 4].text(1.04, 0.5, f"TP {m['tp']}\nFP {m['fp']}\nF1 {m['f1']:.2f}", transform=axes[r, 4].transAxes,
+                        va="center", fontsize=8)
+        axes[r, 0].text(-0.06, 0.5, it["title"], transform=axes[r, 0].transAxes, rotation=90, ha="right",
+                        va="center", fontsize=8)
+    h = fig.get_figheight()
+    fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
+    fig.suptitle("Fig. 7 style: localisation at the 5% healthy-pixel FPR threshold (red: anomaly mask, green: its "
+                 "boxes); per group the first detected slice, else the first slice", fontsize=9, y=1 - 0.1 / h, va="top")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---- proposed for common.py (the lead moves it) --------------------------------------------------
+
+def read_scores(path):
+    """The rows of a scores.csv (strings; labels as int)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["label"] = int(r["label"])
+    return rows
+
+
+def paired_case_mean(rows_a, rows_b, key):
+    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by id;
+    blanks skipped), with its 95% interval over cases (C.mean_ci): paired per-slice counts (TP, F1)."""
+    b = {r["id"]: r for r in rows_b}
+    per = {}
+    for r in rows_a:
+        o = b.get(r["id"])
+        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
+            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
+    return C.mean_ci([np.mean(v) for v in per.values()])
 
 
 if __name__ == "__main__":
