@@ -61,6 +61,7 @@ import csv
 import json
 import math
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -787,6 +788,47 @@ def compare_run(rows, args):
     return out
 
 
+def evaluate_test(model, perceptual, S_val, S_test, args, run):
+    """Every Eq. (5) variant on the healthy validation and the test slices -> the rows of scores.csv (one
+    per scored test slice, this run's map as `score`), Table 2b, Table 3, and what the figures need."""
+    main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
+    x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
+    _, t_val = score(model, perceptual, x_val, args, run.device)
+    ph_test, t_test = score(model, perceptual, x_test, args, run.device)
+    label, keep, dropped = slice_labels(S_test)
+    if dropped:
+        run.log(f"{len(dropped)} anomalous test volumes show no anomaly in their {args.test_slices} middle "
+                f"slice(s) and are not scored (data_info.not_scored)")
+    scans = [S_test.cases[c] for c in S_test.case]
+    ids = {i: f"{scans[i].id}/z{int(S_test.z[i])}" for i in keep}
+    cases = {i: scans[i].id for i in keep}
+    groups = [c.group for c in scans]
+    rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None, "case": cases[i]}
+            for i in keep]
+    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
+    maps, val_scores, thr, loc = per[main_name]
+    for r, i in zip(rows, keep):
+        r["score"] = r[VARIANTS[main_name][2]]
+        m = loc.get(i)
+        r.update(detected=m and m["tp"], fp=m and m["fp"], f1=m and round(m["f1"], 4))
+    t3 = table3(rows, per, main_name, ids, cases, groups, args)
+    return types.SimpleNamespace(
+        rows=rows, main_name=main_name, x_val=x_val, x_test=x_test, ph_test=ph_test, maps=maps, label=label,
+        keep=keep, dropped=dropped, scans=scans, groups=groups, val_scores=val_scores, thr=thr, loc=loc,
+        table2b=summarize_localization(loc, groups), t3=t3)
+
+
+def synthetic_table(model, perceptual, T, S_val, S_test, args, device):
+    """Table 1 on the held-out normal test slices, or on the healthy validation slices where there are
+    none (BraTS tested alone) -> (table, the slices, Fig. 3's images)."""
+    normal = [i for i in T.keep if T.scans[i].label == 0]
+    x, brain, on = T.x_test[normal], np.asarray(S_test.brain)[normal], "normal test slices"
+    if not normal:
+        x, brain, on = T.x_val, np.asarray(S_val.brain), "healthy validation slices (no normal test slice)"
+    table, figs = synthetic_experiment(model, perceptual, x, brain, args, device)
+    return {k: {**v, "painted_on": on} for k, v in table.items()}, x, figs
+
+
 def print_tables(table1, groups, table2b, t3, vs):
     """Table 1 / 2 / 3 on stdout, with 95% intervals over cases where a ranking is read from them."""
     print("\nTable 1 (synthetic anomalies on held-out normal slices; MSE and distance inside the anomaly)")
@@ -824,113 +866,66 @@ def print_tables(table1, groups, table2b, t3, vs):
 # main
 # =================================================================================================
 
+def load_trained(args, model, run):
+    """--checkpoint: the best weights of a finished run into `model` (C.load_models: the last.pt of
+    another script or of other network flags is one error line) -> what main reports of its training."""
+    ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
+    best = ck["loop"].get("early_stopping") or {}
+    if best.get("weights") is not None:
+        model.load_state_dict(best["weights"])
+    if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
+        C.save_checkpoint(run.out / "last.pt", ck)
+    run.log(f"scoring with {args.checkpoint}")
+    return dict(history=ck["history"], state=ck["loop"], io=None, train_s=0.0, n_slices=None)
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = C.start_run(args, METHOD)
-    device = run.device
-    lpips_net = LPIPSDistance(device) if args.perceptual == "lpips" else None   # fail early, before training
-    model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size).to(device)
+    lpips_net = LPIPSDistance(run.device) if args.perceptual == "lpips" else None   # fail before training
+    model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size)
+    model = model.to(run.device)
     run.log(f"Soft-Intro VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
             f"λ = {args.lam} ({model_name(vars(args))})")
-    if args.checkpoint:   # score only: the best weights of a finished run
-        ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
-        best = ck["loop"].get("early_stopping") or {}
-        if best.get("weights") is not None:
-            model.load_state_dict(best["weights"])
-        if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
-            C.save_checkpoint(run.out / "last.pt", ck)
-        run.log(f"scoring with {args.checkpoint}")
+    trained = load_trained(args, model, run) if args.checkpoint else None
     data = datasets.load_dataset(args, contrast="t1")
     if not data.val:
         C.fail(f"--data {args.data}: no healthy validation volumes (needed for the 5% FPR threshold)")
     kw = dict(size=(args.image_size, args.image_size), norm="mri", center=0.5, cache_dir=args.cache_dir)
     S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **kw)
     S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **kw)
-    if args.checkpoint:
-        history, io, train_s, n_train = ck["history"], None, 0.0, None
-    else:
+    if trained is None:
         S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
         run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)}")
         loop, train_s = train(model, S_train, S_val, args, run)
-        history, io, best, n_train = loop.history, loop.io_report(), loop.state["early_stopping"], len(S_train.x)
-        run.log(f"training took {train_s:.1f} s")
-    model.eval()
+        trained = dict(history=loop.history, state=loop.state, io=loop.io_report(), train_s=train_s,
+                       n_slices=len(S_train.x))
 
-    # ---- scoring: every Eq. (5) variant on the healthy validation and the test slices ----
     t_score = time.perf_counter()
     perceptual = {"encoder": EncoderDistance(model.encoder), "lpips": lpips_net, "none": None}[args.perceptual]
-    main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
-    x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
-    _, t_val = score(model, perceptual, x_val, args, device)
-    ph_test, t_test = score(model, perceptual, x_test, args, device)
-    label, keep, dropped = slice_labels(S_test)
-    if dropped:
-        run.log(f"{len(dropped)} anomalous test volumes show no anomaly in their {args.test_slices} middle "
-                f"slice(s) and are not scored (data_info.not_scored)")
-    scans = [S_test.cases[c] for c in S_test.case]
-    ids = {i: f"{scans[i].id}/z{int(S_test.z[i])}" for i in keep}
-    cases = {i: scans[i].id for i in keep}
-    groups = [c.group for c in scans]
-    rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None, "case": cases[i]}
-            for i in keep]
-    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
-    s_test, val_scores, thr, loc = per[main_name]
-    for r, i in zip(rows, keep):
-        r["score"] = r[VARIANTS[main_name][2]]
-        m = loc.get(i)
-        r.update(detected=m and m["tp"], fp=m and m["fp"], f1=m and round(m["f1"], 4))
-    t3 = table3(rows, per, main_name, ids, cases, groups, args)
-
-    # §4.1 / Table 1: synthetic anomalies painted on the held-out normal test slices
-    normal_rows = [i for i in keep if scans[i].label == 0]
-    x_syn, brain_syn, syn_on = x_test[normal_rows], np.asarray(S_test.brain)[normal_rows], "normal test slices"
-    if not normal_rows:   # e.g. BraTS tested alone: no normal test slice at these levels; use held-out healthy ones
-        x_syn, brain_syn, syn_on = x_val, np.asarray(S_val.brain), "healthy validation slices (no normal test slice)"
-    table1, figs = synthetic_experiment(model, perceptual, x_syn, brain_syn, args, device)
-    table1 = {k: {**v, "painted_on": syn_on} for k, v in table1.items()}
-    vs = compare_run(rows, args) if args.compare_run else None
+    T = evaluate_test(model, perceptual, S_val, S_test, args, run)
+    table1, x_syn, figs = synthetic_table(model, perceptual, T, S_val, S_test, args, run.device)
+    vs = compare_run(T.rows, args) if args.compare_run else None
     score_s = time.perf_counter() - t_score
+    examples = plot_figures(T, S_test, x_syn, figs, run.out)
 
-    # ---- figures ----
-    ex_rows, seen = [], {}
-    for i in keep:
-        grp = groups[i] if label[i] or scans[i].label == 0 else None
-        if grp is not None and seen.get(grp, 0) < (2 if grp == "normal" else 1):
-            seen[grp] = seen.get(grp, 0) + 1
-            ex_rows.append({"title": f"{grp} ({rows[keep.index(i)]['score']:.3g})", "input": x_test[i] * 2 - 1,
-                            "reconstruction": ph_test[i] * 2 - 1, "amap": s_test[i],
-                            "gt": np.asarray(S_test.mask[i]) if label[i] else None})
-    ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
-    plot_fig3(x_syn, figs, VARIANTS[main_name][:2], run.out / "synthetic.png")
-    fig7 = []
-    for grp in sorted({groups[i] for i in loc}):
-        cand = [i for i in sorted(loc) if groups[i] == grp]
-        i = next((j for j in cand if loc[j]["tp"]), cand[0])
-        m = np.asarray(S_test.mask[i]) > 0
-        fig7.append({"x": x_test[i], "ph": ph_test[i], "s": s_test[i], "thr": thr, "mask": m,
-                     "box": lesion_boxes(m), "m": loc[i], "title": grp})
-    plot_fig7(fig7, run.out / "localization.png")
-
-    table2b = summarize_localization(loc, groups)
-    best = best if not args.checkpoint else (ck["loop"].get("early_stopping") or {})
-    extra = {
-        "method_variant": model_name(vars(args)), "anomaly_map": main_name, "perceptual": args.perceptual,
-        "threshold_5pct_fpr": thr, "table1_synthetic": table1, "table2b_localization": table2b,
-        "table3_ablation": t3, **({"vs_run": vs} if vs else {}),
-        "train": {"n_slices": n_train, "epochs_run": best.get("epoch", 0), "best_epoch": best.get("best_epoch"),
-                  "best_val_mse": best.get("val_mse")},
-        "checkpoint_io": io,
-        "figures": ["examples.png", "losses.png", "synthetic.png (Fig. 3)", "localization.png (Fig. 7)"],
-    }
-    info = {**data.info, "test_slices_per_volume": args.test_slices, "not_scored": dropped}
-    res = C.report(run, args, "slice", rows,
-                   {"train_s": train_s, "score_s": score_s, "score_s_per_sample": score_s / max(len(rows), 1)},
-                   extra=extra, data_info=info, val_scores=val_scores, threshold_pct=100 * (1 - args.fpr),
-                   history=history, examples=ex_rows,
-                   titles={"roc": f"{extra['method_variant']}: slice-level ROC, normal scans vs each group",
-                           "losses": f"{extra['method_variant']} training: -L_E (Eq. 4), -L_D (Eq. 2), "
-                                     f"L_Reversed (Eq. 3), MSE", "losses_logy": True})
-    print_tables(table1, res["groups"], table2b, t3, vs)
+    best = trained["state"].get("early_stopping") or {}
+    name = model_name(vars(args))
+    extra = {"method_variant": name, "anomaly_map": T.main_name, "perceptual": args.perceptual,
+             "threshold_5pct_fpr": T.thr, "table1_synthetic": table1, "table2b_localization": T.table2b,
+             "table3_ablation": T.t3, **({"vs_run": vs} if vs else {}),
+             "train": {"n_slices": trained["n_slices"], "epochs_run": best.get("epoch", 0),
+                       "best_epoch": best.get("best_epoch"), "best_val_mse": best.get("val_mse")},
+             "checkpoint_io": trained["io"],
+             "figures": ["examples.png", "losses.png", "synthetic.png (Fig. 3)", "localization.png (Fig. 7)"]}
+    timing = {"train_s": trained["train_s"], "score_s": score_s, "score_s_per_sample": score_s / len(T.rows)}
+    res = C.report(run, args, "slice", T.rows, timing, extra=extra, data_info={
+        **data.info, "test_slices_per_volume": args.test_slices, "not_scored": T.dropped},
+        val_scores=T.val_scores, threshold_pct=100 * (1 - args.fpr), history=trained["history"],
+        examples=examples, titles={"roc": f"{name}: slice-level ROC, normal scans vs each group",
+                                   "losses": f"{name} training: -L_E (Eq. 4), -L_D (Eq. 2), L_Reversed "
+                                             f"(Eq. 3), MSE", "losses_logy": True})
+    print_tables(table1, res["groups"], T.table2b, T.t3, vs)
     return res
 
 
@@ -943,6 +938,29 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def plot_figures(T, S_test, x_syn, figs, out):
+    """Fig. 3 (synthetic.png) and Fig. 7 (localization.png); -> the rows of examples.png (C.report)."""
+    ex_rows, seen, score_of = [], {}, {i: r["score"] for i, r in zip(T.keep, T.rows)}
+    for i in T.keep:
+        grp = T.groups[i] if T.label[i] or T.scans[i].label == 0 else None
+        if grp is not None and seen.get(grp, 0) < (2 if grp == "normal" else 1):
+            seen[grp] = seen.get(grp, 0) + 1
+            ex_rows.append({"title": f"{grp} ({score_of[i]:.3g})", "input": T.x_test[i] * 2 - 1,
+                            "reconstruction": T.ph_test[i] * 2 - 1, "amap": T.maps[i],
+                            "gt": np.asarray(S_test.mask[i]) if T.label[i] else None})
+    ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
+    plot_fig3(x_syn, figs, VARIANTS[T.main_name][:2], out / "synthetic.png")
+    fig7 = []
+    for grp in sorted({T.groups[i] for i in T.loc}):
+        cand = [i for i in sorted(T.loc) if T.groups[i] == grp]
+        i = next((j for j in cand if T.loc[j]["tp"]), cand[0])
+        m = np.asarray(S_test.mask[i]) > 0
+        fig7.append({"x": T.x_test[i], "ph": T.ph_test[i], "s": T.maps[i], "thr": T.thr, "mask": m,
+                     "box": lesion_boxes(m), "m": T.loc[i], "title": grp})
+    plot_fig7(fig7, out / "localization.png")
+    return ex_rows
 
 
 def plot_fig3(x01, figs, main_variant, path, n=3):
