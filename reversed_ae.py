@@ -1,56 +1,56 @@
 """Reversed Autoencoders (RA): pseudo-healthy reconstructions for unbiased pathology screening.
 
-    Cosmin I. Bercea, Benedikt Wiestler, Daniel Rueckert, Julia A. Schnabel. "Generalizing Unsupervised
-    Anomaly Detection: Towards Unbiased Pathology Screening." MIDL 2023, PMLR 227.
+    Cosmin I. Bercea, Benedikt Wiestler, Daniel Rueckert, Julia A. Schnabel. "Generalizing
+    Unsupervised Anomaly Detection: Towards Unbiased Pathology Screening." MIDL 2023, PMLR 227.
     https://openreview.net/forum?id=8ojx-Ld3yjR; reference code https://github.com/ci-ber/RA
 
 Idea: a Soft-Intro VAE (encoder and decoder trained adversarially, no discriminator) whose encoder
 also matches the multi-scale embeddings of an input and of its reconstruction (the "reversed" loss),
-trained on healthy T1w slices. Its reconstruction of a scan is pseudo-healthy; the anomaly map is the
+trained on healthy T1w slices. It reconstructs a scan pseudo-healthy; the anomaly map is the
 histogram-equalised residual times two perceptual distances.
 
   Eq. (1)  ELBO(x) = E_q[log p(x|z)] - KL[q(z|x) || p(z)]                 neg_elbo, kl_divergence
-  Eq. (2)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))),  L_D = ELBO(x) + γ ELBO(D(z))  (maximised)
+  Eq. (2)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))),  L_D = ELBO(x) + γ ELBO(D(z))   (maximised)
                                                                           exp_elbo, decoder_loss
   Eq. (3)  L_Reversed(x) = Σ_l 1 - cos(E^l(x), E^l(x_rec)) + ½ MSE(E^l(x), E^l(x_rec))
                                                                           reversed_embedding_loss
   Eq. (4)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))) - λ L_Reversed(x), λ = 5e-3   encoder_loss
   Eq. (5)  s(x) = |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x)), eq = CLAHE   anomaly_map
   §4.1, App. C.1  synthetic ellipses / copy-paste textures on normal slices (Table 1, Fig. 3)
-  §4.2, App. C.2-3  slice AUROC (Table 2a); 5% healthy-pixel FPR threshold, TP when > 10% of a box is
-           flagged, FP = Σ_healthy s / Σ_box s, F1 = 2·P·TP / (P + TP) (Table 2b, Fig. 7)
+  §4.2, App. C.2-3  slice AUROC (Table 2a); 5% healthy-pixel FPR threshold, TP when > 10% of a
+           box is flagged, FP = Σ_healthy s / Σ_box s, F1 = 2·P·TP / (P + TP) (Table 2b, Fig. 7)
   App. D   Table 3: w/o reverse loss (--no-reverse, the SI-VAE backbone), w/o eq, w/o PL
 
 Deviations from the paper
-  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet weights) under --preset paper; without the `lpips`
-     package or its weights the run stops and names the fallback. quick/smoke use --perceptual encoder:
-     an LPIPS-style distance on the run's own trained encoder (unit-normalised features per level,
-     squared difference summed over channels, upsampled, averaged; no learned channel weights). It
-     needs no download, but each model is then scored with its own S.
-  2. Data: the built-in T1 phantom stands in for FastMRI+/IXI. Slices come from datasets.slice_stack
-     (brain 1-99 percentiles to [-1, 1], then [0, 1] for the sigmoid decoder), not the 98th-percentile
-     scaling of App. B; --train-slices / --test-slices slices around the middle (paper: the middle one).
-  3. Test units: slices. A slice of an anomalous scan is anomalous when it holds anomaly voxels (every
-     slice when its scan has no mask); scans whose scored slices show no anomaly are left out. The
-     image score is the mean of the map (reference code; the paper does not say).
-  4. Localisation: the 5% FPR counts brain pixels of the healthy validation slices (the reference code
+  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet weights) under --preset paper; without the
+     `lpips` package or its weights the run stops and names the fallback. quick/smoke use
+     --perceptual encoder: an LPIPS-style distance on the run's own trained encoder (unit-normalised
+     features per level, squared difference summed over channels, upsampled, averaged; no learned
+     channel weights). It needs no download, but each model is then scored with its own S.
+  2. Data: the built-in T1 phantom stands in for FastMRI+/IXI. Slices from datasets.slice_stack
+     (brain 1-99 percentiles to [-1, 1], then [0, 1] for the sigmoid decoder), not App. B's
+     98th-percentile scaling; --train-slices / --test-slices around the middle (paper: the middle).
+  3. Test units: slices. A slice of an anomalous scan is anomalous when it holds anomaly voxels
+     (every slice, when its scan has no mask); scans whose scored slices show no anomaly are left
+     out. The image score is the mean of the map (reference code; the paper does not say).
+  4. Localisation: the 5% FPR counts brain pixels of healthy validation slices (the reference code
      counts all pixels); boxes are the bounding boxes of the mask's components (no expert boxes);
-     FP is floored as in Fig. 7 and divided by Σ_box s as written (the code uses max(Σ_box s, 1)).
+     FP is floored as in Fig. 7 and divided by Σ_box s as written (the code: max(Σ_box s, 1)).
   5. x_ph = D(μ(x)) (the reference evaluator samples z).
   6. From the reference code, not the paper: α = 2, γ_r = 1e-8 on the reconstruction part of
      ELBO(D(z)) in L_D, expELBO averaged over reconstructions D(E(x)) and samples D(z), all terms
      scaled by 1/(C·H·W), Gaussian smoothing (σ = 2 px at 128²) of S, latent size 128 (App. A: "a
      bottleneck of 256 filters"). App. A's β_Rec = 1, β_Neg = 256 (the trainer uses 0.5, 128).
-  7. The paper trains up to 1500 epochs with early stopping after 500 and, as the reference trainer,
-     we keep the weights of the lowest validation MSE. quick is scaled down (see QUICK).
-  8. Every AUROC has a 95% interval over scans; Table 3's ablations and RA vs SI-VAE (--compare-run)
-     are differences paired over scans.
+  7. Up to 1500 epochs, early stopping after 500 (App. A), keeping the weights of the lowest
+     validation MSE (reference trainer). quick is scaled down (see QUICK).
+  8. Every AUROC has a 95% interval over scans; Table 3's ablations and RA vs SI-VAE
+     (--compare-run) are differences paired over scans.
 
 Run it
   python reversed_ae.py --out runs/ra                      # quick preset, phantom, a CPU
-  python reversed_ae.py --no-reverse --out runs/sivae --compare-run runs/ra    # the SI-VAE backbone
+  python reversed_ae.py --no-reverse --out runs/sivae --compare-run runs/ra    # SI-VAE backbone
   python reversed_ae.py --preset paper --device cuda       # the paper's settings (a GPU job)
-  python reversed_ae.py --data brats --modality t1 --train-data ixi --train-root IXI_DIR --preset paper
+  python reversed_ae.py --data brats --modality t1 --train-data ixi --train-root IXI --preset paper
 
 The quick preset's reconstructions are still blurry after 12 epochs, so its maps light up ventricles
 and sulci; the measured tables (with the SI-VAE backbone) are in README.md and results/.
@@ -81,7 +81,8 @@ METHOD = "reversed_ae"
 
 HYPER = dict(
     image_size=C.hp(128, "slice size H = W, App. B", lo=8),
-    channels=C.hp("64,128,256,512,512", "encoder channels per level, comma-separated, App. A", type=str),
+    channels=C.hp("64,128,256,512,512", "encoder channels per level, comma-separated, App. A",
+                  type=str),
     z_dim=C.hp(128, "latent size (reference config zdim; deviation 6)", lo=1),
     batch_size=C.hp(8, "batch size, App. A", lo=2),
     lr=C.hp(5e-5, "Adam learning rate of encoder and decoder, App. A", lo=1e-9, hi=1.0),
@@ -91,36 +92,36 @@ HYPER = dict(
     beta_kl=C.hp(1.0, "β_KL, weight of the KL of real images, App. A", lo=0),
     beta_neg=C.hp(256.0, "β_Neg, weight of the KL of generated images in expELBO, App. A", lo=0),
     alpha=C.hp(2.0, "α in Eq. (2) (Soft-Intro VAE reference code)", lo=1e-6),
-    gamma_r=C.hp(1e-8, "γ in Eq. (2) on the reconstruction of generated images (reference code)", lo=0),
+    gamma_r=C.hp(1e-8, "γ in Eq. (2), on the reconstruction of generated images (reference code)",
+                 lo=0),
     lam=C.hp(5e-3, "λ, weight of L_Reversed in Eq. (4), §3", lo=0),
     reverse=C.hp(True, "the reversed embedding loss; --no-reverse (λ = 0) is the SI-VAE backbone, "
                        "Table 3 'w/o Reverse Loss'"),
-    perceptual=C.hp("lpips", "S in Eq. (5): lpips = the paper's LPIPS (needs the `lpips` package and its "
-                             "weights); encoder = LPIPS-style distance on the trained encoder (deviation 1); "
-                             "none = Table 3 'w/o PL'", choices=["lpips", "encoder", "none"]),
+    perceptual=C.hp("lpips", "S in Eq. (5): lpips = the paper's LPIPS (needs the `lpips` package "
+                             "and its weights); encoder = an LPIPS-style distance on the trained "
+                             "encoder (deviation 1); none = Table 3 'w/o PL'",
+                    choices=["lpips", "encoder", "none"]),
     eq=C.hp(True, "histogram equalisation in Eq. (5); --no-eq is Table 3 'w/o Hist. Eq.'"),
     clahe_clip=C.hp(0.01, "clip limit of CLAHE, eq in Eq. (5) (skimage default, reference code)",
                     lo=1e-6, hi=1.0),
-    saliency_sigma=C.hp(2.0, "Gaussian σ (px) smoothing the perceptual maps (reference code, 128 px)", lo=0),
+    saliency_sigma=C.hp(2.0, "Gaussian σ (px) smoothing the perceptual maps (reference code, at "
+                             "128 px)", lo=0),
     augment=C.hp(True, "the App. B affine training augmentation"),
-    train_slices=C.hp(1, "axial slices per training volume around the middle, App. B (the middle one)", lo=1),
+    train_slices=C.hp(1, "axial slices per training volume around the middle, App. B (the middle "
+                         "one)", lo=1),
     test_slices=C.hp(1, "axial slices per validation/test volume around the middle, §4", lo=1),
-    fpr=C.hp(0.05, "pixel false-positive rate on healthy validation slices that sets the threshold, §4.2",
-             lo=1e-6, hi=1.0),
-    detect_frac=C.hp(0.1, "a lesion is detected when more than this fraction of its box is flagged, §4.2",
-                     lo=0, hi=1.0),
-    compare_run=C.hp(None, "not a hyperparameter: a run directory of this script on the same data (e.g. "
-                           "the --no-reverse SI-VAE run) to compare with, paired over cases", type=str,
-                     metavar="RUN_DIR"),
+    fpr=C.hp(0.05, "pixel false-positive rate on healthy validation slices that sets the "
+                   "threshold, §4.2", lo=1e-6, hi=1.0),
+    detect_frac=C.hp(0.1, "a lesion is detected when more than this fraction of its box is "
+                          "flagged, §4.2", lo=0, hi=1.0),
+    compare_run=C.hp(None, "not a hyperparameter: a run directory of this script on the same data "
+                           "(e.g. the --no-reverse SI-VAE run) to compare with, paired over cases",
+                     type=str, metavar="RUN_DIR"),
 )
-
-
-# quick: 64×64 slices, a 5-level network of 1/8 the width, 12 epochs over 5 slices per volume, lr 10x
-# (so that it learns something in ~5 minutes on 2 CPU cores); the perceptual net is the encoder (no download)
+# quick: 64×64 slices, a 5-level network of 1/8 the width, 12 epochs over 5 slices per volume,
+# lr 10x (so that it learns something in minutes on 2 CPU cores); S is the encoder's (no download)
 QUICK = dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
              perceptual="encoder", saliency_sigma=1.0, train_slices=5, test_slices=5)
-
-
 SMOKE = dict(image_size=32, channels="4,8,16", z_dim=16, batch_size=8, lr=5e-4, epochs=2,
              perceptual="encoder", saliency_sigma=0.5, train_slices=2, test_slices=1)
 
@@ -136,7 +137,8 @@ def check_args(args):
         C.fail(f"--image-size {args.image_size} must be divisible by 2^{len(args.channel_list)} "
                f"(one halving per level of --channels {args.channels})")
     if args.compare_run and not (Path(args.compare_run) / "scores.csv").is_file():
-        C.fail(f"--compare-run {args.compare_run}: no scores.csv there; pass the --out of a finished run")
+        C.fail(f"--compare-run {args.compare_run}: no scores.csv there; pass the --out of a "
+               f"finished run")
     if not args.reverse:
         args.lam = 0.0
 
@@ -166,25 +168,26 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """q_φ(z|x): one level per entry of `channels`, each ending in a 2x average pooling; the pooled
-    outputs are the multi-scale embeddings E^l(x) of Eq. (3). Returns μ, log σ², [E^0(x), ..., E^L(x)]."""
+    """q_φ(z|x): one level per entry of `channels`, each ending in a 2x average pooling; the
+    pooled outputs are the multi-scale embeddings E^l(x) of Eq. (3).
+    -> μ, log σ², [E^0(x), ..., E^L(x)]."""
 
     def __init__(self, *, channels, z_dim: int, image_size: int):
         super().__init__()
         c0 = channels[0]
-        self.stem = nn.Sequential(nn.Conv2d(1, c0, 5, 1, 2, bias=False), nn.BatchNorm2d(c0), nn.LeakyReLU(0.2),
-                                  nn.AvgPool2d(2))
+        self.stem = nn.Sequential(nn.Conv2d(1, c0, 5, 1, 2, bias=False), nn.BatchNorm2d(c0),
+                                  nn.LeakyReLU(0.2), nn.AvgPool2d(2))
         self.levels = nn.ModuleList(nn.Sequential(ResidualBlock(c_in=a, c_out=b), nn.AvgPool2d(2))
                                     for a, b in zip(channels[:-1], channels[1:]))
         self.out_block = ResidualBlock(c_in=channels[-1], c_out=channels[-1])
-        self.s = image_size // 2 ** len(channels)                     # spatial size of the last level
+        self.s = image_size // 2 ** len(channels)                     # side of the last level
         self.fc = nn.Linear(channels[-1] * self.s * self.s, 2 * z_dim)
 
     def forward(self, x):                                             # x: (B, 1, H, W) in [0, 1]
         h = self.stem(x)                                              # (B, c0, H/2, W/2)
         feats = [h]
         for level in self.levels:
-            h = level(h)                                              # (B, c_l, H/2^(l+1), W/2^(l+1))
+            h = level(h)                                              # (B, c_l, H/2^(l+1), ..)
             feats.append(h)
         h = self.out_block(h).flatten(1)                              # (B, c_L·s·s)
         mu, logvar = self.fc(h).chunk(2, dim=1)                       # (B, z_dim) each
@@ -192,8 +195,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """p_θ(x|z): fc -> (c_L, s, s), then one residual block + 2x nearest upsampling per level, a last
-    residual block, a 5x5 conv to one channel and a sigmoid (App. A: "final sigmoid activation")."""
+    """p_θ(x|z): fc -> (c_L, s, s), then one residual block + 2x nearest upsampling per level, a
+    last residual block, a 5x5 conv to one channel and a sigmoid (App. A: "final sigmoid
+    activation")."""
 
     def __init__(self, *, channels, z_dim: int, image_size: int):
         super().__init__()
@@ -201,7 +205,8 @@ class Decoder(nn.Module):
         self.fc = nn.Sequential(nn.Linear(z_dim, self.c * self.s * self.s), nn.ReLU())
         layers, cc = [], channels[-1]
         for ch in channels[::-1]:
-            layers += [ResidualBlock(c_in=cc, c_out=ch), nn.Upsample(scale_factor=2, mode="nearest")]
+            layers += [ResidualBlock(c_in=cc, c_out=ch),
+                       nn.Upsample(scale_factor=2, mode="nearest")]
             cc = ch
         layers += [ResidualBlock(c_in=cc, c_out=cc), nn.Conv2d(cc, 1, 5, 1, 2), nn.Sigmoid()]
         self.main = nn.Sequential(*layers)
@@ -243,12 +248,13 @@ def kl_divergence(mu, logvar):
 
 
 def reconstruction_error(x, x_rec):
-    """Per-sample Σ_pixels (x - x_rec)²: -log p(x|z) of a Gaussian decoder up to constants. -> (B,)."""
+    """Per-sample Σ_pixels (x - x_rec)²: -log p(x|z) of a Gaussian decoder, up to constants.
+    -> (B,)"""
     return (x - x_rec).pow(2).flatten(1).sum(dim=1)
 
 
 def neg_elbo(x, x_rec, mu, logvar, *, beta_rec, beta_kl, scale):
-    """-ELBO per sample, Eq. (1) with weights: scale·(β_rec·||x - x_rec||² + β_kl·KL). -> (B,).
+    """-ELBO per sample, Eq. (1) weighted: scale·(β_rec·||x - x_rec||² + β_kl·KL) -> (B,).
     scale = 1/(C·H·W) normalises by the image size, as in the Soft-Intro VAE code."""
     # Eq. (1): ELBO(x) = E_q[log p(x|z)] - KL[q(z|x) || p(z)]
     return scale * (beta_rec * reconstruction_error(x, x_rec) + beta_kl * kl_divergence(mu, logvar))
@@ -261,7 +267,7 @@ def exp_elbo(nelbo, *, alpha):
 
 
 def reversed_embedding_loss(feats_x, feats_rec):
-    """Eq. (3), summed over encoder levels l: mean over the batch of 1 - cos(E^l(x), E^l(x_rec)) on the
+    """Eq. (3), summed over encoder levels l: the batch mean of 1 - cos(E^l(x), E^l(x_rec)) on the
     flattened embeddings, plus ½ · MSE(E^l(x), E^l(x_rec)) (mean over all elements)."""
     total = 0.0
     for e_x, e_rec in zip(feats_x, feats_rec):
@@ -272,17 +278,19 @@ def reversed_embedding_loss(feats_x, feats_rec):
 
 
 def encoder_loss(nelbo_real, nelbo_rec, nelbo_fake, l_reversed, *, alpha, lam):
-    """-L_E of Eq. (4): -ELBO(x) + 1/α·exp(α·ELBO(D(z))) + λ·L_Reversed(x). The expELBO term is
-    averaged over the two kinds of generated images: reconstructions D(E(x)) and samples D(z)."""
+    """-L_E of Eq. (4): -ELBO(x) + 1/α·exp(α·ELBO(D(z))) + λ·L_Reversed(x). The expELBO term
+    is averaged over the two kinds of generated images: reconstructions D(E(x)) and samples D(z)."""
     # Eq. (4): L_E(x, z) = ELBO(x) - 1/α (exp(α ELBO(D_θ(z))) + λ L_Reversed(x))   (maximised)
     exp_term = 0.5 * (exp_elbo(nelbo_rec, alpha=alpha) + exp_elbo(nelbo_fake, alpha=alpha))
     return nelbo_real.mean() + exp_term + lam * l_reversed
 
 
-def decoder_loss(rec_real, kl_rec, kl_fake, rec_rec, rec_fake, *, beta_rec, beta_kl, gamma_r, scale):
-    """-L_D of Eq. (2): -ELBO(x) - γ·ELBO(D(z)). Per the reference code, the decoder's -ELBO(x) keeps
-    only the reconstruction term (the KL of x does not depend on θ) and -ELBO(D(z)) is averaged over
-    reconstructions and samples with β_KL on its KL and γ_r·β_Rec on its reconstruction term. All (B,)."""
+def decoder_loss(rec_real, kl_rec, kl_fake, rec_rec, rec_fake, *, beta_rec, beta_kl, gamma_r,
+                 scale):
+    """-L_D of Eq. (2): -ELBO(x) - γ·ELBO(D(z)). As in the reference code, the decoder's
+    -ELBO(x) keeps only the reconstruction term (the KL of x does not depend on θ) and -ELBO(D(z))
+    is averaged over reconstructions and samples, with β_KL on its KL and γ_r·β_Rec on its
+    reconstruction term. All inputs (B,)."""
     # Eq. (2): L_D(x, z) = ELBO(x) + γ ELBO(D_θ(z))   (maximised)
     fake_kl = 0.5 * beta_kl * (kl_rec.mean() + kl_fake.mean())
     fake_rec = 0.5 * gamma_r * beta_rec * (rec_rec.mean() + rec_fake.mean())
@@ -297,14 +305,15 @@ def clahe(x, clip_limit=0.01):
     """eq(.) of Eq. (5): contrast-limited adaptive histogram equalisation (skimage, as the reference
     code) of each image. x: (B, H, W) numpy in [0, 1] -> (B, H, W) float32."""
     from skimage import exposure
-    return np.stack([exposure.equalize_adapthist(np.clip(im, 0, 1).astype(np.float64), clip_limit=clip_limit)
-                     for im in x]).astype(np.float32)
+    eq = [exposure.equalize_adapthist(np.clip(im, 0, 1).astype(np.float64), clip_limit=clip_limit)
+          for im in x]
+    return np.stack(eq).astype(np.float32)
 
 
 class EncoderDistance:
     """LPIPS-style perceptual distance on the trained RA encoder (deviation 1): for every level l,
-    d_l = Σ_c (ê^l_c(a) - ê^l_c(b))² with ê unit-normalised over channels, upsampled (bilinear) to the
-    image size; S(a, b) = mean_l d_l. Needs no download and is computed by the run's own network."""
+    d_l = Σ_c (ê^l_c(a) - ê^l_c(b))² with ê unit-normalised over channels, upsampled (bilinear) to
+    the image size; S(a, b) = mean_l d_l. Needs no download; computed by the run's own network."""
 
     name = "encoder"
 
@@ -328,8 +337,8 @@ class EncoderDistance:
 
 
 class LPIPSDistance:
-    """The paper's S: LPIPS (Zhang et al., 2018) with a SqueezeNet backbone as a spatial map, as in the
-    reference evaluator; a network trained on natural images, frozen and the same for every model."""
+    """The paper's S: LPIPS (Zhang et al., 2018) with a SqueezeNet backbone as a spatial map, as in
+    the reference evaluator; trained on natural images, frozen, the same for every model."""
 
     name = "lpips"
 
@@ -344,20 +353,21 @@ class LPIPSDistance:
 
 
 def load_lpips(device):
-    """lpips.LPIPS(net="squeeze", spatial=True), frozen; without the package or its weights one error
-    line that names the fallback. The `lpips` package is optional, never a requirement."""
+    """lpips.LPIPS(net="squeeze", spatial=True), frozen; without the package or its weights one
+    error line that names the fallback. The `lpips` package is optional, never a requirement."""
     fallback = "or pass --perceptual encoder (deviation 1) to run without it"
     try:
         import lpips
     except ImportError:
-        C.fail(f"--perceptual lpips (S in Eq. 5, the default of --preset paper) needs the optional package "
-               f"`lpips` (pip install lpips; its SqueezeNet weights download on first use); {fallback}")
+        C.fail(f"--perceptual lpips (S in Eq. 5, the default of --preset paper) needs the optional "
+               f"package `lpips` (pip install lpips; its SqueezeNet weights download on first "
+               f"use); {fallback}")
     try:
         net = lpips.LPIPS(net="squeeze", spatial=True, pretrained=True, verbose=False)
     except Exception as e:  # noqa: BLE001 -- no network, no cached weights
         C.fail(f"--perceptual lpips: cannot load the LPIPS weights ({type(e).__name__}: "
-               f"{str(e).splitlines()[0][:120] if str(e) else ''}); download them once with internet "
-               f"access, {fallback}")
+               f"{str(e).splitlines()[0][:120] if str(e) else ''}); download them once with "
+               f"internet access, {fallback}")
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -372,7 +382,7 @@ def smooth_maps(m, sigma):
 
 def eq5_terms(x, x_ph, perceptual=None, *, clip_limit=0.01, sigma=2.0):
     """The factors of Eq. (5) for x, x_ph (B, 1, H, W) in [0, 1]: residuals with and without eq, and
-    S(x_ph, x), S(eq(x_ph), eq(x)) (None without a perceptual network). -> dict of (B, H, W) numpy."""
+    S(x_ph, x), S(eq(x_ph), eq(x)) (None without S) -> dict of (B, H, W) numpy."""
     xn, pn = x[:, 0].float().cpu().numpy(), x_ph[:, 0].float().cpu().numpy()
     ex, ep = clahe(xn, clip_limit), clahe(pn, clip_limit)
     t = {"res": np.abs(pn - xn), "res_eq": np.abs(ep - ex), "S": None, "S_eq": None}
@@ -385,17 +395,17 @@ def eq5_terms(x, x_ph, perceptual=None, *, clip_limit=0.01, sigma=2.0):
 
 def combine_eq5(t, *, eq=True, pl=True):
     """Eq. (5) and its Table 3 ablations from the factors of eq5_terms:
-         eq & PL : |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x))      (RA)
-         PL only : |x_ph - x| · S(x_ph, x)                                   (w/o Hist. Eq.)
-         eq only : |eq(x_ph) - eq(x)|                                        (w/o PL)
-         neither : |x_ph - x|                                                (w/o Hist. Eq. & w/o PL)"""
+         eq & PL : |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x))  (RA)
+         PL only : |x_ph - x| · S(x_ph, x)                               (w/o Hist. Eq.)
+         eq only : |eq(x_ph) - eq(x)|                                    (w/o PL)
+         neither : |x_ph - x|                                            (w/o Hist. Eq. & w/o PL)"""
     if pl and t["S"] is not None:
         # Eq. (5): s(x) = |eq(x_ph) - eq(x)| · S_lpips(x_ph, x) · S_lpips(eq(x_ph), eq(x))
         return t["res_eq"] * t["S"] * t["S_eq"] if eq else t["res"] * t["S"]
     return t["res_eq"] if eq else t["res"]
 
 
-VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual similarity, column of scores.csv)
+VARIANTS = {  # Table 3 rows: name -> (histogram equalisation, perceptual term, scores.csv column)
     "Eq. 5 (eq + PL)": (True, True, "s_eq5"), "w/o Hist. Eq.": (False, True, "s_wo_eq"),
     "w/o PL": (True, False, "s_wo_pl"), "w/o Hist. Eq. & w/o PL": (False, False, "s_neither")}
 
@@ -407,30 +417,34 @@ def anomaly_map(x, x_ph, perceptual=None, *, eq=True, clip_limit=0.01, sigma=2.0
 
 
 def image_score(s):
-    """Global (image-level) anomaly score: the mean of the anomaly map (reference evaluator). (B,H,W)->(B,)."""
+    """Image-level anomaly score: the mean of the map (reference evaluator). (B, H, W) -> (B,)."""
     return s.reshape(len(s), -1).mean(axis=1)
 
 
 @torch.no_grad()
 def score(model, perceptual, x01, args, device, bs=32):
-    """The trained model applied to a set: x01 (N, H, W) in [0, 1] -> the pseudo-healthy x_ph (N, H, W)
-    and the factors of Eq. (5) {res, res_eq, S, S_eq}, (N, H, W) each (S, S_eq None without S)."""
+    """The trained model applied to a set: x01 (N, H, W) in [0, 1] -> the pseudo-healthy x_ph
+    (N, H, W) and the factors of Eq. (5) {res, res_eq, S, S_eq}, (N, H, W) each (S, S_eq None
+    without S)."""
     model.eval()
     phs, terms = [], []
     for i in range(0, len(x01), bs):
-        xb = torch.from_numpy(np.array(x01[i:i + bs], dtype=np.float32))[:, None].to(device)   # (B, 1, H, W)
+        xb = torch.from_numpy(np.array(x01[i:i + bs], dtype=np.float32))[:, None].to(device)
+        # xb: (B, 1, H, W)
         with C.autocast(device, args.amp):
             ph = model.pseudo_healthy(xb).float().clamp(0, 1)
         phs.append(ph[:, 0].cpu().numpy())
-        terms.append(eq5_terms(xb, ph, perceptual, clip_limit=args.clahe_clip, sigma=args.saliency_sigma))
-    cat = {k: (np.concatenate([t[k] for t in terms]) if terms[0][k] is not None else None) for k in terms[0]}
+        terms.append(eq5_terms(xb, ph, perceptual, clip_limit=args.clahe_clip,
+                               sigma=args.saliency_sigma))
+    cat = {k: (np.concatenate([t[k] for t in terms]) if terms[0][k] is not None else None)
+           for k in terms[0]}
     return np.concatenate(phs), cat
 
 
 def threshold_at_fpr(maps, brain, fpr=0.05):
-    """Threshold flagging at most a fraction `fpr` of the brain pixels of HEALTHY validation slices (§4.2):
-    the (n - k)-th smallest value, k = floor(fpr·n), so that at most k pixels lie strictly above it
-    (an interpolated 95th percentile can flag slightly more than 5%)."""
+    """Threshold flagging at most a fraction `fpr` of the brain pixels of HEALTHY validation
+    slices (§4.2): the (n - k)-th smallest value, k = floor(fpr·n), so that at most k pixels lie
+    strictly above it (an interpolated 95th percentile can flag slightly more than 5%)."""
     v = np.sort(np.asarray(maps, dtype=np.float64)[np.asarray(brain) > 0])
     if not len(v):
         C.fail("no brain pixels in the healthy validation slices: cannot set the 5% FPR threshold")
@@ -439,8 +453,8 @@ def threshold_at_fpr(maps, brain, fpr=0.05):
 
 
 def lesion_boxes(mask):
-    """Union of the bounding boxes of the connected components of a 2D mask (stands in for the expert
-    bounding boxes of FastMRI+). (H, W) -> bool (H, W)."""
+    """Union of the bounding boxes of the connected components of a 2D mask (stands in for the
+    expert bounding boxes of FastMRI+). (H, W) -> bool (H, W)."""
     from scipy import ndimage as ndi
     lab, _ = ndi.label(mask > 0, structure=np.ones((3, 3)))            # 8-connected components
     box = np.zeros(mask.shape, bool)
@@ -452,7 +466,8 @@ def lesion_boxes(mask):
 def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
     """§4.2 for one image: s (H, W) anomaly map, box / healthy boolean masks.
     TP = 1 if more than detect_frac of the box pixels exceed the threshold;
-    FP = floor(Σ_healthy s_thr / Σ_box s_thr) (Fig. 7: 13.95 / 3.16 -> 4), s_thr = s where s > threshold;
+    FP = floor(Σ_healthy s_thr / Σ_box s_thr) (Fig. 7: 13.95 / 3.16 -> 4), s_thr = s where
+    s > threshold;
     P = TP / (TP + FP); F1 = 2·P·TP / (P + TP)."""
     s_thr = np.where(s > threshold, s, 0.0)
     flagged_in_box = int((s_thr[box] > 0).sum())
@@ -463,7 +478,8 @@ def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
     precision = tp / (tp + fp) if tp + fp > 0 else 0.0
     # §4.2: F1 = (2 × P × TP) / (P + TP)
     f1 = 2 * precision * tp / (precision + tp) if precision + tp > 0 else 0.0
-    return {"tp": tp, "fp": fp, "precision": precision, "f1": f1, "sum_box": sum_box, "sum_healthy": sum_healthy}
+    return {"tp": tp, "fp": fp, "precision": precision, "f1": f1, "sum_box": sum_box,
+            "sum_healthy": sum_healthy}
 
 
 # =================================================================================================
@@ -481,7 +497,7 @@ def set_requires_grad(module, flag):
 
 
 def train_step(model, x, opt_e, opt_d, hp, device, amp=False):
-    """One encoder update (Eq. 4) then one decoder update (Eq. 2) on a batch x (B, 1, H, W) in [0, 1]."""
+    """One encoder update (Eq. 4), then one decoder update (Eq. 2), on x (B, 1, H, W) in [0, 1]."""
     B = x.shape[0]
     scale = 1.0 / x[0].numel()                                        # 1 / (C·H·W)
     enc, dec = model.encoder, model.decoder
@@ -501,12 +517,13 @@ def train_step(model, x, opt_e, opt_d, hp, device, amp=False):
         rec_rec = dec(reparameterize(mu_r, logvar_r))
         mu_f, logvar_f, _ = enc(fake)
         fake_rec = dec(reparameterize(mu_f, logvar_f))
-    f32 = lambda *ts: [t.float() for t in ts]                          # noqa: E731  losses in float32
+    f32 = lambda *ts: [t.float() for t in ts]          # noqa: E731  (losses in float32 under --amp)
     x_rec, rec_rec, fake_rec, mu, logvar, mu_r, logvar_r, mu_f, logvar_f = f32(
         x_rec, rec_rec, fake_rec, mu, logvar, mu_r, logvar_r, mu_f, logvar_f)
     nelbo_real = neg_elbo(x, x_rec, mu, logvar, beta_kl=hp.beta_kl, **nel)
     nelbo_rec = neg_elbo(x_rec, rec_rec, mu_r, logvar_r, beta_kl=hp.beta_neg, **nel)
     nelbo_fake = neg_elbo(fake.float(), fake_rec, mu_f, logvar_f, beta_kl=hp.beta_neg, **nel)
+    # Eq. (3) on the embeddings of x and of its reconstruction (λ = 0: the SI-VAE backbone)
     l_rev = reversed_embedding_loss([f.float() for f in feats_x], [f.float() for f in feats_rec]) \
         if hp.lam > 0 else torch.zeros((), device=device)
     loss_e = encoder_loss(nelbo_real, nelbo_rec, nelbo_fake, l_rev, alpha=hp.alpha, lam=hp.lam)
@@ -527,21 +544,23 @@ def train_step(model, x, opt_e, opt_d, hp, device, amp=False):
     fake, x_rec, rec_rec, fake_rec, mu_r, logvar_r, mu_f, logvar_f = f32(
         fake, x_rec, rec_rec, fake_rec, mu_r, logvar_r, mu_f, logvar_f)
     loss_d = decoder_loss(reconstruction_error(x, x_rec), kl_divergence(mu_r, logvar_r),
-                          kl_divergence(mu_f, logvar_f), reconstruction_error(x_rec.detach(), rec_rec),
-                          reconstruction_error(fake.detach(), fake_rec), beta_rec=hp.beta_rec, beta_kl=hp.beta_kl,
-                          gamma_r=hp.gamma_r, scale=scale)
+                          kl_divergence(mu_f, logvar_f),
+                          reconstruction_error(x_rec.detach(), rec_rec),
+                          reconstruction_error(fake.detach(), fake_rec), beta_rec=hp.beta_rec,
+                          beta_kl=hp.beta_kl, gamma_r=hp.gamma_r, scale=scale)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
     set_requires_grad(enc, True)
     return {"loss_E": loss_e.detach(), "loss_D": loss_d.detach(), "L_reversed": l_rev.detach(),
-            "mse": (x - x_rec.detach()).pow(2).mean(), "kl_real": kl_divergence(mu, logvar).mean().detach(),
+            "mse": (x - x_rec.detach()).pow(2).mean(),
+            "kl_real": kl_divergence(mu, logvar).mean().detach(),
             "kl_fake": kl_divergence(mu_f, logvar_f).mean().detach()}
 
 
 @torch.no_grad()
 def val_mse(model, x_val, device):
-    """Mean squared error of the pseudo-healthy reconstructions of healthy validation slices (model selection)."""
+    """MSE of the pseudo-healthy reconstructions of healthy validation slices (model selection)."""
     model.eval()
     err = [(model.pseudo_healthy(xb) - xb).pow(2).mean(dim=(1, 2, 3)).cpu() for xb in
            (to01(torch.from_numpy(np.array(x_val[i:i + 64], dtype=np.float32))[:, None].to(device))
@@ -551,16 +570,19 @@ def val_mse(model, x_val, device):
 
 
 def train_batch(S_train, idx, args, augment, device):
-    """The healthy training slices `idx`, augmented (App. B, training only) -> (B, 1, H, W) in [0, 1]."""
+    """The healthy training slices `idx`, augmented (App. B, training only). -> (B, 1, H, W)"""
     x = torch.from_numpy(np.array(S_train.x[np.sort(idx)], dtype=np.float32))[:, None]   # [-1, 1]
     if args.augment:
-        x = C.augment_2d(x, rot_deg=10, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=augment)
+        # App. B: rotation up to 10°, translation up to 0.1, scaling 0.9-1.1, horizontal flips p=0.5
+        x = C.augment_2d(x, rot_deg=10, translate=0.1, scale=(0.9, 1.1), hflip=0.5,
+                         generator=augment)
     return to01(x).clamp(0, 1).to(device)
 
 
 def early_stopping(model, S_val, best, loop, run):
-    """After each epoch (App. A): keep the weights with the lowest validation MSE (reference trainer) and
-    count the epochs since; `best` lives in loop.state, so a resumed run continues it exactly."""
+    """After each epoch (App. A): keep the weights with the lowest validation MSE (reference
+    trainer) and count the epochs since; `best` lives in loop.state, so a resumed run continues
+    it exactly."""
     v = val_mse(model, S_val.x, run.device)
     loop.log({"val_mse": v}, every=1)
     best["epoch"] += 1
@@ -569,7 +591,8 @@ def early_stopping(model, S_val, best, loop, run):
                     weights={k: t.detach().clone() for k, t in model.state_dict().items()})
     else:
         best["since"] += 1
-    run.log(f"epoch {best['epoch']}: validation MSE {v:.4f}{'  (best)' if best['since'] == 0 else ''}")
+    run.log(f"epoch {best['epoch']}: validation MSE {v:.4f}"
+            f"{'  (best)' if best['since'] == 0 else ''}")
 
 
 def train(model, S_train, S_val, args, run):
@@ -582,8 +605,8 @@ def train(model, S_train, S_val, args, run):
     augment = torch.Generator().manual_seed(args.seed)              # App. B augmentation draws
     loop = C.Loop(run, args, {"ra": model}, {"E": opt_e, "D": opt_d}, batches={"train": batches},
                   generators={"augment": augment}, log_every=max(1, batches.steps_per_epoch // 10))
-    best = loop.state.setdefault("early_stopping", dict(val_mse=None, weights=None, since=0, epoch=0,
-                                                        best_epoch=0))
+    best = loop.state.setdefault("early_stopping", dict(val_mse=None, weights=None, since=0,
+                                                        epoch=0, best_epoch=0))
     model.train()
     for _ in loop.phase("train", args.epochs * batches.steps_per_epoch):
         if best["since"] >= args.patience:
@@ -603,14 +626,13 @@ def train(model, S_train, S_val, args, run):
 # Scoring and evaluation
 # =================================================================================================
 
-# ---- §4.1 / App. C.1: synthetic anomalies on held-out normal slices (Table 1) --------------------
+# ---- §4.1 / App. C.1: synthetic anomalies on held-out normal slices (Table 1) -------------------
 
 def synthetic_intensity_anomaly(img, brain, rng):
-    """Three ellipses per image (App. C.1): intensities drawn uniformly between the 1st-5th (hypo),
-    30th-70th (mean-ranged) and 95th-99th (hyper) percentiles of the tissue (brain) intensities; semi-
-    axes ~ N(10, 1) clipped to [8, 12] px, centres uniform in [32, 96] px, angle uniform in [0, 360)
-    degrees -- all lengths given for 128 px and scaled to the image size. img, brain: (H, W).
-    Returns (image with anomalies, boolean mask of the painted pixels)."""
+    """Three ellipses per image (App. C.1): intensities uniform between the 1st-5th (hypo),
+    30th-70th (mean-ranged) and 95th-99th (hyper) percentiles of the tissue (brain) intensities;
+    semi-axes ~ N(10, 1) clipped to [8, 12] px, centres uniform in [32, 96] px, angle uniform in
+    [0, 360) degrees (lengths for 128 px, scaled). img, brain: (H, W) -> (image, painted mask)."""
     from skimage.draw import ellipse
     H, W = img.shape
     k = H / 128.0
@@ -628,14 +650,15 @@ def synthetic_intensity_anomaly(img, brain, rng):
 
 
 def synthetic_texture_anomaly(img, brain, rng):
-    """'Copy-paste' texture anomaly (App. C.1): a rectangle of width/height uniform in [25, 50] px is
-    copied from a random source to a random destination, x in [25, 128 - w], y in [25, 128 - h] (sizes
-    for 128 px, scaled). The mask is the pasted pixels whose value changed."""
+    """'Copy-paste' texture anomaly (App. C.1): a rectangle of width and height uniform in [25, 50]
+    px copied from a random source to a random destination, x in [25, 128 - w], y in [25, 128 - h]
+    (sizes for 128 px, scaled). The mask is the pasted pixels whose value changed."""
     H, W = img.shape
     k = H / 128.0
     h, w = (int(round(rng.uniform(25, 50) * k)) for _ in range(2))
     lo = int(round(25 * k))
-    (sy, dy), (sx, dx) = (rng.integers(lo, max(H - h, lo) + 1, size=2), rng.integers(lo, max(W - w, lo) + 1, size=2))
+    sy, dy = rng.integers(lo, max(H - h, lo) + 1, size=2)
+    sx, dx = rng.integers(lo, max(W - w, lo) + 1, size=2)
     out = img.astype(np.float32).copy()
     out[dy:dy + h, dx:dx + w] = img[sy:sy + h, sx:sx + w]
     mask = np.zeros((H, W), bool)
@@ -643,71 +666,62 @@ def synthetic_texture_anomaly(img, brain, rng):
     return out, mask & (np.abs(out - img) > 1e-6)
 
 
-def synthetic_experiment(model, perceptual, x01, brain, args, device):
-    """§4.1 / Table 1 on held-out normal slices x01 (N, H, W): for each anomaly type, MSE and perceptual
-    distance inside the anomaly between the pseudo-healthy reconstruction and the true normal image
-    (and, for reference, between the anomalous input and the normal image = what copying the input
-    scores), and the pixel AUPRC of the anomaly maps of every Eq. (5) variant."""
+def synthetic_experiment(model, perceptual, T, S_val, S_test, args, device):
+    """§4.1 / Table 1 on the held-out normal test slices (the healthy validation slices where there
+    are none: BraTS tested alone). Per anomaly type: MSE and perceptual distance inside the anomaly
+    between x_ph and the true normal image (and of the anomalous input itself: what copying the
+    input scores), every Eq. (5) variant's pixel AUPRC. -> (table, the slices, Fig. 3's images)"""
+    normal = [i for i in T.keep if T.scans[i].label == 0]
+    x01, brain, on = T.x_test[normal], np.asarray(S_test.brain)[normal], "normal test slices"
+    if not normal:
+        x01, brain, on = T.x_val, np.asarray(S_val.brain), "healthy validation slices (none normal)"
     dist = perceptual if perceptual is not None else EncoderDistance(model.encoder)
+    to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
     res, figs = {}, {}
-    for kind, fn in (("intensity", synthetic_intensity_anomaly), ("texture", synthetic_texture_anomaly)):
-        rng = np.random.default_rng(args.seed + (0 if kind == "intensity" else 1))
-        pairs = [fn(x01[i], brain[i], rng) for i in range(len(x01))]
-        xa = np.stack([p[0] for p in pairs])                                   # (N, H, W)
-        ma = np.stack([p[1] for p in pairs])                                   # (N, H, W) bool
+    for k, (kind, fn) in enumerate((("intensity", synthetic_intensity_anomaly),
+                                    ("texture", synthetic_texture_anomaly))):
+        rng = np.random.default_rng(args.seed + k)
+        xa, ma = map(np.stack, zip(*[fn(x01[i], brain[i], rng) for i in range(len(x01))]))
+        # xa, ma: (N, H, W) anomalous images and their masks
         ph, t = score(model, perceptual, xa, args, device)
-        to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
-        d_ph = dist(to_t(ph), to_t(x01))                                       # S(x_ph, x_normal) (N, H, W)
-        d_in = dist(to_t(xa), to_t(x01))                                       # S(x_anomalous, x_normal)
         keep = [i for i in range(len(xa)) if ma[i].any()]
-        mse = [float(((ph[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
-        per = [float(d_ph[i][ma[i]].mean()) for i in keep]
-        mse_in = [float(((xa[i] - x01[i]) ** 2)[ma[i]].mean()) for i in keep]
-        per_in = [float(d_in[i][ma[i]].mean()) for i in keep]
-        auprc = {}
-        for name, (eq, pl, _) in VARIANTS.items():
-            if pl and t["S"] is None:
-                continue
-            auprc[name] = C.auprc(ma[keep].ravel(), combine_eq5(t, eq=eq, pl=pl)[keep].ravel())
+        inside = lambda v: [float(v[i][ma[i]].mean()) for i in keep]                  # noqa: E731
+        mse, per = inside((ph - x01) ** 2), inside(dist(to_t(ph), to_t(x01)))        # S(x_ph, x)
+        mse_in, per_in = inside((xa - x01) ** 2), inside(dist(to_t(xa), to_t(x01)))
+        auprc = {name: C.auprc(ma[keep].ravel(), combine_eq5(t, eq=eq, pl=pl)[keep].ravel())
+                 for name, (eq, pl, _) in VARIANTS.items() if not (pl and t["S"] is None)}
         res[kind] = {"n": len(keep), "mse_mean": float(np.mean(mse)), "mse_std": float(np.std(mse)),
-                     f"{dist.name}_dist_mean": float(np.mean(per)), f"{dist.name}_dist_std": float(np.std(per)),
-                     "input_mse_mean": float(np.mean(mse_in)), f"input_{dist.name}_dist_mean": float(np.mean(per_in)),
-                     "auprc": auprc}
+                     f"{dist.name}_dist_mean": float(np.mean(per)),
+                     f"{dist.name}_dist_std": float(np.std(per)),
+                     "input_mse_mean": float(np.mean(mse_in)),
+                     f"input_{dist.name}_dist_mean": float(np.mean(per_in)), "auprc": auprc,
+                     "painted_on": on}
         figs[kind] = (xa, ph, ma, t)
-    return res, figs
+    return res, x01, figs
 
 
-# ---- the test slices: rows, localisation (Table 2b), the Eq. (5) variants (Table 3), RA vs SI-VAE ---
+# ---- the test slices: rows, localisation (Table 2b), the Eq. (5) variants (Table 3) --------------
 
 def slice_labels(S):
-    """The rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels (every
-    slice, when its scan has no mask); lesion-free slices of a lesion scan are label 0 of its group.
-    -> labels (N,), the row indices scored, and the anomalous scans left out because none of their
-    scored slices shows the anomaly (kept, their group would look like a normal one)."""
+    """The rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels
+    (every slice, when its scan has no mask); lesion-free slices of a lesion scan are label 0 of its
+    group. -> labels (N,), the row indices scored, and the anomalous scans left out because none of
+    their scored slices shows the anomaly (their group would look like a normal one)."""
     has = np.asarray(S.mask).reshape(len(S.x), -1).any(axis=1)
     scans = [S.cases[c] for c in S.case]
     label = np.array([int(c.label == 1 and (c.mask is None or h)) for c, h in zip(scans, has)])
     shown = {int(S.case[i]) for i in np.nonzero(label)[0]}
     keep = [i for i, c in enumerate(scans) if c.label == 0 or int(S.case[i]) in shown]
-    dropped = sorted({c.id for i, c in enumerate(scans) if c.label == 1 and int(S.case[i]) not in shown})
-    return label, keep, dropped
-
-
-def localize(s_test, S_test, keep, thr, args):
-    """§4.2 on every scored slice with an anomaly mask -> {row index: localization_metrics}."""
-    loc = {}
-    for i in keep:
-        m = np.asarray(S_test.mask[i]) > 0
-        if m.any():
-            box = lesion_boxes(m)
-            healthy = (np.asarray(S_test.brain[i]) > 0) & ~box
-            loc[int(i)] = localization_metrics(s_test[i], box, healthy, thr, args.detect_frac)
-    return loc
+    dropped = {c.id for i, c in enumerate(scans) if c.label == 1 and int(S.case[i]) not in shown}
+    return label, keep, sorted(dropped)
 
 
 def evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args):
-    """Every Eq. (5) variant (Table 3): its pixel threshold at --fpr on the healthy validation slices,
-    its slice scores (a column of `rows`) and its localisation. -> {name: (maps, val scores, thr, loc)}"""
+    """Every Eq. (5) variant (Table 3): its pixel threshold at --fpr on the healthy validation
+    slices, its slice scores (a column of `rows`) and the §4.2 localisation on every scored slice
+    with an anomaly mask. -> {name: (maps, validation scores, threshold, {row: metrics})}"""
+    masks = {i: np.asarray(S_test.mask[i]) > 0 for i in keep}
+    boxes = {i: lesion_boxes(m) for i, m in masks.items() if m.any()}
     out = {}
     for name, (eq, pl, col) in VARIANTS.items():
         if pl and t_test["S"] is None:
@@ -717,46 +731,81 @@ def evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args):
         scores = image_score(s_test)
         for r, i in zip(rows, keep):
             r[col] = float(scores[i])
-        out[name] = (s_test, image_score(s_val), thr, localize(s_test, S_test, keep, thr, args))
+        loc = {i: localization_metrics(s_test[i], b, (np.asarray(S_test.brain[i]) > 0) & ~b, thr,
+                                       args.detect_frac) for i, b in boxes.items()}
+        out[name] = (s_test, image_score(s_val), thr, loc)
     return out
 
 
 def summarize_localization(loc, groups):
-    """Table 2b per group: detected / n, mean F1, mean FP ratio."""
+    """Table 2b per group and in all: detected / n, mean F1, mean FP ratio."""
     out = {}
     for g in sorted({groups[i] for i in loc}) + (["all"] if loc else []):
         v = [loc[i] for i in loc if g in ("all", groups[i])]
         out[g] = {"n": len(v), "detected": int(sum(r["tp"] for r in v)),
-                  "f1_mean": float(np.mean([r["f1"] for r in v])), "fp_mean": float(np.mean([r["fp"] for r in v]))}
+                  "f1_mean": float(np.mean([r["f1"] for r in v])),
+                  "fp_mean": float(np.mean([r["fp"] for r in v]))}
     return out
 
 
-def loc_rows(loc, ids, cases):
-    """Per-slice localisation as rows {id, case, detected, f1} (for paired differences over cases)."""
-    return [{"id": ids[i], "case": cases[i], "detected": m["tp"], "f1": m["f1"]} for i, m in loc.items()]
-
-
 def table3(rows, per, main_name, ids, cases, groups, args):
-    """Table 3 on this model: every Eq. (5) variant's slice AUROC per group (95% intervals over cases)
-    and localisation, and its difference to Eq. (5) (or to this run's map), paired over cases."""
+    """Table 3 on this model: every Eq. (5) variant's slice AUROC per group (95% intervals over
+    scans) and localisation, and its difference to Eq. (5), paired over scans."""
     ref = "Eq. 5 (eq + PL)" if "Eq. 5 (eq + PL)" in per else main_name
+    as_rows = lambda loc: [dict(id=ids[i], case=cases[i], detected=m["tp"], f1=m["f1"])  # noqa
+                           for i, m in loc.items()]
     out = {}
     for name, (_, _, thr, loc) in per.items():
         eq, pl, col = VARIANTS[name]
         ev = C.evaluate(rows, key=col)["groups"]
         anom = [g for g, v in ev.items() if "auroc" in v]
-        e = {"eq": eq, "perceptual": args.perceptual if pl else "none", "threshold": thr,
-             "auroc": {g: ev[g]["auroc"] for g in anom}, "auroc_ci": {g: ev[g]["auroc_ci"] for g in anom},
-             "auroc_mean": float(np.mean([ev[g]["auroc"] for g in anom])),
-             "localization": summarize_localization(loc, groups)}
+        e = out[name] = {"eq": eq, "perceptual": args.perceptual if pl else "none",
+                         "threshold": thr, "auroc": {g: ev[g]["auroc"] for g in anom},
+                         "auroc_ci": {g: ev[g]["auroc_ci"] for g in anom},
+                         "auroc_mean": float(np.mean([ev[g]["auroc"] for g in anom])),
+                         "localization": summarize_localization(loc, groups)}
         if name != ref:
-            a, b = loc_rows(loc, ids, cases), loc_rows(per[ref][3], ids, cases)
-            e["minus_" + ref] = {
-                "auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col, key_b=VARIANTS[ref][2])
-                          for g in [None, *anom]},
-                "detected": paired_case_mean(a, b, "detected"), "f1": paired_case_mean(a, b, "f1")}
-        out[name] = e
+            a, b = as_rows(loc), as_rows(per[ref][3])
+            e["minus_" + ref] = {"auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col,
+                                                                          key_b=VARIANTS[ref][2])
+                                           for g in [None, *anom]},
+                                 "detected": paired_case_mean(a, b, "detected"),
+                                 "f1": paired_case_mean(a, b, "f1")}
     return out
+
+
+def evaluate_test(model, perceptual, S_val, S_test, args, run):
+    """Every Eq. (5) variant on the healthy validation and the test slices -> the rows of scores.csv
+    (one per scored test slice, this run's map as `score`), Tables 2b and 3, the figures' data."""
+    main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
+    x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
+    _, t_val = score(model, perceptual, x_val, args, run.device)
+    ph_test, t_test = score(model, perceptual, x_test, args, run.device)
+    label, keep, dropped = slice_labels(S_test)
+    if dropped:
+        run.log(f"{len(dropped)} anomalous test volumes show no anomaly in their "
+                f"{args.test_slices} middle slice(s) and are not scored (data_info.not_scored)")
+    scans = [S_test.cases[c] for c in S_test.case]
+    ids = {i: f"{scans[i].id}/z{int(S_test.z[i])}" for i in keep}
+    cases, groups = {i: scans[i].id for i in keep}, [c.group for c in scans]
+    rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None,
+             "case": cases[i]} for i in keep]
+    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
+    maps, val_scores, thr, loc = per[main_name]
+    for r, i in zip(rows, keep):
+        m = loc.get(i)
+        r.update(score=r[VARIANTS[main_name][2]], detected=m and m["tp"], fp=m and m["fp"],
+                 f1=m and round(m["f1"], 4))
+    return types.SimpleNamespace(
+        rows=rows, main_name=main_name, x_val=x_val, x_test=x_test, ph_test=ph_test, maps=maps,
+        label=label, keep=keep, dropped=dropped, scans=scans, groups=groups, val_scores=val_scores,
+        thr=thr, loc=loc, table2b=summarize_localization(loc, groups),
+        t3=table3(rows, per, main_name, ids, cases, groups, args))
+
+
+# ---- RA vs its SI-VAE backbone (Table 3, w/o Reverse Loss): two runs on the same slices ---------
+
+SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
 
 
 def model_name(a):
@@ -764,102 +813,58 @@ def model_name(a):
 
 
 def compare_run(rows, args):
-    """'RA vs its SI-VAE backbone' (Table 3 'w/o Reverse Loss'): this run minus the run --compare-run on
-    the same test slices, every Eq. (5) variant both wrote (a column of scores.csv), paired over cases.
-    Only with one S for both models (lpips) does it compare the models alone; with --perceptual
-    encoder each model is scored with its own encoder."""
+    """This run minus the run --compare-run (e.g. RA minus its SI-VAE backbone) on the same test
+    slices, for every Eq. (5) variant both wrote (scores.csv columns), paired over scans. Only with
+    one S for both (lpips) does it compare the models alone: --perceptual encoder uses each model's
+    own encoder."""
     d = Path(args.compare_run)
     other = read_scores(d / "scores.csv")
-    cfg = json.loads((d / "config.json").read_text()).get("args", {}) if (d / "config.json").is_file() else {}
+    cfg = json.loads((d / "config.json").read_text())["args"] if (d / "config.json").is_file() \
+        else {}
     have = {r["id"] for r in other}
     if not all(r["id"] in have for r in rows):
-        C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, --seed, "
-               f"--test-slices or --image-size?); compare runs on the same test slices")
+        C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, "
+               f"--seed, --test-slices or --image-size?); compare runs on the same test slices")
     anom = sorted({r["group"] for r in rows if r["label"] == 1})
     out = {"run": str(d), "this": model_name(vars(args)), "other": model_name(cfg),
            "perceptual": {"this": args.perceptual, "other": cfg.get("perceptual")},
            "same_S": args.perceptual == cfg.get("perceptual") and args.perceptual in SHARED_S}
     for name, (_, _, col) in VARIANTS.items():
-        if col in rows[0] and col in other[0] and other[0][col] != "":
+        if col in rows[0] and other[0].get(col, "") != "":
             out[name] = {g or "all": C.compare_scores(rows, other, g, key_a=col, key_b=col)
                          for g in [None, *anom]}
-    out["detected"] = paired_case_mean(rows, other, "detected")
-    out["f1"] = paired_case_mean(rows, other, "f1")
+    out.update(detected=paired_case_mean(rows, other, "detected"),
+               f1=paired_case_mean(rows, other, "f1"))
     return out
 
 
-def evaluate_test(model, perceptual, S_val, S_test, args, run):
-    """Every Eq. (5) variant on the healthy validation and the test slices -> the rows of scores.csv (one
-    per scored test slice, this run's map as `score`), Table 2b, Table 3, and what the figures need."""
-    main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
-    x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
-    _, t_val = score(model, perceptual, x_val, args, run.device)
-    ph_test, t_test = score(model, perceptual, x_test, args, run.device)
-    label, keep, dropped = slice_labels(S_test)
-    if dropped:
-        run.log(f"{len(dropped)} anomalous test volumes show no anomaly in their {args.test_slices} middle "
-                f"slice(s) and are not scored (data_info.not_scored)")
-    scans = [S_test.cases[c] for c in S_test.case]
-    ids = {i: f"{scans[i].id}/z{int(S_test.z[i])}" for i in keep}
-    cases = {i: scans[i].id for i in keep}
-    groups = [c.group for c in scans]
-    rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None, "case": cases[i]}
-            for i in keep]
-    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
-    maps, val_scores, thr, loc = per[main_name]
-    for r, i in zip(rows, keep):
-        r["score"] = r[VARIANTS[main_name][2]]
-        m = loc.get(i)
-        r.update(detected=m and m["tp"], fp=m and m["fp"], f1=m and round(m["f1"], 4))
-    t3 = table3(rows, per, main_name, ids, cases, groups, args)
-    return types.SimpleNamespace(
-        rows=rows, main_name=main_name, x_val=x_val, x_test=x_test, ph_test=ph_test, maps=maps, label=label,
-        keep=keep, dropped=dropped, scans=scans, groups=groups, val_scores=val_scores, thr=thr, loc=loc,
-        table2b=summarize_localization(loc, groups), t3=t3)
-
-
-def synthetic_table(model, perceptual, T, S_val, S_test, args, device):
-    """Table 1 on the held-out normal test slices, or on the healthy validation slices where there are
-    none (BraTS tested alone) -> (table, the slices, Fig. 3's images)."""
-    normal = [i for i in T.keep if T.scans[i].label == 0]
-    x, brain, on = T.x_test[normal], np.asarray(S_test.brain)[normal], "normal test slices"
-    if not normal:
-        x, brain, on = T.x_val, np.asarray(S_val.brain), "healthy validation slices (no normal test slice)"
-    table, figs = synthetic_experiment(model, perceptual, x, brain, args, device)
-    return {k: {**v, "painted_on": on} for k, v in table.items()}, x, figs
-
-
-def print_tables(table1, groups, table2b, t3, vs):
-    """Table 1 / 2 / 3 on stdout, with 95% intervals over cases where a ranking is read from them."""
-    print("\nTable 1 (synthetic anomalies on held-out normal slices; MSE and distance inside the anomaly)")
+def print_tables(table1, table2b, t3, vs):
+    """Tables 1, 2b, 3 (and this run minus --compare-run) on stdout; differences with 95% intervals
+    over scans, "~" where the interval includes 0 (not resolved)."""
+    ci = lambda d, f=1: (f"{f * d['diff']:+.3f} [{f * d['ci'][0]:+.2f}, "  # noqa: E731
+                         f"{f * d['ci'][1]:+.2f}]{'' if d.get('resolved', True) else ' ~'}")
+    print("\nTable 1 (synthetic anomalies on normal slices: MSE, distance inside it; AUPRC)")
     for kind, r in table1.items():
-        dn = [k for k in r if k.endswith("_dist_mean") and not k.startswith("input")][0]
-        print(f"  {kind:9s}  MSE {r['mse_mean']:.4f} ± {r['mse_std']:.4f}   {dn[:-5]} {r[dn]:.4f}   "
-              f"(input as is: MSE {r['input_mse_mean']:.4f})   AUPRC "
+        dn = next(k for k in r if k.endswith("_dist_mean") and not k.startswith("input"))
+        print(f"  {kind:9s}  MSE {r['mse_mean']:.4f} ± {r['mse_std']:.4f}  {dn[:-5]} {r[dn]:.4f}  "
+              f"(input: MSE {r['input_mse_mean']:.4f})  "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["auprc"].items()))
-    print("Table 2a (detection AUROC per group, 95% interval over scans)")
-    print("  " + ", ".join(f"{g} {C.fmt_ci(v['auroc'], v['auroc_ci'])}" for g, v in groups.items() if "auroc" in v))
-    print("Table 2b (localisation at <= 5% healthy-pixel FPR: detected / n, mean F1)")
-    print("  " + ", ".join(f"{g} {v['detected']}/{v['n']} F1 {100 * v['f1_mean']:.1f}" for g, v in table2b.items()))
-    print("Table 3 (the Eq. 5 variants on this model; differences to the reference paired over scans)")
+    print("Table 2b (localisation at <= 5% healthy-pixel FPR: detected / n, mean F1)\n  "
+          + ", ".join(f"{g} {v['detected']}/{v['n']} F1 {100 * v['f1_mean']:.1f}"
+                      for g, v in table2b.items()))
+    print("Table 3 (Eq. 5 variants of this model; Δ to Eq. 5 paired over scans: AUROC, F1)")
     for name, v in t3.items():
         loc = v["localization"].get("all", {})
-        line = (f"  {name:24s} mean AUROC {v['auroc_mean']:.3f}   detected {loc.get('detected', 0)}/"
-                f"{loc.get('n', 0)}   F1 {100 * loc.get('f1_mean', 0):.1f}")
         d = next((x for k, x in v.items() if k.startswith("minus_")), None)
-        if d:
-            a = d["auroc"]["all"]
-            line += (f"   ΔAUROC {a['diff']:+.3f} [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}]"
-                     f"{'' if a['resolved'] else ' (not resolved)'}   ΔF1 {100 * d['f1']['mean']:+.1f} "
-                     f"[{100 * d['f1']['ci'][0]:+.1f}, {100 * d['f1']['ci'][1]:+.1f}]")
-        print(line)
+        delta = "" if d is None else (f"  ΔAUROC {ci(d['auroc']['all'])}  "
+                                      f"ΔF1 {ci({'diff': d['f1']['mean'], **d['f1']}, 100)}")
+        print(f"  {name:24s} mean AUROC {v['auroc_mean']:.3f}  detected {loc.get('detected', 0)}/"
+              f"{loc.get('n', 0)}  F1 {100 * loc.get('f1_mean', 0):.1f}{delta}")
     if vs:
-        print(f"{vs['this']} minus {vs['other']} ({vs['run']}; same S: {vs['same_S']})")
+        print(f"{vs['this']} minus {vs['other']} ({vs['run']}; the same S: {vs['same_S']}), ΔAUROC")
         for name, v in vs.items():
             if isinstance(v, dict) and "all" in v:
-                a = v["all"]
-                print(f"  {name:24s} ΔAUROC {a['diff']:+.3f} [{a['ci'][0]:+.2f}, {a['ci'][1]:+.2f}]"
-                      f"{'' if a['resolved'] else ' (not resolved)'}")
+                print(f"  {name:24s} {ci(v['all'])}")
 
 
 # =================================================================================================
@@ -868,7 +873,7 @@ def print_tables(table1, groups, table2b, t3, vs):
 
 def load_trained(args, model, run):
     """--checkpoint: the best weights of a finished run into `model` (C.load_models: the last.pt of
-    another script or of other network flags is one error line) -> what main reports of its training."""
+    another script or of other network flags is one error line) -> what main reports of training."""
     ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
     best = ck["loop"].get("early_stopping") or {}
     if best.get("weights") is not None:
@@ -882,7 +887,7 @@ def load_trained(args, model, run):
 def main(argv=None):
     args = parse_args(argv)
     run = C.start_run(args, METHOD)
-    lpips_net = LPIPSDistance(run.device) if args.perceptual == "lpips" else None   # fail before training
+    lpips = LPIPSDistance(run.device) if args.perceptual == "lpips" else None  # fails early
     model = SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size)
     model = model.to(run.device)
     run.log(f"Soft-Intro VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -890,8 +895,8 @@ def main(argv=None):
     trained = load_trained(args, model, run) if args.checkpoint else None
     data = datasets.load_dataset(args, contrast="t1")
     if not data.val:
-        C.fail(f"--data {args.data}: no healthy validation volumes (needed for the 5% FPR threshold)")
-    kw = dict(size=(args.image_size, args.image_size), norm="mri", center=0.5, cache_dir=args.cache_dir)
+        C.fail(f"--data {args.data}: no healthy validation volumes (for the 5% FPR threshold)")
+    kw = dict(size=(args.image_size,) * 2, norm="mri", center=0.5, cache_dir=args.cache_dir)
     S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **kw)
     S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **kw)
     if trained is None:
@@ -902,30 +907,34 @@ def main(argv=None):
                        n_slices=len(S_train.x))
 
     t_score = time.perf_counter()
-    perceptual = {"encoder": EncoderDistance(model.encoder), "lpips": lpips_net, "none": None}[args.perceptual]
+    perceptual = {"encoder": EncoderDistance(model.encoder), "lpips": lpips,
+                  "none": None}[args.perceptual]
     T = evaluate_test(model, perceptual, S_val, S_test, args, run)
-    table1, x_syn, figs = synthetic_table(model, perceptual, T, S_val, S_test, args, run.device)
+    table1, x_syn, figs = synthetic_experiment(model, perceptual, T, S_val, S_test, args,
+                                               run.device)
     vs = compare_run(T.rows, args) if args.compare_run else None
     score_s = time.perf_counter() - t_score
     examples = plot_figures(T, S_test, x_syn, figs, run.out)
 
-    best = trained["state"].get("early_stopping") or {}
-    name = model_name(vars(args))
+    best, name = trained["state"].get("early_stopping") or {}, model_name(vars(args))
     extra = {"method_variant": name, "anomaly_map": T.main_name, "perceptual": args.perceptual,
-             "threshold_5pct_fpr": T.thr, "table1_synthetic": table1, "table2b_localization": T.table2b,
-             "table3_ablation": T.t3, **({"vs_run": vs} if vs else {}),
+             "threshold_5pct_fpr": T.thr, "table1_synthetic": table1,
+             "table2b_localization": T.table2b, "table3_ablation": T.t3,
+             **({"vs_run": vs} if vs else {}),
              "train": {"n_slices": trained["n_slices"], "epochs_run": best.get("epoch", 0),
                        "best_epoch": best.get("best_epoch"), "best_val_mse": best.get("val_mse")},
              "checkpoint_io": trained["io"],
-             "figures": ["examples.png", "losses.png", "synthetic.png (Fig. 3)", "localization.png (Fig. 7)"]}
-    timing = {"train_s": trained["train_s"], "score_s": score_s, "score_s_per_sample": score_s / len(T.rows)}
+             "figures": ["examples.png", "losses.png", "synthetic.png (Fig. 3)",
+                         "localization.png (Fig. 7)"]}
+    timing = {"train_s": trained["train_s"], "score_s": score_s,
+              "score_s_per_sample": score_s / len(T.rows)}
     res = C.report(run, args, "slice", T.rows, timing, extra=extra, data_info={
         **data.info, "test_slices_per_volume": args.test_slices, "not_scored": T.dropped},
         val_scores=T.val_scores, threshold_pct=100 * (1 - args.fpr), history=trained["history"],
         examples=examples, titles={"roc": f"{name}: slice-level ROC, normal scans vs each group",
-                                   "losses": f"{name} training: -L_E (Eq. 4), -L_D (Eq. 2), L_Reversed "
-                                             f"(Eq. 3), MSE", "losses_logy": True})
-    print_tables(table1, res["groups"], T.table2b, T.t3, vs)
+                                   "losses": f"{name} training: -L_E (Eq. 4), -L_D (Eq. 2), "
+                                             f"L_Reversed (Eq. 3), MSE", "losses_logy": True})
+    print_tables(table1, T.table2b, T.t3, vs)
     return res
 
 
@@ -933,95 +942,76 @@ def main(argv=None):
 # Appendix: the paper's figures (Fig. 3, Fig. 7)
 # =================================================================================================
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_figures(T, S_test, x_syn, figs, out):
-    """Fig. 3 (synthetic.png) and Fig. 7 (localization.png); -> the rows of examples.png (C.report)."""
-    ex_rows, seen, score_of = [], {}, {i: r["score"] for i, r in zip(T.keep, T.rows)}
+    """Fig. 3 (synthetic.png) and Fig. 7 (localization.png); -> the rows of examples.png (C.report):
+    two normal slices and one anomalous slice of every group."""
+    ex, seen, score_of = [], {}, {i: r["score"] for i, r in zip(T.keep, T.rows)}
     for i in T.keep:
         grp = T.groups[i] if T.label[i] or T.scans[i].label == 0 else None
         if grp is not None and seen.get(grp, 0) < (2 if grp == "normal" else 1):
             seen[grp] = seen.get(grp, 0) + 1
-            ex_rows.append({"title": f"{grp} ({score_of[i]:.3g})", "input": T.x_test[i] * 2 - 1,
-                            "reconstruction": T.ph_test[i] * 2 - 1, "amap": T.maps[i],
-                            "gt": np.asarray(S_test.mask[i]) if T.label[i] else None})
-    ex_rows.sort(key=lambda r: (not r["title"].startswith("normal"), r["title"]))
-    plot_fig3(x_syn, figs, VARIANTS[T.main_name][:2], out / "synthetic.png")
-    fig7 = []
+            ex.append({"title": f"{grp} ({score_of[i]:.3g})", "input": T.x_test[i] * 2 - 1,
+                       "reconstruction": T.ph_test[i] * 2 - 1, "amap": T.maps[i],
+                       "gt": np.asarray(S_test.mask[i]) if T.label[i] else None})
+    eq, pl = VARIANTS[T.main_name][:2]
+    rows3 = []
+    for kind, (xa, ph, ma, t) in figs.items():   # Fig. 3: input | x_ph | true normal image | map
+        for i in range(min(3, len(x_syn))):
+            s = combine_eq5({k: (v[i:i + 1] if v is not None else None) for k, v in t.items()},
+                            eq=eq, pl=pl)[0]
+            rows3.append((kind, [(xa[i], "input (synthetic anomaly)", None, [(ma[i], "cyan")]),
+                                 (ph[i], "pseudo-healthy x_ph", None, []),
+                                 (x_syn[i], "ground truth (normal)", None, []),
+                                 (s, "anomaly map, Eq. (5)", float(s.max()), [(ma[i], "cyan")])],
+                          ""))
+    plot_grid(rows3, out / "synthetic.png", "Fig. 3 style: synthetic anomalies and pseudo-healthy "
+              "reconstructions (cyan: the anomaly)")
+    rows7, shown = [], []                        # Fig. 7: per group its first detected slice
     for grp in sorted({T.groups[i] for i in T.loc}):
         cand = [i for i in sorted(T.loc) if T.groups[i] == grp]
-        i = next((j for j in cand if T.loc[j]["tp"]), cand[0])
-        m = np.asarray(S_test.mask[i]) > 0
-        fig7.append({"x": T.x_test[i], "ph": T.ph_test[i], "s": T.maps[i], "thr": T.thr, "mask": m,
-                     "box": lesion_boxes(m), "m": T.loc[i], "title": grp})
-    plot_fig7(fig7, out / "localization.png")
-    return ex_rows
+        shown.append((grp, next((j for j in cand if T.loc[j]["tp"]), cand[0])))
+    vmax = float(np.percentile(T.maps[[i for _, i in shown]], 99.5)) if shown else 1.0
+    for grp, i in shown:
+        m, s, r = np.asarray(S_test.mask[i]) > 0, T.maps[i], T.loc[i]
+        box = lesion_boxes(m)
+        rows7.append((grp, [(T.x_test[i], "input", None, []),
+                            (T.ph_test[i], "pseudo-healthy", None, []),
+                            (s, "anomaly map", vmax, []),
+                            (np.where(s > T.thr, s, 0), "thresholded (5% FPR)", vmax,
+                             [(box, "lime")]),
+                            (T.x_test[i], "annotation", None, [(m, "red"), (box, "lime")])],
+                      f"TP {r['tp']}\nFP {r['fp']}\nF1 {r['f1']:.2f}"))
+    plot_grid(rows7, out / "localization.png", "Fig. 7 style: localisation at the 5% healthy-pixel "
+              "FPR threshold (red: anomaly mask, green: its boxes)")
+    return ex
 
 
-def plot_fig3(x01, figs, main_variant, path, n=3):
-    """Fig. 3: input with synthetic anomalies | pseudo-healthy | ground truth (normal) | anomaly map."""
-    plt = _plt()
-    rows = [(k, i) for k in figs for i in range(min(n, len(x01)))]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(9.2, 2.35 * len(rows)), squeeze=False)
-    eq, pl = main_variant
-    for r, (kind, i) in enumerate(rows):
-        xa, ph, ma, t = figs[kind]
-        s = combine_eq5({k: (v[i:i + 1] if v is not None else None) for k, v in t.items()}, eq=eq, pl=pl)[0]
-        for c, (img, title) in enumerate(((xa[i], "input (synthetic anomaly)"), (ph[i], "pseudo-healthy x_ph"),
-                                          (x01[i], "ground truth (normal)"), (s, "anomaly map, Eq. (5)"))):
-            ax = axes[r, c]
-            ax.axis("off")
-            ax.imshow(img, cmap="gray" if c < 3 else "inferno", vmin=0, vmax=1 if c < 3 else max(float(s.max()), 1e-6))
-            if c in (0, 3):
-                ax.contour(ma[i], levels=[0.5], colors="cyan", linewidths=0.7)
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        axes[r, 0].text(-0.06, 0.5, kind, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center")
-    h = fig.get_figheight()
-    fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
-    fig.suptitle("Fig. 3 style: synthetic anomalies and pseudo-healthy reconstructions (contour = anomaly)", fontsize=9,
-                 y=1 - 0.1 / h, va="top")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_fig7(items, path):
-    """Fig. 7: input | pseudo-healthy | anomaly map | thresholded map | annotation (mask + box)."""
-    plt = _plt()
-    if not items:
+def plot_grid(rows, path, title):
+    """rows: [(row label, [(image, column title, vmax, [(contour mask, colour)]), ...], note)]: an
+    image in grey on [0, 1] (vmax None) or a map in inferno on [0, vmax]; the note at the right."""
+    if not rows:
         return
-    fig, axes = plt.subplots(len(items), 5, figsize=(11.5, 2.35 * len(items)), squeeze=False)
-    vmax = max(float(np.percentile(np.concatenate([it["s"].ravel() for it in items]), 99.5)), 1e-6)
-    for r, it in enumerate(items):
-        thr_map = np.where(it["s"] > it["thr"], it["s"], 0)
-        panels = [(it["x"], "input", "gray", 1), (it["ph"], "pseudo-healthy", "gray", 1),
-                  (it["s"], "anomaly map", "inferno", vmax), (thr_map, "thresholded (5% FPR)", "inferno", vmax),
-                  (it["x"], "annotation", "gray", 1)]
-        for c, (img, title, cmap, vm) in enumerate(panels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.3 * n, 2.35 * len(rows)), squeeze=False)
+    for r, (label, panels, note) in enumerate(rows):
+        for c, (img, col, vmax, contours) in enumerate(panels):
             ax = axes[r, c]
             ax.axis("off")
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=vm)
-            if c == 4:
-                ax.contour(it["mask"], levels=[0.5], colors="red", linewidths=0.8)
-                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.8)
-            if c == 3:
-                ax.contour(it["box"], levels=[0.5], colors="lime", linewidths=0.6)
+            ax.imshow(img, cmap="gray" if vmax is None else "inferno", vmin=0,
+                      vmax=1 if vmax is None else max(vmax, 1e-6))
+            for mask, colour in contours:
+                ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.7)
             if r == 0:
-                ax.set_title(title, fontsize=9)
-        m = it["m"]
-        axes[r, 4].text(1.04, 0.5, f"TP {m['tp']}\nFP {m['fp']}\nF1 {m['f1']:.2f}", transform=axes[r, 4].transAxes,
+                ax.set_title(col, fontsize=9)
+        axes[r, 0].text(-0.06, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, ha="right",
                         va="center", fontsize=8)
-        axes[r, 0].text(-0.06, 0.5, it["title"], transform=axes[r, 0].transAxes, rotation=90, ha="right",
-                        va="center", fontsize=8)
+        axes[r, -1].text(1.04, 0.5, note, transform=axes[r, -1].transAxes, va="center", fontsize=8)
     h = fig.get_figheight()
     fig.subplots_adjust(top=1 - 0.7 / h, wspace=0.04, hspace=0.12)
-    fig.suptitle("Fig. 7 style: localisation at the 5% healthy-pixel FPR threshold (red: anomaly mask, green: its "
-                 "boxes); per group the first detected slice, else the first slice", fontsize=9, y=1 - 0.1 / h, va="top")
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / h, va="top")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -1029,7 +1019,7 @@ def plot_fig7(items, path):
 # ---- proposed for common.py (the lead moves it) --------------------------------------------------
 
 def read_scores(path):
-    """The rows of a scores.csv (strings; labels as int)."""
+    """The rows of a scores.csv (values as strings, labels as int), e.g. to compare two runs."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -1038,8 +1028,8 @@ def read_scores(path):
 
 
 def paired_case_mean(rows_a, rows_b, key):
-    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by id;
-    blanks skipped), with its 95% interval over cases (C.mean_ci): paired per-slice counts (TP, F1)."""
+    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by
+    id, blanks skipped), with its 95% interval over cases (mean_ci): paired per-unit TP, F1, ..."""
     b = {r["id"]: r for r in rows_b}
     per = {}
     for r in rows_a:
