@@ -4,16 +4,14 @@
     Unsupervised Anomaly Detection: Towards Unbiased Pathology Screening." MIDL 2023, PMLR 227.
     https://openreview.net/forum?id=8ojx-Ld3yjR; reference code https://github.com/ci-ber/RA
 
-Idea: a Soft-Intro VAE (encoder and decoder trained adversarially, no discriminator) whose encoder
-also matches the multi-scale embeddings of an input and of its reconstruction (the "reversed" loss),
-trained on healthy T1w slices. It reconstructs a scan pseudo-healthy; the anomaly map is the
-histogram-equalised residual times two perceptual distances.
+A Soft-Intro VAE (encoder and decoder trained adversarially, no discriminator) whose encoder also
+matches the multi-scale embeddings of an input and of its reconstruction (the "reversed" loss) is
+trained on healthy T1w slices; its reconstruction of a scan is pseudo-healthy, and the anomaly map
+is the histogram-equalised residual times two perceptual distances.
 
   Eq. (1)  ELBO(x) = E_q[log p(x|z)] - KL[q(z|x) || p(z)]                 neg_elbo, kl_divergence
-  Eq. (2)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))),  L_D = ELBO(x) + γ ELBO(D(z))   (maximised)
-                                                                          exp_elbo, decoder_loss
-  Eq. (3)  L_Reversed(x) = Σ_l 1 - cos(E^l(x), E^l(x_rec)) + ½ MSE(E^l(x), E^l(x_rec))
-                                                                          reversed_embedding_loss
+  Eq. (2)  L_E = ELBO - 1/α exp(α ELBO(D(z))), L_D = ELBO + γ ELBO(D(z))   exp_elbo, decoder_loss
+  Eq. (3)  L_Reversed = Σ_l 1 - cos(E^l(x), E^l(x_rec)) + ½ MSE(..)      reversed_embedding_loss
   Eq. (4)  L_E = ELBO(x) - 1/α exp(α ELBO(D(z))) - λ L_Reversed(x), λ = 5e-3   encoder_loss
   Eq. (5)  s(x) = |eq(x_ph) - eq(x)| · S(x_ph, x) · S(eq(x_ph), eq(x)), eq = CLAHE   anomaly_map
   §4.1, App. C.1  synthetic ellipses / copy-paste textures on normal slices (Table 1, Fig. 3)
@@ -22,29 +20,25 @@ histogram-equalised residual times two perceptual distances.
   App. D   Table 3: w/o reverse loss (--no-reverse, the SI-VAE backbone), w/o eq, w/o PL
 
 Deviations from the paper
-  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet weights) under --preset paper; without the
-     `lpips` package or its weights the run stops and names the fallback. quick/smoke use
-     --perceptual encoder: an LPIPS-style distance on the run's own trained encoder (unit-normalised
-     features per level, squared difference summed over channels, upsampled, averaged; no learned
-     channel weights). It needs no download, but each model is then scored with its own S.
-  2. Data: the built-in T1 phantom stands in for FastMRI+/IXI. Slices from datasets.slice_stack
-     (brain 1-99 percentiles to [-1, 1], then [0, 1] for the sigmoid decoder), not App. B's
-     98th-percentile scaling; --train-slices / --test-slices around the middle (paper: the middle).
-  3. Test units: slices. A slice of an anomalous scan is anomalous when it holds anomaly voxels
-     (every slice, when its scan has no mask); scans whose scored slices show no anomaly are left
-     out. The image score is the mean of the map (reference code; the paper does not say).
-  4. Localisation: the 5% FPR counts brain pixels of healthy validation slices (the reference code
-     counts all pixels); boxes are the bounding boxes of the mask's components (no expert boxes);
-     FP is floored as in Fig. 7 and divided by Σ_box s as written (the code: max(Σ_box s, 1)).
+  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet) under --preset paper; without the `lpips` package
+     or its weights the run stops and names the fallback. quick/smoke use --perceptual encoder, an
+     LPIPS-style distance on the run's own trained encoder (no download, no learned channel
+     weights), so that each model is scored with its own S.
+  2. Data: the built-in T1 phantom stands in for FastMRI+/IXI; datasets.slice_stack normalises the
+     brain's 1-99 percentiles to [-1, 1] (then [0, 1]), not App. B's 98th percentile; --train-slices
+     and --test-slices slices around the middle (paper: the middle one).
+  3. Test units are slices: anomalous when they hold anomaly voxels (all of a scan without a mask);
+     scans whose scored slices show none are left out. Image score = mean of the map (reference).
+  4. The 5% FPR counts brain pixels of healthy validation slices (the reference code: all pixels);
+     boxes bound the mask's components (no expert boxes); FP is floored as in Fig. 7 and divided by
+     Σ_box s as written (the code: max(Σ_box s, 1)).
   5. x_ph = D(μ(x)) (the reference evaluator samples z).
   6. From the reference code, not the paper: α = 2, γ_r = 1e-8 on the reconstruction part of
-     ELBO(D(z)) in L_D, expELBO averaged over reconstructions D(E(x)) and samples D(z), all terms
-     scaled by 1/(C·H·W), Gaussian smoothing (σ = 2 px at 128²) of S, latent size 128 (App. A: "a
-     bottleneck of 256 filters"). App. A's β_Rec = 1, β_Neg = 256 (the trainer uses 0.5, 128).
-  7. Up to 1500 epochs, early stopping after 500 (App. A), keeping the weights of the lowest
-     validation MSE (reference trainer). quick is scaled down (see QUICK).
-  8. Every AUROC has a 95% interval over scans; Table 3's ablations and RA vs SI-VAE
-     (--compare-run) are differences paired over scans.
+     ELBO(D(z)) in L_D, expELBO averaged over D(E(x)) and D(z), terms scaled by 1/(C·H·W), S
+     smoothed (σ = 2 px at 128²), latent size 128. App. A's β_Rec = 1, β_Neg = 256 (code: 0.5, 128).
+  7. Early stopping keeps the weights of the lowest validation MSE (reference trainer); quick is
+     scaled down (see QUICK). AUROCs have 95% intervals over scans; Table 3's ablations and RA vs
+     SI-VAE (--compare-run) are differences paired over scans.
 
 Run it
   python reversed_ae.py --out runs/ra                      # quick preset, phantom, a CPU
@@ -136,11 +130,16 @@ def check_args(args):
     if args.image_size % (2 ** len(args.channel_list)):
         C.fail(f"--image-size {args.image_size} must be divisible by 2^{len(args.channel_list)} "
                f"(one halving per level of --channels {args.channels})")
-    if args.compare_run and not (Path(args.compare_run) / "scores.csv").is_file():
-        C.fail(f"--compare-run {args.compare_run}: no scores.csv there; pass the --out of a "
-               f"finished run")
+    if args.compare_run and not all((Path(args.compare_run) / f).is_file()
+                                    for f in ("scores.csv", "config.json")):
+        C.fail(f"--compare-run {args.compare_run}: no scores.csv and config.json there; pass the "
+               f"--out of a finished run of this script")
     if not args.reverse:
         args.lam = 0.0
+
+
+def model_name(a):
+    return "RA" if float(a.get("lam", 1)) > 0 else "SI-VAE (--no-reverse)"
 
 
 def parse_args(argv=None):
@@ -482,6 +481,26 @@ def localization_metrics(s, box, healthy, threshold, detect_frac=0.1):
             "sum_healthy": sum_healthy}
 
 
+def localize(s_val, brain_val, maps, boxes, brains, args):
+    """§4.2 on a set: the threshold that flags --fpr of the healthy validation brain pixels, then
+    localization_metrics of every map with lesion boxes. -> (threshold, {index: metrics})"""
+    thr = threshold_at_fpr(s_val, brain_val, args.fpr)
+    return thr, {i: localization_metrics(maps[i], b, (np.asarray(brains[i]) > 0) & ~b, thr,
+                                         args.detect_frac) for i, b in boxes.items()}
+
+
+def summarize_localization(loc, groups):
+    """Table 2b per group and in all: detected / n, the mean FP ratio and (§4.2) the mean F1,
+    F̄1 = 1/N Σ_i 2·P_i·TP_i / (P_i + TP_i), over the N annotated slices."""
+    out = {}
+    for g in sorted({groups[i] for i in loc}) + (["all"] if loc else []):
+        v = [loc[i] for i in loc if g in ("all", groups[i])]
+        out[g] = {"n": len(v), "detected": int(sum(r["tp"] for r in v)),
+                  "f1_mean": float(np.mean([r["f1"] for r in v])),
+                  "fp_mean": float(np.mean([r["fp"] for r in v]))}
+    return out
+
+
 # =================================================================================================
 # Training (the Soft-Intro VAE updates of the reference trainer + the reversed loss of Eq. 3/4)
 # =================================================================================================
@@ -622,6 +641,19 @@ def train(model, S_train, S_val, args, run):
     return loop, train_s
 
 
+def load_trained(args, model, run):
+    """--checkpoint: the best weights of a finished run into `model` (C.load_models: the last.pt of
+    another script or of other network flags is one error line) -> what main reports of training."""
+    ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
+    best = ck["loop"].get("early_stopping") or {}
+    if best.get("weights") is not None:
+        model.load_state_dict(best["weights"])
+    if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
+        C.save_checkpoint(run.out / "last.pt", ck)
+    run.log(f"scoring with {args.checkpoint}")
+    return dict(history=ck["history"], state=ck["loop"], io=None, train_s=0.0, n_slices=None)
+
+
 # =================================================================================================
 # Scoring and evaluation
 # =================================================================================================
@@ -667,10 +699,9 @@ def synthetic_texture_anomaly(img, brain, rng):
 
 
 def synthetic_experiment(model, perceptual, T, S_val, S_test, args, device):
-    """§4.1 / Table 1 on the held-out normal test slices (the healthy validation slices where there
-    are none: BraTS tested alone). Per anomaly type: MSE and perceptual distance inside the anomaly
-    between x_ph and the true normal image (and of the anomalous input itself: what copying the
-    input scores), every Eq. (5) variant's pixel AUPRC. -> (table, the slices, Fig. 3's images)"""
+    """§4.1 / Table 1 on held-out normal test slices (healthy validation ones if none: BraTS alone):
+    per anomaly type, MSE and S inside the anomaly between x_ph (and, for reference, the input) and
+    the true normal image, and each Eq. (5) variant's pixel AUPRC -> (table, slices, Fig. 3 data)"""
     normal = [i for i in T.keep if T.scans[i].label == 0]
     x01, brain, on = T.x_test[normal], np.asarray(S_test.brain)[normal], "normal test slices"
     if not normal:
@@ -703,10 +734,9 @@ def synthetic_experiment(model, perceptual, T, S_val, S_test, args, device):
 # ---- the test slices: rows, localisation (Table 2b), the Eq. (5) variants (Table 3) --------------
 
 def slice_labels(S):
-    """The rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels
-    (every slice, when its scan has no mask); lesion-free slices of a lesion scan are label 0 of its
-    group. -> labels (N,), the row indices scored, and the anomalous scans left out because none of
-    their scored slices shows the anomaly (their group would look like a normal one)."""
+    """Rows contract: a slice of an anomalous scan is anomalous when it holds anomaly voxels (all,
+    without a mask), else label 0 of its scan's group. -> labels (N,), the rows scored, anomalous
+    scans left out as none of their slices shows the anomaly (their group would look normal)."""
     has = np.asarray(S.mask).reshape(len(S.x), -1).any(axis=1)
     scans = [S.cases[c] for c in S.case]
     label = np.array([int(c.label == 1 and (c.mask is None or h)) for c, h in zip(scans, has)])
@@ -716,67 +746,35 @@ def slice_labels(S):
     return label, keep, sorted(dropped)
 
 
-def evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args):
-    """Every Eq. (5) variant (Table 3): its pixel threshold at --fpr on the healthy validation
-    slices, its slice scores (a column of `rows`) and the §4.2 localisation on every scored slice
-    with an anomaly mask. -> {name: (maps, validation scores, threshold, {row: metrics})}"""
-    masks = {i: np.asarray(S_test.mask[i]) > 0 for i in keep}
-    boxes = {i: lesion_boxes(m) for i, m in masks.items() if m.any()}
-    out = {}
-    for name, (eq, pl, col) in VARIANTS.items():
-        if pl and t_test["S"] is None:
-            continue
-        s_val, s_test = combine_eq5(t_val, eq=eq, pl=pl), combine_eq5(t_test, eq=eq, pl=pl)
-        thr = threshold_at_fpr(s_val, S_val.brain, args.fpr)
-        scores = image_score(s_test)
-        for r, i in zip(rows, keep):
-            r[col] = float(scores[i])
-        loc = {i: localization_metrics(s_test[i], b, (np.asarray(S_test.brain[i]) > 0) & ~b, thr,
-                                       args.detect_frac) for i, b in boxes.items()}
-        out[name] = (s_test, image_score(s_val), thr, loc)
-    return out
-
-
-def summarize_localization(loc, groups):
-    """Table 2b per group and in all: detected / n, mean F1, mean FP ratio."""
-    out = {}
-    for g in sorted({groups[i] for i in loc}) + (["all"] if loc else []):
-        v = [loc[i] for i in loc if g in ("all", groups[i])]
-        out[g] = {"n": len(v), "detected": int(sum(r["tp"] for r in v)),
-                  "f1_mean": float(np.mean([r["f1"] for r in v])),
-                  "fp_mean": float(np.mean([r["fp"] for r in v]))}
-    return out
-
-
 def table3(rows, per, main_name, ids, cases, groups, args):
     """Table 3 on this model: every Eq. (5) variant's slice AUROC per group (95% intervals over
     scans) and localisation, and its difference to Eq. (5), paired over scans."""
     ref = "Eq. 5 (eq + PL)" if "Eq. 5 (eq + PL)" in per else main_name
-    as_rows = lambda loc: [dict(id=ids[i], case=cases[i], detected=m["tp"], f1=m["f1"])  # noqa
-                           for i, m in loc.items()]
+    loc_rows = {n: [dict(id=ids[i], case=cases[i], detected=m["tp"], f1=m["f1"])
+                    for i, m in p[3].items()] for n, p in per.items()}
     out = {}
     for name, (_, _, thr, loc) in per.items():
         eq, pl, col = VARIANTS[name]
         ev = C.evaluate(rows, key=col)["groups"]
         anom = [g for g, v in ev.items() if "auroc" in v]
-        e = out[name] = {"eq": eq, "perceptual": args.perceptual if pl else "none",
-                         "threshold": thr, "auroc": {g: ev[g]["auroc"] for g in anom},
-                         "auroc_ci": {g: ev[g]["auroc_ci"] for g in anom},
-                         "auroc_mean": float(np.mean([ev[g]["auroc"] for g in anom])),
-                         "localization": summarize_localization(loc, groups)}
+        out[name] = {"eq": eq, "perceptual": args.perceptual if pl else "none", "threshold": thr,
+                     "auroc": {g: ev[g]["auroc"] for g in anom},
+                     "auroc_ci": {g: ev[g]["auroc_ci"] for g in anom},
+                     "auroc_mean": float(np.mean([ev[g]["auroc"] for g in anom])),
+                     "localization": summarize_localization(loc, groups)}
         if name != ref:
-            a, b = as_rows(loc), as_rows(per[ref][3])
-            e["minus_" + ref] = {"auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col,
-                                                                          key_b=VARIANTS[ref][2])
-                                           for g in [None, *anom]},
-                                 "detected": paired_case_mean(a, b, "detected"),
-                                 "f1": paired_case_mean(a, b, "f1")}
+            out[name]["minus_" + ref] = {
+                "auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col,
+                                                       key_b=VARIANTS[ref][2])
+                          for g in [None, *anom]},
+                **{k: paired_case_mean(loc_rows[name], loc_rows[ref], k)
+                   for k in ("detected", "f1")}}
     return out
 
 
 def evaluate_test(model, perceptual, S_val, S_test, args, run):
-    """Every Eq. (5) variant on the healthy validation and the test slices -> the rows of scores.csv
-    (one per scored test slice, this run's map as `score`), Tables 2b and 3, the figures' data."""
+    """Every Eq. (5) variant on the healthy validation and test slices: slice scores (a column of
+    scores.csv; this run's map is `score`), threshold, localisation -> rows, Tables 2b, 3, figs."""
     main_name = next(k for k, v in VARIANTS.items() if v[:2] == (args.eq, perceptual is not None))
     x_val, x_test = to01(np.asarray(S_val.x)), to01(np.asarray(S_test.x))
     _, t_val = score(model, perceptual, x_val, args, run.device)
@@ -790,7 +788,18 @@ def evaluate_test(model, perceptual, S_val, S_test, args, run):
     cases, groups = {i: scans[i].id for i in keep}, [c.group for c in scans]
     rows = [{"id": ids[i], "group": groups[i], "label": int(label[i]), "score": None,
              "case": cases[i]} for i in keep]
-    per = evaluate_variants(t_val, S_val, t_test, S_test, rows, keep, args)
+    masks = {i: np.asarray(S_test.mask[i]) > 0 for i in keep}
+    boxes = {i: lesion_boxes(m) for i, m in masks.items() if m.any()}
+    per = {}
+    for name, (eq, pl, col) in VARIANTS.items():
+        if pl and perceptual is None:
+            continue
+        s_val, s_test = combine_eq5(t_val, eq=eq, pl=pl), combine_eq5(t_test, eq=eq, pl=pl)
+        thr, loc = localize(s_val, S_val.brain, s_test, boxes, S_test.brain, args)
+        scores = image_score(s_test)
+        for r, i in zip(rows, keep):
+            r[col] = float(scores[i])
+        per[name] = (s_test, image_score(s_val), thr, loc)
     maps, val_scores, thr, loc = per[main_name]
     for r, i in zip(rows, keep):
         m = loc.get(i)
@@ -798,31 +807,19 @@ def evaluate_test(model, perceptual, S_val, S_test, args, run):
                  f1=m and round(m["f1"], 4))
     return types.SimpleNamespace(
         rows=rows, main_name=main_name, x_val=x_val, x_test=x_test, ph_test=ph_test, maps=maps,
-        label=label, keep=keep, dropped=dropped, scans=scans, groups=groups, val_scores=val_scores,
-        thr=thr, loc=loc, table2b=summarize_localization(loc, groups),
+        label=label, keep=keep, dropped=dropped, scans=scans, val_scores=val_scores, thr=thr,
+        loc=loc, groups=groups, table2b=summarize_localization(loc, groups),
         t3=table3(rows, per, main_name, ids, cases, groups, args))
 
 
 # ---- RA vs its SI-VAE backbone (Table 3, w/o Reverse Loss): two runs on the same slices ---------
 
-SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
-
-
-def model_name(a):
-    return "RA" if float(a.get("lam", 1)) > 0 else "SI-VAE (--no-reverse)"
-
-
 def compare_run(rows, args):
-    """This run minus the run --compare-run (e.g. RA minus its SI-VAE backbone) on the same test
-    slices, for every Eq. (5) variant both wrote (scores.csv columns), paired over scans. Only with
-    one S for both (lpips) does it compare the models alone: --perceptual encoder uses each model's
-    own encoder."""
+    """This run minus --compare-run's (e.g. RA minus its SI-VAE backbone) on the same slices, per
+    Eq. (5) variant, paired over scans; only one S for both (lpips) compares the models alone."""
     d = Path(args.compare_run)
-    other = read_scores(d / "scores.csv")
-    cfg = json.loads((d / "config.json").read_text())["args"] if (d / "config.json").is_file() \
-        else {}
-    have = {r["id"] for r in other}
-    if not all(r["id"] in have for r in rows):
+    other, cfg = read_scores(d / "scores.csv"), json.loads((d / "config.json").read_text())["args"]
+    if not {r["id"] for r in rows} <= {r["id"] for r in other}:
         C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, "
                f"--seed, --test-slices or --image-size?); compare runs on the same test slices")
     anom = sorted({r["group"] for r in rows if r["label"] == 1})
@@ -833,21 +830,18 @@ def compare_run(rows, args):
         if col in rows[0] and other[0].get(col, "") != "":
             out[name] = {g or "all": C.compare_scores(rows, other, g, key_a=col, key_b=col)
                          for g in [None, *anom]}
-    out.update(detected=paired_case_mean(rows, other, "detected"),
-               f1=paired_case_mean(rows, other, "f1"))
-    return out
+    return {**out, **{k: paired_case_mean(rows, other, k) for k in ("detected", "f1")}}
 
 
 def print_tables(table1, table2b, t3, vs):
-    """Tables 1, 2b, 3 (and this run minus --compare-run) on stdout; differences with 95% intervals
-    over scans, "~" where the interval includes 0 (not resolved)."""
+    """Tables 1, 2b, 3 (and minus --compare-run); Δ [95% interval over scans], ~: not resolved."""
     ci = lambda d, f=1: (f"{f * d['diff']:+.3f} [{f * d['ci'][0]:+.2f}, "  # noqa: E731
-                         f"{f * d['ci'][1]:+.2f}]{'' if d.get('resolved', True) else ' ~'}")
-    print("\nTable 1 (synthetic anomalies on normal slices: MSE, distance inside it; AUPRC)")
+                         f"{f * d['ci'][1]:+.2f}]" + ("" if d.get("resolved", True) else " ~"))
+    print("\nTable 1 (synthetic anomalies on normal slices: MSE, distance inside them; AUPRC)")
     for kind, r in table1.items():
         dn = next(k for k in r if k.endswith("_dist_mean") and not k.startswith("input"))
-        print(f"  {kind:9s}  MSE {r['mse_mean']:.4f} ± {r['mse_std']:.4f}  {dn[:-5]} {r[dn]:.4f}  "
-              f"(input: MSE {r['input_mse_mean']:.4f})  "
+        print(f"  {kind:9s}  MSE {r['mse_mean']:.4f}  {dn[:-5]} {r[dn]:.4f}  (input: MSE "
+              f"{r['input_mse_mean']:.4f})  "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["auprc"].items()))
     print("Table 2b (localisation at <= 5% healthy-pixel FPR: detected / n, mean F1)\n  "
           + ", ".join(f"{g} {v['detected']}/{v['n']} F1 {100 * v['f1_mean']:.1f}"
@@ -856,33 +850,19 @@ def print_tables(table1, table2b, t3, vs):
     for name, v in t3.items():
         loc = v["localization"].get("all", {})
         d = next((x for k, x in v.items() if k.startswith("minus_")), None)
-        delta = "" if d is None else (f"  ΔAUROC {ci(d['auroc']['all'])}  "
-                                      f"ΔF1 {ci({'diff': d['f1']['mean'], **d['f1']}, 100)}")
         print(f"  {name:24s} mean AUROC {v['auroc_mean']:.3f}  detected {loc.get('detected', 0)}/"
-              f"{loc.get('n', 0)}  F1 {100 * loc.get('f1_mean', 0):.1f}{delta}")
-    if vs:
-        print(f"{vs['this']} minus {vs['other']} ({vs['run']}; the same S: {vs['same_S']}), ΔAUROC")
-        for name, v in vs.items():
-            if isinstance(v, dict) and "all" in v:
-                print(f"  {name:24s} {ci(v['all'])}")
+              f"{loc.get('n', 0)}  F1 {100 * loc.get('f1_mean', 0):.1f}" + (d and (
+                  f"  ΔAUROC {ci(d['auroc']['all'])}  "
+                  f"ΔF1 {ci(dict(d['f1'], diff=d['f1']['mean']), 100)}") or ""))
+    for name, v in (vs or {}).items():
+        if isinstance(v, dict) and "all" in v:
+            print(f"  {vs['this']} minus {vs['other']} (same S: {vs['same_S']}), {name}: ΔAUROC "
+                  f"{ci(v['all'])}")
 
 
 # =================================================================================================
 # main
 # =================================================================================================
-
-def load_trained(args, model, run):
-    """--checkpoint: the best weights of a finished run into `model` (C.load_models: the last.pt of
-    another script or of other network flags is one error line) -> what main reports of training."""
-    ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
-    best = ck["loop"].get("early_stopping") or {}
-    if best.get("weights") is not None:
-        model.load_state_dict(best["weights"])
-    if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
-        C.save_checkpoint(run.out / "last.pt", ck)
-    run.log(f"scoring with {args.checkpoint}")
-    return dict(history=ck["history"], state=ck["loop"], io=None, train_s=0.0, n_slices=None)
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -945,20 +925,20 @@ def main(argv=None):
 def plot_figures(T, S_test, x_syn, figs, out):
     """Fig. 3 (synthetic.png) and Fig. 7 (localization.png); -> the rows of examples.png (C.report):
     two normal slices and one anomalous slice of every group."""
-    ex, seen, score_of = [], {}, {i: r["score"] for i, r in zip(T.keep, T.rows)}
-    for i in T.keep:
-        grp = T.groups[i] if T.label[i] or T.scans[i].label == 0 else None
-        if grp is not None and seen.get(grp, 0) < (2 if grp == "normal" else 1):
-            seen[grp] = seen.get(grp, 0) + 1
-            ex.append({"title": f"{grp} ({score_of[i]:.3g})", "input": T.x_test[i] * 2 - 1,
+    ex, seen = [], {}
+    for r, i in zip(T.rows, T.keep):
+        g = r["group"]
+        if (r["label"] or T.scans[i].label == 0) and seen.get(g, 0) < (2 if g == "normal" else 1):
+            seen[g] = seen.get(g, 0) + 1
+            ex.append({"title": f"{g} ({r['score']:.3g})", "input": T.x_test[i] * 2 - 1,
                        "reconstruction": T.ph_test[i] * 2 - 1, "amap": T.maps[i],
-                       "gt": np.asarray(S_test.mask[i]) if T.label[i] else None})
+                       "gt": np.asarray(S_test.mask[i]) if r["label"] else None})
     eq, pl = VARIANTS[T.main_name][:2]
-    rows3 = []
-    for kind, (xa, ph, ma, t) in figs.items():   # Fig. 3: input | x_ph | true normal image | map
+    rows3 = []                                   # Fig. 3: input | x_ph | true normal image | map
+    for kind, (xa, ph, ma, t) in figs.items():
         for i in range(min(3, len(x_syn))):
-            s = combine_eq5({k: (v[i:i + 1] if v is not None else None) for k, v in t.items()},
-                            eq=eq, pl=pl)[0]
+            t_i = {k: v if v is None else v[i:i + 1] for k, v in t.items()}
+            s = combine_eq5(t_i, eq=eq, pl=pl)[0]
             rows3.append((kind, [(xa[i], "input (synthetic anomaly)", None, [(ma[i], "cyan")]),
                                  (ph[i], "pseudo-healthy x_ph", None, []),
                                  (x_syn[i], "ground truth (normal)", None, []),
@@ -966,21 +946,21 @@ def plot_figures(T, S_test, x_syn, figs, out):
                           ""))
     plot_grid(rows3, out / "synthetic.png", "Fig. 3 style: synthetic anomalies and pseudo-healthy "
               "reconstructions (cyan: the anomaly)")
-    rows7, shown = [], []                        # Fig. 7: per group its first detected slice
-    for grp in sorted({T.groups[i] for i in T.loc}):
-        cand = [i for i in sorted(T.loc) if T.groups[i] == grp]
-        shown.append((grp, next((j for j in cand if T.loc[j]["tp"]), cand[0])))
-    vmax = float(np.percentile(T.maps[[i for _, i in shown]], 99.5)) if shown else 1.0
-    for grp, i in shown:
+    shown = []                                   # Fig. 7: per group its first detected slice
+    for g in sorted({T.groups[i] for i in T.loc}):
+        cand = [i for i in sorted(T.loc) if T.groups[i] == g]
+        shown.append(next((i for i in cand if T.loc[i]["tp"]), cand[0]))
+    vmax = float(np.percentile(T.maps[shown], 99.5)) if shown else 1.0
+    rows7 = []
+    for i in shown:
         m, s, r = np.asarray(S_test.mask[i]) > 0, T.maps[i], T.loc[i]
         box = lesion_boxes(m)
-        rows7.append((grp, [(T.x_test[i], "input", None, []),
-                            (T.ph_test[i], "pseudo-healthy", None, []),
-                            (s, "anomaly map", vmax, []),
-                            (np.where(s > T.thr, s, 0), "thresholded (5% FPR)", vmax,
-                             [(box, "lime")]),
-                            (T.x_test[i], "annotation", None, [(m, "red"), (box, "lime")])],
-                      f"TP {r['tp']}\nFP {r['fp']}\nF1 {r['f1']:.2f}"))
+        rows7.append((T.groups[i], [
+            (T.x_test[i], "input", None, []), (T.ph_test[i], "pseudo-healthy", None, []),
+            (s, "anomaly map", vmax, []), (np.where(s > T.thr, s, 0), "thresholded (5% FPR)", vmax,
+                                           [(box, "lime")]),
+            (T.x_test[i], "annotation", None, [(m, "red"), (box, "lime")])],
+            f"TP {r['tp']}\nFP {r['fp']}\nF1 {r['f1']:.2f}"))
     plot_grid(rows7, out / "localization.png", "Fig. 7 style: localisation at the 5% healthy-pixel "
               "FPR threshold (red: anomaly mask, green: its boxes)")
     return ex
