@@ -20,10 +20,13 @@ is the histogram-equalised residual times two perceptual distances.
   App. D   Table 3: w/o reverse loss (--no-reverse, the SI-VAE backbone), w/o eq, w/o PL
 
 Deviations from the paper
-  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet) under --preset paper; without the `lpips` package
-     or its weights the run stops and names the fallback. quick/smoke use --perceptual encoder, an
-     LPIPS-style distance on the run's own trained encoder (no download, no learned channel
-     weights), so that each model is scored with its own S.
+  1. S in Eq. (5) is LPIPS (SqueezeNet, ImageNet) under --preset paper; without the `lpips`
+     package or its weights the run stops and names the fallbacks. quick/smoke use --perceptual
+     fixed: LPIPS' distance (without its learned channel weights) on a frozen, untrained 3-level
+     conv net seeded by a constant. Why: it keeps what the comparisons need from LPIPS, an S that
+     does not depend on the trained weights (RA, SI-VAE and "w/o PL" are compared with one S), with
+     no download and no training of its own; its values are not LPIPS's (Table 1). --perceptual
+     encoder (the former default) is in-domain, but gives every model its own S.
   2. Data: the built-in T1 phantom stands in for FastMRI+/IXI; datasets.slice_stack normalises the
      brain's 1-99 percentiles to [-1, 1] (then [0, 1]), not App. B's 98th percentile; --train-slices
      and --test-slices slices around the middle (paper: the middle one).
@@ -92,9 +95,10 @@ HYPER = dict(
     reverse=C.hp(True, "the reversed embedding loss; --no-reverse (λ = 0) is the SI-VAE backbone, "
                        "Table 3 'w/o Reverse Loss'"),
     perceptual=C.hp("lpips", "S in Eq. (5): lpips = the paper's LPIPS (needs the `lpips` package "
-                             "and its weights); encoder = an LPIPS-style distance on the trained "
+                             "and its weights); fixed = an LPIPS-style distance on a frozen "
+                             "untrained net, the same for every model; encoder = on the trained "
                              "encoder (deviation 1); none = Table 3 'w/o PL'",
-                    choices=["lpips", "encoder", "none"]),
+                    choices=["lpips", "fixed", "encoder", "none"]),
     eq=C.hp(True, "histogram equalisation in Eq. (5); --no-eq is Table 3 'w/o Hist. Eq.'"),
     clahe_clip=C.hp(0.01, "clip limit of CLAHE, eq in Eq. (5) (skimage default, reference code)",
                     lo=1e-6, hi=1.0),
@@ -113,11 +117,11 @@ HYPER = dict(
                      type=str, metavar="RUN_DIR"),
 )
 # quick: 64×64 slices, a 5-level network of 1/8 the width, 12 epochs over 5 slices per volume,
-# lr 10x (so that it learns something in minutes on 2 CPU cores); S is the encoder's (no download)
+# lr 10x (so that it learns something in minutes on 2 CPU cores); S is the fixed net (no download)
 QUICK = dict(image_size=64, channels="8,16,32,64,64", z_dim=64, batch_size=16, lr=5e-4, epochs=12,
-             perceptual="encoder", saliency_sigma=1.0, train_slices=5, test_slices=5)
+             perceptual="fixed", saliency_sigma=1.0, train_slices=5, test_slices=5)
 SMOKE = dict(image_size=32, channels="4,8,16", z_dim=16, batch_size=8, lr=5e-4, epochs=2,
-             perceptual="encoder", saliency_sigma=0.5, train_slices=2, test_slices=1)
+             perceptual="fixed", saliency_sigma=0.5, train_slices=2, test_slices=1)
 
 
 def check_args(args):
@@ -309,10 +313,22 @@ def clahe(x, clip_limit=0.01):
     return np.stack(eq).astype(np.float32)
 
 
+def feature_distance(fa, fb, size):
+    """An LPIPS-style map from two lists of feature maps (LPIPS' Eq. 1 without learned channel
+    weights): per level l, d_l = Σ_c (ê^l_c(a) - ê^l_c(b))² with ê unit-normalised over channels,
+    upsampled (bilinear) to `size`; S(a, b) = mean_l d_l. -> (B, H, W) numpy"""
+    d = 0
+    for ea, eb in zip(fa, fb):
+        ea = ea / (ea.norm(dim=1, keepdim=True) + 1e-10)              # (B, c_l, h_l, w_l)
+        eb = eb / (eb.norm(dim=1, keepdim=True) + 1e-10)
+        dl = (ea - eb).pow(2).sum(dim=1, keepdim=True)                # (B, 1, h_l, w_l) in [0, 4]
+        d = d + F.interpolate(dl, size=size, mode="bilinear", align_corners=False)
+    return (d / len(fa))[:, 0].float().cpu().numpy()
+
+
 class EncoderDistance:
-    """LPIPS-style perceptual distance on the trained RA encoder (deviation 1): for every level l,
-    d_l = Σ_c (ê^l_c(a) - ê^l_c(b))² with ê unit-normalised over channels, upsampled (bilinear) to
-    the image size; S(a, b) = mean_l d_l. Needs no download; computed by the run's own network."""
+    """S on the trained encoder's levels E^l (--perceptual encoder, deviation 1): no download, but
+    it changes with the trained weights, so two models are scored with two different S."""
 
     name = "encoder"
 
@@ -326,13 +342,33 @@ class EncoderDistance:
         _, _, fa = self.encoder(a)
         _, _, fb = self.encoder(b)
         self.encoder.train(was_training)
-        d = torch.zeros_like(a)
-        for ea, eb in zip(fa, fb):
-            ea = ea / (ea.norm(dim=1, keepdim=True) + 1e-10)          # (B, c_l, h_l, w_l)
-            eb = eb / (eb.norm(dim=1, keepdim=True) + 1e-10)
-            dl = (ea - eb).pow(2).sum(dim=1, keepdim=True)            # (B, 1, h_l, w_l) in [0, 4]
-            d += F.interpolate(dl, size=a.shape[-2:], mode="bilinear", align_corners=False)
-        return (d / len(fa))[:, 0].float().cpu().numpy()              # (B, H, W)
+        return feature_distance(fa, fb, a.shape[-2:])
+
+
+class FixedDistance:
+    """S on one frozen, untrained conv net, the same for every model and run (--perceptual fixed,
+    deviation 1): 3 levels of 3x3 conv (16, 32, 64 channels, He-normal weights from seed 0 whatever
+    --seed) + ReLU + 2x average pooling, on the image mapped to [-1, 1] as for LPIPS."""
+
+    name = "fixed"
+
+    def __init__(self, device, channels=(16, 32, 64), seed=0):
+        g, c, self.weights = torch.Generator().manual_seed(seed), 1, []   # not the global stream
+        for ch in channels:
+            self.weights.append((torch.randn(ch, c, 3, 3, generator=g) * math.sqrt(2 / (9 * c)))
+                                .to(device))
+            c = ch
+
+    def features(self, x):
+        h, out = 2 * x - 1, []
+        for w in self.weights:
+            h = F.avg_pool2d(F.relu(F.conv2d(h, w, padding=1)), 2)   # (B, c_l, H/2^(l+1), ..)
+            out.append(h)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, a, b):                                         # a, b: (B, 1, H, W) in [0, 1]
+        return feature_distance(self.features(a), self.features(b), a.shape[-2:])
 
 
 class LPIPSDistance:
@@ -354,7 +390,8 @@ class LPIPSDistance:
 def load_lpips(device):
     """lpips.LPIPS(net="squeeze", spatial=True), frozen; without the package or its weights one
     error line that names the fallback. The `lpips` package is optional, never a requirement."""
-    fallback = "or pass --perceptual encoder (deviation 1) to run without it"
+    fallback = ("or run without it: --perceptual fixed (a frozen untrained net, the same S for "
+                "every model) or --perceptual encoder (deviation 1)")
     try:
         import lpips
     except ImportError:
@@ -370,7 +407,17 @@ def load_lpips(device):
     return net.to(device).eval().requires_grad_(False)
 
 
-SHARED_S = ("lpips",)   # perceptual networks that do not depend on the trained weights
+SHARED_S = ("lpips", "fixed")   # perceptual networks that do not depend on the trained weights
+
+
+def perceptual_distance(args, model, device, lpips=None):
+    """S of Eq. (5) per --perceptual (None for "none"): lpips and fixed are one frozen network for
+    every model; encoder is the model's own."""
+    if args.perceptual == "fixed":
+        return FixedDistance(device)
+    if args.perceptual == "encoder":
+        return EncoderDistance(model.encoder)
+    return lpips                           # the LPIPSDistance built before training, or None
 
 
 def smooth_maps(m, sigma):
@@ -706,7 +753,7 @@ def synthetic_experiment(model, perceptual, T, S_val, S_test, args, device):
     x01, brain, on = T.x_test[normal], np.asarray(S_test.brain)[normal], "normal test slices"
     if not normal:
         x01, brain, on = T.x_val, np.asarray(S_val.brain), "healthy validation slices (none normal)"
-    dist = perceptual if perceptual is not None else EncoderDistance(model.encoder)
+    dist = perceptual if args.perceptual in SHARED_S else FixedDistance(device)   # one yardstick
     to_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[:, None].to(device)   # noqa: E731
     res, figs = {}, {}
     for k, (kind, fn) in enumerate((("intensity", synthetic_intensity_anomaly),
@@ -887,8 +934,7 @@ def main(argv=None):
                        n_slices=len(S_train.x))
 
     t_score = time.perf_counter()
-    perceptual = {"encoder": EncoderDistance(model.encoder), "lpips": lpips,
-                  "none": None}[args.perceptual]
+    perceptual = perceptual_distance(args, model, run.device, lpips)
     T = evaluate_test(model, perceptual, S_val, S_test, args, run)
     table1, x_syn, figs = synthetic_experiment(model, perceptual, T, S_val, S_test, args,
                                                run.device)

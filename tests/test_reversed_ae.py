@@ -188,12 +188,39 @@ def test_eq5_lpips_path_with_a_stand_in_network(monkeypatch):
     np.testing.assert_allclose(RA.anomaly_map(a, b, d, sigma=0), t["res_eq"] * t["S"] * t["S_eq"], rtol=1e-6)
 
 
+def test_eq5_shared_fixed_network_does_not_depend_on_the_trained_weights():
+    """--perceptual fixed: one frozen network for every model (and every --seed); the encoder's S moves
+    with the weights that the reversed loss trains, the fixed S does not."""
+    torch.manual_seed(0)
+    model = RA.SoftIntroVAE(channels=[4, 8], z_dim=8, image_size=16)
+    args = types.SimpleNamespace(perceptual="fixed")
+    fixed = RA.perceptual_distance(args, model, torch.device("cpu"))
+    enc = RA.perceptual_distance(types.SimpleNamespace(perceptual="encoder"), model, torch.device("cpu"))
+    a, b = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    s_fixed, s_enc = fixed(a, b), enc(a, b)
+    assert s_fixed.shape == (3, 16, 16) and np.abs(fixed(a, a)).max() < 1e-6 and s_fixed.mean() > 0
+    assert s_fixed.min() >= 0 and s_fixed.max() <= 4 + 1e-5
+    hp = types.SimpleNamespace(beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3)
+    opt_e = torch.optim.Adam(model.encoder.parameters(), lr=1e-2)
+    opt_d = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+    for _ in range(3):                                                        # the VAE's weights change
+        RA.train_step(model, torch.rand(4, 1, 16, 16), opt_e, opt_d, hp, torch.device("cpu"))
+    torch.manual_seed(123)                                                    # another --seed
+    other_model = RA.SoftIntroVAE(channels=[4, 8], z_dim=8, image_size=16)
+    np.testing.assert_array_equal(fixed(a, b), s_fixed)
+    np.testing.assert_array_equal(RA.perceptual_distance(args, other_model, torch.device("cpu"))(a, b), s_fixed)
+    assert np.abs(enc(a, b) - s_enc).max() > 1e-3                             # the encoder's S moved
+    t1, t2 = RA.eq5_terms(a, b, fixed, sigma=0), RA.eq5_terms(a, b, RA.FixedDistance(torch.device("cpu")), sigma=0)
+    np.testing.assert_array_equal(t1["S"], t2["S"])
+    np.testing.assert_array_equal(t1["S_eq"], t2["S_eq"])
+
+
 def test_lpips_missing_or_without_weights_is_one_error_naming_the_fallback(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lpips", None)                            # import lpips -> ImportError
-    with pytest.raises(C.UserError, match=r"pip install lpips.*--perceptual encoder"):
+    with pytest.raises(C.UserError, match=r"pip install lpips.*--perceptual fixed.*--perceptual encoder"):
         RA.LPIPSDistance(torch.device("cpu"))
     args = RA.parse_args(["--preset", "paper", "--out", str(tmp_path / "p")])
-    assert args.perceptual == "lpips" and RA.parse_args(["--out", str(tmp_path)]).perceptual == "encoder"
+    assert args.perceptual == "lpips" and RA.parse_args(["--out", str(tmp_path)]).perceptual == "fixed"
     with pytest.raises(C.UserError, match="--perceptual encoder"):            # before any data or training
         RA.main(["--preset", "paper", "--device", "cpu", "--out", str(tmp_path / "p")])
 
@@ -446,6 +473,8 @@ def test_compare_run_is_this_model_minus_the_other_paired_over_cases(smoke_run, 
     vs = RA.compare_run(rows, args)
     a = vs["Eq. 5 (eq + PL)"]["all"]
     assert (vs["this"], vs["other"], vs["same_S"]) == ("RA", "SI-VAE (--no-reverse)", False)
+    assert cfg["args"]["perceptual"] == "fixed"                               # smoke: the shared S
+    assert RA.compare_run(rows, types.SimpleNamespace(**{**vars(args), "perceptual": "fixed"}))["same_S"]
     assert a["a"] == pytest.approx(C.evaluate(rows, key="s_eq5")["metrics"]["auroc"])
     assert a["diff"] == pytest.approx(a["a"] - a["b"]) and a["ci"][0] <= a["diff"] <= a["ci"][1]
     with pytest.raises(C.UserError, match="lacks slices of this run"):
