@@ -692,13 +692,14 @@ def load_trained(args, model, run):
     """--checkpoint: the best weights of a finished run into `model` (C.load_models: the last.pt of
     another script or of other network flags is one error line) -> what main reports of training."""
     ck = C.load_models(args.checkpoint, {"ra": model}, METHOD)
-    best = ck["loop"].get("early_stopping") or {}
+    state = ck.get("loop") or {}                  # (a last.pt from before C.Loop has best_state)
+    best = state.get("early_stopping") or {"weights": ck.get("best_state")}
     if best.get("weights") is not None:
         model.load_state_dict(best["weights"])
     if Path(args.checkpoint).resolve() != (run.out / "last.pt").resolve():
         C.save_checkpoint(run.out / "last.pt", ck)
     run.log(f"scoring with {args.checkpoint}")
-    return dict(history=ck["history"], state=ck["loop"], io=None, train_s=0.0, n_slices=None)
+    return dict(history=ck.get("history", {}), state=state, io=None, train_s=0.0, n_slices=None)
 
 
 # =================================================================================================

@@ -390,6 +390,22 @@ def test_early_stopping_keeps_the_best_weights_and_resumes_exactly(tmp_path, mon
         assert all(torch.equal(model_r.state_dict()[k], w[k]) for k in w)
 
 
+def test_load_trained_takes_the_best_weights_also_from_a_checkpoint_before_the_loop(tmp_path):
+    model = RA.SoftIntroVAE(channels=[4, 8], z_dim=4, image_size=16)
+    last = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    best = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    run = types.SimpleNamespace(out=tmp_path / "run", log=lambda msg: None)
+    run.out.mkdir()
+    for name, ck in (("loop", {"method": RA.METHOD, "models": {"ra": last}, "history": {"loss_E": []},
+                               "loop": {"early_stopping": {"weights": best, "epoch": 3}}}),
+                     ("old", {"models": {"ra": last}, "best_state": best, "history": {}})):  # before C.Loop
+        torch.save(ck, tmp_path / f"{name}.pt")
+        args = types.SimpleNamespace(checkpoint=str(tmp_path / f"{name}.pt"))
+        trained = RA.load_trained(args, model, run)
+        assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items()), name
+        assert trained["train_s"] == 0.0 and (run.out / "last.pt").is_file()
+
+
 # ---- the script end to end -------------------------------------------------------------------------------
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]
