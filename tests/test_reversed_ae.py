@@ -7,12 +7,15 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import common as C
 import reversed_ae as RA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,14 +155,80 @@ def test_eq5_encoder_distance_zero_for_identical_and_bounded():
     assert model.encoder.training                                             # restored after eval-mode use
 
 
-def test_lpips_option_fails_with_one_clear_line_when_missing():
-    pytest.importorskip("torch")
-    try:
-        import lpips  # noqa: F401
-        pytest.skip("lpips is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(RA.C.UserError, match="pip install lpips"):
+class StandInLPIPS(torch.nn.Module):
+    """A small network in place of lpips.LPIPS (no download): one fixed 3x3 conv, features unit-normalised
+    over channels, their squared difference summed and upsampled to the image, like LPIPS' spatial map."""
+    made = []
+
+    def __init__(self, **kw):
+        super().__init__()
+        StandInLPIPS.made.append(kw)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, a, b, normalize=False):
+        assert a.shape[1] == 3 and b.shape[1] == 3 and normalize           # RGB in [0, 1], mapped by LPIPS
+        fa, fb = (F.normalize(self.conv(2 * t - 1), dim=1) for t in (a, b))
+        return F.interpolate((fa - fb).pow(2).sum(1, keepdim=True), size=a.shape[-2:])   # (B, 1, H, W)
+
+
+def test_eq5_lpips_path_with_a_stand_in_network(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=StandInLPIPS))
+    StandInLPIPS.made.clear()
+    d = RA.LPIPSDistance(torch.device("cpu"))
+    assert StandInLPIPS.made == [dict(net="squeeze", spatial=True, pretrained=True, verbose=False)]
+    assert not d.net.training and not any(p.requires_grad for p in d.net.parameters())    # frozen
+    a, b = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    assert d(a, a).shape == (2, 16, 16) and np.abs(d(a, a)).max() < 1e-6 and d(a, b).min() >= 0
+    ref = d.net(a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1), normalize=True)[:, 0].detach().numpy()
+    np.testing.assert_allclose(d(a, b), ref, rtol=1e-6)
+    t = RA.eq5_terms(a, b, d, sigma=0)                                          # both S factors of Eq. (5)
+    np.testing.assert_allclose(t["S"], ref, rtol=1e-6)
+    assert t["S_eq"].shape == (2, 16, 16) and not np.allclose(t["S_eq"], t["S"])
+    np.testing.assert_allclose(RA.anomaly_map(a, b, d, sigma=0), t["res_eq"] * t["S"] * t["S_eq"], rtol=1e-6)
+
+
+def test_eq5_shared_fixed_network_does_not_depend_on_the_trained_weights():
+    """--perceptual fixed: one frozen network for every model (and every --seed); the encoder's S moves
+    with the weights that the reversed loss trains, the fixed S does not."""
+    torch.manual_seed(0)
+    model = RA.SoftIntroVAE(channels=[4, 8], z_dim=8, image_size=16)
+    args = types.SimpleNamespace(perceptual="fixed")
+    fixed = RA.perceptual_distance(args, model, torch.device("cpu"))
+    enc = RA.perceptual_distance(types.SimpleNamespace(perceptual="encoder"), model, torch.device("cpu"))
+    a, b = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    s_fixed, s_enc = fixed(a, b), enc(a, b)
+    assert s_fixed.shape == (3, 16, 16) and np.abs(fixed(a, a)).max() < 1e-6 and s_fixed.mean() > 0
+    assert s_fixed.min() >= 0 and s_fixed.max() <= 4 + 1e-5
+    hp = types.SimpleNamespace(beta_rec=1.0, beta_kl=1.0, beta_neg=256.0, alpha=2.0, gamma_r=1e-8, lam=5e-3)
+    opt_e = torch.optim.Adam(model.encoder.parameters(), lr=1e-2)
+    opt_d = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+    for _ in range(3):                                                        # the VAE's weights change
+        RA.train_step(model, torch.rand(4, 1, 16, 16), opt_e, opt_d, hp, torch.device("cpu"))
+    torch.manual_seed(123)                                                    # another --seed
+    other_model = RA.SoftIntroVAE(channels=[4, 8], z_dim=8, image_size=16)
+    np.testing.assert_array_equal(fixed(a, b), s_fixed)
+    np.testing.assert_array_equal(RA.perceptual_distance(args, other_model, torch.device("cpu"))(a, b), s_fixed)
+    assert np.abs(enc(a, b) - s_enc).max() > 1e-3                             # the encoder's S moved
+    t1, t2 = RA.eq5_terms(a, b, fixed, sigma=0), RA.eq5_terms(a, b, RA.FixedDistance(torch.device("cpu")), sigma=0)
+    np.testing.assert_array_equal(t1["S"], t2["S"])
+    np.testing.assert_array_equal(t1["S_eq"], t2["S_eq"])
+
+
+def test_lpips_missing_or_without_weights_is_one_error_naming_the_fallback(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lpips", None)                            # import lpips -> ImportError
+    with pytest.raises(C.UserError, match=r"pip install lpips.*--perceptual fixed.*--perceptual encoder"):
+        RA.LPIPSDistance(torch.device("cpu"))
+    args = RA.parse_args(["--preset", "paper", "--out", str(tmp_path / "p")])
+    assert args.perceptual == "lpips" and RA.parse_args(["--out", str(tmp_path)]).perceptual == "fixed"
+    with pytest.raises(C.UserError, match="--perceptual encoder"):            # before any data or training
+        RA.main(["--preset", "paper", "--device", "cpu", "--out", str(tmp_path / "p")])
+
+    def no_weights(**kw):
+        raise OSError("no internet")
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=no_weights))
+    with pytest.raises(C.UserError, match=r"cannot load the LPIPS weights \(OSError: no internet\).*"
+                                          r"--perceptual encoder"):
         RA.LPIPSDistance(torch.device("cpu"))
 
 
@@ -260,23 +329,118 @@ def test_lesion_boxes_are_bounding_boxes_of_components():
     assert np.array_equal(box, expected)
 
 
+# ---- scoring: the rows contract, paired differences ---------------------------------------------------
+
+def test_slice_labels_follow_the_rows_contract():
+    mk = lambda g, lab, mask: types.SimpleNamespace(id=g, group=g, label=lab, mask=mask)   # noqa: E731
+    cases = [mk("normal", 0, None), mk("tumor", 1, "m.nii"), mk("atrophy", 1, None), mk("missed", 1, "m.nii")]
+    m = np.zeros((8, 4, 4), np.uint8)
+    m[3, 1, 1] = 1                                                             # only one tumour slice shows it
+    S = types.SimpleNamespace(x=np.zeros((8, 4, 4)), mask=m, case=np.array([0, 0, 1, 1, 2, 2, 3, 3]), cases=cases)
+    label, keep, dropped = RA.slice_labels(S)
+    # lesion-free tumour slice 2: label 0 of group tumor; atrophy has no mask: every slice anomalous;
+    # the scan whose lesion no scored slice shows is left out (its group would look normal)
+    assert label[:6].tolist() == [0, 0, 0, 1, 1, 1] and keep == [0, 1, 2, 3, 4, 5] and dropped == ["missed"]
+
+
+def test_paired_case_mean_averages_slices_within_a_case_first():
+    a = [dict(id="1", case="A", f1=1.0), dict(id="2", case="A", f1=0.0), dict(id="3", case="B", f1=0.5),
+         dict(id="4", case="B", f1="")]
+    b = [dict(id="1", case="A", f1=0.0), dict(id="2", case="A", f1=0.0), dict(id="3", case="B", f1=0.0),
+         dict(id="4", case="B", f1=0.2)]
+    # case A: mean(1 - 0, 0 - 0) = 0.5; case B: 0.5 - 0 (slice 4 blank: skipped) -> mean over cases 0.5
+    r = RA.paired_case_mean(a, b, "f1")
+    assert r["mean"] == pytest.approx(0.5) and r["n"] == 2 and r["ci"] == [pytest.approx(0.5)] * 2
+
+
+# ---- early stopping and resume of the training loop --------------------------------------------------
+
+def _train(tmp_path, name, argv, val_curve, monkeypatch, done=0):
+    """train() on 16 random slices (2 steps per epoch) with a scripted validation MSE per epoch."""
+    calls = [done]
+
+    def fake_val(model, x, device):
+        calls[0] += 1
+        return val_curve[calls[0] - 1]
+    monkeypatch.setattr(RA, "val_mse", fake_val)
+    args = RA.parse_args(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path / name), *argv])
+    run = C.start_run(args, RA.METHOD)
+    S = types.SimpleNamespace(x=np.random.default_rng(0).uniform(-1, 1, (16, 32, 32)).astype(np.float32))
+    model = RA.SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size)
+    loop, _ = RA.train(model, S, S, args, run)
+    return loop, model
+
+
+def test_early_stopping_keeps_the_best_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    flags = ["--epochs", "6", "--patience", "2"]
+    curve = [1.0, 0.5, 0.7, 0.9, 0.4, 0.3]          # best after epoch 2; epochs 3, 4 worse -> stop after 4
+    loop, model = _train(tmp_path, "full", flags, curve, monkeypatch)
+    st = loop.state["early_stopping"]
+    assert loop.state["total_steps"] == 8 and (st["epoch"], st["best_epoch"], st["since"]) == (4, 2, 2)
+    assert [v for _, v in loop.history["val_mse"]] == pytest.approx(curve[:4])
+    last = C.load_checkpoint(tmp_path / "full" / "last.pt", RA.METHOD)["models"]["ra"]
+    w = model.state_dict()
+    assert all(torch.equal(w[k], st["weights"][k]) for k in w)                # scores use epoch 2's weights
+    assert any(not torch.equal(w[k], last[k]) for k in w if w[k].is_floating_point())   # not the last ones
+    for stop in (3, 5):       # inside epoch 2 (before its validation) / inside epoch 3, after the best
+        _train(tmp_path, f"cut{stop}", [*flags, "--max-steps", str(stop)], curve, monkeypatch)
+        loop_r, model_r = _train(tmp_path, f"res{stop}", [*flags, "--resume", str(tmp_path / f"cut{stop}" /
+                                 "last.pt")], curve, monkeypatch, done=stop // 2)
+        assert loop_r.state["total_steps"] == 8 and loop_r.state["early_stopping"]["best_epoch"] == 2
+        assert all(torch.equal(model_r.state_dict()[k], w[k]) for k in w)
+
+
+def test_load_trained_takes_the_best_weights_also_from_a_checkpoint_before_the_loop(tmp_path):
+    model = RA.SoftIntroVAE(channels=[4, 8], z_dim=4, image_size=16)
+    last = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    best = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    run = types.SimpleNamespace(out=tmp_path / "run", log=lambda msg: None)
+    run.out.mkdir()
+    for name, ck in (("loop", {"method": RA.METHOD, "models": {"ra": last}, "history": {"loss_E": []},
+                               "loop": {"early_stopping": {"weights": best, "epoch": 3}}}),
+                     ("old", {"models": {"ra": last}, "best_state": best, "history": {}})):  # before C.Loop
+        torch.save(ck, tmp_path / f"{name}.pt")
+        args = types.SimpleNamespace(checkpoint=str(tmp_path / f"{name}.pt"))
+        trained = RA.load_trained(args, model, run)
+        assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items()), name
+        assert trained["train_s"] == 0.0 and (run.out / "last.pt").is_file()
+
+
 # ---- the script end to end -------------------------------------------------------------------------------
 
-def test_smoke_run_writes_the_contract_files(tmp_path):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "reversed_ae.py", "--preset", "smoke", "--out", str(out), "--device", "cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+SMOKE = ["--preset", "smoke", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """`python reversed_ae.py --preset smoke` as a user types it (2 epochs of 2 steps)."""
+    root = tmp_path_factory.mktemp("ra")
+    r = subprocess.run([sys.executable, "reversed_ae.py", *SMOKE, "--out", str(root / "full"), "--cache-dir",
+                        str(root / "cache")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def test_smoke_run_writes_the_contract_files(smoke_run):
+    out = smoke_run / "full"
     for f in ("config.json", "results.json", "scores.csv", "last.pt", "roc.png", "scores.png", "examples.png",
               "losses.png", "synthetic.png", "localization.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
     for k in ("method", "data", "preset", "seed", "unit", "metrics", "groups", "timing", "table1_synthetic",
-              "table2b_localization", "table3_ablation"):
+              "table2b_localization", "table3_ablation", "operating_point"):
         assert k in res, k
     assert res["unit"] == "slice" and 0 <= res["metrics"]["auroc"] <= 1
-    assert "normal" in res["groups"]
-    assert set(res["table3_ablation"]) == set(RA.VARIANTS)
+    assert "normal" in res["groups"] and res["train"]["epochs_run"] == 2
+    t3 = res["table3_ablation"]
+    assert set(t3) == set(RA.VARIANTS)
+    for name in set(RA.VARIANTS) - {"Eq. 5 (eq + PL)"}:                       # paired over cases, vs Eq. (5)
+        d = t3[name]["minus_Eq. 5 (eq + PL)"]["auroc"]["all"]
+        assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["b"] == pytest.approx(res["metrics"]["auroc"])
+    rows = RA.read_scores(out / "scores.csv")
+    assert all(r["case"] in r["id"] for r in rows) and {r["label"] for r in rows} == {0, 1}
+    for g in {r["group"] for r in rows} - {"normal"}:                        # no anomalous group looks normal
+        assert any(r["label"] == 1 for r in rows if r["group"] == g), g
     sys.path.insert(0, str(REPO.parent / "shared"))
     try:
         import check_contract
@@ -285,6 +449,52 @@ def test_smoke_run_writes_the_contract_files(tmp_path):
         assert not problems, problems
     except ImportError:
         pass
+
+
+@pytest.mark.parametrize("stop", [1, 3])     # inside epoch 1; after epoch 1's validation, inside epoch 2
+def test_resume_gives_byte_identical_scores(smoke_run, stop):
+    cut, res = smoke_run / f"cut{stop}", smoke_run / f"res{stop}"
+    cache = ["--cache-dir", str(smoke_run / "cache")]
+    RA.main([*SMOKE, *cache, "--out", str(cut), "--max-steps", str(stop)])
+    assert C.load_checkpoint(cut / "last.pt", RA.METHOD)["loop"]["total_steps"] == stop
+    RA.main([*SMOKE, *cache, "--out", str(res), "--resume", str(cut / "last.pt")])
+    assert (res / "scores.csv").read_bytes() == (smoke_run / "full" / "scores.csv").read_bytes()
+    full, resumed = (json.loads((d / "results.json").read_text()) for d in (smoke_run / "full", res))
+    assert resumed["train"] == full["train"]                                   # early-stopping state carried on
+
+
+def test_checkpoint_scores_the_same_and_rejects_another_script(smoke_run, tmp_path):
+    RA.main([*SMOKE, "--cache-dir", str(smoke_run / "cache"), "--out", str(tmp_path / "s"), "--checkpoint",
+             str(smoke_run / "full" / "last.pt")])
+    assert (tmp_path / "s" / "scores.csv").read_bytes() == (smoke_run / "full" / "scores.csv").read_bytes()
+    ck = C.load_checkpoint(smoke_run / "full" / "last.pt")
+    ck["method"] = "anogan"
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(C.UserError, match=r"not a last.pt of reversed_ae.py \(it is one of anogan.py\)"):
+        RA.main([*SMOKE, "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "other.pt")])
+
+
+def test_compare_run_is_this_model_minus_the_other_paired_over_cases(smoke_run, tmp_path):
+    rows = RA.read_scores(smoke_run / "full" / "scores.csv")
+    other = tmp_path / "sivae"
+    other.mkdir()
+    cfg = json.loads((smoke_run / "full" / "config.json").read_text())
+    cfg["args"]["lam"] = 0.0
+    (other / "config.json").write_text(json.dumps(cfg))
+    with open(other / "scores.csv", "w") as f:                                  # the other model: noise only
+        f.write(",".join(rows[0]) + "\n")
+        for k, r in enumerate(rows):
+            f.write(",".join(str(k % 7) if c.startswith("s") else str(r[c]) for c in rows[0]) + "\n")
+    args = types.SimpleNamespace(compare_run=str(other), perceptual="encoder", lam=5e-3)
+    vs = RA.compare_run(rows, args)
+    a = vs["Eq. 5 (eq + PL)"]["all"]
+    assert (vs["this"], vs["other"], vs["same_S"]) == ("RA", "SI-VAE (--no-reverse)", False)
+    assert cfg["args"]["perceptual"] == "fixed"                               # smoke: the shared S
+    assert RA.compare_run(rows, types.SimpleNamespace(**{**vars(args), "perceptual": "fixed"}))["same_S"]
+    assert a["a"] == pytest.approx(C.evaluate(rows, key="s_eq5")["metrics"]["auroc"])
+    assert a["diff"] == pytest.approx(a["a"] - a["b"]) and a["ci"][0] <= a["diff"] <= a["ci"][1]
+    with pytest.raises(C.UserError, match="lacks slices of this run"):
+        RA.compare_run(rows + [dict(rows[0], id="new")], args)
 
 
 def test_bad_flag_is_one_error_line(tmp_path):
