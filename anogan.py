@@ -103,6 +103,7 @@ Commands:
 """
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -442,69 +443,65 @@ def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", fea
 # Training (§2.1: minimax game of Eq. (1)-(2) on healthy patches only)
 # =================================================================================================
 
-def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves=None):
-    """DCGAN training on patches X (N, 1, c, c) (CPU tensor); checkpoint at the end of every epoch."""
-    device = run.device
-    curves = curves if curves is not None else {"loss_D (Eq. 1)": [], "loss_G (Eq. 2)": [],
-                                                "D(x)": [], "D(G(z))": []}
-    N = len(X)
-    for epoch in range(start_epoch, args.epochs):
-        G.train()
-        D.train()
-        perm = torch.randperm(N)
-        starts = range(0, N, args.batch_size)
-        for s in C.progress(starts, total=len(starts), desc=f"epoch {epoch + 1}/{args.epochs}"):
-            x = X[perm[s:s + args.batch_size]].to(device)                  # (B, 1, c, c)
-            if len(x) < 2:                                                  # BatchNorm needs 2 samples
-                continue
-            B = len(x)
-            # D step, Eq. (1): real patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
-            z = torch.rand(B, args.z_dim, device=device) * 2 - 1            # z ~ U(-1, 1)
-            with C.autocast(device, args.amp):
-                fake = G(z)                                                 # (B, 1, c, c)
-                logit_real, _ = D(x)
-                logit_fake, _ = D(fake.detach())
-                loss_D = d_loss(logit_real.float(), logit_fake.float())
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-            # G step(s), Eq. (2); the first reuses G(z) (G is unchanged so far), as in DCGAN code
-            for k in range(args.g_steps):
-                with C.autocast(device, args.amp):
-                    logit_gen, _ = D(fake if k == 0 else G(z))
-                    loss_G = g_loss(logit_gen.float())
-                opt_G.zero_grad(set_to_none=True)
-                loss_G.backward()
-                opt_G.step()
-            step += 1
-            vD = C.check_finite(loss_D, step, run.out / "last.pt")
-            vG = C.check_finite(loss_G, step, run.out / "last.pt")
-            curves["loss_D (Eq. 1)"].append((step, vD))
-            curves["loss_G (Eq. 2)"].append((step, vG))
-            curves["D(x)"].append((step, float(torch.sigmoid(logit_real.detach()).mean())))
-            curves["D(G(z))"].append((step, float(torch.sigmoid(logit_fake.detach()).mean())))
-        run.log(f"epoch {epoch + 1}/{args.epochs}: loss_D {np.mean([v for _, v in curves['loss_D (Eq. 1)'][-50:]]):.3f}"
-                f"  loss_G {np.mean([v for _, v in curves['loss_G (Eq. 2)'][-50:]]):.3f}")
-        C.save_checkpoint(run.out / "last.pt", {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "epoch": epoch + 1, "step": step, "curves": curves, "args": vars(args), "rng": C.rng_state()})
-    return step, curves
+def train_step(G, D, opt_G, opt_D, x, args, device):
+    """One update of the minimax game, Eq. (1)-(2), on healthy patches x (B, 1, c, c)."""
+    z = torch.rand(len(x), args.z_dim, device=device) * 2 - 1           # z ~ U(-1, 1), (B, z_dim)
+    # D step, Eq. (1): training patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
+    with C.autocast(device, args.amp):
+        fake = G(z)                                                      # (B, 1, c, c)
+        logit_real, _ = D(x)
+        logit_fake, _ = D(fake.detach())
+        loss_D = d_loss(logit_real.float(), logit_fake.float())
+    opt_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    opt_D.step()
+    # G step(s), Eq. (2); the first reuses G(z) (G is unchanged so far), as in DCGAN code
+    for k in range(args.g_steps):
+        with C.autocast(device, args.amp):
+            loss_G = g_loss(D(fake if k == 0 else G(z))[0].float())
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
+    return {"loss_D (Eq. 1)": loss_D.detach(), "loss_G (Eq. 2)": loss_G.detach(),
+            "D(x)": torch.sigmoid(logit_real.detach()).mean(),
+            "D(G(z))": torch.sigmoid(logit_fake.detach()).mean()}
+
+
+def train(G, D, X, args, run):
+    """DCGAN training on the patches X (N, 1, c, c), a CPU tensor, for `--epochs` epochs.
+    -> (training seconds, loss history, checkpoint I/O)."""
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    # a new permutation of the patches every epoch; its last partial batch is dropped, as in the
+    # DCGAN code the paper adapted (len(data) // batch_size batches per epoch)
+    batches = C.Batches(len(X), args.batch_size, args.seed)
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"train": batches})
+    for _ in loop.phase("train", args.epochs * batches.steps_per_epoch, desc="DCGAN"):
+        x = X[torch.from_numpy(next(batches))].to(run.device)               # (B, 1, c, c)
+        loop.log(train_step(G, D, opt_G, opt_D, x, args, run.device))
+        if batches.epoch_done:
+            last = {k: np.mean([v for _, v in loop.history[k][-batches.steps_per_epoch:]])
+                    for k in ("loss_D (Eq. 1)", "loss_G (Eq. 2)")}
+            run.log(f"epoch {batches.epoch + 1}/{args.epochs}: loss_D {last['loss_D (Eq. 1)']:.3f}  "
+                    f"loss_G {last['loss_G (Eq. 2)']:.3f}")
+    return loop.close(), loop.history, loop.io_report()
 
 
 # =================================================================================================
 # Scoring and evaluation
 # =================================================================================================
 
+SCORES = ("A", "R", "D", "D_hat", "P_D", "A_hat", "R_nn", "x_max")   # scores.csv columns (A is `score`)
+
+
+def col(key):
+    """The scores.csv column of a score: A(x) is the contract's `score`."""
+    return "score" if key == "A" else key
+
+
 def patch_labels(mask):
     """§3: a patch is anomalous (1) if it contains at least one anomalous pixel. (N, c, c) -> (N,)"""
     return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
-
-
-def patch_group(label, case_group, case_label):
-    """The group a patch is reported in: its scan's group if the patch is anomalous, 'normal' for the
-    patches of healthy scans, '<group>_0' for the lesion-free patches of anomalous scans (negatives)."""
-    return case_group if label else ("normal" if case_label == 0 else f"{case_group}_0")
 
 
 def grid_patch_set(S, rows, size, stride, min_brain, allow_empty=False):
@@ -518,6 +515,12 @@ def grid_patch_set(S, rows, size, stride, min_brain, allow_empty=False):
     idx, top, left = (np.array(a, dtype=np.int64) for a in zip(*pos))
     return dict(x=C.extract_patches(S.x, idx, top, left, size),
                 mask=C.extract_patches(S.mask, idx, top, left, size) > 0, row=idx, top=top, left=left)
+
+
+def z_start(n, z_dim, seed, stream):
+    """z_1 ~ U(-1, 1)^z_dim, one per patch (§2.2), from a seeded stream per patch set -> (n, z_dim)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+    return torch.rand(n, z_dim, generator=g) * 2 - 1
 
 
 def score_patches(x, G, D, args, device, z1, desc="map"):
@@ -562,17 +565,114 @@ def time_one_at_a_time(x, G, D, args, device, z1):
     return (time.perf_counter() - t0) / max(len(x), 1), np.array(A)
 
 
-def operating_point(y, s, thr):
-    return {"threshold": float(thr), **C.binary_stats(y, np.asarray(s) >= thr)}
+def patch_rows(S, P, sc):
+    """One row per test patch (the rows contract): group = the group of the patch's SCAN, label = the
+    patch's own label (§3), case = the scan. A lesion-free patch of a tumour scan is {tumor, 0}."""
+    y = patch_labels(P["mask"])
+    n_px = P["mask"].reshape(len(y), -1).sum(1)
+    rows = []
+    for k in range(len(y)):
+        r = int(P["row"][k])
+        cs, z = S.cases[S.case[r]], int(S.z[r])
+        rows.append(dict(id=f"{cs.id}/z{z}/y{int(P['top'][k])}x{int(P['left'][k])}", group=cs.group,
+                         label=int(y[k]), score=float(sc["A"][k]),
+                         **{key: float(sc[key][k]) for key in SCORES[1:] if key in sc},
+                         case=cs.id, slice=z, anomalous_px=int(n_px[k])))
+    return rows
 
 
-def table1(y, scores):
-    """Table 1: precision, recall, sensitivity, specificity at the Youden index, and the AUC."""
+def level_rows(S, P, A, how):
+    """Beyond the paper: slice and scan scores = `how` (max) of the patch scores A of their grid patches;
+    a slice is anomalous if it holds >= 1 anomalous pixel, a scan as its group says."""
+    slices = []
+    for r, s in C.aggregate(A, P["row"].tolist(), how=how).items():
+        cs = S.cases[S.case[r]]
+        slices.append(dict(id=f"{cs.id}/z{int(S.z[r])}", group=cs.group, label=int(np.asarray(S.mask[r]).any()),
+                           score=s, case=cs.id))
+    scans = [dict(id=S.cases[i].id, group=S.cases[i].group, label=S.cases[i].label, score=s)
+             for i, s in C.aggregate(A, S.case[P["row"]].tolist(), how=how).items()]
+    return slices, scans
+
+
+def clean_mask(rows):
+    """The units every AUROC here compares: anomalous ones and those of NORMAL scans -> (N,) bool."""
+    y = np.array([r["label"] for r in rows])
+    g = np.array([r["group"] for r in rows])
+    return (y == 1) | np.isin(g, C.normal_groups(y, g))
+
+
+def score_comparison(rows, keys):
+    """§3, Fig. 4(a, b): AUROC/AUPRC of each score, all anomalous patches and per group against the
+    patches of normal scans; `same_scan`: against the lesion-free patches of the same scans."""
     out = {}
-    for name, s in scores.items():
-        yd = C.youden(y, s)
-        out[name] = {k: yd[k] for k in ("precision", "recall", "sensitivity", "specificity", "threshold")}
-        out[name]["auc"] = C.auroc(y, s)
+    for key in keys:
+        e = C.evaluate(rows, key=col(key))
+        m = e["metrics"]
+        out[key] = {"auroc": m.get("auroc"), "auroc_ci": m.get("auroc_ci"), "auprc": m.get("auprc"),
+                    **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
+                    "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}}
+    return out
+
+
+PAIRS = (("A", "R"), ("A", "D"), ("D", "D_hat"), ("A", "P_D"), ("A", "A_hat"), ("R", "R_nn"), ("A", "x_max"))
+
+
+def paired_differences(rows, keys):
+    """"A(x) beats R(x)": AUROC(a) - AUROC(b) on the same patches with a 95% interval from one bootstrap
+    over scans (C.compare_scores; `resolved` = the interval excludes 0), all anomalous and per group."""
+    groups = sorted({r["group"] for r in rows if r["label"] == 1})
+    return {f"{a} - {b}": {g or "all": C.compare_scores(rows, rows, g, col(a), col(b)) for g in [None, *groups]}
+            for a, b in PAIRS if a in keys and b in keys}
+
+
+def auroc_by_lesion_size(rows, c, keys=("A", "R_nn")):
+    """AUROC against normal scans of each group's anomalous patches with 1-3, 4-15, >= 16 anomalous
+    pixels (§3's rule counts a single pixel), with 95% intervals over scans."""
+    normal = set(C.normal_groups(np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])))
+    out = {}
+    for g in sorted({r["group"] for r in rows if r["label"] == 1}):
+        out[g] = {}
+        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
+            sub = [r for r in rows if r["group"] in normal
+                   or (r["group"] == g and r["label"] == 1 and lo <= r["anomalous_px"] <= hi)]
+            n = sum(r["label"] for r in sub)
+            if not n or not normal:
+                continue
+            e = {"n": n}
+            for key in keys:
+                if col(key) in rows[0]:
+                    m = C.evaluate(sub, key=col(key))["metrics"]
+                    name = "auroc" if key == "A" else f"auroc_{key}"
+                    e[name], e[name + "_ci"] = m["auroc"], m["auroc_ci"]
+            out[g][f"{lo}-{hi}px"] = e
+    return out
+
+
+def table1(rows):
+    """Table 1: precision, recall, sensitivity, specificity at the Youden index and the AUC, anomalous
+    patches against those of normal scans. The Youden cut-off is chosen with the test labels (oracle)."""
+    cl = [r for r, k in zip(rows, clean_mask(rows)) if k]
+    y = np.array([r["label"] for r in cl])
+    out = {}
+    for name, key in (("AnoGAN A", "A"), ("P_D", "P_D"), ("GAN_R Â", "A_hat")):
+        if col(key) in cl[0]:
+            s = np.array([r[col(key)] for r in cl])
+            yd = C.youden(y, s)
+            out[name] = {**{k: yd[k] for k in ("precision", "recall", "sensitivity", "specificity", "threshold")},
+                         "auc": C.auroc(y, s)}
+    return out
+
+
+def operating_points(rows, sv, pct):
+    """R(x) and D(x) flagged at the `pct` percentile of their healthy-validation values (Fig. 3's bars),
+    on anomalous patches and those of normal scans."""
+    keep = clean_mask(rows)
+    y = np.array([r["label"] for r in rows])[keep]
+    out = {}
+    for key in ("R", "D"):
+        thr = C.threshold_from_healthy(sv[key], percentile=pct)
+        s = np.array([r[key] for r in rows])[keep]
+        out[key] = {"threshold": float(thr), **C.binary_stats(y, s >= thr)}
     return out
 
 
@@ -669,55 +769,18 @@ def main(argv=None):
     device = run.device
     size, c = (args.slice_size, args.slice_size), args.patch_size
     data = datasets.load_dataset(args, contrast="flair")
-    rng = np.random.default_rng(args.seed)
 
-    # ---- data: training patches at random positions inside the brain (§2.1, §3) ----------------
-    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices, step=args.slice_step,
-                         cache_dir=args.cache_dir, desc="train")
-    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches, rng=rng,
-                                      min_brain=args.min_brain)
+    # ---- data, every set read (and checked) before training ---------------------------------------
+    # training patches at random positions inside the brain (§2.1, §3)
+    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices,
+                                step=args.slice_step, cache_dir=args.cache_dir, desc="train")
+    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches,
+                                      rng=np.random.default_rng(args.seed), min_brain=args.min_brain)
     X = torch.from_numpy(C.extract_patches(S_tr.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
     run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
             f"({len(S_tr)} slices {size[0]}x{size[1]})")
-
-    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(device)
-    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    start_epoch, step, curves = 0, 0, None
-    ck_path = args.checkpoint or args.resume
-    if ck_path:
-        ck = C.load_checkpoint(ck_path, device)
-        try:
-            G.load_state_dict(ck["models"]["G"])
-            D.load_state_dict(ck["models"]["D"])
-        except (KeyError, RuntimeError) as e:
-            C.fail(f"checkpoint {ck_path} does not match these networks ({type(e).__name__}); "
-                   f"use the same --preset/--ch/--patch-size/--z-dim it was trained with")
-        start_epoch, step, curves = ck.get("epoch", 0), ck.get("step", 0), ck.get("curves")
-        if args.resume:
-            opt_G.load_state_dict(ck["optims"]["G"])
-            opt_D.load_state_dict(ck["optims"]["D"])
-            C.set_rng_state(ck["rng"])
-        run.log(f"loaded {ck_path} (epoch {start_epoch}, step {step})")
-
-    with C.Timer() as t_train:
-        if not args.checkpoint:
-            step, curves = train_gan(G, D, X, args, run, opt_G, opt_D, start_epoch=start_epoch, step=step,
-                                     curves=curves)
-    if not (run.out / "last.pt").is_file():   # --epochs 0 or --checkpoint: still leave a last.pt
-        C.save_checkpoint(run.out / "last.pt", {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "epoch": max(start_epoch, args.epochs if not args.checkpoint else start_epoch), "step": step,
-            "curves": curves, "args": vars(args), "rng": C.rng_state()})
-    if curves:
-        C.plot_curves({k: v for k, v in curves.items() if k.startswith("loss")}, run.out / "losses.png",
-                      title="DCGAN training (healthy patches)", ylabel="cross-entropy")
-    else:
-        C.plot_curves({"no training in this run": [(0, 0.0)]}, run.out / "losses.png", title="DCGAN training")
-
-    # ---- test, validation and training-normal patches ---------------------------------------------
+    if len(X) < 2:
+        C.fail(f"only {len(X)} training patch: BatchNorm needs 2; lower --min-brain or --patch-size")
     test_cases = data.test
     if args.test_cases:
         keep = []
@@ -733,31 +796,41 @@ def main(argv=None):
     # healthy validation patches set the operating point; a data set can leave none at the test level (BraTS
     # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy
     # training patches set it (optimistic, but never the test labels), and results.json says so.
-    val_from = "val"
     Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain, allow_empty=True)
-    if Pv is None:
-        val_from = "train (no healthy validation patch at the test slices)"
-        run.log("warning: no healthy validation patch; the operating point comes from training patches")
+    rng = np.random.default_rng([args.seed, 1])
     if Pv is not None and args.val_patches and len(Pv["x"]) > args.val_patches:
         sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
         Pv = {k: v[sel] for k, v in Pv.items()}
     n_tr = min(args.train_eval_patches or len(X), len(X))
     X_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
+    val_from = "val" if Pv is not None else "train (no healthy validation patch at the test slices)"
     if Pv is None:
-        Pv = {"x": X_tr}
-    run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, {len(Pv['x'])} validation and "
-            f"{n_tr} training patches; Γ={args.steps}, batch {args.map_batch}")
+        run.log("warning: no healthy validation patch; the operating point comes from training patches")
 
-    g = torch.Generator().manual_seed(args.seed + 1)
-    z1 = torch.rand(len(P["x"]), args.z_dim, generator=g) * 2 - 1     # z_1 ~ U(-1, 1), one per patch
+    # ---- the DCGAN (§2.1): train, or load a checkpoint ------------------------------------------
+    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(device)
+    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(device)
+    if args.checkpoint:
+        ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
+        train_s, history, io = 0.0, ck.get("history", {}), None
+        if not (run.out / "last.pt").exists():
+            shutil.copyfile(args.checkpoint, run.out / "last.pt")
+        run.log(f"loaded {args.checkpoint}; scoring only")
+    else:
+        train_s, history, io = train(G, D, X, args, run)
+
+    # ---- mapping (§2.2) and scores (§2.3) of test, validation and training-normal patches ----------
+    run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, "
+            f"{len(Pv['x']) if Pv is not None else 0} validation and {n_tr} training patches; "
+            f"Γ={args.steps}, batch {args.map_batch}")
+    z1 = z_start(len(P["x"]), args.z_dim, args.seed, 0)
     with C.Timer() as t_map:
         sc = score_patches(P["x"], G, D, args, device, z1, desc="map test")
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sv = score_patches(Pv["x"], G, D, args, device, torch.rand(len(Pv["x"]), args.z_dim, generator=g) * 2 - 1,
-                       desc="map val")
-    st = score_patches(X_tr, G, D, args, device, torch.rand(n_tr, args.z_dim, generator=g) * 2 - 1,
-                       desc="map train")
+    st = score_patches(X_tr, G, D, args, device, z_start(n_tr, args.z_dim, args.seed, 2), desc="map train")
+    sv = st if Pv is None else score_patches(Pv["x"], G, D, args, device,
+                                             z_start(len(Pv["x"]), args.z_dim, args.seed, 1), desc="map val")
     n_single = min(args.time_single, len(P["x"]))
     s_single, A_single = time_one_at_a_time(P["x"][:n_single], G, D, args, device, z1[:n_single])
     n_maps = 2 if args.ganr else 1
@@ -770,82 +843,41 @@ def main(argv=None):
     sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
     s_batched = t_map.seconds / len(P["x"])
 
-    # ---- labels and rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) -------------
-    cases = S_te.cases
-    case_of = S_te.case[P["row"]]
-    y = patch_labels(P["mask"])                                            # (N,)
-    groups = np.array([patch_group(y[k], cases[case_of[k]].group, cases[case_of[k]].label) for k in range(len(y))])
-    rows = []
-    for k in range(len(y)):
-        cs = cases[case_of[k]]
-        r = dict(id=f"{cs.id}/z{int(S_te.z[P['row'][k]])}/y{int(P['top'][k])}x{int(P['left'][k])}",
-                 group=groups[k], label=int(y[k]), score=float(sc["A"][k]), R=float(sc["R"][k]),
-                 D=float(sc["D"][k]), D_hat=float(sc["D_hat"][k]), P_D=float(sc["P_D"][k]))
-        if args.ganr:
-            r["A_hat"] = float(sc["A_hat"][k])
-        if "R_nn" in sc:
-            r["R_nn"] = float(sc["R_nn"][k])
-        r.update(case=cs.id, case_group=cs.group, slice=int(S_te.z[P["row"][k]]),
-                 anomalous_px=int(P["mask"][k].sum()))
-        rows.append(r)
-
-    # ---- slice and scan level: aggregate patch scores A (beyond the paper) -----------------------
-    agg_s = C.aggregate(sc["A"], P["row"].tolist(), how=args.agg)
-    rows_slice = []
-    for row, s in agg_s.items():
-        cs = cases[S_te.case[row]]
-        lab = int(np.asarray(S_te.mask[row]).any())
-        rows_slice.append(dict(id=f"{cs.id}/z{int(S_te.z[row])}", label=lab, score=s,
-                               group=patch_group(lab, cs.group, cs.label)))
-    agg_c = C.aggregate(sc["A"], case_of.tolist(), how=args.agg)
-    rows_scan = [dict(id=cases[i].id, group=cases[i].group, label=cases[i].label, score=s) for i, s in agg_c.items()]
-
-    # ---- comparisons of §3: A, R, D, D̂, (Â), P_D; Table 1; an operating point from healthy data ----
-    keys = ["A", "R", "D", "D_hat", "P_D"] + (["A_hat"] if args.ganr else []) + (["R_nn"] if n_nn else []) + ["x_max"]
-    comparison = {}
-    for key in keys:
-        e = C.evaluate([dict(group=gn, label=int(l), score=float(v)) for gn, l, v in zip(groups, y, sc[key])])
-        comparison[key] = {"auroc": e["metrics"]["auroc"], "auprc": e["metrics"]["auprc"],
-                           **{gn: v["auroc"] for gn, v in e["groups"].items() if "auroc" in v}}
-    table = table1(y, {"AnoGAN A": sc["A"], "P_D": sc["P_D"], **({"GAN_R Â": sc["A_hat"]} if args.ganr else {})})
-    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("A", "R", "D")}
-    at_val = {k: operating_point(y, sc[k], thr[k]) for k in ("A", "R", "D")}
-    # how AUROC(A) depends on how much of the patch is anomalous (§3's rule counts a single pixel)
-    n_px = P["mask"].reshape(len(y), -1).sum(1)
-    by_size = {}
-    for gn in sorted({gr for gr in groups if gr != "normal" and not gr.endswith("_0")}):
-        by_size[gn] = {}
-        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
-            pos = (groups == gn) & (n_px >= lo) & (n_px <= hi)
-            if pos.any():
-                sel = pos | (y == 0)
-                by_size[gn][f"{lo}-{hi}px"] = {"n": int(pos.sum()), "auroc": C.auroc(y[sel], sc["A"][sel]),
-                                               **({"auroc_R_nn": C.auroc(y[sel], sc["R_nn"][sel])}
-                                                  if "R_nn" in sc else {})}
+    # ---- rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) and comparisons ----------
+    rows = patch_rows(S_te, P, sc)
+    rows_slice, rows_scan = level_rows(S_te, P, sc["A"], args.agg)
+    keys = [k for k in SCORES if k in sc]
+    comparison = score_comparison(rows, keys)
 
     # ---- figures ------------------------------------------------------------------------------------
-    res = sc["x_res"] = np.abs(P["x"] - sc["G_z"])                        # residual images x_R (§2.3)
-    dist = {"normal (train)": st, "normal (test)": {k: sc[k][y == 0] for k in ("R", "D")},
+    y = np.array([r["label"] for r in rows])
+    groups = np.array([r["group"] for r in rows])
+    normal = np.isin(groups, C.normal_groups(y, groups))
+    clean = (y == 1) | normal
+    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("R", "D")}
+    res = np.abs(P["x"] - sc["G_z"])                                       # residual images x_R (§2.3)
+    dist = {"normal (train)": st, "normal (test)": {k: sc[k][normal] for k in ("R", "D")},
             "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
-    plot_fig4(y, sc, dist, run.out / "fig4.png",
-              f"Fig. 4 equivalent: {len(y)} test patches ({int(y.sum())} anomalous, all groups), Γ={args.steps}")
-    blocks = []
-    pick = lambda sel, n: list(rng.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
+    plot_fig4(y[clean], {k: sc[k][clean] for k in keys}, dist, run.out / "fig4.png",
+              f"Fig. 4 equivalent: {int(y.sum())} anomalous test patches (all groups) against the "
+              f"{int(normal.sum())} patches of normal scans, Γ={args.steps}")
+    rng_fig = np.random.default_rng([args.seed, 2])
+    pick = lambda sel, n: list(rng_fig.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
     mk = lambda xx, gg, rr, mm, R, Dv, A: dict(x=xx, g=gg, res=rr, mask=mm, R=R, D=Dv, A=A)
-    tr_i = pick(np.ones(n_tr, bool), 3)
-    blocks.append(("normal (train)", [mk(X_tr[i], st["G_z"][i], np.abs(X_tr[i] - st["G_z"][i]), np.zeros((c, c), bool),
-                                         st["R"][i], st["D"][i], st["A"][i]) for i in tr_i]))
-    blocks.append(("normal (test)", [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i])
-                                     for i in pick(groups == "normal", 3)]))
-    anom = [gn for gn in dict.fromkeys(groups) if gn != "normal" and not gn.endswith("_0")]
+    blocks = [("normal (train)", [mk(X_tr[i], st["G_z"][i], np.abs(X_tr[i] - st["G_z"][i]), np.zeros((c, c), bool),
+                                     st["R"][i], st["D"][i], st["A"][i]) for i in pick(np.ones(n_tr, bool), 3)]),
+              ("normal (test)", [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i])
+                                 for i in pick(normal, 3)])]
+    anom = [gn for gn in dict.fromkeys(groups[y == 1])]
     an_cols = []
     for gn in anom:
-        sel = groups == gn
-        best = np.nonzero(sel)[0][np.argsort(-P["mask"][sel].reshape(sel.sum(), -1).sum(1))][:2 if len(anom) < 4 else 1]
+        sel = np.nonzero((groups == gn) & (y == 1))[0]
+        best = sel[np.argsort(-P["mask"][sel].reshape(len(sel), -1).sum(1), kind="stable")][:2 if len(anom) < 4 else 1]
         an_cols += [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i]) for i in best]
     blocks.append(("anomalous (test): " + ", ".join(anom), an_cols))
     plot_fig3(blocks, thr["R"], thr["D"], run.out / "fig3.png")
 
+    cases = S_te.cases
     ex_rows = []
     for want in ["normal"] + anom:
         cand = [i for i in range(len(cases)) if cases[i].group == want]
@@ -858,53 +890,59 @@ def main(argv=None):
         rec, amap = assemble_slice(S_te, best, selp, P, sc["G_z"], res)
         ex_rows.append(dict(title=f"{want}\n{cases[i].id.split('/')[-1]}", input=np.asarray(S_te.x[best]),
                             reconstruction=rec, amap=amap, gt=np.asarray(S_te.mask[best])))
-    C.plot_examples(ex_rows, run.out / "examples.png",
-                    cols=("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|", "ground truth"))
     hist = sc["history"]
-    C.plot_curves({"test patches, label 0": list(enumerate(hist[y == 0].mean(0).tolist(), 1)) if (y == 0).any() else [],
-                   "test patches, label 1": list(enumerate(hist[y == 1].mean(0).tolist(), 1)) if (y == 1).any() else []},
+    C.plot_curves({"test patches of normal scans": list(enumerate(hist[normal].mean(0).tolist(), 1)) if normal.any() else [],
+                   "anomalous test patches": list(enumerate(hist[y == 1].mean(0).tolist(), 1)) if (y == 1).any() else []},
                   run.out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
                   ylabel="L(z_γ)", xlabel="γ")
 
     # ---- results -------------------------------------------------------------------------------------
-    ev_slice, ev_scan = C.evaluate(rows_slice), C.evaluate(rows_scan)
-    timing = {"train_s": t_train.seconds, "score_s": t_map.seconds, "score_s_per_sample": s_batched,
+    timing = {"train_s": train_s, "score_s": t_map.seconds, "score_s_per_sample": s_batched,
               "map_s_per_patch_batched": s_batched / n_maps, "map_s_per_patch_single": s_single,
               "map_speedup_batched": s_single / max(s_batched / n_maps, 1e-12), "n_single_timed": n_single,
-              "map_batch": args.map_batch, "mapping_steps": args.steps}
+              "map_batch": args.map_batch, "mapping_steps": args.steps, "checkpoint_io": io}
     extra = {
-        "patch_label_rule": "a patch is anomalous if it contains >= 1 anomalous pixel (§3); lesion-free patches "
-                            "of anomalous scans are negatives, in groups '<group>_0'",
-        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "val": len(Pv["x"]), "train_eval": n_tr,
-                      "train": len(X)},
+        "patch_label_rule": "a patch is anomalous if it contains >= 1 anomalous pixel (§3); its group is its "
+                            "scan's; negatives: patches of normal scans (groups), lesion-free patches of the "
+                            "same scans (groups_same_scan, the paper's own negatives)",
+        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "test_normal_scans": int(normal.sum()),
+                      "val": len(Pv["x"]) if Pv is not None else 0, "train_eval": n_tr, "train": len(X)},
+        "threshold_from": val_from,
         "comparison_auroc": comparison,
+        "paired_differences": paired_differences(rows, keys),
         "references": {"R_nn": (f"min over the first {n_nn} training patches t of Σ|x - t|: Eq. (3) "
                                 "for a generator that memorised them (beyond the paper)") if n_nn else "off (--nn-ref 0)",
                        "x_max": "the patch's highest normalised intensity (a baseline for hyperintense anomalies, "
                                 "not AnoGAN)"},
-        "auroc_A_by_anomalous_pixels": by_size,
-        "oracle_youden_table1": table,
-        "at_val_threshold": {"percentile": args.threshold_pct, "from": val_from, **at_val},
+        "auroc_A_by_anomalous_pixels": auroc_by_lesion_size(rows, c),
+        "oracle_youden_table1": table1(rows),
+        "at_val_threshold": {"percentile": args.threshold_pct, "from": val_from,
+                             **operating_points(rows, sv, args.threshold_pct)},
         "slice_level": {"how": f"{args.agg} of the patch scores A(x) of a slice's grid patches; a slice is "
-                               "anomalous if it holds >= 1 anomalous pixel", **ev_slice},
-        "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group", **ev_scan},
+                               "anomalous if it holds >= 1 anomalous pixel", **C.evaluate(rows_slice)},
+        "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group",
+                       **C.evaluate(rows_scan)},
         "batched_vs_single_max_abs_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single]))) if n_single else None,
         "batched_vs_single_max_rel_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single])
                                                          / np.maximum(np.abs(sc["A"][:n_single]), 1e-12)))
         if n_single else None,
-        "mapping_loss_first_last": {"label0": [float(hist[y == 0, 0].mean()), float(hist[y == 0, -1].mean())]
-                                    if (y == 0).any() else None,
-                                    "label1": [float(hist[y == 1, 0].mean()), float(hist[y == 1, -1].mean())]
+        "mapping_loss_first_last": {"normal_scans": [float(hist[normal, 0].mean()), float(hist[normal, -1].mean())]
+                                    if normal.any() else None,
+                                    "anomalous": [float(hist[y == 1, 0].mean()), float(hist[y == 1, -1].mean())]
                                     if (y == 1).any() else None},
     }
     for key in ("R", "R_nn", "x_max"):
         if key in comparison:
             run.log(f"AUROC of {key}: " + ", ".join(f"{gn} {v:.3f}" for gn, v in comparison[key].items()
-                                                    if gn not in ("auroc", "auprc")))
+                                                    if isinstance(v, float) and gn not in ("auroc", "auprc")))
     run.log(f"mapping: {s_batched / n_maps * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at a "
             f"time ({n_single} patches), max |ΔA| {extra['batched_vs_single_max_abs_diff_A']}")
-    return C.finish_run(run, args, METHOD, unit="patch", rows=rows, timing=timing, extra=extra,
-                        data_info=data.info, roc_title=f"AnoGAN A(x): patch-level ROC, Γ={args.steps}")
+    return C.report(run, args, "patch", rows, timing, extra=extra, data_info=data.info, val_scores=sv["A"],
+                    threshold_pct=args.threshold_pct, history=history, examples=ex_rows,
+                    titles={"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
+                            "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
+                            "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
+                                              "ground truth")})
 
 
 if __name__ == "__main__":
