@@ -117,120 +117,82 @@ from data import datasets
 METHOD = "anogan"
 
 # =================================================================================================
-# Arguments
+# Hyperparameters (§3 "Implementation details"; the default of each is the paper's value)
 # =================================================================================================
 
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(slice_size=32, patch_size=16, min_brain=0.5, train_slices=4, slice_step=2,
-                  train_patches=256, z_dim=16, ch=4, kernel=5, epochs=1, batch_size=64, lr=2e-4, beta1=0.5,
-                  g_steps=1, steps=5, map_lr=0.05, map_beta1=0.9, map_batch=256, lam=0.1, feature_layer=3,
-                  z_clip=1, ganr=1, test_slices=2, test_stride=16, test_cases=3, val_patches=32,
-                  train_eval_patches=32, time_single=2, threshold_pct=95.0, agg="max", nn_ref=256),
-    # a real run on a 2-core CPU in ~5 minutes (deviation 8)
-    "quick": dict(slice_size=96, patch_size=32, min_brain=0.9, train_slices=16, slice_step=2,
-                  train_patches=20_000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=40, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=0, test_slices=4, test_stride=16, test_cases=4,
-                  val_patches=96, train_eval_patches=96, time_single=4, threshold_pct=95.0, agg="max",
-                  nn_ref=20_000),
-    # the paper's settings (§3 "Implementation details"); a GPU job
-    "paper": dict(slice_size=128, patch_size=64, min_brain=0.9, train_slices=32, slice_step=1,
-                  train_patches=100_000, z_dim=100, ch=64, kernel=5, epochs=20, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=500, map_lr=0.01, map_beta1=0.9, map_batch=1024, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=1, test_slices=8, test_stride=16, test_cases=0,
-                  val_patches=1024, train_eval_patches=1024, time_single=16, threshold_pct=95.0, agg="max",
-                  nn_ref=0),
-}
+HYPER = dict(
+    # data and patches (§2.1, §3)
+    slice_size=C.hp(128, "axial slices, cropped to the brain, are resized to S×S (deviation 1; the OCT "
+                         "B-scans had ~256 columns)", lo=16, hi=4096),
+    patch_size=C.hp(64, "patch side c, a multiple of 16 (§3: 64×64 patches)", lo=16, hi=4096),
+    min_brain=C.hp(0.9, "a patch needs this fraction of brain pixels (deviation 1)", lo=0.0, hi=1.0),
+    train_slices=C.hp(32, "central axial slices per training scan (deviation 1; the paper: all 49 B-scans)",
+                      lo=1, hi=10_000),
+    slice_step=C.hp(1, "distance between the chosen slices, in voxels", lo=1, hi=100),
+    train_patches=C.hp(100_000, "random training patches (§3: 1,000,000 OCT patches)", lo=1, hi=10 ** 8),
+    test_slices=C.hp(8, "central slices per test scan scored with grid patches (deviation 2)",
+                     lo=1, hi=10_000),
+    test_stride=C.hp(16, "stride of the test patch grid (deviation 2)", lo=1, hi=4096),
+    test_cases=C.hp(0, "score only the first N scans of every test group (0 = all)", lo=0, hi=10 ** 6),
+    # networks (§2.1, §3)
+    z_dim=C.hp(100, "dimension of z ~ U(-1, 1) (DCGAN's 100; the paper: 'widely the same DCGAN')",
+               lo=1, hi=10_000),
+    ch=C.hp(64, "base channels: G 8ch-4ch-2ch-ch, D ch-2ch-4ch-8ch (§3: 512-256-128-64)", lo=1, hi=4096),
+    kernel=C.hp(5, "filter size, odd (§3: 5×5)", lo=3, hi=15),
+    # adversarial training, Eq. (1)-(2)
+    epochs=C.hp(20, "DCGAN training epochs (§3: 20)", lo=0, hi=10_000),
+    batch_size=C.hp(64, "mini-batch size (DCGAN's 64; the paper does not say)", lo=2, hi=10 ** 6),
+    lr=C.hp(2e-4, "Adam learning rate (DCGAN's; §3 says only 'Adam')", lo=1e-8, hi=1.0),
+    beta1=C.hp(0.5, "Adam β1 (DCGAN's)", lo=0.0, hi=0.999),
+    g_steps=C.hp(1, "G updates per D update (DCGAN 1; the code the paper adapted used 2)", lo=1, hi=100),
+    # mapping to the latent space, §2.2, Eq. (3)-(5)
+    steps=C.hp(500, "Γ backpropagation steps of the mapping (§3: 500)", lo=1, hi=10 ** 6),
+    map_lr=C.hp(0.01, "Adam learning rate on z (deviation 3: the adapted code's 0.01)", lo=1e-8, hi=100.0),
+    map_beta1=C.hp(0.9, "Adam β1 on z (the adapted code's 0.9)", lo=0.0, hi=0.999),
+    map_batch=C.hp(1024, "patches mapped at once, each with its own z (beyond the paper; the same "
+                         "trajectories)", lo=1, hi=10 ** 7),
+    lam=C.hp(0.1, "λ in Eq. (5) and (6) (§3: 0.1)", lo=0.0, hi=1.0),
+    feature_layer=C.hp(3, "f(·) of Eq. (4): the output of D's conv layer 0..3 (the last, Fig. 2a)",
+                       lo=0, hi=3),
+    z_clip=C.hp(True, "clip z to [-1, 1], the support of p_z, after every step (deviation 3)"),
+    ganr=C.hp(True, "also map with Yeh et al.'s L_D̂ and score Â(x): GAN_R (§3, Fig. 4a, Table 1)"),
+    # evaluation (§2.3, §3)
+    val_patches=C.hp(1024, "healthy validation patches mapped for the operating point (0 = all)",
+                     lo=0, hi=10 ** 8),
+    train_eval_patches=C.hp(1024, "training patches mapped for Fig. 4(c, d)'s 'normal (train)'",
+                            lo=0, hi=10 ** 8),
+    time_single=C.hp(16, "patches mapped again one at a time, to time the paper's unbatched mapping",
+                     lo=0, hi=10_000),
+    threshold_pct=C.hp(95.0, "operating point: this percentile of the healthy validation scores "
+                             "(deviation 6)", lo=0.0, hi=100.0),
+    agg=C.hp("max", "patch scores -> slice and scan score (beyond the paper)",
+             choices=["max", "mean", "p99"]),
+    nn_ref=C.hp(0, "beyond the paper: R_nn, the residual to the nearest of this many training patches "
+                   "(a memorising generator; 0 = off, an N×M search)", lo=0, hi=10 ** 8),
+)
+# quick (deviation 8): a 2-core CPU in minutes: 96×96 slices, 32×32 patches, channels 128-64-32-16,
+# 4 epochs over 20,000 patches, Γ = 40 at a larger step, 4 scans per test group, no GAN_R
+QUICK = dict(slice_size=96, patch_size=32, train_slices=16, slice_step=2, train_patches=20_000,
+             test_slices=4, test_cases=4, ch=16, epochs=4, steps=40, map_lr=0.05, map_batch=512,
+             ganr=False, val_patches=96, train_eval_patches=96, time_single=4, nn_ref=20_000)
+# smoke: seconds, for the tests
+SMOKE = dict(slice_size=32, patch_size=16, min_brain=0.5, train_slices=4, slice_step=2,
+             train_patches=256, test_slices=2, test_cases=3, z_dim=16, ch=4, epochs=1, steps=5,
+             map_lr=0.05, map_batch=256, val_patches=32, train_eval_patches=32, time_single=2, nn_ref=256)
 
 
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("data and patches (§2.1, §3)")
-    g.add_argument("--slice-size", type=int, default=None,
-                   help="axial slices (cropped to the brain) are resized to S×S (paper: OCT B-scans, ~256 columns; "
-                        "paper preset 128)")
-    g.add_argument("--patch-size", type=int, default=None,
-                   help="patch side c, §2.1/§3 (paper 64); a multiple of 16")
-    g.add_argument("--min-brain", type=float, default=None,
-                   help="a patch needs at least this fraction of brain pixels (deviation 1; default 0.5)")
-    g.add_argument("--train-slices", type=int, default=None,
-                   help="axial slices per training scan, centred in the brain (paper: all 49 B-scans)")
-    g.add_argument("--slice-step", type=int, default=None, help="distance between the chosen slices, in voxels")
-    g.add_argument("--train-patches", type=int, default=None,
-                   help="number of random training patches, §3 (paper 1,000,000; paper preset 100,000)")
-    g.add_argument("--test-slices", type=int, default=None,
-                   help="axial slices per test scan scored with grid patches: the central ones of the training "
-                        "slab (deviation 2)")
-    g.add_argument("--test-stride", type=int, default=None, help="stride of the test patch grid (deviation 2)")
-    g.add_argument("--test-cases", type=int, default=None,
-                   help="score only the first N scans of every test group (0 = all; quick preset 6)")
-    g = p.add_argument_group("networks (§2.1, §3 'Implementation details')")
-    g.add_argument("--z-dim", type=int, default=None, help="dimension of z ~ U(-1,1), DCGAN (paper: DCGAN's 100)")
-    g.add_argument("--ch", type=int, default=None,
-                   help="base channels: G 8ch-4ch-2ch-ch, D ch-2ch-4ch-8ch, §3 (paper 64 = 512-256-128-64)")
-    g.add_argument("--kernel", type=int, default=None, help="filter size, §3 (paper 5)")
-    g = p.add_argument_group("adversarial training, Eq. (1)-(2)")
-    g.add_argument("--epochs", type=int, default=None, help="DCGAN training epochs, §3 (paper 20)")
-    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (DCGAN 64; paper unstated)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (DCGAN 2e-4; paper: 'Adam')")
-    g.add_argument("--beta1", type=float, default=None, help="Adam β1 (DCGAN 0.5)")
-    g.add_argument("--g-steps", type=int, default=None,
-                   help="generator updates per discriminator update (DCGAN 1; the code the paper adapted used 2)")
-    g = p.add_argument_group("mapping to the latent space, §2.2, Eq. (3)-(5)")
-    g.add_argument("--steps", type=int, default=None, help="Γ backpropagation steps, §3 (paper 500)")
-    g.add_argument("--map-lr", type=float, default=None,
-                   help="Adam learning rate on z (paper unstated; reference code 0.01; deviation 3)")
-    g.add_argument("--map-beta1", type=float, default=None, help="Adam β1 on z (reference code 0.9)")
-    g.add_argument("--map-batch", type=int, default=None,
-                   help="patches mapped at once, each with its own z (beyond the paper; results identical)")
-    g.add_argument("--lam", type=float, default=None, help="λ in Eq. (5) and (6), §3 (paper 0.1)")
-    g.add_argument("--feature-layer", type=int, default=None,
-                   help="f(·) of Eq. (4): output of D's conv layer 0..3 (paper: the last, 3; Fig. 2)")
-    g.add_argument("--z-clip", type=int, default=None, choices=[0, 1],
-                   help="clip z to [-1, 1] after every step (deviation 3; default 1)")
-    g.add_argument("--ganr", type=int, default=None, choices=[0, 1],
-                   help="1: also map with Yeh et al.'s loss L_D̂ and score Â(x) (GAN_R, §3, Fig. 4a, Table 1)")
-    g = p.add_argument_group("evaluation (§2.3, §3)")
-    g.add_argument("--val-patches", type=int, default=None,
-                   help="healthy validation patches mapped for the threshold (0 = all)")
-    g.add_argument("--train-eval-patches", type=int, default=None,
-                   help="training patches mapped for Fig. 4(c, d)'s 'normal (train)' distribution")
-    g.add_argument("--time-single", type=int, default=None,
-                   help="patches re-mapped one at a time to time the paper's unbatched mapping")
-    g.add_argument("--threshold-pct", type=float, default=None,
-                   help="operating point: this percentile of the healthy validation scores (deviation 6; 95)")
-    g.add_argument("--agg", default=None, choices=["max", "mean", "p99"],
-                   help="patch scores -> slice/scan score (beyond the paper; default max)")
-    g.add_argument("--nn-ref", type=int, default=None,
-                   help="beyond the paper: score R_nn, the residual to the nearest of this many training patches "
-                        "(a generator that memorised them), to tell an undertrained G from a score that cannot "
-                        "see the anomaly (0 = off; quick 20,000, paper 0: an N×M search)")
-    return p
-
-
-def get_args(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    for name, lo, hi in (("slice_size", 16, 4096), ("patch_size", 16, 4096), ("train_slices", 1, 10_000),
-                         ("slice_step", 1, 100), ("train_patches", 1, 10 ** 8), ("test_slices", 1, 10_000),
-                         ("test_stride", 1, 4096), ("test_cases", 0, 10 ** 6), ("z_dim", 1, 10_000),
-                         ("ch", 1, 4096), ("kernel", 3, 15), ("epochs", 0, 10_000), ("batch_size", 2, 10 ** 6),
-                         ("g_steps", 1, 100), ("steps", 1, 10 ** 6), ("map_batch", 1, 10 ** 7),
-                         ("feature_layer", 0, 3), ("val_patches", 0, 10 ** 8),
-                         ("train_eval_patches", 0, 10 ** 8), ("time_single", 0, 10_000), ("nn_ref", 0, 10 ** 8)):
-        C.check_range(args, name, lo, hi, integer=True)
-    for name, lo, hi in (("min_brain", 0.0, 1.0), ("lr", 1e-8, 1.0), ("beta1", 0.0, 0.999),
-                         ("map_lr", 1e-8, 100.0), ("map_beta1", 0.0, 0.999), ("lam", 0.0, 1.0),
-                         ("threshold_pct", 0.0, 100.0)):
-        C.check_range(args, name, lo, hi)
+def check_args(args):
     if args.patch_size % 16:
         C.fail(f"--patch-size must be a multiple of 16 (four stride-2 layers), got {args.patch_size}")
     if args.patch_size > args.slice_size:
         C.fail(f"--patch-size {args.patch_size} is larger than --slice-size {args.slice_size}")
     if args.kernel % 2 == 0:
         C.fail(f"--kernel must be odd ('same' padding of the stride-2 layers), got {args.kernel}")
-    return args
+
+
+def parse_args(argv=None):
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
 
 
 # =================================================================================================
@@ -751,7 +713,7 @@ def assemble_slice(S, row, sel, P, G_z, res):
 # =================================================================================================
 
 def main(argv=None):
-    args = get_args(argv)
+    args = parse_args(argv)
     run = C.start_run(args, METHOD)
     device = run.device
     size, c = (args.slice_size, args.slice_size), args.patch_size

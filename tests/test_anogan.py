@@ -298,7 +298,7 @@ def test_resume_equals_the_uninterrupted_run(smoke, tmp_path):
 
 
 def test_checkpoint_scores_again_without_training(smoke, tmp_path):
-    r = _main("--out", str(tmp_path / "again"), "--checkpoint", str(smoke / "last.pt"), "--ganr", "0",
+    r = _main("--out", str(tmp_path / "again"), "--checkpoint", str(smoke / "last.pt"), "--no-ganr",
               "--time-single", "0")
     assert r["timing"]["train_s"] == 0
     a = [row.split(",")[3] for row in (smoke / "scores.csv").read_text().splitlines()]
