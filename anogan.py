@@ -115,7 +115,6 @@ import common as C
 from data import datasets
 
 METHOD = "anogan"
-
 # =================================================================================================
 # Hyperparameters (§3 "Implementation details"; the default of each is the paper's value)
 # =================================================================================================
@@ -329,21 +328,6 @@ def discriminator_score(D, x):
         return 1 - torch.sigmoid(D(x)[0])                      # (B,)
 
 
-def nearest_patch_residual(x, X_ref, device, chunk=256):
-    """Beyond the paper, a reference for R(x): R_nn(x) = min_t Σ|x - t| over healthy training patches t,
-    i.e. Eq. (3) for a 'generator' that reproduces every training patch exactly and nothing in between
-    (a memoriser). If R_nn cannot separate an anomaly either, training G longer is unlikely to be enough:
-    the anomaly is small against the residual of normal anatomy the score sums over. A reference, not a
-    bound: a generator can also produce patches between its training patches.
-    x: (N, c, c), X_ref: (M, c, c) numpy or tensors -> (N,) numpy."""
-    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)   # (M, c*c)
-    out = []
-    for s in range(0, len(x), chunk):
-        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).reshape(-1, T.shape[1]).to(device)
-        out.append(torch.cdist(q, T, p=1).min(1).values.cpu())                              # (chunk,)
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 class frozen:
     """Context: G and D in eval mode (BatchNorm running statistics, so samples do not interact) and
     their parameters excluded from autograd; the previous state is restored afterwards."""
@@ -362,6 +346,12 @@ class frozen:
             m.train(training)
             for p, r in zip(m.parameters(), req):
                 p.requires_grad_(r)
+
+
+def z_start(n, z_dim, seed, stream):
+    """z_1 ~ U(-1, 1)^z_dim, one per patch (§2.2), from a seeded stream per patch set -> (n, z_dim)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+    return torch.rand(n, z_dim, generator=g) * 2 - 1
 
 
 def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", feature_layer=3, clip=True,
@@ -399,6 +389,43 @@ def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", fea
                     z.clamp_(-1.0, 1.0)
         return dict(z=z.detach(), G_z=G_z.detach(), R=L_R.detach(), D=L_Dfm.detach(), D_hat=L_Dref.detach(),
                     history=torch.stack(history, 1))                        # history (B, Γ)
+
+
+def score(x, G, D, args, device, z1, desc="map"):
+    """The trained AnoGAN applied to patches x (N, c, c), `map_batch` at a time, z1 (N, z_dim) -> per
+    patch R, D, D̂ at z_Γ, A (Eq. 6), P_D, G(z_Γ) and L(z_γ) of every step (N, Γ); with --ganr also
+    GAN_R's Â(x), mapped with L_D̂ (§3). Batched mapping (beyond the paper): see map_to_latent."""
+    kw = dict(steps=args.steps, lr=args.map_lr, lam=args.lam, beta1=args.map_beta1,
+              feature_layer=args.feature_layer, clip=bool(args.z_clip), device=device, amp=args.amp)
+    out = {k: [] for k in ("R", "D", "D_hat", "A", "G_z", "history", "P_D", "A_hat")}
+    for s in C.progress(range(0, len(x), args.map_batch), desc=desc, every=10):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + args.map_batch])).unsqueeze(1).to(device)
+        m = map_to_latent(xb, G, D, z1[s:s + args.map_batch].to(device), disc="feature", **kw)
+        for k in ("R", "D", "D_hat", "history"):                            # D_hat: L_D̂ at AnoGAN's z_Γ
+            out[k].append(m[k])
+        out["A"].append(anomaly_score(m["R"], m["D"], args.lam))            # Eq. (6)
+        out["G_z"].append(m["G_z"][:, 0])                                   # (B, c, c)
+        with frozen(G, D):
+            out["P_D"].append(discriminator_score(D, xb))
+        if args.ganr:                                                       # GAN_R: map with L_D̂
+            r = map_to_latent(xb, G, D, z1[s:s + args.map_batch].to(device), disc="reference", **kw)
+            out["A_hat"].append(anomaly_score(r["R"], r["D_hat"], args.lam))
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
+
+
+def map_one_at_a_time(x, G, D, args, device, z1):
+    """The paper's way, for the timing: patches mapped one after the other -> (s per patch, A)."""
+    A = []
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + 1])).unsqueeze(1).to(device)   # (1, 1, c, c)
+        m = map_to_latent(xb, G, D, z1[i:i + 1].to(device), steps=args.steps, lr=args.map_lr,
+                          lam=args.lam, beta1=args.map_beta1, feature_layer=args.feature_layer,
+                          clip=bool(args.z_clip), device=device, amp=args.amp)
+        A.append(float(anomaly_score(m["R"], m["D"], args.lam)[0]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / max(len(x), 1), np.array(A)
 
 
 # =================================================================================================
@@ -466,65 +493,107 @@ def patch_labels(mask):
     return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
 
 
-def grid_patch_set(S, rows, size, stride, min_brain, allow_empty=False):
-    """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays
-    (None when there is none and allow_empty)."""
-    pos = [(i, t, l) for i in rows for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+def grid_patch_set(S, size, stride, min_brain, allow_empty=False):
+    """Grid patches (deviation 2) over the slices of an ArraySet -> dict of numpy arrays x, mask
+    (N, c, c) and row, top, left (N,); None when there is none and allow_empty."""
+    pos = [(i, t, l) for i in range(len(S))
+           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
     if not pos and allow_empty:
         return None
     if not pos:
-        C.fail(f"no {size}x{size} test patch with >= {min_brain:.0%} brain; lower --patch-size or --min-brain")
+        C.fail(f"no {size}x{size} test patch with >= {min_brain:.0%} brain; lower --patch-size or "
+               f"--min-brain")
     idx, top, left = (np.array(a, dtype=np.int64) for a in zip(*pos))
     return dict(x=C.extract_patches(S.x, idx, top, left, size),
                 mask=C.extract_patches(S.mask, idx, top, left, size) > 0, row=idx, top=top, left=left)
 
 
-def z_start(n, z_dim, seed, stream):
-    """z_1 ~ U(-1, 1)^z_dim, one per patch (§2.2), from a seeded stream per patch set -> (n, z_dim)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
-    return torch.rand(n, z_dim, generator=g) * 2 - 1
+def load_patches(data, args, run):
+    """Every set read (and so checked) before training -> training patches X (N, 1, c, c) at random
+    positions inside the brain (§2.1), test slices S and their grid patches P, healthy validation
+    patches (None if there is none) and the training patches mapped for Fig. 4 (c, d)."""
+    size, c = (args.slice_size, args.slice_size), args.patch_size
+    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices,
+                                step=args.slice_step, cache_dir=args.cache_dir, desc="train")
+    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches,
+                                      rng=np.random.default_rng(args.seed), min_brain=args.min_brain)
+    X = torch.from_numpy(C.extract_patches(S_tr.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
+    run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
+            f"({len(S_tr)} slices {size[0]}x{size[1]})")
+    if len(X) < 2:
+        C.fail(f"only {len(X)} training patch: BatchNorm needs 2; lower --min-brain or --patch-size")
+    test = data.test
+    if args.test_cases:
+        groups = dict.fromkeys(cs.group for cs in test)
+        test = [cs for g in groups for cs in [cs for cs in test if cs.group == g][:args.test_cases]]
+    # test/val slices: the central `--test-slices` of the training slab (same centre and step)
+    kw = dict(size=size, norm="mri", n_slices=min(args.test_slices, args.train_slices),
+              step=args.slice_step, cache_dir=args.cache_dir)
+    S = datasets.slice_stack(test, desc="test", **kw)
+    P = grid_patch_set(S, c, args.test_stride, args.min_brain)
+    # a data set can leave no healthy validation patch at the test level (BraTS without --train-data:
+    # its validation subjects' central slices all hold tumour); then the operating point comes from
+    # healthy training patches (optimistic, but never the test labels), and results.json says so
+    V = grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
+                       args.min_brain, allow_empty=True)
+    rng = np.random.default_rng([args.seed, 1])
+    if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
+        V = {k: v[np.sort(rng.choice(len(V["x"]), args.val_patches, replace=False))] for k, v in V.items()}
+    if V is None:
+        run.log("warning: no healthy validation patch; the operating point comes from training patches")
+    n_tr = min(args.train_eval_patches or len(X), len(X))
+    x_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()                  # (n_tr, c, c)
+    return X, S, P, (V["x"] if V is not None else None), x_tr
 
 
-def score_patches(x, G, D, args, device, z1, desc="map"):
-    """Batched mapping (§2.2) of patches x (N, c, c) numpy -> per-patch R, D, D̂, A, (Â), P_D, G(z_Γ)
-    and the per-step mapping loss (N, Γ). z1: (N, z_dim) starting points, one per patch."""
-    out = {k: [] for k in ("R", "D", "D_hat", "A", "G_z", "history", "P_D", "R_ref", "D_ref", "A_hat")}
-    starts = range(0, len(x), args.map_batch)
-    for s in C.progress(starts, total=len(starts), desc=desc, every=10):
-        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + args.map_batch])).unsqueeze(1).to(device)  # (B,1,c,c)
-        zb = z1[s:s + args.map_batch].to(device)
-        kw = dict(steps=args.steps, lr=args.map_lr, lam=args.lam, beta1=args.map_beta1,
-                  feature_layer=args.feature_layer, clip=bool(args.z_clip), device=device, amp=args.amp)
-        m = map_to_latent(xb, G, D, zb, disc="feature", **kw)
-        out["R"].append(m["R"])
-        out["D"].append(m["D"])
-        out["D_hat"].append(m["D_hat"])                                     # L_D̂ at the AnoGAN z_Γ
-        out["A"].append(anomaly_score(m["R"], m["D"], args.lam))            # Eq. (6)
-        out["G_z"].append(m["G_z"][:, 0])
-        out["history"].append(m["history"])
-        with frozen(G, D):
-            out["P_D"].append(discriminator_score(D, xb))
-        if args.ganr:                                                       # GAN_R: map with L_D̂ (§3)
-            r = map_to_latent(xb, G, D, zb, disc="reference", **kw)
-            out["R_ref"].append(r["R"])
-            out["D_ref"].append(r["D_hat"])
-            out["A_hat"].append(anomaly_score(r["R"], r["D_hat"], args.lam))
-    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
+def nearest_patch_residual(x, X_ref, device, chunk=256):
+    """Beyond the paper, a reference for R(x): R_nn(x) = min_t Σ|x - t| over healthy training patches t,
+    i.e. Eq. (3) for a 'generator' that reproduces every training patch exactly and nothing in between
+    (a memoriser). If R_nn cannot separate an anomaly either, training G longer is unlikely to be enough:
+    the anomaly is small against the residual of normal anatomy the score sums over. A reference, not a
+    bound: a generator can also produce patches between its training patches.
+    x: (N, c, c), X_ref: (M, c, c) numpy or tensors -> (N,) numpy."""
+    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)   # (M, c*c)
+    out = []
+    for s in range(0, len(x), chunk):
+        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).reshape(-1, T.shape[1]).to(device)
+        out.append(torch.cdist(q, T, p=1).min(1).values.cpu())                              # (chunk,)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
-def time_one_at_a_time(x, G, D, args, device, z1):
-    """The paper's way: map n patches one after the other (batch of 1). -> (seconds per patch, A)."""
-    A = []
-    t0 = time.perf_counter()
-    for i in range(len(x)):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + 1])).unsqueeze(1).to(device)
-        m = map_to_latent(xb, G, D, z1[i:i + 1].to(device), steps=args.steps, lr=args.map_lr, lam=args.lam,
-                          beta1=args.map_beta1, feature_layer=args.feature_layer, clip=bool(args.z_clip),
-                          device=device, amp=args.amp)
-        A.append(float(anomaly_score(m["R"], m["D"], args.lam)[0]))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / max(len(x), 1), np.array(A)
+def score_sets(G, D, X, P, x_val, x_tr, args, run):
+    """Map and score the test, validation and training patches; time the batched mapping against
+    the paper's one patch at a time; the two references -> sc, sv, st, timing, single-vs-batched."""
+    device = run.device
+    run.log(f"mapping {len(P['x'])} test, {0 if x_val is None else len(x_val)} validation and "
+            f"{len(x_tr)} training patches; Γ={args.steps}, batch {args.map_batch}")
+    z1 = z_start(len(P["x"]), args.z_dim, args.seed, 0)
+    with C.Timer() as t_map:
+        sc = score(P["x"], G, D, args, device, z1, desc="map test")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    st = score(x_tr, G, D, args, device, z_start(len(x_tr), args.z_dim, args.seed, 2), desc="map train")
+    sv = st if x_val is None else score(x_val, G, D, args, device,
+                                        z_start(len(x_val), args.z_dim, args.seed, 1), desc="map val")
+    n1 = min(args.time_single, len(P["x"]))
+    s_single, A_single = map_one_at_a_time(P["x"][:n1], G, D, args, device, z1[:n1])
+    diff = np.abs(A_single - sc["A"][:n1])
+    single = {"batched_vs_single_max_abs_diff_A": float(diff.max()) if n1 else None}
+    # two references beyond the paper (not AnoGAN): a memoriser's residual and the brightest pixel
+    n_nn = min(args.nn_ref, len(X))
+    if n_nn:
+        with C.Timer() as t_nn:
+            sc["R_nn"] = nearest_patch_residual(P["x"], X[:n_nn, 0], device)
+        run.log(f"R_nn: nearest of {n_nn} training patches, {t_nn.seconds:.0f} s")
+    sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
+    per = t_map.seconds / len(P["x"])
+    n_maps = 2 if args.ganr else 1
+    timing = {"score_s": t_map.seconds, "score_s_per_sample": per, "map_s_per_patch_batched": per / n_maps,
+              "map_s_per_patch_single": s_single, "map_speedup_batched": s_single / max(per / n_maps, 1e-12),
+              "n_single_timed": n1, "map_batch": args.map_batch, "mapping_steps": args.steps}
+    run.log(f"mapping: {per / n_maps * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at "
+            f"a time ({n1} patches), max |ΔA| {single['batched_vs_single_max_abs_diff_A']}")
+    return sc, sv, st, timing, single
 
 
 def patch_rows(S, P, sc):
@@ -625,6 +694,136 @@ def table1(rows):
     return out
 
 
+def evaluation(rows, S, P, sc, sv, args, n_patches, run):
+    """results.json beyond the contract: the comparisons of §3 (Fig. 4, Table 1) with paired intervals,
+    the references, lesion-size bins, operating points of R and D, slice and scan aggregates."""
+    keys = [k for k in SCORES if k in sc]
+    comparison = score_comparison(rows, keys)
+    for key in ("R", "R_nn", "x_max"):
+        if key in comparison:
+            run.log(f"AUROC of {key}: " + ", ".join(f"{g} {v:.3f}" for g, v in comparison[key].items()
+                                                    if isinstance(v, float) and g not in ("auroc", "auprc")))
+    rows_slice, rows_scan = level_rows(S, P, sc["A"], args.agg)
+    y = np.array([r["label"] for r in rows])
+    return {
+        "patch_label_rule": "§3: a patch is anomalous if it holds >= 1 anomalous pixel; group = its scan's",
+        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()),
+                      "test_normal_scans": int((clean_mask(rows) & (y == 0)).sum()), **n_patches},
+        "threshold_from": "val" if n_patches["val"] else "train (no healthy validation patch at the test slices)",
+        "comparison_auroc": comparison,
+        "paired_differences": paired_differences(rows, keys),
+        "auroc_A_by_anomalous_pixels": auroc_by_lesion_size(rows, args.patch_size),
+        "oracle_youden_table1": table1(rows),
+        "slice_level": {"how": f"{args.agg} of A over the slice's patches; anomalous if >= 1 anomalous pixel",
+                        **C.evaluate(rows_slice)},
+        "scan_level": {"how": f"{args.agg} of A over the scan's patches; label = the scan's",
+                       **C.evaluate(rows_scan)},
+    }
+
+
+# =================================================================================================
+# main: load, train (or load a checkpoint), score, report
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    data = datasets.load_dataset(args, contrast="flair")
+    X, S, P, x_val, x_tr = load_patches(data, args, run)             # every set read before training
+
+    # the DCGAN of §2.1, trained on healthy patches (or loaded: --checkpoint only scores)
+    G = Generator(z_dim=args.z_dim, ch=args.ch, size=args.patch_size, kernel=args.kernel).to(run.device)
+    D = Discriminator(ch=args.ch, size=args.patch_size, kernel=args.kernel).to(run.device)
+    if args.checkpoint:
+        ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
+        train_s, history, io = 0.0, ck.get("history", {}), None
+        if not (run.out / "last.pt").exists():                       # every run folder has a last.pt
+            shutil.copyfile(args.checkpoint, run.out / "last.pt")
+        run.log(f"loaded {args.checkpoint}; scoring only")
+    else:
+        train_s, history, io = train(G, D, X, args, run)
+
+    # every patch mapped to the latent space (§2.2) and scored (§2.3), one row per test patch
+    sc, sv, st, timing, single = score_sets(G, D, X, P, x_val, x_tr, args, run)
+    rows = patch_rows(S, P, sc)
+    n = {"val": 0 if x_val is None else len(x_val), "train_eval": len(x_tr), "train": len(X)}
+    extra = {**evaluation(rows, S, P, sc, sv, args, n, run), **single}
+    examples = figures(run.out, args, S, P, sc, sv, st, x_tr, rows)
+    titles = {"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
+              "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
+              "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|", "ground truth")}
+    return C.report(run, args, "patch", rows, {"train_s": train_s, **timing, "checkpoint_io": io},
+                    extra=extra, data_info=data.info, val_scores=sv["A"], threshold_pct=args.threshold_pct,
+                    history=history, examples=examples, titles=titles)
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 3, Fig. 4), the examples and the mapping curve
+# =================================================================================================
+
+def figures(out, args, S, P, sc, sv, st, x_tr, rows):
+    """fig3.png, fig4.png and mapping.png -> the rows of examples.png (C.report draws it)."""
+    y, g = np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
+    normal = clean_mask(rows) & (y == 0)                                   # patches of normal scans
+    clean = (y == 1) | normal
+    dist = {"normal (train)": st, "normal (test)": {k: sc[k][normal] for k in ("R", "D")},
+            "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
+    plot_fig4(y[clean], {k: sc[k][clean] for k in SCORES if k in sc}, dist, out / "fig4.png",
+              f"Fig. 4 equivalent: {int(y.sum())} anomalous test patches (all groups) against the "
+              f"{int(normal.sum())} patches of normal scans, Γ={args.steps}")
+    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("R", "D")}
+    anom = list(dict.fromkeys(g[y == 1]))
+    plot_fig3(fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, args.seed), thr["R"], thr["D"],
+              out / "fig3.png")
+    h = sc["history"]                                                      # (N, Γ)
+    C.plot_curves({"test patches of normal scans": list(enumerate(h[normal].mean(0).tolist(), 1))
+                   if normal.any() else [],
+                   "anomalous test patches": list(enumerate(h[y == 1].mean(0).tolist(), 1))
+                   if (y == 1).any() else []},
+                  out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
+                  ylabel="L(z_γ)", xlabel="γ")
+    return example_rows(S, P, sc, ["normal"] + anom)
+
+
+def fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, seed):
+    """Fig. 3's blocks of patch columns: normal training patches, normal test patches, and per
+    anomalous group the test patches with the most anomalous pixels."""
+    rng = np.random.default_rng([seed, 2])
+
+    def pick(sel, n):
+        return list(rng.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
+
+    def column(s, x, mask, i):                                            # s: the scores of set x
+        return dict(x=x[i], g=s["G_z"][i], res=np.abs(x[i] - s["G_z"][i]), mask=mask[i], R=s["R"][i],
+                    D=s["D"][i], A=s["A"][i])
+    no_mask = np.zeros(x_tr.shape, bool)
+    blocks = [("normal (train)", [column(st, x_tr, no_mask, i) for i in pick(np.ones(len(x_tr), bool), 3)]),
+              ("normal (test)", [column(sc, P["x"], P["mask"], i) for i in pick(normal, 3)])]
+    cols = []
+    for gn in anom:
+        sel = np.nonzero((g == gn) & (y == 1))[0]
+        most = sel[np.argsort(-P["mask"][sel].reshape(len(sel), -1).sum(1), kind="stable")]
+        cols += [column(sc, P["x"], P["mask"], i) for i in most[:2 if len(anom) < 4 else 1]]
+    return blocks + [("anomalous (test): " + ", ".join(anom), cols)]
+
+
+def example_rows(S, P, sc, groups):
+    """examples.png: per group its first scan's slice with the most anomalous pixels, the patches'
+    G(z_Γ) and residuals stitched together."""
+    res = np.abs(P["x"] - sc["G_z"])                                      # residual images x_R (§2.3)
+    out = []
+    for want in groups:
+        cand = [i for i, cs in enumerate(S.cases) if cs.group == want]
+        if not cand:
+            continue
+        sl = S.slices_of(cand[0])
+        best = max(sl, key=lambda r: (int(np.asarray(S.mask[r]).sum()), -abs(int(r) - int(sl[len(sl) // 2]))))
+        rec, amap = assemble_slice(S, best, np.nonzero(P["row"] == best)[0], P, sc["G_z"], res)
+        out.append(dict(title=f"{want}\n{S.cases[cand[0]].id.split('/')[-1]}", input=np.asarray(S.x[best]),
+                        reconstruction=rec, amap=amap, gt=np.asarray(S.mask[best])))
+    return out
+
+
 def plot_fig3(blocks, thr_R, thr_D, path):
     """Fig. 3: columns of patches grouped in blocks; rows: query | generated | residual overlay |
     annotation; a red (yellow) bar above a column = flagged by R (D) at the healthy-validation threshold."""
@@ -706,176 +905,6 @@ def assemble_slice(S, row, sel, P, G_z, res):
     rec = np.where(cov, rec / np.maximum(cnt, 1), -1.0)
     amap = np.where(cov, amap / np.maximum(cnt, 1), 0.0)
     return rec, amap
-
-
-# =================================================================================================
-# main()
-# =================================================================================================
-
-def main(argv=None):
-    args = parse_args(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    size, c = (args.slice_size, args.slice_size), args.patch_size
-    data = datasets.load_dataset(args, contrast="flair")
-
-    # ---- data, every set read (and checked) before training ---------------------------------------
-    # training patches at random positions inside the brain (§2.1, §3)
-    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices,
-                                step=args.slice_step, cache_dir=args.cache_dir, desc="train")
-    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches,
-                                      rng=np.random.default_rng(args.seed), min_brain=args.min_brain)
-    X = torch.from_numpy(C.extract_patches(S_tr.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
-    run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
-            f"({len(S_tr)} slices {size[0]}x{size[1]})")
-    if len(X) < 2:
-        C.fail(f"only {len(X)} training patch: BatchNorm needs 2; lower --min-brain or --patch-size")
-    test_cases = data.test
-    if args.test_cases:
-        keep = []
-        for gname in dict.fromkeys(cs.group for cs in data.test):
-            keep += [cs for cs in data.test if cs.group == gname][: args.test_cases]
-        test_cases = keep
-    # test/val slices: the central `--test-slices` of the training slab (same centre and step)
-    kw = dict(size=size, norm="mri", n_slices=min(args.test_slices, args.train_slices), step=args.slice_step,
-              cache_dir=args.cache_dir)
-    S_te = datasets.slice_stack(test_cases, desc="test", **kw)
-    S_va = datasets.slice_stack(data.val, desc="val", **kw)
-    P = grid_patch_set(S_te, range(len(S_te)), c, args.test_stride, args.min_brain)
-    # healthy validation patches set the operating point; a data set can leave none at the test level (BraTS
-    # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy
-    # training patches set it (optimistic, but never the test labels), and results.json says so.
-    Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain, allow_empty=True)
-    rng = np.random.default_rng([args.seed, 1])
-    if Pv is not None and args.val_patches and len(Pv["x"]) > args.val_patches:
-        sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
-        Pv = {k: v[sel] for k, v in Pv.items()}
-    n_tr = min(args.train_eval_patches or len(X), len(X))
-    X_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
-    val_from = "val" if Pv is not None else "train (no healthy validation patch at the test slices)"
-    if Pv is None:
-        run.log("warning: no healthy validation patch; the operating point comes from training patches")
-
-    # ---- the DCGAN (§2.1): train, or load a checkpoint ------------------------------------------
-    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(device)
-    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(device)
-    if args.checkpoint:
-        ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
-        train_s, history, io = 0.0, ck.get("history", {}), None
-        if not (run.out / "last.pt").exists():
-            shutil.copyfile(args.checkpoint, run.out / "last.pt")
-        run.log(f"loaded {args.checkpoint}; scoring only")
-    else:
-        train_s, history, io = train(G, D, X, args, run)
-
-    # ---- mapping (§2.2) and scores (§2.3) of test, validation and training-normal patches ----------
-    run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, "
-            f"{len(Pv['x']) if Pv is not None else 0} validation and {n_tr} training patches; "
-            f"Γ={args.steps}, batch {args.map_batch}")
-    z1 = z_start(len(P["x"]), args.z_dim, args.seed, 0)
-    with C.Timer() as t_map:
-        sc = score_patches(P["x"], G, D, args, device, z1, desc="map test")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    st = score_patches(X_tr, G, D, args, device, z_start(n_tr, args.z_dim, args.seed, 2), desc="map train")
-    sv = st if Pv is None else score_patches(Pv["x"], G, D, args, device,
-                                             z_start(len(Pv["x"]), args.z_dim, args.seed, 1), desc="map val")
-    n_single = min(args.time_single, len(P["x"]))
-    s_single, A_single = time_one_at_a_time(P["x"][:n_single], G, D, args, device, z1[:n_single])
-    n_maps = 2 if args.ganr else 1
-    # two references beyond the paper (not AnoGAN): a memoriser's residual and the brightest pixel
-    n_nn = min(args.nn_ref, len(X))
-    if n_nn:
-        with C.Timer() as t_nn:
-            sc["R_nn"] = nearest_patch_residual(P["x"], X[:n_nn, 0], device)
-        run.log(f"R_nn: nearest of {n_nn} training patches, {t_nn.seconds:.0f} s")
-    sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
-    s_batched = t_map.seconds / len(P["x"])
-
-    # ---- rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) and comparisons ----------
-    rows = patch_rows(S_te, P, sc)
-    rows_slice, rows_scan = level_rows(S_te, P, sc["A"], args.agg)
-    keys = [k for k in SCORES if k in sc]
-    comparison = score_comparison(rows, keys)
-
-    # ---- figures ------------------------------------------------------------------------------------
-    y = np.array([r["label"] for r in rows])
-    groups = np.array([r["group"] for r in rows])
-    normal = np.isin(groups, C.normal_groups(y, groups))
-    clean = (y == 1) | normal
-    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("R", "D")}
-    res = np.abs(P["x"] - sc["G_z"])                                       # residual images x_R (§2.3)
-    dist = {"normal (train)": st, "normal (test)": {k: sc[k][normal] for k in ("R", "D")},
-            "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
-    plot_fig4(y[clean], {k: sc[k][clean] for k in keys}, dist, run.out / "fig4.png",
-              f"Fig. 4 equivalent: {int(y.sum())} anomalous test patches (all groups) against the "
-              f"{int(normal.sum())} patches of normal scans, Γ={args.steps}")
-    rng_fig = np.random.default_rng([args.seed, 2])
-    pick = lambda sel, n: list(rng_fig.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
-    mk = lambda xx, gg, rr, mm, R, Dv, A: dict(x=xx, g=gg, res=rr, mask=mm, R=R, D=Dv, A=A)
-    blocks = [("normal (train)", [mk(X_tr[i], st["G_z"][i], np.abs(X_tr[i] - st["G_z"][i]), np.zeros((c, c), bool),
-                                     st["R"][i], st["D"][i], st["A"][i]) for i in pick(np.ones(n_tr, bool), 3)]),
-              ("normal (test)", [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i])
-                                 for i in pick(normal, 3)])]
-    anom = [gn for gn in dict.fromkeys(groups[y == 1])]
-    an_cols = []
-    for gn in anom:
-        sel = np.nonzero((groups == gn) & (y == 1))[0]
-        best = sel[np.argsort(-P["mask"][sel].reshape(len(sel), -1).sum(1), kind="stable")][:2 if len(anom) < 4 else 1]
-        an_cols += [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i]) for i in best]
-    blocks.append(("anomalous (test): " + ", ".join(anom), an_cols))
-    plot_fig3(blocks, thr["R"], thr["D"], run.out / "fig3.png")
-
-    cases = S_te.cases
-    ex_rows = []
-    for want in ["normal"] + anom:
-        cand = [i for i in range(len(cases)) if cases[i].group == want]
-        if not cand:
-            continue
-        i = cand[0]
-        sl = S_te.slices_of(i)
-        best = max(sl, key=lambda r: (int(np.asarray(S_te.mask[r]).sum()), -abs(int(r) - int(sl[len(sl) // 2]))))
-        selp = np.nonzero(P["row"] == best)[0]
-        rec, amap = assemble_slice(S_te, best, selp, P, sc["G_z"], res)
-        ex_rows.append(dict(title=f"{want}\n{cases[i].id.split('/')[-1]}", input=np.asarray(S_te.x[best]),
-                            reconstruction=rec, amap=amap, gt=np.asarray(S_te.mask[best])))
-    hist = sc["history"]
-    C.plot_curves({"test patches of normal scans": list(enumerate(hist[normal].mean(0).tolist(), 1)) if normal.any() else [],
-                   "anomalous test patches": list(enumerate(hist[y == 1].mean(0).tolist(), 1)) if (y == 1).any() else []},
-                  run.out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
-                  ylabel="L(z_γ)", xlabel="γ")
-
-    # ---- results -------------------------------------------------------------------------------------
-    timing = {"train_s": train_s, "score_s": t_map.seconds, "score_s_per_sample": s_batched,
-              "map_s_per_patch_batched": s_batched / n_maps, "map_s_per_patch_single": s_single,
-              "map_speedup_batched": s_single / max(s_batched / n_maps, 1e-12), "n_single_timed": n_single,
-              "map_batch": args.map_batch, "mapping_steps": args.steps, "checkpoint_io": io}
-    extra = {
-        "patch_label_rule": "§3: a patch is anomalous if it holds >= 1 anomalous pixel; group = its scan's",
-        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "test_normal_scans": int(normal.sum()),
-                      "val": len(Pv["x"]) if Pv is not None else 0, "train_eval": n_tr, "train": len(X)},
-        "threshold_from": val_from,
-        "comparison_auroc": comparison,
-        "paired_differences": paired_differences(rows, keys),
-        "auroc_A_by_anomalous_pixels": auroc_by_lesion_size(rows, c),
-        "oracle_youden_table1": table1(rows),
-        "slice_level": {"how": f"{args.agg} of A over the slice's patches; anomalous if >= 1 anomalous pixel",
-                        **C.evaluate(rows_slice)},
-        "scan_level": {"how": f"{args.agg} of A over the scan's patches; label = the scan's", **C.evaluate(rows_scan)},
-        "batched_vs_single_max_abs_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single]))) if n_single else None,
-    }
-    for key in ("R", "R_nn", "x_max"):
-        if key in comparison:
-            run.log(f"AUROC of {key}: " + ", ".join(f"{gn} {v:.3f}" for gn, v in comparison[key].items()
-                                                    if isinstance(v, float) and gn not in ("auroc", "auprc")))
-    run.log(f"mapping: {s_batched / n_maps * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at a "
-            f"time ({n_single} patches), max |ΔA| {extra['batched_vs_single_max_abs_diff_A']}")
-    return C.report(run, args, "patch", rows, timing, extra=extra, data_info=data.info, val_scores=sv["A"],
-                    threshold_pct=args.threshold_pct, history=history, examples=ex_rows,
-                    titles={"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
-                            "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
-                            "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
-                                              "ground truth")})
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def test_nearest_patch_residual_is_eq3_for_the_closest_training_patch():
 
 # ---- the script end to end ---------------------------------------------------------------------
 
-def _run(args, timeout=180):
+def _run(args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}                        # tiny smoke tensors: see one_thread
     return subprocess.run([sys.executable, str(REPO / "anogan.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
