@@ -512,18 +512,6 @@ def patch_labels(mask):
     return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
 
 
-def grid_patch_set(S, size, stride, min_brain):
-    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
-    left (N,) as a dict, or None when no patch has enough brain."""
-    pos = [(i, t, l) for i in range(len(S))
-           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
-    if not pos:
-        return None
-    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
-    return dict(x=C.extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
-                mask=C.extract_patches(S.mask, i, t, l, size) > 0)
-
-
 def test_patches(data, X, args, run):
     """The test slices S and their grid patches P, the healthy validation patches (None if there is
     none) and the training patches mapped for Fig. 4 (c, d); read before training."""
@@ -616,16 +604,10 @@ def evaluation(rows, S, P, args, n_patches, run):
     paired differences with 95% intervals over scans, lesion-size bins, Table 1, slices, scans."""
     keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], labels_groups(rows)
     groups = sorted({r["group"] for r in rows if r["label"]})
-    comparison = {}
-    for key in keys:
-        e = C.evaluate(rows, key=col(key))
-        same = e.get("groups_same_scan", {})
-        comparison[key] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
-                           **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
-                           "same_scan": {g: v["auroc"] for g, v in same.items()}}
-        if key in ("R", "R_nn", "x_max"):
-            run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
-                                                    if g in comparison[key]))
+    comparison = score_table(rows, {k: col(k) for k in keys})
+    for key in ("R", "R_nn", "x_max"):
+        run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
+                                                if g in comparison.get(key, {})))
     slices, scans = level_rows(S, P, np.array([r["score"] for r in rows]), args.agg)
     return {
         "patch_label_rule": "§3: a patch is anomalous if it holds >= 1 anomalous pixel; group = "
@@ -862,6 +844,8 @@ def plot_fig4(y, sc, dist, path, title):
 
 
 # ---- proposed for common.py (the lead moves it) ----
+# Generic helpers: moved to common.py, they drop their own `C.` and the script calls them C.<name>.
+
 
 def stitch_patches(patches, shape, top, left, empty=0.0):
     """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
@@ -872,6 +856,31 @@ def stitch_patches(patches, shape, top, left, empty=0.0):
         acc[t:t + c, l:l + c] += p
         cnt[t:t + c, l:l + c] += 1
     return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
+
+
+def grid_patch_set(S, size, stride, min_brain):
+    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
+    left (N,) as a dict, or None when no patch has enough brain."""
+    pos = [(i, t, l) for i in range(len(S))
+           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos:
+        return None
+    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
+    return dict(x=C.extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
+                mask=C.extract_patches(S.mask, i, t, l, size) > 0)
+
+
+def score_table(rows, cols):
+    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
+    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
+    out = {}
+    for name, key in cols.items():
+        e = C.evaluate(rows, key=key)
+        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
+                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
+                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
+                     }
+    return out
 
 
 if __name__ == "__main__":
