@@ -109,6 +109,16 @@ def test_patch_rows_follow_the_rows_contract():
     assert A.clean_mask(rows).tolist() == [True, False, True]           # negatives: normal scans only
 
 
+def test_counterfactual_pastes_only_the_lesion_pixels():
+    x = np.zeros((2, 3, 3), np.float32)
+    lesion = np.full((2, 3, 3), 0.9, np.float32)
+    mask = np.zeros((2, 3, 3), bool)
+    mask[0, 1, 2] = True                                                # one lesion pixel; none in patch 1
+    out = A.paste_lesions(x, lesion, mask)
+    assert out[0, 1, 2] == pytest.approx(0.9) and out.sum() == pytest.approx(0.9)
+    assert (out[1] == 0).all() and (x == 0).all()                      # the normal patches stay as they were
+
+
 # ---- networks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("c", [16, 32, 64])
@@ -261,8 +271,11 @@ def test_smoke_run_writes_the_contract_files(smoke):
     assert {"A", "R", "D", "D_hat", "P_D", "A_hat", "R_nn", "x_max"} <= set(r["comparison_auroc"])
     assert {"AnoGAN A", "P_D", "GAN_R Â"} <= set(r["oracle_youden_table1"])
     assert r["threshold_from"] == "val" and r["operating_point"]["rule"].startswith("95th percentile")
-    for f in ("fig3.png", "fig4.png", "mapping.png"):
+    for f in ("fig3.png", "fig4.png", "mapping.png", "counterfactual.png"):
         assert (smoke / f).stat().st_size > 0
+    cf = r["counterfactual_lesion"]                                     # every normal-scan patch (<= 256)
+    assert cf["normal_patches"] == r["n_patches"]["test_normal_scans"] and {"lesion_hyper", "tumor"} <= set(cf)
+    assert cf["tumor"]["pasted_abs_sum"]["mean"] > cf["lesion_hyper"]["pasted_abs_sum"]["mean"] > 0
 
 
 def test_groups_are_scored_against_normal_scans_and_the_same_scans(smoke):
