@@ -530,6 +530,10 @@ def test_patches(data, X, args, run):
     if P is None:
         C.fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
                f"--min-brain")
+    if not any(S.cases[i].label == 0 for i in set(S.case[P["row"]])):     # the AUROCs' negatives
+        C.fail(f"no test patch of a normal scan at the {kw['n_slices']} central slices (BraTS's "
+               f"normal scans are its tumour-free slices, away from the centre); raise "
+               f"--test-slices (--train-slices bounds it)")
     # BraTS without --train-data leaves no healthy validation patch at the test level (the central
     # slices of its validation subjects hold tumour): then training patches set the operating point
     V = grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,

@@ -310,12 +310,38 @@ def test_resume_equals_the_uninterrupted_run(smoke, tmp_path):
     assert (tmp_path / "part" / "scores.csv").read_bytes() != (smoke / "scores.csv").read_bytes()
 
 
-def test_checkpoint_scores_again_without_training(smoke, tmp_path):
+def _folder_copy(root, val_brain=None):
+    """The smoke phantom as a `--data folder` tree of links; val_brain: a brain mask for its val scans."""
+    import nibabel as nib
+    src = REPO / "data" / "synthetic" / "flair_tiny"
+    for f in src.rglob("*.nii.gz"):
+        dst = root / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if val_brain is not None and dst.parts[-2] == "val" and f.name.endswith("_brainmask.nii.gz"):
+            img = nib.load(f)
+            nib.save(nib.Nifti1Image(val_brain(np.asarray(img.dataobj).shape), img.affine), dst)
+        else:
+            dst.symlink_to(f)
+    return root
+
+
+def test_checkpoint_scores_again_and_without_healthy_validation_patches(smoke, tmp_path):
+    """--checkpoint maps and scores with the same models -> the same scores. The validation scans here
+    have a brain too thin for any patch (as BraTS alone has none at the test level): the operating
+    point then comes from the training patches, and results.json says so."""
+    def thin(shape):                                                    # a one-voxel line through the head
+        m = np.zeros(shape, np.uint8)
+        k = np.arange(min(shape))
+        m[k, k, :] = 1
+        return m
+    root = _folder_copy(tmp_path / "folder", val_brain=thin)
     r = _main("--out", str(tmp_path / "again"), "--checkpoint", str(smoke / "last.pt"), "--no-ganr",
-              "--time-single", "0")
-    assert r["timing"]["train_s"] == 0
-    a = [row.split(",")[3] for row in (smoke / "scores.csv").read_text().splitlines()]
-    b = [row.split(",")[3] for row in (tmp_path / "again" / "scores.csv").read_text().splitlines()]
+              "--time-single", "0", "--data", "folder", "--data-root", str(root),
+              "--cache-dir", str(tmp_path / "cache"))
+    assert r["timing"]["train_s"] == 0 and r["n_patches"]["val"] == 0
+    assert r["threshold_from"].startswith("train") and "threshold" in r["operating_point"]
+    a = [row.split(",")[:4] for row in (smoke / "scores.csv").read_text().splitlines()]
+    b = [row.split(",")[:4] for row in (tmp_path / "again" / "scores.csv").read_text().splitlines()]
     assert a == b
 
 
