@@ -39,8 +39,9 @@ Deviations from the paper:
      --preset paper: 128×128 slices, 64×64 patches, 100,000 training patches (paper: 1,000,000).
 
 On the quick preset A(x) detects the tumour and the atrophy stages, where a patch changes as a
-whole, but not the small hyperintense lesions: their few pixels are lost in the patch sum
-Σ|x - G(z_Γ)|, which varies with normal anatomy, while x_max sees them. Tables: README.md, results/.
+whole, but not the small hyperintense lesions: a lesion pasted into a normal patch raises A by far
+less than A varies with normal anatomy (counterfactual.png), while x_max sees the lesions at once.
+Measured tables: README.md and results/.
 
 Commands:
     python anogan.py                                   # quick: the FLAIR phantom on a CPU
