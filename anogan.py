@@ -1,108 +1,58 @@
 """AnoGAN: unsupervised anomaly detection with generative adversarial networks.
 
     Schlegl T., Seeböck P., Waldstein S.M., Schmidt-Erfurth U., Langs G. "Unsupervised Anomaly
-    Detection with Generative Adversarial Networks to Guide Marker Discovery." Information
-    Processing in Medical Imaging (IPMI 2017), LNCS 10265, pp. 146-157.
-    https://doi.org/10.1007/978-3-319-59050-9_12   (arXiv:1703.05921)
+    Detection with Generative Adversarial Networks to Guide Marker Discovery." IPMI 2017,
+    LNCS 10265, pp. 146-157. https://doi.org/10.1007/978-3-319-59050-9_12 (arXiv:1703.05921)
 
-What this file implements (section / equation of the paper):
-  * §2.1, §3 "Implementation details": a DCGAN (Radford et al. 2016) on c×c grey patches drawn at
-    random positions inside the brain of healthy images. Generator: z ~ U(-1, 1)^100 -> linear ->
-    four fractionally-strided 5×5 convolutions (512-256-128-64 channels, BatchNorm, ReLU, tanh).
-    Discriminator: four 5×5 stride-2 convolutions (64-128-256-512, BatchNorm, LeakyReLU) -> linear.
-    Minimax training, Eq. (1) for D and Eq. (2) for G, with Adam, 20 epochs.
-  * §2.2 mapping of a new image x to the latent space: z_1 ~ U(-1, 1), then Γ = 500 backpropagation
-    steps on z only (G and D frozen, in eval mode) of the loss of Eq. (5),
-        L(z_γ) = (1 - λ)·L_R(z_γ) + λ·L_D(z_γ),  λ = 0.1,
-    residual loss Eq. (3) L_R = Σ|x - G(z_γ)| and feature-matching discrimination loss Eq. (4)
-    L_D = Σ|f(x) - f(G(z_γ))|, f = the last convolution layer of D (Fig. 2a).
-  * §2.3 anomaly score Eq. (6) A(x) = (1 - λ)·R(x) + λ·D(x) with R, D = L_R, L_D at z_Γ; the
-    residual image x_R = |x - G(z_Γ)| localises the anomaly.
-  * §3 comparisons: GAN_R (`--ganr 1`): the reference discrimination loss of Yeh et al.,
-    L_D̂ = sigmoid cross-entropy(D(G(z)), 1), used both for the mapping and the score
-    Â(x) = (1 - λ)·R(x) + λ·D̂(x); P_D: the discriminator's output on the query patch alone.
-    Fig. 4(a) ROC of A, Â, P_D; Fig. 4(b) ROC of R, D, D̂; Fig. 4(c, d) R and D distributions of
-    training-normal, test-normal and anomalous patches (fig4.png); Fig. 3 query | generated |
-    residual overlay | annotation with the paper's red/yellow detection bars (fig3.png); Table 1
-    (precision, recall, sensitivity, specificity at the Youden index, AUC) in results.json.
-  * §3 labels: a test patch is anomalous if it contains at least one anomalous pixel.
+A DCGAN learns the manifold of healthy patches (§2.1). A new patch x is mapped to the latent space
+by gradient descent on z alone, G and D frozen (§2.2); how far G(z_Γ), and D's features of it, stay
+from x is the anomaly score, and the residual |x - G(z_Γ)| shows where (§2.3).
 
-Beyond the paper (see README and results.json):
-  * Batched mapping. The paper maps one image at a time. Here every patch has its own z, the loss
-    is a per-sample vector and we back-propagate its sum, so ∂(Σ_b L_b)/∂z_b = ∂L_b/∂z_b: with G and
-    D in eval mode (BatchNorm uses its running statistics, no batch coupling) and an element-wise
-    optimiser (Adam), each z follows exactly the trajectory it would follow alone. The test suite
-    checks this in float64; every run also re-maps a few patches one at a time and reports both speeds
-    (`timing.map_s_per_patch_batched` / `_single`) and their largest score difference. In float32 a
-    batch and a single patch round differently, and the trajectories drift apart: 0.03 on scores near
-    200 in the quick run, 0.7 (0.35 %) for a generator trained 9x longer, 2.0 (1.3 %) after Γ = 200.
-  * Slice and scan scores: the maximum patch score A over a slice's (a scan's) grid patches
-    (`--agg`), for anomalies that a patch label cannot see (e.g. global atrophy).
-  * Two references that are not AnoGAN, so that a poor AUROC can be read: R_nn(x), the residual to
-    the nearest healthy training patch (`--nn-ref`), and x_max, the patch's brightest pixel (below).
+Equations: Eq. (1) d_loss and Eq. (2) g_loss, in train_step; Eq. (3) residual_loss; Eq. (4)
+    discrimination_loss (Yeh et al.'s L_D̂: reference_discrimination_loss); Eq. (5) mapping_loss,
+    minimised over z by map_to_latent; Eq. (6) anomaly_score. §3: GAN_R (--ganr), P_D
+    (discriminator_score), the patch label (patch_labels), Table 1 (table1), Fig. 3, 4 (appendix).
+    Beyond the paper: a batch of patches mapped at once (map_to_latent), slice and scan scores, two
+    references that are not AnoGAN: R_nn, Eq. (3) against the nearest healthy training patch (a
+    memorising generator, --nn-ref), and x_max, the patch's brightest pixel; and a counterfactual:
+    real lesions pasted into normal patches (counterfactual.png).
 
 Deviations from the paper:
-  1. Data: retinal OCT B-scans -> axial brain MRI slices (FLAIR on the phantom, `--modality` for real
-     data), cropped to the brain's bounding box and resized to `--slice-size`; "patches inside the
-     brain" = patches with >= `--min-brain` brain pixels (the paper flattens the retina instead).
-     Training patches are drawn from the `--train-slices` central slices of each healthy scan.
-  2. Test patches lie on a regular grid (`--test-stride`) over the `--test-slices` central slices of
-     each test scan (the ventricle level on the phantom); the paper does not say how its 8192 test
-     patches were placed. Patches of an anomalous scan without an anomalous pixel are negatives
-     (§3's rule); they keep the group name `<group>_0` in scores.csv.
-  3. The paper does not give the mapping optimiser. We use Adam on z (`--map-lr`, β1 `--map-beta1`),
-     the optimiser of the completion code the paper adapted (bamos/dcgan-completion.tensorflow,
-     lr 0.01, β1 0.9), and clip z to [-1, 1], the support of p_z (`--z-clip`).
-  4. "Γ steps": z_1 is drawn, then Γ-1 updates give z_Γ; R and D are the losses at z_Γ (§2.3).
-  5. Eq. (2): the generator minimises the non-saturating -log D(G(z)) (Goodfellow et al.; the form
-     of DCGAN code), the usual reading of "maximizing D(G(z))". Adam lr 2e-4, β1 0.5, batch 64 and
-     z dimension 100 are DCGAN's (the paper says only "Adam", "widely the same DCGAN").
-  6. Table 1's cut-off is the Youden index on the test ROC, i.e. chosen with test labels; we report it
-     as `oracle_youden_table1` and add an honest operating point from healthy validation patches
-     (the `--threshold-pct` percentile of their scores), `at_val_threshold`.
-  7. The aCAE comparison (adversarial convolutional autoencoder, Fig. 4a) is not implemented.
-  8. `quick` preset (2-core CPU, 4 min 23 s measured with the phantom cached): 96×96 slices and 32×32
-     patches with >= 90% brain (paper: 64×64), channels 128-64-32-16 (`--ch 16`; paper 512-256-128-64),
-     4 epochs over 20,000 patches (1,252 updates; paper 20 epochs over 1,000,000), Γ = 40 mapping steps
-     at Adam lr 0.05 (paper 500), a 16-pixel grid over the 4 central slices of 4 scans per test group.
-     It does NOT separate `lesion_hyper` patches, and we found no CPU-sized setting that does (below).
-     `smoke`: seconds, for the tests.
-  9. `paper` preset on brain slices: 128×128 slices, 64×64 patches with >= 90% brain, 100,000
-     training patches (the paper: 1,000,000 OCT patches), a 16-pixel test grid.
+  1. Data: retinal OCT B-scans -> axial brain MRI slices (FLAIR; --modality for real data), cropped
+     to the brain, resized to --slice-size. Patches "inside the retina" -> patches with at least
+     --min-brain brain pixels, from the --train-slices central slices of each healthy scan.
+  2. Test patches lie on a --test-stride grid over the --test-slices central slices of each test
+     scan (the paper does not say how its 8192 were placed). Negatives are the patches of normal
+     scans; the paper's, lesion-free patches of the same scans, are reported as groups_same_scan.
+  3. The mapping optimiser is not given: Adam on z (--map-lr, --map-beta1) as in the code the paper
+     adapted (bamos/dcgan-completion.tensorflow), z clipped to [-1, 1], the support of p_z.
+  4. "Γ steps": z_1 is drawn, Γ-1 updates give z_Γ, and R(x), D(x) are the losses at z_Γ.
+  5. Eq. (2) is minimised as the non-saturating -log D(G(z)), the form of DCGAN code. Adam lr 2e-4,
+     β1 0.5, batch 64 and the z dimension 100 are DCGAN's (the paper: "Adam", "widely the same
+     DCGAN"); each epoch drops its last partial batch, as that code does.
+  6. Table 1's cut-off, the Youden index of the test ROC, is chosen with test labels: reported as
+     oracle_youden_table1. The operating point is the --threshold-pct percentile of the scores of
+     healthy validation patches (of training patches where a data set has none, e.g. BraTS alone).
+  7. The aCAE comparison of Fig. 4(a) is not implemented.
+  8. --preset quick (a 2-core CPU, minutes): 96×96 slices, 32×32 patches, channels 128-64-32-16,
+     4 epochs over 20,000 patches, Γ = 40 at Adam lr 0.05, 4 scans per test group, no GAN_R.
+     --preset paper: 128×128 slices, 64×64 patches, 100,000 training patches (paper: 1,000,000).
 
-What the quick preset shows (seed 0, `python anogan.py` on 2 threads, patch AUROC against all normal
-patches; the one-thread benchmark run gives 0.31 / 0.77 for the first two, as float sums differ with
-the thread count and GAN training amplifies that):
-    A(x): lesion_hyper 0.29, tumor 0.80, atrophy_1/2/3 0.53/0.70/0.85; mapping 19.7 ms/patch batched vs
-    366 ms/patch one at a time (18.6x). The small MS-like lesions are missed: a positive patch holds a
-    median of 13 lesion pixels out of 1,024, worth about 10 units of Σ|x - G(z)|, while the residual of
-    normal patches varies with their anatomy (mean 230, standard deviation 74). R(x) mostly measures how
-    much structure (ventricle edges, cortex) a patch has, and lesion patches lie in smooth white matter.
-    Two references in results.json tell the cause apart (`references`):
-      * R_nn (`--nn-ref`): Eq. (3) against the nearest of the 20,000 training patches, i.e. a generator
-        that memorised every healthy patch. It separates lesion_hyper at 0.41 (0.39-0.44 in every
-        lesion-size bin; no better with 100,000 patches). A generator as good as that memoriser would
-        still miss the lesions: the patch sum cannot see them against anatomical variation. Whether the
-        paper's far larger training (1,000,000 patches, GPU) generalises well enough is untested here.
-      * x_max, the patch's brightest pixel: 0.92. The lesions are plainly visible.
-    Also measured (one thread each, lesion_hyper AUROC): 16 epochs (5,008 updates, 15 min) 0.43;
-    36 epochs (11,268 updates, 36 min) 0.39, as D wins the game (loss_D 0.22);
-    16 epochs on 128×128 slices 0.49 (where R beats the memoriser, 0.48 vs 0.42: the GAN generalises a
-    little beyond its training patches), and with Γ = 200 0.55 (0.53 after 36 epochs: a plateau); two G updates per D update (the reference
-    code's habit) 0.44; BatchNorm statistics re-estimated after training 0.48. A memoriser of 16×16
-    patches on 96 to 256-pixel slices (against normal patches only): 0.46-0.60. The tumour (median 55
-    pixels per patch) and the atrophy stages, where a patch changes as a whole, are what this score
-    detects.
+On the quick preset A(x) detects the tumour and the atrophy stages, where a patch changes as a
+whole, but not the small hyperintense lesions: a lesion pasted into a normal patch raises A by far
+less than A varies with normal anatomy (counterfactual.png), while x_max sees the lesions at once.
+Measured tables: README.md and results/.
 
 Commands:
-    python anogan.py                                   # quick: FLAIR phantom, ~4.5 min on 2 CPU cores
-    python anogan.py --ganr 1                          # also the GAN_R comparison of Fig. 4a / Table 1
+    python anogan.py                                   # quick: the FLAIR phantom on a CPU
+    python anogan.py --ganr                            # with GAN_R (Fig. 4a, Table 1)
     python anogan.py --preset paper --amp              # the paper's settings (GPU)
-    python anogan.py --data brats --train-data ixi --modality flair --preset paper   # real data
-    python anogan.py --checkpoint runs/.../last.pt     # skip training, map and score
+    python anogan.py --data brats --train-data ixi --modality flair --preset paper
+    python anogan.py --checkpoint runs/.../last.pt     # map and score only
 """
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -115,129 +65,102 @@ from data import datasets
 
 METHOD = "anogan"
 
+
 # =================================================================================================
-# Arguments
+# Hyperparameters (§3 "Implementation details"; each default is the paper's value)
 # =================================================================================================
 
-PRESETS = {
-    # seconds, for the tests
-    "smoke": dict(slice_size=32, patch_size=16, min_brain=0.5, train_slices=4, slice_step=2,
-                  train_patches=256, z_dim=16, ch=4, kernel=5, epochs=1, batch_size=64, lr=2e-4, beta1=0.5,
-                  g_steps=1, steps=5, map_lr=0.05, map_beta1=0.9, map_batch=256, lam=0.1, feature_layer=3,
-                  z_clip=1, ganr=1, test_slices=2, test_stride=16, test_cases=3, val_patches=32,
-                  train_eval_patches=32, time_single=2, threshold_pct=95.0, agg="max", nn_ref=256),
-    # a real run on a 2-core CPU in ~5 minutes (deviation 8)
-    "quick": dict(slice_size=96, patch_size=32, min_brain=0.9, train_slices=16, slice_step=2,
-                  train_patches=20_000, z_dim=100, ch=16, kernel=5, epochs=4, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=40, map_lr=0.05, map_beta1=0.9, map_batch=512, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=0, test_slices=4, test_stride=16, test_cases=4,
-                  val_patches=96, train_eval_patches=96, time_single=4, threshold_pct=95.0, agg="max",
-                  nn_ref=20_000),
-    # the paper's settings (§3 "Implementation details"); a GPU job
-    "paper": dict(slice_size=128, patch_size=64, min_brain=0.9, train_slices=32, slice_step=1,
-                  train_patches=100_000, z_dim=100, ch=64, kernel=5, epochs=20, batch_size=64, lr=2e-4,
-                  beta1=0.5, g_steps=1, steps=500, map_lr=0.01, map_beta1=0.9, map_batch=1024, lam=0.1,
-                  feature_layer=3, z_clip=1, ganr=1, test_slices=8, test_stride=16, test_cases=0,
-                  val_patches=1024, train_eval_patches=1024, time_single=16, threshold_pct=95.0, agg="max",
-                  nn_ref=0),
-}
+HYPER = dict(
+    # data and patches (§2.1, §3)
+    slice_size=C.hp(128, "axial slices, cropped to the brain, are resized to S×S (deviation 1; the "
+                         "OCT B-scans had ~256 columns)", lo=16, hi=4096),
+    patch_size=C.hp(64, "patch side c, a multiple of 16 (§3: 64×64 patches)", lo=16, hi=4096),
+    min_brain=C.hp(0.9, "a patch needs this fraction of brain pixels (deviation 1)", lo=0., hi=1.),
+    train_slices=C.hp(32, "central axial slices per training scan (deviation 1; the paper: all 49 "
+                          "B-scans)", lo=1, hi=10_000),
+    slice_step=C.hp(1, "distance between the chosen slices, in voxels", lo=1, hi=100),
+    train_patches=C.hp(100_000, "random training patches (§3: 1,000,000 OCT patches)",
+                       lo=1, hi=10 ** 8),
+    test_slices=C.hp(8, "central slices per test scan scored with grid patches (deviation 2)",
+                     lo=1, hi=10_000),
+    test_stride=C.hp(16, "stride of the test patch grid (deviation 2)", lo=1, hi=4096),
+    test_cases=C.hp(0, "score only the first N scans of every test group (0 = all)",
+                    lo=0, hi=10 ** 6),
+    # networks (§2.1, §3)
+    z_dim=C.hp(100, "dimension of z ~ U(-1, 1) (DCGAN's 100; the paper: 'widely the same DCGAN')",
+               lo=1, hi=10_000),
+    ch=C.hp(64, "base channels: G 8ch-4ch-2ch-ch, D ch-2ch-4ch-8ch (§3: 512-256-128-64)",
+            lo=1, hi=4096),
+    kernel=C.hp(5, "filter size, odd (§3: 5×5)", lo=3, hi=15),
+    # adversarial training, Eq. (1)-(2)
+    epochs=C.hp(20, "DCGAN training epochs (§3: 20)", lo=0, hi=10_000),
+    batch_size=C.hp(64, "mini-batch size (DCGAN's 64; the paper does not say)", lo=2, hi=10 ** 6),
+    lr=C.hp(2e-4, "Adam learning rate (DCGAN's; §3 says only 'Adam')", lo=1e-8, hi=1.0),
+    beta1=C.hp(0.5, "Adam β1 (DCGAN's)", lo=0.0, hi=0.999),
+    g_steps=C.hp(1, "G updates per D update (DCGAN 1; the code the paper adapted used 2)",
+                 lo=1, hi=100),
+    # mapping to the latent space, §2.2, Eq. (3)-(5)
+    steps=C.hp(500, "Γ backpropagation steps of the mapping (§3: 500)", lo=1, hi=10 ** 6),
+    map_lr=C.hp(0.01, "Adam learning rate on z (deviation 3: the adapted code's 0.01)",
+                lo=1e-8, hi=100.0),
+    map_beta1=C.hp(0.9, "Adam β1 on z (the adapted code's 0.9)", lo=0.0, hi=0.999),
+    map_batch=C.hp(1024, "patches mapped at once, each with its own z (beyond the paper; the same "
+                         "trajectories)", lo=1, hi=10 ** 7),
+    lam=C.hp(0.1, "λ in Eq. (5) and (6) (§3: 0.1)", lo=0.0, hi=1.0),
+    feature_layer=C.hp(3, "f(·) of Eq. (4): the output of D's conv layer 0..3 (the last, Fig. 2a)",
+                       lo=0, hi=3),
+    z_clip=C.hp(True, "clip z to [-1, 1], the support of p_z, after every step (deviation 3)"),
+    ganr=C.hp(True, "also map with Yeh et al.'s L_D̂ and score Â(x): GAN_R (§3, Fig. 4a, Table 1)"),
+    # evaluation (§2.3, §3)
+    val_patches=C.hp(1024, "healthy validation patches mapped for the operating point (0 = all)",
+                     lo=0, hi=10 ** 8),
+    train_eval_patches=C.hp(1024, "training patches mapped for Fig. 4(c, d)'s 'normal (train)'",
+                            lo=0, hi=10 ** 8),
+    time_single=C.hp(16, "patches mapped again one at a time, to time the paper's unbatched "
+                         "mapping", lo=0, hi=10_000),
+    threshold_pct=C.hp(95.0, "operating point: this percentile of the healthy validation scores "
+                             "(deviation 6)", lo=0.0, hi=100.0),
+    agg=C.hp("max", "patch scores -> slice and scan score (beyond the paper)",
+             choices=["max", "mean", "p99"]),
+    nn_ref=C.hp(0, "beyond the paper: R_nn, the residual to the nearest of this many training "
+                   "patches (a memorising generator; 0 = off, an N×M search)", lo=0, hi=10 ** 8),
+    counterfactual=C.hp(256, "beyond the paper: normal test patches mapped again with a real "
+                             "lesion pasted in (counterfactual.png; 0 = off)", lo=0, hi=10 ** 6),
+)
+# quick (deviation 8): a 2-core CPU in minutes: 96×96 slices, 32×32 patches, channels 128-64-32-16,
+# 4 epochs over 20,000 patches, Γ = 40 at a larger step, 4 scans per test group, no GAN_R
+QUICK = dict(slice_size=96, patch_size=32, train_slices=16, slice_step=2, train_patches=20_000,
+             test_slices=4, test_cases=4, ch=16, epochs=4, steps=40, map_lr=0.05, map_batch=512,
+             ganr=False, val_patches=96, train_eval_patches=96, time_single=4, nn_ref=20_000)
+# smoke: seconds, for the tests
+SMOKE = dict(slice_size=32, patch_size=16, min_brain=0.5, train_slices=4, slice_step=2,
+             train_patches=256, test_slices=2, test_cases=3, z_dim=16, ch=4, epochs=1, steps=5,
+             map_lr=0.05, map_batch=256, val_patches=32, train_eval_patches=32, time_single=2,
+             nn_ref=256)
 
 
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("data and patches (§2.1, §3)")
-    g.add_argument("--slice-size", type=int, default=None,
-                   help="axial slices (cropped to the brain) are resized to S×S (paper: OCT B-scans, ~256 columns; "
-                        "paper preset 128)")
-    g.add_argument("--patch-size", type=int, default=None,
-                   help="patch side c, §2.1/§3 (paper 64); a multiple of 16")
-    g.add_argument("--min-brain", type=float, default=None,
-                   help="a patch needs at least this fraction of brain pixels (deviation 1; default 0.5)")
-    g.add_argument("--train-slices", type=int, default=None,
-                   help="axial slices per training scan, centred in the brain (paper: all 49 B-scans)")
-    g.add_argument("--slice-step", type=int, default=None, help="distance between the chosen slices, in voxels")
-    g.add_argument("--train-patches", type=int, default=None,
-                   help="number of random training patches, §3 (paper 1,000,000; paper preset 100,000)")
-    g.add_argument("--test-slices", type=int, default=None,
-                   help="axial slices per test scan scored with grid patches: the central ones of the training "
-                        "slab (deviation 2)")
-    g.add_argument("--test-stride", type=int, default=None, help="stride of the test patch grid (deviation 2)")
-    g.add_argument("--test-cases", type=int, default=None,
-                   help="score only the first N scans of every test group (0 = all; quick preset 6)")
-    g = p.add_argument_group("networks (§2.1, §3 'Implementation details')")
-    g.add_argument("--z-dim", type=int, default=None, help="dimension of z ~ U(-1,1), DCGAN (paper: DCGAN's 100)")
-    g.add_argument("--ch", type=int, default=None,
-                   help="base channels: G 8ch-4ch-2ch-ch, D ch-2ch-4ch-8ch, §3 (paper 64 = 512-256-128-64)")
-    g.add_argument("--kernel", type=int, default=None, help="filter size, §3 (paper 5)")
-    g = p.add_argument_group("adversarial training, Eq. (1)-(2)")
-    g.add_argument("--epochs", type=int, default=None, help="DCGAN training epochs, §3 (paper 20)")
-    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (DCGAN 64; paper unstated)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (DCGAN 2e-4; paper: 'Adam')")
-    g.add_argument("--beta1", type=float, default=None, help="Adam β1 (DCGAN 0.5)")
-    g.add_argument("--g-steps", type=int, default=None,
-                   help="generator updates per discriminator update (DCGAN 1; the code the paper adapted used 2)")
-    g = p.add_argument_group("mapping to the latent space, §2.2, Eq. (3)-(5)")
-    g.add_argument("--steps", type=int, default=None, help="Γ backpropagation steps, §3 (paper 500)")
-    g.add_argument("--map-lr", type=float, default=None,
-                   help="Adam learning rate on z (paper unstated; reference code 0.01; deviation 3)")
-    g.add_argument("--map-beta1", type=float, default=None, help="Adam β1 on z (reference code 0.9)")
-    g.add_argument("--map-batch", type=int, default=None,
-                   help="patches mapped at once, each with its own z (beyond the paper; results identical)")
-    g.add_argument("--lam", type=float, default=None, help="λ in Eq. (5) and (6), §3 (paper 0.1)")
-    g.add_argument("--feature-layer", type=int, default=None,
-                   help="f(·) of Eq. (4): output of D's conv layer 0..3 (paper: the last, 3; Fig. 2)")
-    g.add_argument("--z-clip", type=int, default=None, choices=[0, 1],
-                   help="clip z to [-1, 1] after every step (deviation 3; default 1)")
-    g.add_argument("--ganr", type=int, default=None, choices=[0, 1],
-                   help="1: also map with Yeh et al.'s loss L_D̂ and score Â(x) (GAN_R, §3, Fig. 4a, Table 1)")
-    g = p.add_argument_group("evaluation (§2.3, §3)")
-    g.add_argument("--val-patches", type=int, default=None,
-                   help="healthy validation patches mapped for the threshold (0 = all)")
-    g.add_argument("--train-eval-patches", type=int, default=None,
-                   help="training patches mapped for Fig. 4(c, d)'s 'normal (train)' distribution")
-    g.add_argument("--time-single", type=int, default=None,
-                   help="patches re-mapped one at a time to time the paper's unbatched mapping")
-    g.add_argument("--threshold-pct", type=float, default=None,
-                   help="operating point: this percentile of the healthy validation scores (deviation 6; 95)")
-    g.add_argument("--agg", default=None, choices=["max", "mean", "p99"],
-                   help="patch scores -> slice/scan score (beyond the paper; default max)")
-    g.add_argument("--nn-ref", type=int, default=None,
-                   help="beyond the paper: score R_nn, the residual to the nearest of this many training patches "
-                        "(a generator that memorised them), to tell an undertrained G from a score that cannot "
-                        "see the anomaly (0 = off; quick 20,000, paper 0: an N×M search)")
-    return p
-
-
-def get_args(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    for name, lo, hi in (("slice_size", 16, 4096), ("patch_size", 16, 4096), ("train_slices", 1, 10_000),
-                         ("slice_step", 1, 100), ("train_patches", 1, 10 ** 8), ("test_slices", 1, 10_000),
-                         ("test_stride", 1, 4096), ("test_cases", 0, 10 ** 6), ("z_dim", 1, 10_000),
-                         ("ch", 1, 4096), ("kernel", 3, 15), ("epochs", 0, 10_000), ("batch_size", 2, 10 ** 6),
-                         ("g_steps", 1, 100), ("steps", 1, 10 ** 6), ("map_batch", 1, 10 ** 7),
-                         ("feature_layer", 0, 3), ("val_patches", 0, 10 ** 8),
-                         ("train_eval_patches", 0, 10 ** 8), ("time_single", 0, 10_000), ("nn_ref", 0, 10 ** 8)):
-        C.check_range(args, name, lo, hi, integer=True)
-    for name, lo, hi in (("min_brain", 0.0, 1.0), ("lr", 1e-8, 1.0), ("beta1", 0.0, 0.999),
-                         ("map_lr", 1e-8, 100.0), ("map_beta1", 0.0, 0.999), ("lam", 0.0, 1.0),
-                         ("threshold_pct", 0.0, 100.0)):
-        C.check_range(args, name, lo, hi)
+def check_args(args):
     if args.patch_size % 16:
-        C.fail(f"--patch-size must be a multiple of 16 (four stride-2 layers), got {args.patch_size}")
+        C.fail(f"--patch-size must be a multiple of 16 (four stride-2 layers), got "
+               f"{args.patch_size}")
     if args.patch_size > args.slice_size:
         C.fail(f"--patch-size {args.patch_size} is larger than --slice-size {args.slice_size}")
     if args.kernel % 2 == 0:
         C.fail(f"--kernel must be odd ('same' padding of the stride-2 layers), got {args.kernel}")
-    return args
+
+
+def parse_args(argv=None):
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
 
 
 # =================================================================================================
-# Networks (§2.1, Fig. 2a; DCGAN of Radford et al. with 512-256-128-64 channels and 5×5 filters, §3)
+# Networks (§2.1, §3, Fig. 2a: the DCGAN of Radford et al. with 5×5 filters)
 # =================================================================================================
 
 def init_dcgan(m):
-    """DCGAN initialisation: conv/linear weights ~ N(0, 0.02), BatchNorm scale ~ N(1, 0.02), biases 0."""
+    """DCGAN initialisation: conv/linear weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases
+    0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
@@ -250,9 +173,10 @@ def init_dcgan(m):
 class Generator(nn.Module):
     """G: z (B, z_dim) in [-1, 1] -> patch (B, 1, c, c) in [-1, 1].
 
-    A linear projection to 8ch feature maps of side c/16, then four fractionally-strided convolutions
-    8ch -> 4ch -> 2ch -> ch -> 1 that each double the side (§3: "four fractionally-strided convolution
-    layers", 512-256-128-64 channels for ch=64), BatchNorm + ReLU after each but the last, tanh output."""
+    A linear projection to 8ch feature maps of side c/16, then four fractionally-strided
+    convolutions 8ch -> 4ch -> 2ch -> ch -> 1 that each double the side (§3: "four
+    fractionally-strided convolution layers", 512-256-128-64 channels for ch=64), BatchNorm + ReLU
+    after each but the last, tanh output."""
 
     def __init__(self, *, z_dim=100, ch=64, size=64, kernel=5):
         super().__init__()
@@ -263,8 +187,8 @@ class Generator(nn.Module):
         self.bn0 = nn.BatchNorm2d(8 * ch)
         layers = []
         for c_in, c_out in ((8 * ch, 4 * ch), (4 * ch, 2 * ch), (2 * ch, ch)):
-            layers += [nn.ConvTranspose2d(c_in, c_out, kernel, 2, pad, out_pad), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, kernel, 2, pad, out_pad),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         layers += [nn.ConvTranspose2d(ch, 1, kernel, 2, pad, out_pad), nn.Tanh()]
         self.up = nn.Sequential(*layers)
         self.apply(init_dcgan)
@@ -277,9 +201,9 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """D: patch (B, 1, c, c) -> logit (B,) and the four conv feature maps.
 
-    Four 5×5 stride-2 convolutions 1 -> ch -> 2ch -> 4ch -> 8ch with LeakyReLU(0.2) (BatchNorm on all
-    but the first, DCGAN), then a linear layer to one logit; D(x) = sigmoid(logit). f(x) of Eq. (4) is
-    the output of conv layer `feature_layer` (3 = the last one, Fig. 2a orange)."""
+    Four 5×5 stride-2 convolutions 1 -> ch -> 2ch -> 4ch -> 8ch with LeakyReLU(0.2) (BatchNorm on
+    all but the first, DCGAN), then a linear layer to one logit; D(x) = sigmoid(logit). f(x) of
+    Eq. (4) is the output of conv layer `feature_layer` (3 = the last one, orange in Fig. 2a)."""
 
     def __init__(self, *, ch=64, size=64, kernel=5):
         super().__init__()
@@ -306,7 +230,7 @@ class Discriminator(nn.Module):
 
 
 # =================================================================================================
-# Losses (one function per equation; every mapping loss is PER SAMPLE, shape (B,))
+# Losses (Eq. 1-5; every mapping loss is PER SAMPLE, shape (B,))
 # =================================================================================================
 
 def d_loss(logit_real, logit_fake):
@@ -324,13 +248,15 @@ def g_loss(logit_fake):
 
 
 def residual_loss(x, G_z):
-    """Eq. (3): L_R(z_γ) = Σ |x - G(z_γ)|, summed over the pixels of each sample -> (B,)."""
+    """Eq. (3): L_R(z_γ) = Σ |x - G(z_γ)|, summed over the pixels of each sample -> (B,).
+    Zero for a perfect generator and mapping on a normal patch (§2.2)."""
     # Eq. (3): L_R = Σ |x − G(z_γ)|
     return (x - G_z).abs().flatten(1).sum(1)
 
 
 def discrimination_loss(f_x, f_G_z):
-    """Eq. (4): L_D(z_γ) = Σ |f(x) - f(G(z_γ))| over the features of each sample -> (B,)."""
+    """Eq. (4): L_D(z_γ) = Σ |f(x) - f(G(z_γ))| over the features of each sample -> (B,): feature
+    matching (Salimans et al.) moves G(z_γ) towards x in D's features, instead of fooling D."""
     # Eq. (4): L_D = Σ |f(x) − f(G(z_γ))|
     return (f_x - f_G_z).abs().flatten(1).sum(1)
 
@@ -339,7 +265,8 @@ def reference_discrimination_loss(logit_G_z):
     """Yeh et al.'s L_D̂(z_γ) = σ(D(G(z_γ)), α): sigmoid cross-entropy with logits D(G(z_γ)) and
     targets α = 1 (§2.2), per sample -> (B,). Used by GAN_R."""
     # L_D̂ = −log sigmoid(D(G(z_γ)))  (targets α = 1)
-    return F.binary_cross_entropy_with_logits(logit_G_z, torch.ones_like(logit_G_z), reduction="none")
+    return F.binary_cross_entropy_with_logits(logit_G_z, torch.ones_like(logit_G_z),
+                                              reduction="none")
 
 
 def mapping_loss(L_R, L_D, lam):
@@ -349,7 +276,7 @@ def mapping_loss(L_R, L_D, lam):
 
 
 # =================================================================================================
-# Anomaly score (§2.2 mapping, §2.3 Eq. (6))
+# Anomaly score (§2.2 the mapping to the latent space, §2.3 Eq. 6)
 # =================================================================================================
 
 def anomaly_score(R, D, lam):
@@ -364,21 +291,6 @@ def discriminator_score(D, x):
     real training-like patch; no mapping."""
     with torch.no_grad():
         return 1 - torch.sigmoid(D(x)[0])                      # (B,)
-
-
-def nearest_patch_residual(x, X_ref, device, chunk=256):
-    """Beyond the paper, a reference for R(x): R_nn(x) = min_t Σ|x - t| over healthy training patches t,
-    i.e. Eq. (3) for a 'generator' that reproduces every training patch exactly and nothing in between
-    (a memoriser). If R_nn cannot separate an anomaly either, training G longer is unlikely to be enough:
-    the anomaly is small against the residual of normal anatomy the score sums over. A reference, not a
-    bound: a generator can also produce patches between its training patches.
-    x: (N, c, c), X_ref: (M, c, c) numpy or tensors -> (N,) numpy."""
-    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)   # (M, c*c)
-    out = []
-    for s in range(0, len(x), chunk):
-        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).reshape(-1, T.shape[1]).to(device)
-        out.append(torch.cdist(q, T, p=1).min(1).values.cpu())                              # (chunk,)
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 class frozen:
@@ -401,20 +313,31 @@ class frozen:
                 p.requires_grad_(r)
 
 
-def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", feature_layer=3, clip=True,
-                  device=None, amp=False):
+def z_start(n, z_dim, seed, stream):
+    """z_1 ~ U(-1, 1)^z_dim, one per patch (§2.2), a seeded stream per patch set -> (n, z_dim)."""
+    seed = int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+    return torch.rand(n, z_dim, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", feature_layer=3,
+                  clip=True, device=None, amp=False):
     """§2.2: find z_Γ with G(z_Γ) ≈ x by Γ-1 Adam updates of z only, from z_1.
 
     x: (B, 1, c, c) query patches; z1: (B, z_dim) starting points (each patch its own z).
     disc = "feature": Eq. (4) L_D (AnoGAN); "reference": Yeh et al.'s L_D̂ (GAN_R).
     Returns z_Γ, G(z_Γ) and the per-sample R = L_R(z_Γ), D = L_D(z_Γ), D̂ = L_D̂(z_Γ), and the
-    per-sample mapping loss L(z_γ) of every step γ = 1..Γ (B, Γ). Every loss is per sample and the
-    sum over the batch is back-propagated, so each z_b gets exactly the gradient of its own L_b."""
+    per-sample mapping loss L(z_γ) of every step γ = 1..Γ (B, Γ).
+
+    Beyond the paper, which maps one image at a time: the whole batch at once. Every loss is per
+    sample and their sum is back-propagated, so ∂(Σ_b L_b)/∂z_b = ∂L_b/∂z_b; with G and D in
+    eval mode (no batch coupling through BatchNorm) and an element-wise optimiser (Adam), each z_b
+    follows the trajectory it would follow alone (tested in float64). In float32 a batch and a
+    single patch round differently and drift apart a little (batched_vs_single_max_abs_diff_A)."""
     with frozen(G, D):
         with torch.no_grad(), C.autocast(device or x.device, amp):
             f_x = D(x)[1][feature_layer].float()                           # (B, C_f, h, w), fixed
-        z = z1.detach().clone().requires_grad_(True)                        # (B, z_dim) fresh per patch
-        opt = torch.optim.Adam([z], lr=lr, betas=(beta1, 0.999))           # fresh optimiser per call
+        z = z1.detach().clone().requires_grad_(True)                        # (B, z_dim), fresh
+        opt = torch.optim.Adam([z], lr=lr, betas=(beta1, 0.999))           # a fresh optimiser
         history = []
         for gamma in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
@@ -422,183 +345,544 @@ def map_to_latent(x, G, D, z1, *, steps, lr, lam, beta1=0.9, disc="feature", fea
                 G_z = G(z)                                                  # (B, 1, c, c)
                 logit, feats = D(G_z)
             G_z, logit, f_G_z = G_z.float(), logit.float(), feats[feature_layer].float()
-            L_R = residual_loss(x, G_z)                                     # (B,)
-            L_Dfm = discrimination_loss(f_x, f_G_z)                         # (B,)
+            L_R = residual_loss(x, G_z)                                     # Eq. (3), (B,)
+            L_Dfm = discrimination_loss(f_x, f_G_z)                         # Eq. (4), (B,)
             L_Dref = reference_discrimination_loss(logit)                   # (B,)
-            L = mapping_loss(L_R, L_Dfm if disc == "feature" else L_Dref, lam)   # (B,)
+            L = mapping_loss(L_R, L_Dfm if disc == "feature" else L_Dref, lam)   # Eq. (5), (B,)
             history.append(L.detach())
-            if gamma == steps:                                              # losses at z_Γ -> R, D (§2.3)
+            if gamma == steps:                                              # R, D at z_Γ (§2.3)
                 break
-            L.sum().backward()                                              # Σ_b L_b: per-sample gradients
+            L.sum().backward()                                              # Σ_b L_b (see above)
             opt.step()
             if clip:
                 with torch.no_grad():
                     z.clamp_(-1.0, 1.0)
-        return dict(z=z.detach(), G_z=G_z.detach(), R=L_R.detach(), D=L_Dfm.detach(), D_hat=L_Dref.detach(),
-                    history=torch.stack(history, 1))                        # history (B, Γ)
+        return dict(z=z.detach(), G_z=G_z.detach(), R=L_R.detach(), D=L_Dfm.detach(),
+                    D_hat=L_Dref.detach(), history=torch.stack(history, 1))  # history (B, Γ)
 
 
-# =================================================================================================
-# Training (§2.1: minimax game of Eq. (1)-(2) on healthy patches only)
-# =================================================================================================
-
-def train_gan(G, D, X, args, run, opt_G, opt_D, *, start_epoch=0, step=0, curves=None):
-    """DCGAN training on patches X (N, 1, c, c) (CPU tensor); checkpoint at the end of every epoch."""
-    device = run.device
-    curves = curves if curves is not None else {"loss_D (Eq. 1)": [], "loss_G (Eq. 2)": [],
-                                                "D(x)": [], "D(G(z))": []}
-    N = len(X)
-    for epoch in range(start_epoch, args.epochs):
-        G.train()
-        D.train()
-        perm = torch.randperm(N)
-        starts = range(0, N, args.batch_size)
-        for s in C.progress(starts, total=len(starts), desc=f"epoch {epoch + 1}/{args.epochs}"):
-            x = X[perm[s:s + args.batch_size]].to(device)                  # (B, 1, c, c)
-            if len(x) < 2:                                                  # BatchNorm needs 2 samples
-                continue
-            B = len(x)
-            # D step, Eq. (1): real patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
-            z = torch.rand(B, args.z_dim, device=device) * 2 - 1            # z ~ U(-1, 1)
-            with C.autocast(device, args.amp):
-                fake = G(z)                                                 # (B, 1, c, c)
-                logit_real, _ = D(x)
-                logit_fake, _ = D(fake.detach())
-                loss_D = d_loss(logit_real.float(), logit_fake.float())
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-            # G step(s), Eq. (2); the first reuses G(z) (G is unchanged so far), as in DCGAN code
-            for k in range(args.g_steps):
-                with C.autocast(device, args.amp):
-                    logit_gen, _ = D(fake if k == 0 else G(z))
-                    loss_G = g_loss(logit_gen.float())
-                opt_G.zero_grad(set_to_none=True)
-                loss_G.backward()
-                opt_G.step()
-            step += 1
-            vD = C.check_finite(loss_D, step, run.out / "last.pt")
-            vG = C.check_finite(loss_G, step, run.out / "last.pt")
-            curves["loss_D (Eq. 1)"].append((step, vD))
-            curves["loss_G (Eq. 2)"].append((step, vG))
-            curves["D(x)"].append((step, float(torch.sigmoid(logit_real.detach()).mean())))
-            curves["D(G(z))"].append((step, float(torch.sigmoid(logit_fake.detach()).mean())))
-        run.log(f"epoch {epoch + 1}/{args.epochs}: loss_D {np.mean([v for _, v in curves['loss_D (Eq. 1)'][-50:]]):.3f}"
-                f"  loss_G {np.mean([v for _, v in curves['loss_G (Eq. 2)'][-50:]]):.3f}")
-        C.save_checkpoint(run.out / "last.pt", {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "epoch": epoch + 1, "step": step, "curves": curves, "args": vars(args), "rng": C.rng_state()})
-    return step, curves
+def mapping_args(args, device):
+    """The mapping's hyperparameters (§2.2, §3; deviation 3) as keywords of map_to_latent."""
+    return dict(steps=args.steps, lr=args.map_lr, lam=args.lam, beta1=args.map_beta1,
+                feature_layer=args.feature_layer, clip=bool(args.z_clip), device=device,
+                amp=args.amp)
 
 
-# =================================================================================================
-# Scoring and evaluation
-# =================================================================================================
-
-def patch_labels(mask):
-    """§3: a patch is anomalous (1) if it contains at least one anomalous pixel. (N, c, c) -> (N,)"""
-    return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
-
-
-def patch_group(label, case_group, case_label):
-    """The group a patch is reported in: its scan's group if the patch is anomalous, 'normal' for the
-    patches of healthy scans, '<group>_0' for the lesion-free patches of anomalous scans (negatives)."""
-    return case_group if label else ("normal" if case_label == 0 else f"{case_group}_0")
-
-
-def grid_patch_set(S, rows, size, stride, min_brain, allow_empty=False):
-    """Grid patches (deviation 2) over slices `rows` of an ArraySet -> dict of numpy arrays
-    (None when there is none and allow_empty)."""
-    pos = [(i, t, l) for i in rows for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
-    if not pos and allow_empty:
-        return None
-    if not pos:
-        C.fail(f"no {size}x{size} test patch with >= {min_brain:.0%} brain; lower --patch-size or --min-brain")
-    idx, top, left = (np.array(a, dtype=np.int64) for a in zip(*pos))
-    return dict(x=C.extract_patches(S.x, idx, top, left, size),
-                mask=C.extract_patches(S.mask, idx, top, left, size) > 0, row=idx, top=top, left=left)
-
-
-def score_patches(x, G, D, args, device, z1, desc="map"):
-    """Batched mapping (§2.2) of patches x (N, c, c) numpy -> per-patch R, D, D̂, A, (Â), P_D, G(z_Γ)
-    and the per-step mapping loss (N, Γ). z1: (N, z_dim) starting points, one per patch."""
-    out = {k: [] for k in ("R", "D", "D_hat", "A", "G_z", "history", "P_D", "R_ref", "D_ref", "A_hat")}
-    starts = range(0, len(x), args.map_batch)
-    for s in C.progress(starts, total=len(starts), desc=desc, every=10):
-        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + args.map_batch])).unsqueeze(1).to(device)  # (B,1,c,c)
-        zb = z1[s:s + args.map_batch].to(device)
-        kw = dict(steps=args.steps, lr=args.map_lr, lam=args.lam, beta1=args.map_beta1,
-                  feature_layer=args.feature_layer, clip=bool(args.z_clip), device=device, amp=args.amp)
+def score(x, G, D, args, device, z1, desc="map"):
+    """The trained AnoGAN applied to patches x (N, c, c), `map_batch` at a time from z1 (N, z_dim)
+    -> per patch R, D, D̂ at z_Γ, A (Eq. 6), P_D, G(z_Γ) (N, c, c) and L(z_γ) of every step (N, Γ);
+    with --ganr also GAN_R's Â(x) = (1 - λ)·R(x) + λ·D̂(x), mapped with L_D̂ (§3)."""
+    kw = mapping_args(args, device)
+    out = {k: [] for k in ("R", "D", "D_hat", "A", "G_z", "history", "P_D", "A_hat")}
+    for s in C.progress(range(0, len(x), args.map_batch), desc=desc, every=10):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s:s + args.map_batch])).unsqueeze(1).to(device)
+        zb = z1[s:s + args.map_batch].to(device)                            # (B, z_dim)
         m = map_to_latent(xb, G, D, zb, disc="feature", **kw)
-        out["R"].append(m["R"])
-        out["D"].append(m["D"])
-        out["D_hat"].append(m["D_hat"])                                     # L_D̂ at the AnoGAN z_Γ
+        for k in ("R", "D", "D_hat", "history"):                            # D_hat at AnoGAN's z_Γ
+            out[k].append(m[k])
         out["A"].append(anomaly_score(m["R"], m["D"], args.lam))            # Eq. (6)
-        out["G_z"].append(m["G_z"][:, 0])
-        out["history"].append(m["history"])
+        out["G_z"].append(m["G_z"][:, 0])                                   # (B, c, c)
         with frozen(G, D):
             out["P_D"].append(discriminator_score(D, xb))
-        if args.ganr:                                                       # GAN_R: map with L_D̂ (§3)
+        if args.ganr:                                                       # GAN_R: map with L_D̂
             r = map_to_latent(xb, G, D, zb, disc="reference", **kw)
-            out["R_ref"].append(r["R"])
-            out["D_ref"].append(r["D_hat"])
             out["A_hat"].append(anomaly_score(r["R"], r["D_hat"], args.lam))
     return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
 
 
-def time_one_at_a_time(x, G, D, args, device, z1):
-    """The paper's way: map n patches one after the other (batch of 1). -> (seconds per patch, A)."""
+def map_one_at_a_time(x, G, D, args, device, z1):
+    """The paper's way, for the timing: patches mapped one after the other -> (s per patch, A)."""
     A = []
     t0 = time.perf_counter()
     for i in range(len(x)):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + 1])).unsqueeze(1).to(device)
-        m = map_to_latent(xb, G, D, z1[i:i + 1].to(device), steps=args.steps, lr=args.map_lr, lam=args.lam,
-                          beta1=args.map_beta1, feature_layer=args.feature_layer, clip=bool(args.z_clip),
-                          device=device, amp=args.amp)
+        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + 1])).unsqueeze(1).to(device)  # (1,1,c,c)
+        m = map_to_latent(xb, G, D, z1[i:i + 1].to(device), **mapping_args(args, device))
         A.append(float(anomaly_score(m["R"], m["D"], args.lam)[0]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / max(len(x), 1), np.array(A)
 
 
-def operating_point(y, s, thr):
-    return {"threshold": float(thr), **C.binary_stats(y, np.asarray(s) >= thr)}
+def score_sets(G, D, P, x_val, x_tr, args, run):
+    """The trained AnoGAN applied to the test, validation and training patches, each set from its
+    own z_1 stream, and the batched mapping timed against the paper's one patch at a time
+    -> test, validation and training scores, timing, the batched-vs-single difference of A."""
+    dev = run.device
+    run.log(f"mapping {len(P['x'])} test, {0 if x_val is None else len(x_val)} validation and "
+            f"{len(x_tr)} training patches; Γ={args.steps}, batch {args.map_batch}")
+    z1 = z_start(len(P["x"]), args.z_dim, args.seed, 0)
+    with C.Timer() as t_map:
+        sc = score(P["x"], G, D, args, dev, z1, desc="map test")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    st = score(x_tr, G, D, args, dev, z_start(len(x_tr), args.z_dim, args.seed, 2), "map train")
+    sv = st if x_val is None else score(x_val, G, D, args, dev,
+                                        z_start(len(x_val), args.z_dim, args.seed, 1), "map val")
+    n1 = min(args.time_single, len(P["x"]))
+    s_single, A_single = map_one_at_a_time(P["x"][:n1], G, D, args, dev, z1[:n1])
+    diff = float(np.abs(A_single - sc["A"][:n1]).max()) if n1 else None
+    per = t_map.seconds / len(P["x"]) / (2 if args.ganr else 1)       # per patch and mapping
+    run.log(f"mapping: {per * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at a "
+            f"time ({n1} patches), max |ΔA| {diff}")
+    timing = {"score_s": t_map.seconds, "score_s_per_sample": t_map.seconds / len(P["x"]),
+              "map_s_per_patch_batched": per, "map_s_per_patch_single": s_single,
+              "map_speedup_batched": s_single / max(per, 1e-12), "n_single_timed": n1,
+              "map_batch": args.map_batch, "mapping_steps": args.steps}
+    return sc, sv, st, timing, {"batched_vs_single_max_abs_diff_A": diff}
 
 
-def table1(y, scores):
-    """Table 1: precision, recall, sensitivity, specificity at the Youden index, and the AUC."""
+# =================================================================================================
+# Training (§2.1: the minimax game of Eq. 1-2 on healthy patches only)
+# =================================================================================================
+
+def training_patches(data, args, run):
+    """§2.1: K patches of c×c pixels at random positions of each healthy image (here: positions with
+    >= --min-brain brain pixels, deviation 1) -> X (N, 1, c, c), a CPU tensor."""
+    size, c = (args.slice_size, args.slice_size), args.patch_size
+    S = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices,
+                             step=args.slice_step, cache_dir=args.cache_dir, desc="train")
+    rng = np.random.default_rng(args.seed)
+    idx, top, left = C.random_patches(S.x, S.brain, size=c, n=args.train_patches, rng=rng,
+                                      min_brain=args.min_brain)
+    X = torch.from_numpy(C.extract_patches(S.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
+    run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
+            f"({len(S)} slices {size[0]}x{size[1]})")
+    if len(X) < 2:
+        C.fail(f"only {len(X)} training patch: BatchNorm needs 2; lower --min-brain or "
+               f"--patch-size")
+    return X
+
+
+def train_step(G, D, opt_G, opt_D, x, args, device):
+    """One update of the minimax game, Eq. (1)-(2), on healthy patches x (B, 1, c, c)."""
+    z = torch.rand(len(x), args.z_dim, device=device) * 2 - 1           # z ~ U(-1, 1), (B, z_dim)
+    # D step, Eq. (1): training patches -> 'real', G(z) -> 'fake' (separate batches, as DCGAN)
+    with C.autocast(device, args.amp):
+        fake = G(z)                                                      # (B, 1, c, c)
+        logit_real, _ = D(x)
+        logit_fake, _ = D(fake.detach())
+        loss_D = d_loss(logit_real.float(), logit_fake.float())
+    opt_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    opt_D.step()
+    # G step(s), Eq. (2); the first reuses G(z) (G is unchanged so far), as in DCGAN code
+    for k in range(args.g_steps):
+        with C.autocast(device, args.amp):
+            loss_G = g_loss(D(fake if k == 0 else G(z))[0].float())
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
+    return {"loss_D (Eq. 1)": loss_D.detach(), "loss_G (Eq. 2)": loss_G.detach(),
+            "D(x)": torch.sigmoid(logit_real.detach()).mean(),
+            "D(G(z))": torch.sigmoid(logit_fake.detach()).mean()}
+
+
+def train(G, D, X, args, run):
+    """DCGAN training on the patches X (N, 1, c, c), a CPU tensor, for `--epochs` epochs.
+    -> (training seconds, loss history, checkpoint I/O)."""
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    # a new permutation of the patches every epoch; its last partial batch is dropped, as in the
+    # DCGAN code the paper adapted (len(data) // batch_size batches per epoch)
+    batches = C.Batches(len(X), args.batch_size, args.seed)
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"train": batches})
+    for _ in loop.phase("train", args.epochs * batches.steps_per_epoch, desc="DCGAN"):
+        x = X[torch.from_numpy(next(batches))].to(run.device)               # (B, 1, c, c)
+        loop.log(train_step(G, D, opt_G, opt_D, x, args, run.device))
+        if batches.epoch_done:
+            last = {k: np.mean([v for _, v in loop.history[k][-batches.steps_per_epoch:]])
+                    for k in ("loss_D (Eq. 1)", "loss_G (Eq. 2)")}
+            run.log(f"epoch {batches.epoch + 1}/{args.epochs}: loss_D "
+                    f"{last['loss_D (Eq. 1)']:.3f}  loss_G {last['loss_G (Eq. 2)']:.3f}")
+    return loop.close(), loop.history, loop.io_report()
+
+
+# =================================================================================================
+# Scoring and evaluation (§3)
+# =================================================================================================
+
+SCORES = ("A", "R", "D", "D_hat", "P_D", "A_hat", "R_nn", "x_max")   # scores.csv columns
+PAIRS = (("A", "R"), ("A", "D"), ("D", "D_hat"), ("A", "P_D"), ("A", "A_hat"), ("R", "R_nn"),
+         ("A", "x_max"))                                              # paired differences a - b
+
+
+def col(key):
+    """The scores.csv column of a score: A(x) is the contract's `score`."""
+    return "score" if key == "A" else key
+
+
+def patch_labels(mask):
+    """§3: a patch is anomalous (1) if it holds at least one anomalous pixel. (N, c, c) -> (N,)"""
+    return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
+
+
+def test_patches(data, X, args, run):
+    """The test slices S and their grid patches P, the healthy validation patches (None if there is
+    none) and the training patches mapped for Fig. 4 (c, d); read before training."""
+    test, c = data.test, args.patch_size
+    if args.test_cases:                                     # the first N scans of every group
+        test = [cs for g in dict.fromkeys(t.group for t in test)
+                for cs in [t for t in test if t.group == g][:args.test_cases]]
+    # the central --test-slices of the training slab (same centre and step)
+    kw = dict(size=(args.slice_size, args.slice_size), norm="mri", cache_dir=args.cache_dir,
+              n_slices=min(args.test_slices, args.train_slices), step=args.slice_step)
+    S = datasets.slice_stack(test, desc="test", **kw)
+    P = grid_patch_set(S, c, args.test_stride, args.min_brain)
+    if P is None:
+        C.fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
+               f"--min-brain")
+    if not any(S.cases[i].label == 0 for i in set(S.case[P["row"]])):     # the AUROCs' negatives
+        C.fail(f"no test patch of a normal scan at the {kw['n_slices']} central slices (BraTS's "
+               f"normal scans are its tumour-free slices, away from the centre); raise "
+               f"--test-slices (--train-slices bounds it)")
+    # BraTS without --train-data leaves no healthy validation patch at the test level (the central
+    # slices of its validation subjects hold tumour): then training patches set the operating point
+    V = grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
+                       args.min_brain)
+    rng = np.random.default_rng([args.seed, 1])
+    if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
+        keep = np.sort(rng.choice(len(V["x"]), args.val_patches, replace=False))
+        V = {k: v[keep] for k, v in V.items()}
+    if V is None:
+        run.log("warning: no healthy validation patch; training patches set the operating point")
+    n_tr = min(args.train_eval_patches or len(X), len(X))
+    x_val = None if V is None else V["x"]
+    return S, P, x_val, X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
+
+
+def nearest_patch_residual(x, X_ref, device, chunk=256):
+    """R_nn(x) = min_t Σ|x - t| over healthy training patches t: Eq. (3) for a 'generator' that
+    reproduces each training patch exactly (a memoriser; a reference, not a bound, as a real G also
+    makes patches in between). x: (N, c, c), X_ref: (M, c, c) -> (N,) numpy."""
+    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)
+    out = []
+    for s in range(0, len(x), chunk):
+        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).to(device)  # (n, c, c)
+        out.append(torch.cdist(q.reshape(len(q), -1), T, p=1).min(1).values.cpu())  # (chunk,)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def add_references(sc, P, X, args, device):
+    """Two references that are not AnoGAN, so that a poor AUROC can be read: R_nn (a memorising
+    generator) and x_max, the patch's brightest pixel (a baseline for hyperintense lesions)."""
+    if min(args.nn_ref, len(X)):
+        sc["R_nn"] = nearest_patch_residual(P["x"], X[:args.nn_ref, 0], device)
+    sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
+
+
+def patch_rows(S, P, sc):
+    """One row per test patch (the rows contract): group = the group of the patch's SCAN, label =
+    the patch's own (§3), case = the scan. A lesion-free patch of a tumour scan is {tumor, 0}."""
+    y, n_px = patch_labels(P["mask"]), P["mask"].reshape(len(P["mask"]), -1).sum(1)
+    rows = []
+    for k, r in enumerate(P["row"]):
+        cs, z = S.cases[S.case[r]], int(S.z[r])
+        rows.append(dict(id=f"{cs.id}/z{z}/y{int(P['top'][k])}x{int(P['left'][k])}",
+                         group=cs.group, label=int(y[k]), score=float(sc["A"][k]),
+                         **{key: float(sc[key][k]) for key in SCORES[1:] if key in sc},
+                         case=cs.id, slice=z, anomalous_px=int(n_px[k])))
+    return rows
+
+
+def level_rows(S, P, A, how):
+    """Beyond the paper: slice and scan scores = `how` (max) of the patch scores A of their grid
+    patches; a slice is anomalous if it holds >= 1 anomalous pixel, a scan as its group says."""
+    slices = []
+    for r, s in C.aggregate(A, P["row"].tolist(), how=how).items():
+        cs = S.cases[S.case[r]]
+        slices.append(dict(id=f"{cs.id}/z{int(S.z[r])}", group=cs.group, score=s, case=cs.id,
+                           label=int(np.asarray(S.mask[r]).any())))
+    scans = [dict(id=S.cases[i].id, group=S.cases[i].group, label=S.cases[i].label, score=s)
+             for i, s in C.aggregate(A, S.case[P["row"]].tolist(), how=how).items()]
+    return slices, scans
+
+
+def labels_groups(rows):
+    return np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
+
+
+def clean_mask(rows):
+    """The units every AUROC here compares: anomalous ones and those of NORMAL scans, (N,) bool."""
+    y, g = labels_groups(rows)
+    return (y == 1) | np.isin(g, C.normal_groups(y, g))
+
+
+def evaluation(rows, S, P, args, n_patches, run):
+    """results.json beyond the contract: §3's comparison of the scores (Fig. 4) and "A beats R" as
+    paired differences with 95% intervals over scans, lesion-size bins, Table 1, slices, scans."""
+    keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], labels_groups(rows)
+    groups = sorted({r["group"] for r in rows if r["label"]})
+    comparison = score_table(rows, {k: col(k) for k in keys})
+    for key in ("R", "R_nn", "x_max"):
+        run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
+                                                if g in comparison.get(key, {})))
+    slices, scans = level_rows(S, P, np.array([r["score"] for r in rows]), args.agg)
+    return {
+        "patch_label_rule": "§3: a patch is anomalous if it holds >= 1 anomalous pixel; group = "
+                            "its scan's",
+        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()),
+                      "test_normal_scans": int((clean_mask(rows) & (y == 0)).sum()), **n_patches},
+        "threshold_from": "val" if n_patches["val"] else
+                          "train (no healthy validation patch at the test slices)",
+        "comparison_auroc": comparison,
+        "paired_differences": {f"{a} - {b}": {g or "all": C.compare_scores(rows, rows, g, col(a),
+                                                                           col(b))
+                                              for g in [None, *groups]}
+                               for a, b in PAIRS if a in keys and b in keys},
+        "auroc_A_by_anomalous_pixels": auroc_by_lesion_size(rows, groups, args.patch_size),
+        "oracle_youden_table1": table1(rows),
+        "slice_level": {"how": f"{args.agg} of A over the slice's patches; anomalous if >= 1 "
+                               "anomalous pixel", **C.evaluate(slices)},
+        "scan_level": {"how": f"{args.agg} of A over the scan's patches; label = the scan's",
+                       **C.evaluate(scans)},
+    }
+
+
+def auroc_by_lesion_size(rows, groups, c, keys=("A", "R_nn")):
+    """AUROC against normal scans of each group's anomalous patches with 1-3, 4-15, >= 16 anomalous
+    pixels (§3's rule counts a single pixel), with 95% intervals over scans."""
+    normal = set(C.normal_groups(*labels_groups(rows)))
     out = {}
-    for name, s in scores.items():
-        yd = C.youden(y, s)
-        out[name] = {k: yd[k] for k in ("precision", "recall", "sensitivity", "specificity", "threshold")}
-        out[name]["auc"] = C.auroc(y, s)
+    for g in groups:
+        out[g] = {}
+        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
+            sub = [r for r in rows if r["group"] in normal
+                   or (r["group"] == g and r["label"] == 1 and lo <= r["anomalous_px"] <= hi)]
+            n = sum(r["label"] for r in sub)
+            if n and normal:
+                out[g][f"{lo}-{hi}px"] = e = {"n": n}
+                for key in (k for k in keys if col(k) in rows[0]):
+                    m = C.evaluate(sub, key=col(key))["metrics"]
+                    name = "auroc" if key == "A" else f"auroc_{key}"
+                    e[name], e[name + "_ci"] = m["auroc"], m["auroc_ci"]
     return out
+
+
+def table1(rows):
+    """Table 1: precision, recall, sensitivity, specificity at the Youden index and the AUC,
+    anomalous patches against those of normal scans; the Youden cut-off uses the test labels."""
+    cl = [r for r, k in zip(rows, clean_mask(rows)) if k]
+    y, out = np.array([r["label"] for r in cl]), {}
+    for name, key in (("AnoGAN A", "A"), ("P_D", "P_D"), ("GAN_R Â", "A_hat")):
+        if col(key) in cl[0]:
+            s = np.array([r[col(key)] for r in cl])
+            yd = C.youden(y, s)
+            out[name] = {k: yd[k] for k in ("precision", "recall", "sensitivity", "specificity",
+                                            "threshold")}
+            out[name]["auc"] = C.auroc(y, s)
+    return out
+
+
+# =================================================================================================
+# main: load, train (or load a checkpoint), score, report
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    data = datasets.load_dataset(args, contrast="flair")
+    X = training_patches(data, args, run)                            # §2.1
+    S, P, x_val, x_tr = test_patches(data, X, args, run)             # all read before training
+
+    # the DCGAN of §2.1, trained on healthy patches (or loaded: --checkpoint only scores)
+    c = args.patch_size
+    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(run.device)
+    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(run.device)
+    if args.checkpoint:
+        ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
+        train_s, history, io = 0.0, ck.get("history", {}), None
+        if not (run.out / "last.pt").exists():                      # every run folder has one
+            shutil.copyfile(args.checkpoint, run.out / "last.pt")
+        run.log(f"loaded {args.checkpoint}; scoring only")
+    else:
+        train_s, history, io = train(G, D, X, args, run)
+
+    # every patch mapped to the latent space (§2.2) and scored (§2.3), one row per test patch
+    sc, sv, st, timing, single = score_sets(G, D, P, x_val, x_tr, args, run)
+    add_references(sc, P, X, args, run.device)
+    rows = patch_rows(S, P, sc)
+    n = {"val": 0 if x_val is None else len(x_val), "train_eval": len(x_tr), "train": len(X)}
+    extra = {**evaluation(rows, S, P, args, n, run), **single,
+             "counterfactual_lesion": counterfactual(G, D, P, sc, rows, args, run)}
+    examples = figures(run.out, args, S, P, sc, sv, st, x_tr, rows)
+    titles = {"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
+              "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
+              "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
+                                "ground truth")}
+    return C.report(run, args, "patch", rows, {"train_s": train_s, **timing, "checkpoint_io": io},
+                    extra=extra, data_info=data.info, val_scores=sv["A"], history=history,
+                    threshold_pct=args.threshold_pct, examples=examples, titles=titles)
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 3, Fig. 4), the examples, the mapping, a counterfactual
+# =================================================================================================
+
+def figures(out, args, S, P, sc, sv, st, x_tr, rows):
+    """fig3.png, fig4.png and mapping.png -> the rows of examples.png (C.report draws it)."""
+    y, g = labels_groups(rows)
+    normal = clean_mask(rows) & (y == 0)                                   # patches of normal scans
+    clean = (y == 1) | normal
+    dist = {"normal (train)": st, "normal (test)": {k: sc[k][normal] for k in ("R", "D")},
+            "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
+    plot_fig4(y[clean], {k: sc[k][clean] for k in SCORES if k in sc}, dist, out / "fig4.png",
+              f"Fig. 4 equivalent: {int(y.sum())} anomalous test patches (all groups) against the "
+              f"{int(normal.sum())} patches of normal scans, Γ={args.steps}")
+    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("R", "D")}
+    anom = list(dict.fromkeys(g[y == 1]))
+    plot_fig3(fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, args.seed), thr["R"], thr["D"],
+              out / "fig3.png")
+    h = sc["history"]                                                      # L(z_γ), (N, Γ)
+    C.plot_curves({name: list(enumerate(h[sel].mean(0).tolist(), 1)) if sel.any() else []
+                   for name, sel in (("patches of normal scans", normal), ("anomalous", y == 1))},
+                  out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
+                  ylabel="L(z_γ)", xlabel="γ")
+    return example_rows(S, P, sc, ["normal"] + anom)
+
+
+def fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, seed):
+    """Fig. 3's blocks of patch columns: normal training patches, normal test patches, and per
+    anomalous group the test patches with the most anomalous pixels."""
+    rng = np.random.default_rng([seed, 2])
+
+    def pick(sel, n):
+        i = np.nonzero(sel)[0]
+        return list(rng.choice(i, min(n, len(i)), replace=False)) if len(i) else []
+
+    def column(s, x, mask, i):                                     # s: the scores of the set x
+        return dict(x=x[i], g=s["G_z"][i], res=np.abs(x[i] - s["G_z"][i]), mask=mask[i],
+                    R=s["R"][i], D=s["D"][i], A=s["A"][i])
+    cols = []
+    for gn in anom:
+        sel = np.nonzero((g == gn) & (y == 1))[0]
+        most = sel[np.argsort(-P["mask"][sel].reshape(len(sel), -1).sum(1), kind="stable")]
+        cols += [column(sc, P["x"], P["mask"], i) for i in most[:2 if len(anom) < 4 else 1]]
+    no_mask = np.zeros(x_tr.shape, bool)
+    train = pick(np.ones(len(x_tr), bool), 3)
+    return [("normal (train)", [column(st, x_tr, no_mask, i) for i in train]),
+            ("normal (test)", [column(sc, P["x"], P["mask"], i) for i in pick(normal, 3)]),
+            ("anomalous (test): " + ", ".join(anom), cols)]
+
+
+def example_rows(S, P, sc, groups):
+    """examples.png: per group, the slice of its first scan with the most anomalous pixels, with
+    the patches' G(z_Γ) and residuals stitched together."""
+    out = []
+    for want in groups:
+        i = next((i for i, cs in enumerate(S.cases) if cs.group == want), None)
+        if i is None:
+            continue
+        sl = S.slices_of(i)
+        mid = int(sl[len(sl) // 2])
+        best = max(sl, key=lambda r: (int(np.asarray(S.mask[r]).sum()), -abs(int(r) - mid)))
+        k = np.nonzero(P["row"] == best)[0]                                # the slice's patches
+        at = (S.x.shape[1:], P["top"][k], P["left"][k])
+        name = S.cases[i].id.split('/')[-1]
+        out.append(dict(title=f"{want}\n{name}", input=np.asarray(S.x[best]),
+                        reconstruction=stitch_patches(sc["G_z"][k], *at, empty=-1.0),
+                        amap=stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
+                        gt=np.asarray(S.mask[best])))
+    return out
+
+
+def paste_lesions(x, x_lesion, mask):
+    """Normal patches x (n, c, c) with the pixels of real lesions pasted in: x_lesion where the
+    lesion masks `mask` (n, c, c) are set, x elsewhere."""
+    return np.where(mask, x_lesion, x)
+
+
+def counterfactual(G, D, P, sc, rows, args, run):
+    """Beyond the paper: why the patch sum misses small lesions. Up to --counterfactual patches of
+    normal scans get a real lesion's pixels pasted in (those of a group's anomalous test patches in
+    turn, by their masks); both versions are mapped from the same z_1. -> per lesion group the
+    change of A and R (means over normal scans with 95% intervals), how far the lesion moved the
+    pixels (Σ|x' - x|, what R would rise by if G(z_Γ) ignored it), the spread of A over normal
+    patches, and the AUROC of A telling the pasted from the original patches."""
+    y, g = labels_groups(rows)
+    normal = np.nonzero(clean_mask(rows) & (y == 0))[0][:args.counterfactual]
+    groups = [gn for gn in dict.fromkeys(g[y == 1]) if (y[g == gn] == 0).any()]   # local lesions
+    if not len(normal) or not groups:
+        return None
+    case = np.array([rows[i]["case"] for i in normal])
+    per_scan = lambda v: C.mean_ci([v[case == c].mean() for c in dict.fromkeys(case)])  # noqa: E731
+    z1 = z_start(len(normal), args.z_dim, args.seed, 3)
+    base = score(P["x"][normal], G, D, args, run.device, z1, desc="map normal")
+    out = {"normal_patches": len(normal), "A_normal_mean": float(base["A"].mean()),
+           "A_normal_std": float(base["A"].std())}
+    shown = {}
+    for gn in groups:
+        les = np.nonzero((g == gn) & (y == 1))[0]
+        j = les[np.arange(len(normal)) % len(les)]                          # lesion j -> patch i
+        x = paste_lesions(P["x"][normal], P["x"][j], P["mask"][j])
+        s = score(x, G, D, args, run.device, z1, desc=f"map normal + {gn}")
+        out[gn] = {"lesion_px_median": float(np.median(P["mask"][j].reshape(len(j), -1).sum(1))),
+                   "delta_A": per_scan(s["A"] - base["A"]), "delta_R": per_scan(s["R"] - base["R"]),
+                   "pasted_abs_sum": per_scan(np.abs(x - P["x"][normal]).sum((1, 2))),
+                   "fraction_A_raised": float((s["A"] > base["A"]).mean()),
+                   "auroc_pasted_vs_original": C.auroc(np.r_[np.zeros(len(j)), np.ones(len(j))],
+                                                       np.r_[base["A"], s["A"]]),
+                   "A_lesion_patches_mean": float(sc["A"][les].mean()),
+                   "A_same_scan_lesion_free_mean": float(sc["A"][(g == gn) & (y == 0)].mean())}
+        shown[gn] = (x, s, P["mask"][j])
+    plot_counterfactual(out, P["x"][normal], base, shown, run.out / "counterfactual.png")
+    return out
+
+
+def plot_counterfactual(cf, x0, base, shown, path):
+    """counterfactual.png: a few normal patches without and with the first group's lesion pasted in
+    (lesion outlined, A of each); per group the distribution of A over normal patches without and
+    with it, beside the mean A of the group's lesion-free and lesion patches."""
+    plt = C._plt()
+    groups, k = list(shown), min(4, len(x0))
+    fig = plt.figure(figsize=(max(3.4 * len(groups), 7.5), 6.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=(1, 1.4), hspace=0.3)
+    top = grid[0].subgridspec(1, 2 * k, wspace=0.05)
+    x1, s1, m1 = shown[groups[0]]
+    for i in range(k):
+        for n, (img, A) in enumerate(((x0[i], base["A"][i]), (x1[i], s1["A"][i]))):
+            ax = fig.add_subplot(top[0, 2 * i + n])
+            ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            if n and m1[i].any():
+                ax.contour(m1[i], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set(xticks=[], yticks=[])
+            ax.set_title(f"{'+ lesion' if n else 'normal'}, A={A:.1f}", fontsize=8)
+    bottom = grid[1].subgridspec(1, len(groups), wspace=0.3)
+    for n, gn in enumerate(groups):
+        ax, e, A1 = fig.add_subplot(bottom[0, n]), cf[gn], shown[gn][1]["A"]
+        bins = np.linspace(min(base["A"].min(), A1.min()), max(base["A"].max(), A1.max()), 30)
+        ax.hist(base["A"], bins=bins, alpha=0.5, color="tab:blue", label="normal patches")
+        ax.hist(A1, bins=bins, alpha=0.5, color="tab:red", label=f"+ a {gn} lesion")
+        ax.axvline(e["A_same_scan_lesion_free_mean"], color="k", ls=":", label=f"{gn}: lesion-free")
+        ax.axvline(e["A_lesion_patches_mean"], color="k", ls="--", label=f"{gn}: lesion patches")
+        d = e["delta_A"]
+        ax.set_title(f"ΔA {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] ({gn})\n"
+                     f"sd of A over normal patches {cf['A_normal_std']:.1f}", fontsize=9)
+        ax.set(xlabel="A(x)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Counterfactual (beyond the paper): {groups[0]} lesions pasted into normal test "
+                 "patches (red outline), both mapped from the same z_1", fontsize=10)
+    C._save(fig, path)
 
 
 def plot_fig3(blocks, thr_R, thr_D, path):
     """Fig. 3: columns of patches grouped in blocks; rows: query | generated | residual overlay |
-    annotation; a red (yellow) bar above a column = flagged by R (D) at the healthy-validation threshold."""
+    annotation. A red (yellow) bar above a column: flagged by R (D) at the healthy threshold."""
     plt = C._plt()
-    cols = [(b, e) for b, es in blocks for e in es]
-    n = len(cols)
-    fig, axes = plt.subplots(4, n, figsize=(1.25 * n + 0.9, 5.9), squeeze=False)
-    rmax = max(float(np.percentile(np.concatenate([e["res"].ravel() for _, e in cols]), 99.5)), 1e-6)
-    for j, (b, e) in enumerate(cols):
-        panels = (e["x"], e["g"], e["res"], e["mask"])
-        for i in range(4):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.imshow(e["x"] if i >= 2 else panels[i], cmap="gray", vmin=-1, vmax=1)
-            if i == 2:
-                ax.imshow(np.ma.masked_less(e["res"], 0.1 * rmax), cmap="jet", alpha=0.6, vmin=0, vmax=rmax)
-            if i == 3 and e["mask"].any():
-                ax.contour(e["mask"], levels=[0.5], colors="lime", linewidths=0.9)
-        for k, (flag, col) in enumerate(((e["R"] >= thr_R, "red"), (e["D"] >= thr_D, "gold"))):
-            axes[0, j].add_patch(plt.Rectangle((0, 1.03 + 0.09 * (1 - k)), 1, 0.07, transform=axes[0, j].transAxes,
-                                               clip_on=False, facecolor=col if flag else "none",
-                                               edgecolor=col, lw=0.6))
+    cols = [e for _, es in blocks for e in es]
+    fig, axes = plt.subplots(4, len(cols), figsize=(1.25 * len(cols) + 0.9, 5.9), squeeze=False)
+    rmax = max(float(np.percentile(np.concatenate([e["res"].ravel() for e in cols]), 99.5)), 1e-6)
+    for j, e in enumerate(cols):
+        for i, img in enumerate((e["x"], e["g"], e["x"], e["x"])):
+            axes[i, j].imshow(img, cmap="gray", vmin=-1, vmax=1)
+            axes[i, j].set(xticks=[], yticks=[])
+        axes[2, j].imshow(np.ma.masked_less(e["res"], 0.1 * rmax), cmap="jet", alpha=0.6, vmin=0,
+                          vmax=rmax)
+        if e["mask"].any():
+            axes[3, j].contour(e["mask"], levels=[0.5], colors="lime", linewidths=0.9)
+        for k, (flag, color) in enumerate(((e["R"] >= thr_R, "red"), (e["D"] >= thr_D, "gold"))):
+            axes[0, j].add_patch(plt.Rectangle((0, 1.12 - 0.09 * k), 1, 0.07, clip_on=False,
+                                               transform=axes[0, j].transAxes, lw=0.6,
+                                               ec=color, fc=color if flag else "none"))
         axes[3, j].set_xlabel(f"A={e['A']:.0f}", fontsize=7)
     for i, name in enumerate(("query x", "generated G(z_Γ)", "residual |x−G(z_Γ)|", "annotation")):
         axes[i, 0].set_ylabel(name, fontsize=8)
@@ -606,8 +890,9 @@ def plot_fig3(blocks, thr_R, thr_D, path):
     for b, es in blocks:
         axes[0, j].set_title(b, fontsize=8, loc="left", pad=16)
         j += len(es)
-    fig.suptitle("Fig. 3 equivalent. Bars above a patch: red = flagged by the residual score R(x), yellow = by "
-                 "the discrimination score D(x) (filled = above the healthy-validation threshold)", fontsize=9)
+    fig.suptitle("Fig. 3 equivalent. Bars above a patch: red = flagged by the residual score R(x), "
+                 "yellow = by the discrimination score D(x) (filled = above the healthy-validation "
+                 "threshold)", fontsize=9)
     C._save(fig, path)
 
 
@@ -616,295 +901,74 @@ def plot_fig4(y, sc, dist, path, title):
     and D over training-normal, test-normal and anomalous patches."""
     plt = C._plt()
     fig, ax = plt.subplots(1, 4, figsize=(18, 4.2), gridspec_kw=dict(wspace=0.32))
-    panels = ((0, "(a) model comparison", (("AnoGAN A(x)", "A", "k"), ("GAN_R Â(x)", "A_hat", "tab:red"),
-                                          ("P_D", "P_D", "tab:green"),
-                                          ("brightest pixel (baseline)", "x_max", "tab:grey"))),
-              (1, "(b) anomaly score components", (("R(x)", "R", "tab:green"), ("D(x)", "D", "k"),
-                                                   ("D̂(x)" if "A_hat" in sc else "D̂(x) at AnoGAN's z_Γ", "D_hat", "tab:red"),
-                                                   ("R_nn(x): nearest training patch", "R_nn", "tab:purple"))))
-    for k, ttl, lines in panels:
-        for name, key, col in lines:
-            if key in sc:
-                fpr, tpr, _ = C.roc_points(y, sc[key])
-                ax[k].plot(fpr, tpr, color=col, lw=1.8, label=f"{name} ({C.auroc(y, sc[key]):.2f})")
+    d_hat = "D̂(x)" if "A_hat" in sc else "D̂(x) at AnoGAN's z_Γ"
+    panels = (("(a) model comparison", (("AnoGAN A(x)", "A", "k"), ("GAN_R Â(x)", "A_hat",
+                                                                     "tab:red"),
+                                        ("P_D", "P_D", "tab:green"),
+                                        ("brightest pixel (baseline)", "x_max", "tab:grey"))),
+              ("(b) anomaly score components", (("R(x)", "R", "tab:green"), ("D(x)", "D", "k"),
+                                                (d_hat, "D_hat", "tab:red"),
+                                                ("R_nn(x): nearest training patch", "R_nn",
+                                                 "tab:purple"))))
+    for k, (ttl, lines) in enumerate(panels):
+        for name, key, color in (line for line in lines if line[1] in sc):
+            fpr, tpr, _ = C.roc_points(y, sc[key])
+            ax[k].plot(fpr, tpr, color=color, lw=1.8, label=f"{name} ({C.auroc(y, sc[key]):.2f})")
         ax[k].plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
-        ax[k].set(xlabel="false positive rate", ylabel="true positive rate", title=ttl, xlim=(0, 1), ylim=(0, 1.01))
+        ax[k].set(xlabel="false positive rate", ylabel="true positive rate", title=ttl, xlim=(0, 1),
+                  ylim=(0, 1.01))
         ax[k].legend(loc="lower right", fontsize=8)
         ax[k].grid(alpha=0.3)
-    for k, key, ttl in ((2, "R", "(c) residual score R(x)"), (3, "D", "(d) discrimination score D(x)")):
+    for k, key, ttl in ((2, "R", "(c) residual score R(x)"), (3, "D", "(d) discrimination score")):
         allv = np.concatenate([v[key] for v in dist.values()])
         bins = np.linspace(allv.min(), np.percentile(allv, 99.5), 40)
-        for (name, v), col in zip(dist.items(), ("tab:blue", "tab:green", "tab:red")):
-            ax[k].hist(np.clip(v[key], None, bins[-1]), bins=bins, density=True, alpha=0.45, color=col,
-                       label=f"{name} (n={len(v[key])})")
+        for (name, v), color in zip(dist.items(), ("tab:blue", "tab:green", "tab:red")):
+            ax[k].hist(np.clip(v[key], None, bins[-1]), bins=bins, density=True, alpha=0.45,
+                       color=color, label=f"{name} (n={len(v[key])})")
         ax[k].set(xlabel=key + "(x)", ylabel="density", title=ttl)
         ax[k].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     C._save(fig, path)
 
 
-def assemble_slice(S, row, sel, P, G_z, res):
-    """Stitch the patches of one slice back together (overlaps averaged) -> recon, residual maps."""
-    H, W = S.x.shape[1:]
-    c = G_z.shape[-1]
-    rec, amap, cnt = np.zeros((H, W)), np.zeros((H, W)), np.zeros((H, W))
-    for k in sel:
-        t, l = P["top"][k], P["left"][k]
-        rec[t:t + c, l:l + c] += G_z[k]
-        amap[t:t + c, l:l + c] += res[k]
+# ---- proposed for common.py (the lead moves it) ----
+# Generic helpers: moved to common.py, they drop their own `C.` and the script calls them C.<name>.
+
+
+def stitch_patches(patches, shape, top, left, empty=0.0):
+    """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
+    where no patch lies (e.g. a patch-wise reconstruction or residual map of a slice)."""
+    acc, cnt = np.zeros(shape), np.zeros(shape)
+    c = patches.shape[-1]
+    for p, t, l in zip(patches, top, left):
+        acc[t:t + c, l:l + c] += p
         cnt[t:t + c, l:l + c] += 1
-    cov = cnt > 0
-    rec = np.where(cov, rec / np.maximum(cnt, 1), -1.0)
-    amap = np.where(cov, amap / np.maximum(cnt, 1), 0.0)
-    return rec, amap
+    return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
 
 
-# =================================================================================================
-# main()
-# =================================================================================================
+def grid_patch_set(S, size, stride, min_brain):
+    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
+    left (N,) as a dict, or None when no patch has enough brain."""
+    pos = [(i, t, l) for i in range(len(S))
+           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos:
+        return None
+    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
+    return dict(x=C.extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
+                mask=C.extract_patches(S.mask, i, t, l, size) > 0)
 
-def main(argv=None):
-    args = get_args(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    size, c = (args.slice_size, args.slice_size), args.patch_size
-    data = datasets.load_dataset(args, contrast="flair")
-    rng = np.random.default_rng(args.seed)
 
-    # ---- data: training patches at random positions inside the brain (§2.1, §3) ----------------
-    S_tr = datasets.slice_stack(data.train, size=size, norm="mri", n_slices=args.train_slices, step=args.slice_step,
-                         cache_dir=args.cache_dir, desc="train")
-    idx, top, left = C.random_patches(S_tr.x, S_tr.brain, size=c, n=args.train_patches, rng=rng,
-                                      min_brain=args.min_brain)
-    X = torch.from_numpy(C.extract_patches(S_tr.x, idx, top, left, c)).unsqueeze(1)   # (N, 1, c, c)
-    run.log(f"{len(X)} training patches {c}x{c} from {len(data.train)} healthy scans "
-            f"({len(S_tr)} slices {size[0]}x{size[1]})")
-
-    G = Generator(z_dim=args.z_dim, ch=args.ch, size=c, kernel=args.kernel).to(device)
-    D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    start_epoch, step, curves = 0, 0, None
-    ck_path = args.checkpoint or args.resume
-    if ck_path:
-        ck = C.load_checkpoint(ck_path, device)
-        try:
-            G.load_state_dict(ck["models"]["G"])
-            D.load_state_dict(ck["models"]["D"])
-        except (KeyError, RuntimeError) as e:
-            C.fail(f"checkpoint {ck_path} does not match these networks ({type(e).__name__}); "
-                   f"use the same --preset/--ch/--patch-size/--z-dim it was trained with")
-        start_epoch, step, curves = ck.get("epoch", 0), ck.get("step", 0), ck.get("curves")
-        if args.resume:
-            opt_G.load_state_dict(ck["optims"]["G"])
-            opt_D.load_state_dict(ck["optims"]["D"])
-            C.set_rng_state(ck["rng"])
-        run.log(f"loaded {ck_path} (epoch {start_epoch}, step {step})")
-
-    with C.Timer() as t_train:
-        if not args.checkpoint:
-            step, curves = train_gan(G, D, X, args, run, opt_G, opt_D, start_epoch=start_epoch, step=step,
-                                     curves=curves)
-    if not (run.out / "last.pt").is_file():   # --epochs 0 or --checkpoint: still leave a last.pt
-        C.save_checkpoint(run.out / "last.pt", {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "epoch": max(start_epoch, args.epochs if not args.checkpoint else start_epoch), "step": step,
-            "curves": curves, "args": vars(args), "rng": C.rng_state()})
-    if curves:
-        C.plot_curves({k: v for k, v in curves.items() if k.startswith("loss")}, run.out / "losses.png",
-                      title="DCGAN training (healthy patches)", ylabel="cross-entropy")
-    else:
-        C.plot_curves({"no training in this run": [(0, 0.0)]}, run.out / "losses.png", title="DCGAN training")
-
-    # ---- test, validation and training-normal patches ---------------------------------------------
-    test_cases = data.test
-    if args.test_cases:
-        keep = []
-        for gname in dict.fromkeys(cs.group for cs in data.test):
-            keep += [cs for cs in data.test if cs.group == gname][: args.test_cases]
-        test_cases = keep
-    # test/val slices: the central `--test-slices` of the training slab (same centre and step)
-    kw = dict(size=size, norm="mri", n_slices=min(args.test_slices, args.train_slices), step=args.slice_step,
-              cache_dir=args.cache_dir)
-    S_te = datasets.slice_stack(test_cases, desc="test", **kw)
-    S_va = datasets.slice_stack(data.val, desc="val", **kw)
-    P = grid_patch_set(S_te, range(len(S_te)), c, args.test_stride, args.min_brain)
-    # healthy validation patches set the operating point; a data set can leave none at the test level (BraTS
-    # without --train-data: its validation subjects' central slices all hold tumour). Then the healthy
-    # training patches set it (optimistic, but never the test labels), and results.json says so.
-    val_from = "val"
-    Pv = grid_patch_set(S_va, range(len(S_va)), c, args.test_stride, args.min_brain, allow_empty=True)
-    if Pv is None:
-        val_from = "train (no healthy validation patch at the test slices)"
-        run.log("warning: no healthy validation patch; the operating point comes from training patches")
-    if Pv is not None and args.val_patches and len(Pv["x"]) > args.val_patches:
-        sel = np.sort(rng.choice(len(Pv["x"]), args.val_patches, replace=False))
-        Pv = {k: v[sel] for k, v in Pv.items()}
-    n_tr = min(args.train_eval_patches or len(X), len(X))
-    X_tr = X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
-    if Pv is None:
-        Pv = {"x": X_tr}
-    run.log(f"mapping {len(P['x'])} test patches from {len(test_cases)} scans, {len(Pv['x'])} validation and "
-            f"{n_tr} training patches; Γ={args.steps}, batch {args.map_batch}")
-
-    g = torch.Generator().manual_seed(args.seed + 1)
-    z1 = torch.rand(len(P["x"]), args.z_dim, generator=g) * 2 - 1     # z_1 ~ U(-1, 1), one per patch
-    with C.Timer() as t_map:
-        sc = score_patches(P["x"], G, D, args, device, z1, desc="map test")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sv = score_patches(Pv["x"], G, D, args, device, torch.rand(len(Pv["x"]), args.z_dim, generator=g) * 2 - 1,
-                       desc="map val")
-    st = score_patches(X_tr, G, D, args, device, torch.rand(n_tr, args.z_dim, generator=g) * 2 - 1,
-                       desc="map train")
-    n_single = min(args.time_single, len(P["x"]))
-    s_single, A_single = time_one_at_a_time(P["x"][:n_single], G, D, args, device, z1[:n_single])
-    n_maps = 2 if args.ganr else 1
-    # two references beyond the paper (not AnoGAN): a memoriser's residual and the brightest pixel
-    n_nn = min(args.nn_ref, len(X))
-    if n_nn:
-        with C.Timer() as t_nn:
-            sc["R_nn"] = nearest_patch_residual(P["x"], X[:n_nn, 0], device)
-        run.log(f"R_nn: nearest of {n_nn} training patches, {t_nn.seconds:.0f} s")
-    sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
-    s_batched = t_map.seconds / len(P["x"])
-
-    # ---- labels and rows (§3: a patch is anomalous if it holds >= 1 anomalous pixel) -------------
-    cases = S_te.cases
-    case_of = S_te.case[P["row"]]
-    y = patch_labels(P["mask"])                                            # (N,)
-    groups = np.array([patch_group(y[k], cases[case_of[k]].group, cases[case_of[k]].label) for k in range(len(y))])
-    rows = []
-    for k in range(len(y)):
-        cs = cases[case_of[k]]
-        r = dict(id=f"{cs.id}/z{int(S_te.z[P['row'][k]])}/y{int(P['top'][k])}x{int(P['left'][k])}",
-                 group=groups[k], label=int(y[k]), score=float(sc["A"][k]), R=float(sc["R"][k]),
-                 D=float(sc["D"][k]), D_hat=float(sc["D_hat"][k]), P_D=float(sc["P_D"][k]))
-        if args.ganr:
-            r["A_hat"] = float(sc["A_hat"][k])
-        if "R_nn" in sc:
-            r["R_nn"] = float(sc["R_nn"][k])
-        r.update(case=cs.id, case_group=cs.group, slice=int(S_te.z[P["row"][k]]),
-                 anomalous_px=int(P["mask"][k].sum()))
-        rows.append(r)
-
-    # ---- slice and scan level: aggregate patch scores A (beyond the paper) -----------------------
-    agg_s = C.aggregate(sc["A"], P["row"].tolist(), how=args.agg)
-    rows_slice = []
-    for row, s in agg_s.items():
-        cs = cases[S_te.case[row]]
-        lab = int(np.asarray(S_te.mask[row]).any())
-        rows_slice.append(dict(id=f"{cs.id}/z{int(S_te.z[row])}", label=lab, score=s,
-                               group=patch_group(lab, cs.group, cs.label)))
-    agg_c = C.aggregate(sc["A"], case_of.tolist(), how=args.agg)
-    rows_scan = [dict(id=cases[i].id, group=cases[i].group, label=cases[i].label, score=s) for i, s in agg_c.items()]
-
-    # ---- comparisons of §3: A, R, D, D̂, (Â), P_D; Table 1; an operating point from healthy data ----
-    keys = ["A", "R", "D", "D_hat", "P_D"] + (["A_hat"] if args.ganr else []) + (["R_nn"] if n_nn else []) + ["x_max"]
-    comparison = {}
-    for key in keys:
-        e = C.evaluate([dict(group=gn, label=int(l), score=float(v)) for gn, l, v in zip(groups, y, sc[key])])
-        comparison[key] = {"auroc": e["metrics"]["auroc"], "auprc": e["metrics"]["auprc"],
-                           **{gn: v["auroc"] for gn, v in e["groups"].items() if "auroc" in v}}
-    table = table1(y, {"AnoGAN A": sc["A"], "P_D": sc["P_D"], **({"GAN_R Â": sc["A_hat"]} if args.ganr else {})})
-    thr = {k: C.threshold_from_healthy(sv[k], percentile=args.threshold_pct) for k in ("A", "R", "D")}
-    at_val = {k: operating_point(y, sc[k], thr[k]) for k in ("A", "R", "D")}
-    # how AUROC(A) depends on how much of the patch is anomalous (§3's rule counts a single pixel)
-    n_px = P["mask"].reshape(len(y), -1).sum(1)
-    by_size = {}
-    for gn in sorted({gr for gr in groups if gr != "normal" and not gr.endswith("_0")}):
-        by_size[gn] = {}
-        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
-            pos = (groups == gn) & (n_px >= lo) & (n_px <= hi)
-            if pos.any():
-                sel = pos | (y == 0)
-                by_size[gn][f"{lo}-{hi}px"] = {"n": int(pos.sum()), "auroc": C.auroc(y[sel], sc["A"][sel]),
-                                               **({"auroc_R_nn": C.auroc(y[sel], sc["R_nn"][sel])}
-                                                  if "R_nn" in sc else {})}
-
-    # ---- figures ------------------------------------------------------------------------------------
-    res = sc["x_res"] = np.abs(P["x"] - sc["G_z"])                        # residual images x_R (§2.3)
-    dist = {"normal (train)": st, "normal (test)": {k: sc[k][y == 0] for k in ("R", "D")},
-            "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
-    plot_fig4(y, sc, dist, run.out / "fig4.png",
-              f"Fig. 4 equivalent: {len(y)} test patches ({int(y.sum())} anomalous, all groups), Γ={args.steps}")
-    blocks = []
-    pick = lambda sel, n: list(rng.choice(np.nonzero(sel)[0], min(n, int(sel.sum())), replace=False)) if sel.any() else []
-    mk = lambda xx, gg, rr, mm, R, Dv, A: dict(x=xx, g=gg, res=rr, mask=mm, R=R, D=Dv, A=A)
-    tr_i = pick(np.ones(n_tr, bool), 3)
-    blocks.append(("normal (train)", [mk(X_tr[i], st["G_z"][i], np.abs(X_tr[i] - st["G_z"][i]), np.zeros((c, c), bool),
-                                         st["R"][i], st["D"][i], st["A"][i]) for i in tr_i]))
-    blocks.append(("normal (test)", [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i])
-                                     for i in pick(groups == "normal", 3)]))
-    anom = [gn for gn in dict.fromkeys(groups) if gn != "normal" and not gn.endswith("_0")]
-    an_cols = []
-    for gn in anom:
-        sel = groups == gn
-        best = np.nonzero(sel)[0][np.argsort(-P["mask"][sel].reshape(sel.sum(), -1).sum(1))][:2 if len(anom) < 4 else 1]
-        an_cols += [mk(P["x"][i], sc["G_z"][i], res[i], P["mask"][i], sc["R"][i], sc["D"][i], sc["A"][i]) for i in best]
-    blocks.append(("anomalous (test): " + ", ".join(anom), an_cols))
-    plot_fig3(blocks, thr["R"], thr["D"], run.out / "fig3.png")
-
-    ex_rows = []
-    for want in ["normal"] + anom:
-        cand = [i for i in range(len(cases)) if cases[i].group == want]
-        if not cand:
-            continue
-        i = cand[0]
-        sl = S_te.slices_of(i)
-        best = max(sl, key=lambda r: (int(np.asarray(S_te.mask[r]).sum()), -abs(int(r) - int(sl[len(sl) // 2]))))
-        selp = np.nonzero(P["row"] == best)[0]
-        rec, amap = assemble_slice(S_te, best, selp, P, sc["G_z"], res)
-        ex_rows.append(dict(title=f"{want}\n{cases[i].id.split('/')[-1]}", input=np.asarray(S_te.x[best]),
-                            reconstruction=rec, amap=amap, gt=np.asarray(S_te.mask[best])))
-    C.plot_examples(ex_rows, run.out / "examples.png",
-                    cols=("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|", "ground truth"))
-    hist = sc["history"]
-    C.plot_curves({"test patches, label 0": list(enumerate(hist[y == 0].mean(0).tolist(), 1)) if (y == 0).any() else [],
-                   "test patches, label 1": list(enumerate(hist[y == 1].mean(0).tolist(), 1)) if (y == 1).any() else []},
-                  run.out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
-                  ylabel="L(z_γ)", xlabel="γ")
-
-    # ---- results -------------------------------------------------------------------------------------
-    ev_slice, ev_scan = C.evaluate(rows_slice), C.evaluate(rows_scan)
-    timing = {"train_s": t_train.seconds, "score_s": t_map.seconds, "score_s_per_sample": s_batched,
-              "map_s_per_patch_batched": s_batched / n_maps, "map_s_per_patch_single": s_single,
-              "map_speedup_batched": s_single / max(s_batched / n_maps, 1e-12), "n_single_timed": n_single,
-              "map_batch": args.map_batch, "mapping_steps": args.steps}
-    extra = {
-        "patch_label_rule": "a patch is anomalous if it contains >= 1 anomalous pixel (§3); lesion-free patches "
-                            "of anomalous scans are negatives, in groups '<group>_0'",
-        "n_patches": {"test": len(y), "test_anomalous": int(y.sum()), "val": len(Pv["x"]), "train_eval": n_tr,
-                      "train": len(X)},
-        "comparison_auroc": comparison,
-        "references": {"R_nn": (f"min over the first {n_nn} training patches t of Σ|x - t|: Eq. (3) "
-                                "for a generator that memorised them (beyond the paper)") if n_nn else "off (--nn-ref 0)",
-                       "x_max": "the patch's highest normalised intensity (a baseline for hyperintense anomalies, "
-                                "not AnoGAN)"},
-        "auroc_A_by_anomalous_pixels": by_size,
-        "oracle_youden_table1": table,
-        "at_val_threshold": {"percentile": args.threshold_pct, "from": val_from, **at_val},
-        "slice_level": {"how": f"{args.agg} of the patch scores A(x) of a slice's grid patches; a slice is "
-                               "anomalous if it holds >= 1 anomalous pixel", **ev_slice},
-        "scan_level": {"how": f"{args.agg} of the patch scores A(x) of a scan; label = the scan's group", **ev_scan},
-        "batched_vs_single_max_abs_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single]))) if n_single else None,
-        "batched_vs_single_max_rel_diff_A": float(np.max(np.abs(A_single - sc["A"][:n_single])
-                                                         / np.maximum(np.abs(sc["A"][:n_single]), 1e-12)))
-        if n_single else None,
-        "mapping_loss_first_last": {"label0": [float(hist[y == 0, 0].mean()), float(hist[y == 0, -1].mean())]
-                                    if (y == 0).any() else None,
-                                    "label1": [float(hist[y == 1, 0].mean()), float(hist[y == 1, -1].mean())]
-                                    if (y == 1).any() else None},
-    }
-    for key in ("R", "R_nn", "x_max"):
-        if key in comparison:
-            run.log(f"AUROC of {key}: " + ", ".join(f"{gn} {v:.3f}" for gn, v in comparison[key].items()
-                                                    if gn not in ("auroc", "auprc")))
-    run.log(f"mapping: {s_batched / n_maps * 1e3:.1f} ms/patch batched vs {s_single * 1e3:.1f} ms/patch one at a "
-            f"time ({n_single} patches), max |ΔA| {extra['batched_vs_single_max_abs_diff_A']}")
-    return C.finish_run(run, args, METHOD, unit="patch", rows=rows, timing=timing, extra=extra,
-                        data_info=data.info, roc_title=f"AnoGAN A(x): patch-level ROC, Γ={args.steps}")
+def score_table(rows, cols):
+    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
+    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
+    out = {}
+    for name, key in cols.items():
+        e = C.evaluate(rows, key=key)
+        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
+                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
+                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
+                     }
+    return out
 
 
 if __name__ == "__main__":

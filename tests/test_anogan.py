@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,34 @@ def test_patch_label_rule_of_section_3():
     m[1, 3, 3] = 1                                                      # one anomalous pixel is enough
     m[2] = 1
     assert A.patch_labels(m).tolist() == [0, 1, 1]
-    assert A.patch_group(1, "tumor", 1) == "tumor"
-    assert A.patch_group(0, "tumor", 1) == "tumor_0"                    # lesion-free patch of a tumour scan
-    assert A.patch_group(0, "normal", 0) == "normal"
+
+
+def test_patch_rows_follow_the_rows_contract():
+    """group = the group of the patch's SCAN, label = the patch's own label, case = the scan: a lesion-free
+    patch of a tumour scan is {group: tumor, label: 0}, never counted as a patch of a normal scan."""
+    cases = [types.SimpleNamespace(id="normal/n0", group="normal", label=0),
+             types.SimpleNamespace(id="tumor/t0", group="tumor", label=1)]
+    S = types.SimpleNamespace(cases=cases, case=np.array([0, 1]), z=np.array([7, 9]))   # one slice per scan
+    mask = np.zeros((3, 4, 4), bool)
+    mask[2, 1:3, 1:3] = True                                            # 4 anomalous pixels
+    P = dict(mask=mask, row=np.array([0, 1, 1]), top=np.array([0, 0, 4]), left=np.array([0, 4, 4]))
+    sc = {k: np.array([1.0, 2.0, 3.0]) for k in ("A", "R", "D", "D_hat", "P_D")}
+    rows = A.patch_rows(S, P, sc)
+    assert [(r["group"], r["label"], r["case"]) for r in rows] == [
+        ("normal", 0, "normal/n0"), ("tumor", 0, "tumor/t0"), ("tumor", 1, "tumor/t0")]
+    assert [r["id"] for r in rows] == ["normal/n0/z7/y0x0", "tumor/t0/z9/y0x4", "tumor/t0/z9/y4x4"]
+    assert rows[2]["anomalous_px"] == 4 and rows[2]["score"] == 3.0 and "A_hat" not in rows[2]
+    assert A.clean_mask(rows).tolist() == [True, False, True]           # negatives: normal scans only
+
+
+def test_counterfactual_pastes_only_the_lesion_pixels():
+    x = np.zeros((2, 3, 3), np.float32)
+    lesion = np.full((2, 3, 3), 0.9, np.float32)
+    mask = np.zeros((2, 3, 3), bool)
+    mask[0, 1, 2] = True                                                # one lesion pixel; none in patch 1
+    out = A.paste_lesions(x, lesion, mask)
+    assert out[0, 1, 2] == pytest.approx(0.9) and out.sum() == pytest.approx(0.9)
+    assert (out[1] == 0).all() and (x == 0).all()                      # the normal patches stay as they were
 
 
 # ---- networks ----------------------------------------------------------------------------------
@@ -212,37 +238,145 @@ def test_nearest_patch_residual_is_eq3_for_the_closest_training_patch():
 
 # ---- the script end to end ---------------------------------------------------------------------
 
-def _run(args, timeout=120):
+def _run(args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}                        # tiny smoke tensors: see one_thread
     return subprocess.run([sys.executable, str(REPO / "anogan.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
-def test_smoke_run_writes_the_contract_files(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run as a user types it; the tests below read it, re-score it and resume it."""
+    out = tmp_path_factory.mktemp("anogan") / "run"
     p = _run(["--preset", "smoke", "--out", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def _main(*argv):
+    """An in-process run (saves the imports of a subprocess)."""
+    return A.main(["--preset", "smoke", *argv])
+
+
+def test_smoke_run_writes_the_contract_files(smoke):
     from check_contract import check
-    problems = check(str(out))
+    problems = check(str(smoke))
     problems = problems if isinstance(problems, list) else problems[0]
     assert not problems, problems
-    r = json.loads((out / "results.json").read_text())
+    r = json.loads((smoke / "results.json").read_text())
     assert r["method"] == "anogan" and r["unit"] == "patch"
     for k in ("map_s_per_patch_batched", "map_s_per_patch_single", "train_s", "score_s"):
         assert r["timing"][k] > 0
     assert r["batched_vs_single_max_abs_diff_A"] < 1e-2 * max(1.0, abs(r["groups"]["normal"]["score_mean"]))
     assert {"A", "R", "D", "D_hat", "P_D", "A_hat", "R_nn", "x_max"} <= set(r["comparison_auroc"])
     assert {"AnoGAN A", "P_D", "GAN_R Â"} <= set(r["oracle_youden_table1"])
-    for f in ("fig3.png", "fig4.png", "mapping.png"):
-        assert (out / f).stat().st_size > 0
-    # --checkpoint: skip training, score again with the same models -> the same scores
-    out2 = tmp_path / "again"
-    p = _run(["--preset", "smoke", "--out", str(out2), "--checkpoint", str(out / "last.pt"), "--ganr", "0",
-              "--time-single", "0"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = (out / "scores.csv").read_text().splitlines()
-    b = (out2 / "scores.csv").read_text().splitlines()
-    assert [row.split(",")[3] for row in a] == [row.split(",")[3] for row in b]
+    assert r["threshold_from"] == "val" and r["operating_point"]["rule"].startswith("95th percentile")
+    for f in ("fig3.png", "fig4.png", "mapping.png", "counterfactual.png"):
+        assert (smoke / f).stat().st_size > 0
+    cf = r["counterfactual_lesion"]                                     # every normal-scan patch (<= 256)
+    assert cf["normal_patches"] == r["n_patches"]["test_normal_scans"] and {"lesion_hyper", "tumor"} <= set(cf)
+    assert cf["tumor"]["pasted_abs_sum"]["mean"] > cf["lesion_hyper"]["pasted_abs_sum"]["mean"] > 0
+
+
+def test_groups_are_scored_against_normal_scans_and_the_same_scans(smoke):
+    """Per group: its anomalous patches against the patches of NORMAL scans only (groups), and against
+    the lesion-free patches of its own scans (groups_same_scan, §3's negatives); A - R is paired."""
+    import csv
+    from sklearn.metrics import roc_auc_score
+    rows = list(csv.DictReader(open(smoke / "scores.csv")))
+    r = json.loads((smoke / "results.json").read_text())
+    assert not [x for x in rows if x["group"].endswith("_0")]
+    assert all(x["case"].startswith(x["group"] + "/") and x["id"].startswith(x["case"] + "/") for x in rows)
+    y, s, g = (np.array([x[k] for x in rows]) for k in ("label", "score", "group"))
+    y, s = y.astype(int), s.astype(float)
+    for name in ("lesion_hyper", "tumor"):
+        assert {0, 1} <= set(y[g == name])                               # lesion scans hold both
+        clean = (g == "normal") | ((g == name) & (y == 1))
+        assert r["groups"][name]["auroc"] == pytest.approx(roc_auc_score(y[clean], s[clean]))
+        assert r["groups_same_scan"][name]["auroc"] == pytest.approx(roc_auc_score(y[g == name], s[g == name]))
+    d = r["paired_differences"]["A - R"]["all"]
+    cmp = r["comparison_auroc"]
+    assert d["diff"] == pytest.approx(cmp["A"]["auroc"] - cmp["R"]["auroc"])
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1]
+
+
+def test_resume_equals_the_uninterrupted_run(smoke, tmp_path):
+    """--max-steps 2 (of the smoke run's 4 updates), then --resume its last.pt: the same scores.csv, byte
+    for byte (weights, optimisers, data order and every random stream continue exactly)."""
+    r = _main("--out", str(tmp_path / "part"), "--max-steps", "2")
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["unit"] == "patch" and r
+    _main("--out", str(tmp_path / "rest"), "--resume", str(tmp_path / "part" / "last.pt"))
+    assert (tmp_path / "rest" / "scores.csv").read_bytes() == (smoke / "scores.csv").read_bytes()
+    assert (tmp_path / "part" / "scores.csv").read_bytes() != (smoke / "scores.csv").read_bytes()
+
+
+def _folder_copy(root, val_brain=None):
+    """The smoke phantom as a `--data folder` tree of links; val_brain: a brain mask for its val scans."""
+    import nibabel as nib
+    src = REPO / "data" / "synthetic" / "flair_tiny"
+    for f in src.rglob("*.nii.gz"):
+        dst = root / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if val_brain is not None and dst.parts[-2] == "val" and f.name.endswith("_brainmask.nii.gz"):
+            img = nib.load(f)
+            nib.save(nib.Nifti1Image(val_brain(np.asarray(img.dataobj).shape), img.affine), dst)
+        else:
+            dst.symlink_to(f)
+    return root
+
+
+def test_checkpoint_scores_again_and_without_healthy_validation_patches(smoke, tmp_path):
+    """--checkpoint maps and scores with the same models -> the same scores. The validation scans here
+    have a brain too thin for any patch (as BraTS alone has none at the test level): the operating
+    point then comes from the training patches, and results.json says so."""
+    def thin(shape):                                                    # a one-voxel line through the head
+        m = np.zeros(shape, np.uint8)
+        k = np.arange(min(shape))
+        m[k, k, :] = 1
+        return m
+    root = _folder_copy(tmp_path / "folder", val_brain=thin)
+    r = _main("--out", str(tmp_path / "again"), "--checkpoint", str(smoke / "last.pt"), "--no-ganr",
+              "--time-single", "0", "--data", "folder", "--data-root", str(root),
+              "--cache-dir", str(tmp_path / "cache"))
+    assert r["timing"]["train_s"] == 0 and r["n_patches"]["val"] == 0
+    assert r["threshold_from"].startswith("train") and "threshold" in r["operating_point"]
+    a = [row.split(",")[:4] for row in (smoke / "scores.csv").read_text().splitlines()]
+    b = [row.split(",")[:4] for row in (tmp_path / "again" / "scores.csv").read_text().splitlines()]
+    assert a == b
+
+
+def test_checkpoint_of_another_script_or_network_is_one_error(smoke, tmp_path):
+    from common import UserError
+    ck = torch.load(smoke / "last.pt", map_location="cpu", weights_only=False)
+    ck["method"] = "madgan"
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"not a last.pt of anogan.py \(it is one of madgan.py\)"):
+        _main("--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "other.pt"))
+    with pytest.raises(UserError, match="other network settings"):
+        _main("--out", str(tmp_path / "b"), "--checkpoint", str(smoke / "last.pt"), "--ch", "8")
+
+
+def test_a_broken_test_volume_stops_the_run_before_training(smoke, tmp_path):
+    """The test and validation slices are read before training: a NaN test volume is one error line,
+    and the run leaves nothing (no last.pt: no training step was taken)."""
+    import nibabel as nib
+    src = REPO / "data" / "synthetic" / "flair_tiny"
+    root = tmp_path / "folder"
+    for sub in ("train", "val", "test/normal", "test/tumor"):
+        (root / sub).mkdir(parents=True)
+        for f in sorted((src / sub).glob("*.nii.gz"))[:8]:
+            (root / sub / f.name).symlink_to(f)
+    img = nib.load(src / "test" / "tumor" / "tumor_000.nii.gz")
+    x = np.asarray(img.dataobj, np.float32)
+    x[x.shape[0] // 2] = np.nan
+    nib.save(nib.Nifti1Image(x, img.affine), root / "test" / "tumor" / "broken.nii.gz")
+    out = tmp_path / "run"
+    p = _run(["--preset", "smoke", "--data", "folder", "--data-root", str(root), "--out", str(out),
+              "--cache-dir", str(tmp_path / "cache")], timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "broken.nii.gz" in lines[0] and "NaN" in lines[0], p.stderr
+    assert "epoch" not in p.stdout and not out.exists()
 
 
 @pytest.mark.parametrize("flags,needle", [(["--lam", "2"], "--lam"), (["--patch-size", "24"], "--patch-size"),
