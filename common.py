@@ -1462,7 +1462,11 @@ def _check_scores(rows, unit):
         fail(f"no {missing} {unit} among the {len(rows)} scored, so AUROC is undefined and no results.json "
              f"is written; score more of each scan (e.g. more test slices, see --help) or use a test set with "
              f"both (the checkpoint {_RUN.get('out', Path('.')) / 'last.pt'} can be re-scored with --checkpoint)")
-    s = np.array([float(r["score"]) for r in rows])
+    y, s, g, _ = _columns(rows)
+    if not normal_groups(y, g):
+        fail(f"no {unit} of a normal scan among the {len(rows)} scored (groups: {sorted(set(g))}): every "
+             f"group holds anomalous units, so there are no clean negatives and no results.json is written; "
+             f"score more of each scan or add normal test scans")
     if not np.isfinite(s).all():
         fail(f"{int((~np.isfinite(s)).sum())} of {len(s)} test scores are NaN or infinite; the model diverged "
              f"or an input is broken, so no results.json is written")

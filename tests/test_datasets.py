@@ -335,7 +335,7 @@ SCRIPT_RUNS = [
     ("fanogan3d", ["--data", "ctich"], "ctich", {"hemorrhage"}),
     ("anovaegan", ["--data", "mslub"], "mslub", {"ms_lesion"}),
     ("anovaegan", ["--data", "isbi2015"], "isbi2015", {"ms_lesion"}),
-    ("anogan", ["--data", "brats"], "brats", {"tumor"}),
+    ("anogan", ["--data", "brats", "--test-slices", "4"], "brats", {"tumor"}),
     # BraTS' normal test slices are its tumour-free ones, away from the centre: score a thicker slab
     ("reversed_ae", ["--data", "brats", "--modality", "t1", "--train-data", "ixi", "--test-slices", "30"], "brats",
      {"tumor"}),
