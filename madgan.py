@@ -90,7 +90,6 @@ Commands:
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -111,17 +110,17 @@ PRESETS = {
     "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.5, k_in=3, k_out=3, base_ch=8, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=4, steps=4, n_critic=1, flip_every=3, score_windows=0, eval_every=2,
-                  eval_batch=64, ckpt_every=0, log_every=1),
+                  eval_batch=64),
     # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
     "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.5, k_in=3, k_out=3, base_ch=32, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=300,
-                  eval_batch=64, ckpt_every=0, log_every=20),
+                  eval_batch=64),
     # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
     "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.5, k_in=3, k_out=3, base_ch=64, sa=0,
                   dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
                   batch_size=16, steps=1_800_000, n_critic=1, flip_every=3, score_windows=0,
-                  eval_every=150_000, eval_batch=64, ckpt_every=10_000, log_every=1000),
+                  eval_every=150_000, eval_batch=64),
 }
 
 
@@ -168,8 +167,6 @@ def build_parser():
       help="score val+test every N steps for the AUC-over-steps curve, Fig. 8 (paper 150k..1.8M; "
            "reporting only: never used to pick a checkpoint)")
     a("--eval-batch", type=int, default=None, help="windows per forward pass when scoring")
-    a("--ckpt-every", type=int, default=None, help="write last.pt every N steps (0 = once per epoch of windows)")
-    a("--log-every", type=int, default=None, help="record losses every N steps")
     return p
 
 
@@ -183,8 +180,7 @@ def parse_args(argv=None):
                                   ("batch_size", 1, None, True), ("steps", 0, None, True),
                                   ("n_critic", 1, None, True), ("flip_every", 0, None, True),
                                   ("score_windows", 0, None, True), ("eval_every", 0, None, True),
-                                  ("eval_batch", 1, None, True), ("ckpt_every", 0, None, True),
-                                  ("log_every", 1, None, True)]:
+                                  ("eval_batch", 1, None, True)]:
         C.check_range(args, name, lo, hi, integer)
     H, W = args.image_size
     if H % 16 or W % 16 or H < 16 or W < 16:
@@ -458,67 +454,39 @@ def split_window(batch, k_in, device):
     return t[:, :k_in], t[:, k_in:]
 
 
-def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
-    """WGAN-GP + l1 training on healthy windows; `evaluator(step)` records AUCs for Fig. 8."""
+def train(args, run, G, D, S_train, win_rows, fig8):
+    """WGAN-GP + l1 training on healthy windows; `fig8(step)` records AUCs for Fig. 8 (reporting only).
+    -> dict(history, state (with "auc_steps"), train_s, checkpoints (the loop's I/O report))"""
     device = run.device
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    # Under torchrun (several GPUs/machines) G_ and D_ are DistributedDataParallel wrappers that average
-    # the gradients over the processes; alone they are G and D themselves. Each process takes its own
-    # --batch-size windows of every global batch (C.shard), so the effective batch is batch x processes.
+    batches = C.Batches(len(win_rows), args.batch_size, args.seed)
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"windows": batches},
+                  log_every=max(1, args.steps // 60))
+    # Under torchrun G_ and D_ are DistributedDataParallel wrappers that average the gradients over the
+    # processes (each takes its own --batch-size windows of every global batch); alone, G and D.
     G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
-    n_win = len(win_rows)
-    global_batch = C.global_batch_size(args.batch_size, n_win, "training windows")
-    epoch_steps = max(1, math.ceil(n_win / global_batch))
-    ckpt_every = min(args.ckpt_every or epoch_steps, epoch_steps)          # at least once per epoch
-    rng = np.random.default_rng(args.seed)
-    hist = {"loss_D": [], "loss_G_adv": [], "loss_l1": [], "gp": [], "wdist": []}
-    state = {"step": 0, "critic_updates": 0, "perm": rng.permutation(n_win), "pos": 0, "auc_steps": []}
-    if ckpt_state is not None:                                 # --resume
-        G.load_state_dict(ckpt_state["models"]["G"])
-        D.load_state_dict(ckpt_state["models"]["D"])
-        opt_G.load_state_dict(ckpt_state["optims"]["G"])
-        opt_D.load_state_dict(ckpt_state["optims"]["D"])
-        hist = ckpt_state["history"]
-        state = ckpt_state["train_state"]
-        rng.bit_generator.state = ckpt_state["sampler_rng"]
-        C.set_rng_state(ckpt_state["rng"])
-        run.log(f"resumed from step {state['step']}")
-    ckpt_path = run.out / "last.pt"
-
-    def next_batch():
-        if state["pos"] + global_batch > n_win:                # new epoch: reshuffle the windows
-            state["perm"], state["pos"] = rng.permutation(n_win), 0
-        idx = state["perm"][state["pos"]: state["pos"] + global_batch]
-        state["pos"] += global_batch
-        idx = C.shard(idx)                                     # this process's windows (all of them alone)
-        return split_window(reader(win_rows[idx]), args.k_in, device)
-
-    def save():
-        C.save_checkpoint(ckpt_path, {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "step": state["step"], "args": vars(args), "rng": C.rng_state(),
-            "sampler_rng": rng.bit_generator.state, "train_state": state, "history": hist})
-
-    run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps, batch "
-            f"{args.batch_size}{f' x {C.ddp_world()} processes = {global_batch}' if C.ddp_world() > 1 else ''}; "
-            f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
-            f"parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
-    if args.eval_every and state["step"] == 0 and not state["auc_steps"] and C.is_main():
-        state["auc_steps"].append(evaluator(0))                # the untrained generator: a baseline
-    t0 = time.time()
-    G.train()
-    D.train()
-    for step in C.progress(range(state["step"] + 1, args.steps + 1), total=args.steps - state["step"], desc="train"):
+    reader = WindowReader(S_train)
+    run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
+            f"{args.steps} steps, batch {args.batch_size}"
+            f"{f' x {C.ddp_world()} processes = {batches.global_batch}' if C.ddp_world() > 1 else ''}; "
+            f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D "
+            f"{sum(p.numel() for p in D.parameters()) / 1e6:.2f}M parameters, SA modules: "
+            f"{', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    auc_steps = loop.state.setdefault("auc_steps", [])
+    if args.eval_every and loop.state["total_steps"] == 0 and not auc_steps:
+        auc_steps += [e for e in [C.on_main(fig8, 0)] if e]    # the untrained generator: a baseline
+    for step in loop.phase("train", args.steps):
+        G.train()
+        D.train()
         # ---- critic: n_critic updates; the labels flip once every `flip_every` updates ----
         for i in range(args.n_critic):
-            cond, real = next_batch()                          # (B, 3, H, W), (B, 3, H, W)
+            cond, real = split_window(reader(win_rows[next(batches)]), args.k_in, device)
             last = i == args.n_critic - 1
             with torch.set_grad_enabled(last), C.autocast(device, args.amp):
                 fake = G_(cond)                                # (B, 3, H, W) reconstructed next slices
-            state["critic_updates"] += 1
-            flip = args.flip_every > 0 and state["critic_updates"] % args.flip_every == 0
+            update = (step - 1) * args.n_critic + i + 1        # critic updates so far, this one included
+            flip = args.flip_every > 0 and update % args.flip_every == 0
             with C.autocast(device, args.amp):
                 d_real, d_fake = D_(cond, real), D_(cond, fake.detach())
                 loss_wd = critic_loss(d_real, d_fake, flip=flip)
@@ -533,23 +501,14 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
-        state["step"] = step
-        C.check_finite(loss_G, step=step, ckpt=ckpt_path)
-        C.check_finite(loss_D, step=step, ckpt=ckpt_path)
-        if step % args.log_every == 0 or step == args.steps:
-            # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP) so that flipped steps don't zig-zag the plot
-            loss_D_plain = critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach()
-            for k, v in (("loss_D", loss_D_plain), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
-                         ("wdist", (d_real - d_fake).mean())):
-                hist[k].append((step, float(v.detach())))
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps) and C.is_main():
-            state["auc_steps"].append(evaluator(step))         # (under torchrun: process 0 only)
-            G.train()
-        if step % ckpt_every == 0 or step == args.steps:
-            save()
-    if args.steps == 0 or state["step"] == 0:
-        save()
-    return hist, state, time.time() - t0
+        # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP) so that flipped steps don't zig-zag
+        loop.log({"loss_D": critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach(),
+                  "loss_G_adv": adv, "loss_l1": l1, "gp": gp, "wdist": (d_real - d_fake).mean()})
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            auc_steps += [e for e in [C.on_main(fig8, step)] if e]   # process 0 alone; others wait
+    train_s = loop.close()
+    run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
+    return dict(history=loop.history, state=loop.state, train_s=train_s, checkpoints=loop.io_report())
 
 
 # =================================================================================================
@@ -557,52 +516,49 @@ def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
 # =================================================================================================
 
 @torch.no_grad()
-def reconstruct_windows(G, reader, win_rows, args, device, keep=None):
-    """l2 per window (Eq. 2) of a set of windows, in eval mode. keep: window indices whose
-    reconstructions to return (for the figures). -> (losses (W,), {index: (window, reconstruction)})"""
+def score(G, S, args, device, keep=()):
+    """The trained generator applied to a slice set: Eq. (2) for every window (eval mode), averaged
+    per scan over all its windows and over the best `score_windows` (or 10) consecutive ones.
+    keep: scan indices whose middle window to keep for the figures (during this one pass).
+    -> dict(all=, top=, n_windows= (n_scans,), losses=(all windows,), kept={scan: dict(window, recon, rows)})"""
     G.eval()
-    losses = np.zeros(len(win_rows), np.float64)
-    kept = {}
-    keep = set() if keep is None else set(int(k) for k in keep)
+    win_rows, case = window_table(S, args.k_in, args.k_out)
+    mid = {}                                                   # window index -> scan to keep it for
+    for i in keep:
+        w = np.nonzero(case == i)[0]
+        if len(w):
+            mid[int(w[len(w) // 2])] = i
+    reader = WindowReader(S)
+    losses, kept = np.zeros(len(win_rows), np.float64), {}
     for a in range(0, len(win_rows), args.eval_batch):
         batch = reader(win_rows[a: a + args.eval_batch])       # (b, 6, H, W)
         cond, real = split_window(batch, args.k_in, device)
         with C.autocast(device, args.amp):
             rec = G(cond)                                      # (b, 3, H, W)
         losses[a: a + len(batch)] = l2_per_window(real, rec).cpu().numpy()
-        for j in keep & set(range(a, a + len(batch))):
-            kept[j] = (batch[j - a], rec[j - a].float().cpu().numpy())
-    return losses, kept
+        for w in sorted(set(mid) & set(range(a, a + len(batch)))):
+            kept[mid[w]] = dict(window=batch[w - a], recon=rec[w - a].float().cpu().numpy(), rows=win_rows[w])
+    reader.close()
+    kept = {i: kept[i] for i in keep if i in kept}             # in the order asked for
+    n = len(S.cases)
+    return dict(all=scan_scores(losses, case, n, 0), top=scan_scores(losses, case, n, args.score_windows or 10),
+                n_windows=np.bincount(case, minlength=n), losses=losses, kept=kept)
 
 
-class Scorer:
-    """Scores a slice set (its windows, per-scan l2) with the current generator."""
-
-    def __init__(self, S, args):
-        self.S, self.args = S, args
-        self.reader = WindowReader(S)
-        self.rows, self.case = window_table(S, args.k_in, args.k_out)
-
-    def __call__(self, G, device, keep=None):
-        losses, kept = reconstruct_windows(G, self.reader, self.rows, self.args, device, keep)
-        n = len(self.S.cases)
-        return dict(losses=losses, all=scan_scores(losses, self.case, n, 0),
-                    top=scan_scores(losses, self.case, n, self.args.score_windows or 10), kept=kept)
-
-
-def group_aucs(cases, scores):
-    """AUROC of the normal scans (label 0) against each anomalous group and against all of them."""
-    y = np.array([c.label for c in cases])
-    g = np.array([c.group for c in cases])
-    ok = np.isfinite(scores)
-    out = {"all": C.auroc(y[ok], scores[ok])}
-    for name in sorted({c.group for c in cases if c.label == 1}):
-        sel = ok & ((g == name) | (y == 0))
-        out[name] = C.auroc(y[sel], scores[sel])
-    stages = [n for n in out if is_stage(n)]
-    if len(stages) > 1:                                         # CDR 0.5+1+2 (atrophy_1+2+3 on the phantom)
-        sel = ok & ((y == 0) | np.isin(g, stages))
-        out["all_stages"] = C.auroc(y[sel], scores[sel])
+def group_aucs(rows, key="score"):
+    """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of them,
+    and against all disease stages together (CDR 0.5 + 1 + 2; atrophy_1 + 2 + 3 on the phantom)."""
+    y = np.array([r["label"] for r in rows])
+    g = np.array([r["group"] for r in rows])
+    s = np.array([r[key] for r in rows], np.float64)
+    out = {"all": C.auroc(y, s)}
+    for name in sorted(set(g[y == 1])):
+        sel = (g == name) | (y == 0)
+        out[name] = C.auroc(y[sel], s[sel])
+    stages = sorted({n for n in g[y == 1] if is_stage(n)})
+    if len(stages) > 1:
+        sel = (y == 0) | np.isin(g, stages)
+        out["all_stages"] = C.auroc(y[sel], s[sel])
     return out
 
 
@@ -618,6 +574,36 @@ def stage_order(groups):
         num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
         return (0 if not is_stage(n) and (n == "normal" or n.endswith("_0")) else 1 if is_stage(n) else 2, num, n)
     return sorted(groups, key=key)
+
+
+def scan_rows(cases, out, args):
+    """One row per scan with windows (the rows contract; a scan is its own case): the score of
+    --score-windows and both Table 1 scores."""
+    primary = out["top"] if args.score_windows else out["all"]
+    return [dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
+                 score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
+                 n_windows=int(out["n_windows"][i])) for i, c in enumerate(cases) if np.isfinite(primary[i])]
+
+
+def example_scans(cases, max_rows=7):
+    """The scans the figures show, chosen before scoring (by group, never by score): the first scan
+    of every group, normal first, then the stages."""
+    first = {}
+    for i, c in enumerate(cases):
+        first.setdefault(c.group, i)
+    return [first[g] for g in stage_order(first)][:max_rows]
+
+
+def example_rows(S, out, args):
+    """examples.png: per example scan its middle target slice, reconstruction, pixelwise l2, mask."""
+    mid, rows = args.k_out // 2, []
+    for i, ex in out["kept"].items():
+        zrow = ex["rows"][args.k_in + mid]
+        gt = np.asarray(S.mask[zrow]) if S.mask[zrow].any() else None
+        rows.append(dict(title=f"{S.cases[i].group} ({S.cases[i].id.split('/')[-1]})",
+                         input=ex["window"][args.k_in + mid], reconstruction=ex["recon"][mid],
+                         amap=((ex["window"][args.k_in + mid] - ex["recon"][mid]) / 2) ** 2, gt=gt))
+    return rows
 
 
 def plot_auc_steps(auc_steps, path, title):
@@ -681,93 +667,6 @@ def plot_fig3(examples, path, vmax=0.1):
     C._save(fig, path)
 
 
-def pick_examples(scorer_out, cases, max_rows=7):
-    """One scan per group (the one whose score is the group median) and its middle window."""
-    by_group = {}
-    for i, c in enumerate(cases):
-        by_group.setdefault(c.group, []).append(i)
-    picks = []
-    for g in stage_order(by_group):
-        idx = [i for i in by_group[g] if np.isfinite(scorer_out["all"][i])]
-        if not idx:
-            continue
-        i = sorted(idx, key=lambda j: scorer_out["all"][j])[len(idx) // 2]
-        picks.append((g, i))
-    return picks[:max_rows]
-
-
-def evaluate_and_plot(args, run, G, scorer, test, val_scorer, hist, auc_steps, timing, info, extra):
-    device = run.device
-    cases = test.cases
-    # windows to keep for the figures: the middle window of one median-scoring scan per group
-    with C.Timer() as t:
-        out = scorer(G, device)
-    picks = pick_examples(out, cases)
-    keep = {}
-    for g, i in picks:
-        w = np.nonzero(scorer.case == i)[0]
-        keep[int(w[len(w) // 2])] = (g, i)
-    w_keep = np.array(sorted(keep), dtype=np.int64)            # reconstruct only those windows again
-    kept_list = reconstruct_windows(G, scorer.reader, scorer.rows[w_keep], args, device,
-                                    keep=range(len(w_keep)))[1] if len(w_keep) else {}
-    kept = {int(w_keep[j]): v for j, v in kept_list.items()}
-    val = val_scorer(G, device) if val_scorer is not None else None
-    timing.update(score_s=round(t.seconds, 2), score_s_per_sample=round(t.seconds / max(len(cases), 1), 4))
-
-    primary = out["top"] if args.score_windows else out["all"]
-    other = out["all"] if args.score_windows else out["top"]
-    rows = []
-    for i, c in enumerate(cases):
-        if not np.isfinite(primary[i]):
-            continue
-        rows.append(dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
-                         score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
-                         n_windows=int((scorer.case == i).sum())))
-    skipped = [c.id for i, c in enumerate(cases) if not np.isfinite(primary[i])]
-    k = args.score_windows or 10
-    extra.update({
-        "score": f"average l2 (Eq. 2) per scan over {'the best ' + str(k) + ' consecutive' if args.score_windows else 'all'} windows",
-        "table1": {"all windows": group_aucs(cases, out["all"]),
-                   f"{k} consecutive windows": group_aucs(cases, out["top"])},
-        "auc_over_steps": auc_steps,
-        "skipped_scans_without_windows": skipped,
-    })
-    if val is not None and np.isfinite(val["all"]).any():
-        v = val["all"] if not args.score_windows else val["top"]
-        thr = C.threshold_from_healthy(v[np.isfinite(v)], fpr=0.05)
-        y = np.array([r["label"] for r in rows])
-        s = np.array([r["score"] for r in rows])
-        extra["operating_point_val95"] = {"threshold": thr, "rule": "95th percentile of healthy validation scans",
-                                          **C.binary_stats(y, s >= thr)}
-    # figures
-    examples = [dict(group=g, score=float(out["all"][i]), window=kept[w][0], recon=kept[w][1])
-                for w, (g, i) in keep.items() if w in kept]
-    if examples:
-        plot_fig3(examples, run.out / "fig3_slices.png")
-        mid = args.k_out // 2
-        rows_ex = []
-        for w, (g, i) in keep.items():
-            win, rec = kept[w]
-            zrow = scorer.rows[w][args.k_in + mid]
-            gt = np.asarray(test.mask[zrow]) if test.mask[zrow].any() else None
-            rows_ex.append(dict(title=f"{g} ({cases[i].id.split('/')[-1]})", input=win[args.k_in + mid],
-                                reconstruction=rec[mid], amap=((win[args.k_in + mid] - rec[mid]) / 2) ** 2, gt=gt))
-        cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
-        has_gt = any(r["gt"] is not None for r in rows_ex)     # atrophy has no voxel mask
-        C.plot_examples(rows_ex, run.out / "examples.png", cols=cols if has_gt else cols[:3])
-    C.plot_curves({k_: v for k_, v in hist.items() if k_ in ("loss_D", "loss_G_adv", "wdist")},
-                  run.out / "losses.png", title=f"MADGAN ({args.sa}-SA) training: critic and adversarial terms",
-                  ylabel="loss", logy=True)
-    if hist.get("loss_l1"):
-        C.plot_curves({"l1 (Eq. 1)": hist["loss_l1"]}, run.out / "losses_l1.png",
-                      title="l1 reconstruction loss", ylabel="l1", logy=False)
-    if auc_steps:
-        plot_auc_steps(auc_steps, run.out / "auc_steps.png",
-                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
-    return C.finish_run(run, args, METHOD, unit="scan", rows=rows, timing=timing, extra=extra, data_info=info,
-                        roc_title=f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group")
-
-
 # =================================================================================================
 # main
 # =================================================================================================
@@ -790,43 +689,61 @@ def main(argv=None):
     run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
             f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
             f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
-
     G, D = build_models(args)
     G, D = G.to(device), D.to(device)
-    test_scorer, val_scorer = Scorer(S_test, args), (Scorer(S_val, args) if S_val is not None and len(S_val) else None)
+    has_val = S_val is not None and len(S_val) > 0
 
-    def evaluator(step):
+    def fig8(step):
         """Fig. 8: AUCs of the current generator (reporting only; never selects anything)."""
-        o = test_scorer(G, device)
-        e = {"step": step, "auroc": group_aucs(S_test.cases, o["all"]),
-             "auroc_top_windows": group_aucs(S_test.cases, o["top"])}
-        if val_scorer is not None:
-            e["val_l2_mean"] = float(np.nanmean(val_scorer(G, device)["all"]))
+        rows = scan_rows(S_test.cases, score(G, S_test, args, device), args)
+        e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
+             "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
+        if has_val:
+            e["val_l2_mean"] = float(np.nanmean(score(G, S_val, args, device)["all"]))
         run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
         return e
 
-    timing = {"cache_s": round(t_cache.seconds, 2)}
     if args.checkpoint:                                        # score only
-        ck = C.load_checkpoint(args.checkpoint, device)
-        G.load_state_dict(ck["models"]["G"])
-        hist, auc_steps = ck.get("history", {}), ck.get("train_state", {}).get("auc_steps", [])
-        timing["train_s"] = 0.0
+        ck = C.load_models(args.checkpoint, {"G": G}, METHOD)
+        trained = dict(history=ck["history"], state=ck["loop"], train_s=0.0, checkpoints=None)
         C.save_checkpoint(run.out / "last.pt", ck)
     else:
-        ck = C.load_checkpoint(args.resume, device) if args.resume else None
-        reader = WindowReader(S_train)
-        hist, state, train_s = train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=ck)
-        reader.close()
-        auc_steps = state["auc_steps"]
-        timing["train_s"] = round(train_s, 2)
-        run.log(f"trained in {train_s:.0f}s; peak memory so far {C.peak_memory_mb(device)}")
+        trained = train(args, run, G, D, S_train, win_rows, fig8)
     if not C.is_main():                                        # torchrun: process 0 scores and writes
         return None
+    with C.Timer() as t:
+        out = score(G, S_test, args, device, keep=example_scans(S_test.cases))
+    val = score(G, S_val, args, device)["top" if args.score_windows else "all"] if has_val else None
+    timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
+              "score_s": round(t.seconds, 2), "score_s_per_sample": round(t.seconds / max(len(S_test.cases), 1), 4),
+              "checkpoints": trained["checkpoints"]}
+    rows = scan_rows(S_test.cases, out, args)
+    k = args.score_windows or 10
     extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
              "steps": args.steps, "score_windows": args.score_windows,
              "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
-             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)}}
-    res = evaluate_and_plot(args, run, G, test_scorer, S_test, val_scorer, hist, auc_steps, timing, data.info, extra)
+             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)},
+             "score": f"average l2 (Eq. 2) per scan over "
+                      f"{f'the best {k} consecutive' if args.score_windows else 'all'} windows",
+             "table1": {"all windows": group_aucs(rows, "score_all_windows"),
+                        f"{k} consecutive windows": group_aucs(rows, "score_top10_windows")},
+             "table1_all_minus_consecutive": C.compare_scores(rows, rows, key_a="score_all_windows",
+                                                              key_b="score_top10_windows"),
+             "auc_over_steps": trained["state"].get("auc_steps", []),
+             "skipped_scans_without_windows": [c.id for c in S_test.cases
+                                               if c.id not in {r["id"] for r in rows}]}
+    has_gt = any(S_test.mask[ex["rows"][args.k_in + args.k_out // 2]].any() for ex in out["kept"].values())
+    cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
+    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info, val_scores=val,
+                   threshold_pct=95.0, history=trained["history"], examples=example_rows(S_test, out, args),
+                   titles={"roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
+                           "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial and l1 terms",
+                           "losses_logy": True, "examples_cols": cols if has_gt else cols[:3]})
+    plot_fig3([dict(group=S_test.cases[i].group, score=float(out["all"][i]), **ex)
+               for i, ex in out["kept"].items()], run.out / "fig3_slices.png")
+    if extra["auc_over_steps"]:
+        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png",
+                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
     return res
 
 
