@@ -102,94 +102,64 @@ from data import datasets
 METHOD = "madgan"
 
 # =================================================================================================
-# Arguments
+# Hyperparameters (§Datasets, §Implementation details; the paper's value is the default)
 # =================================================================================================
 
-PRESETS = {
-    # seconds, for the tests: tiny phantom, tiny nets, a few steps
-    "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.5, k_in=3, k_out=3, base_ch=8, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=4, steps=4, n_critic=1, flip_every=3, score_windows=0, eval_every=2,
-                  eval_batch=64),
-    # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
-    "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.5, k_in=3, k_out=3, base_ch=32, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=300,
-                  eval_batch=64),
-    # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
-    "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.5, k_in=3, k_out=3, base_ch=64, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=16, steps=1_800_000, n_critic=1, flip_every=3, score_windows=0,
-                  eval_every=150_000, eval_batch=64),
-}
-
-
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("MADGAN (defaults come from --preset; each flag cites its paper source)")
-    a = g.add_argument
-    # data
-    a("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-      help="slice size H W, §Datasets (paper 256 176; quick 64 64)")
-    a("--n-slices", type=int, default=None,
-      help="consecutive axial slices per scan over the hippocampus/amygdala/ventricle range, §Datasets "
-           "(paper ~51 = 57,834 slices / 1,133 scans; quick 24 on the 2 mm phantom)")
-    a("--slice-center", type=float, default=None,
-      help="centre of that slab as a fraction of the brain's inferior->superior extent (our "
-           "approximation of the paper's anatomical selection; 0.5)")
-    a("--k-in", type=int, default=None, help="input slices per window, §Methods (paper 3)")
-    a("--k-out", type=int, default=None, help="reconstructed next slices per window, §Methods (paper 3)")
-    # networks
-    a("--base-ch", type=int, default=None, help="channels of the first conv, Fig. 2 as we read it (paper 64)")
-    a("--sa", type=int, default=None, choices=[0, 3, 7],
-      help="number of SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN (default 0)")
-    a("--dropout", type=float, default=None, help="rate of the generator's two dropout layers, §Implementation (paper 0.5)")
-    # losses and optimisation
-    a("--l1-weight", type=float, default=None,
-      help="weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1, §Methods (paper 100; 0 = 'w/o l1' ablation)")
-    a("--gp-weight", type=float, default=None,
-      help="gradient-penalty weight λ, Gulrajani et al. 2017 (not stated in the paper; 10)")
-    a("--lr", type=float, default=None, help="Adam learning rate, §Implementation (paper 2e-4)")
-    a("--beta1", type=float, default=None, help="Adam β1 (not stated in the paper; pix2pix 0.5)")
-    a("--beta2", type=float, default=None, help="Adam β2 (not stated in the paper; 0.999)")
-    a("--batch-size", type=int, default=None, help="windows per step (per process under torchrun), §Implementation (paper 16)")
-    a("--steps", type=int, default=None, help="generator steps, §Implementation (paper 1.8M; quick 1200)")
-    a("--n-critic", type=int, default=None, help="critic updates per generator update (not stated; 1)")
-    a("--flip-every", type=int, default=None,
-      help="flip the critic's real/synthetic labels once every N critic updates, §Implementation "
-           "('once in three times': 3; 0 = never)")
-    # anomaly score and evaluation
-    a("--score-windows", type=int, default=None,
-      help="scan score = mean l2 over all windows (0, paper's main result) or over the K consecutive "
-           "windows with the highest loss (10), Tables 1-2; both are always reported")
-    a("--eval-every", type=int, default=None,
-      help="score val+test every N steps for the AUC-over-steps curve, Fig. 8 (paper 150k..1.8M; "
-           "reporting only: never used to pick a checkpoint)")
-    a("--eval-batch", type=int, default=None, help="windows per forward pass when scoring")
-    return p
+HYPER = dict(
+    # data: windows of adjacent axial slices (§Datasets, §MADGAN-based ... reconstruction)
+    image_size=C.hp([256, 176], "slice size H W, §Datasets (176x256 after zero-padding)", lo=16,
+                    metavar=("H", "W")),
+    n_slices=C.hp(51, "consecutive axial slices per scan with hippocampus, amygdala and ventricles, "
+                      "§Datasets (57,834 slices / 1,133 scans; Deviation 5)", lo=2),
+    slice_center=C.hp(0.5, "centre of that slab as a fraction of the brain's inferior->superior "
+                           "extent (our stand-in for the anatomical selection, Deviation 5)", lo=0, hi=1),
+    k_in=C.hp(3, "input slices per window, §Methods", lo=1),
+    k_out=C.hp(3, "reconstructed next slices per window, §Methods", lo=1),
+    # networks (Fig. 2)
+    base_ch=C.hp(64, "channels of the first conv, Fig. 2 as we read it (Deviation 1)", lo=1),
+    sa=C.hp(0, "SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN",
+            choices=[0, 3, 7]),
+    dropout=C.hp(0.5, "rate of the generator's two dropout layers, §Implementation details", lo=0, hi=0.99),
+    # losses and optimisation (§Implementation details)
+    l1_weight=C.hp(100.0, "weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1 (0 = the 'w/o l1' "
+                          "ablation of Table 1)", lo=0),
+    gp_weight=C.hp(10.0, "gradient-penalty weight λ (unstated; Gulrajani et al. 2017)", lo=0),
+    lr=C.hp(2e-4, "Adam learning rate, §Implementation details", lo=1e-8, hi=1),
+    beta1=C.hp(0.5, "Adam β1 (unstated; pix2pix)", lo=0, hi=0.9999),
+    beta2=C.hp(0.999, "Adam β2 (unstated; pix2pix)", lo=0, hi=0.9999),
+    batch_size=C.hp(16, "windows per step (per process under torchrun), §Implementation details", lo=1),
+    steps=C.hp(1_800_000, "generator steps, §Implementation details", lo=0),
+    n_critic=C.hp(1, "critic updates per generator update (unstated; pix2pix 1, WGAN-GP 5)", lo=1),
+    flip_every=C.hp(3, "flip the critic's real/synthetic labels once every N critic updates, "
+                       "§Implementation details ('once in three times'; 0 = never)", lo=0),
+    # anomaly score and evaluation (§Unsupervised medical anomaly detection, Tables 1-2, Fig. 8)
+    score_windows=C.hp(0, "scan score = mean l2 over all windows (0, the main result) or over the K "
+                          "consecutive windows with the highest loss (10), Tables 1-2; both are "
+                          "always reported", lo=0),
+    eval_every=C.hp(150_000, "AUC over training steps every N steps, Fig. 8 (150k ... 1.8M; reporting "
+                             "only, never used to pick a checkpoint; 0 = off)", lo=0),
+    eval_batch=C.hp(64, "windows per forward pass when scoring", lo=1),
+)
+# quick: a CPU run of minutes: 64x64 slices, 24 slices per scan (the phantom's 2 mm slices span the
+# ~48 mm of the paper's ~51 1-mm ones), a half-width network and 1,200 of the 1.8M steps
+QUICK = dict(image_size=[64, 64], n_slices=24, base_ch=32, steps=1200, eval_every=300)
+# smoke: seconds, for the tests: tiny slices, tiny nets, a few steps
+SMOKE = dict(image_size=[32, 32], n_slices=8, base_ch=8, batch_size=4, steps=4, eval_every=2)
 
 
 def parse_args(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    for name, lo, hi, integer in [("n_slices", 2, None, True), ("slice_center", 0, 1, False),
-                                  ("k_in", 1, None, True), ("k_out", 1, None, True),
-                                  ("base_ch", 1, None, True), ("dropout", 0, 0.99, False),
-                                  ("l1_weight", 0, None, False), ("gp_weight", 0, None, False),
-                                  ("lr", 1e-8, 1, False), ("beta1", 0, 0.9999, False), ("beta2", 0, 0.9999, False),
-                                  ("batch_size", 1, None, True), ("steps", 0, None, True),
-                                  ("n_critic", 1, None, True), ("flip_every", 0, None, True),
-                                  ("score_windows", 0, None, True), ("eval_every", 0, None, True),
-                                  ("eval_batch", 1, None, True)]:
-        C.check_range(args, name, lo, hi, integer)
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
+
+
+def check_args(args):
     H, W = args.image_size
-    if H % 16 or W % 16 or H < 16 or W < 16:
+    if H % 16 or W % 16:
         C.fail(f"--image-size {H} {W}: both sides must be positive multiples of 16 "
                f"(the U-Net halves them four times)")
     if args.n_slices < args.k_in + args.k_out:
         C.fail(f"--n-slices {args.n_slices} is shorter than one window (--k-in + --k-out = "
                f"{args.k_in + args.k_out})")
-    return args
 
 
 # =================================================================================================
