@@ -342,14 +342,20 @@ def generator_loss(d_fake, x, x_rec, l1_weight):
 # Anomaly score (§"Unsupervised medical anomaly detection")
 # =================================================================================================
 
+def slice_windows(n_slices, k_in=3, k_out=3):
+    """Start indices s of every window of one scan of n slices: input slices s .. s+k_in-1, next
+    slices s+k_in .. s+k_in+k_out-1 (s1..3 -> s4..6, s2..4 -> s5..7, ...; none if the scan is short)."""
+    return np.arange(max(n_slices - k_in - k_out + 1, 0))
+
+
 def window_table(S, k_in=3, k_out=3):
     """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and the
     scan (case index) of each window. Windows are built per scan, so none crosses two scans:
-    scan i with n slices gives windows s = 0..n-k_in-k_out (C.slice_windows)."""
+    scan i with n slices gives windows s = 0..n-k_in-k_out (slice_windows)."""
     rows, case = [], []
     for i in range(len(S.cases)):
         r = S.slices_of(i)                                     # (n,) rows of scan i in slice order
-        starts = C.slice_windows(len(r), k_in, k_out)          # (w,)
+        starts = slice_windows(len(r), k_in, k_out)          # (w,)
         if len(starts):
             rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])   # (w, k_in + k_out)
             case.append(np.full(len(starts), i, np.int64))
@@ -379,111 +385,11 @@ def scan_scores(window_loss, window_case, n_cases, score_windows=0):
     return out
 
 
-# =================================================================================================
-# Training
-# =================================================================================================
-
-class WindowReader:
-    """Reads windows of slices from a slice cache. For a memory-mapped cache every run of consecutive
-    rows is one plain file read, so the pages read go to the OS page cache and are not counted in this
-    process's resident memory: peak RSS stays at one batch, whatever the size of the data set."""
-
-    def __init__(self, S):
-        self.x = S.x
-        self.file = None
-        if isinstance(S.x, np.memmap) and S.x.filename:
-            self.file = open(S.x.filename, "rb")
-            self.row_bytes = int(np.prod(S.x.shape[1:])) * S.x.dtype.itemsize
-            self.offset = int(S.x.offset)
-
-    def read_rows(self, rows):                                 # sorted unique rows (n,) -> (n, H, W)
-        if self.file is None:
-            return np.asarray(self.x[rows], dtype=np.float32)
-        out = np.empty((len(rows), *self.x.shape[1:]), np.float32)
-        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1         # split into runs of consecutive rows
-        for run in np.split(np.arange(len(rows)), breaks):
-            if not len(run):
-                continue
-            self.file.seek(self.offset + int(rows[run[0]]) * self.row_bytes)
-            buf = self.file.read(len(run) * self.row_bytes)
-            out[run] = np.frombuffer(buf, np.float32).reshape(len(run), *self.x.shape[1:])
-        return out
-
-    def __call__(self, rows):                                  # (B, k) rows -> (B, k, H, W) float32
-        u, inv = np.unique(rows, return_inverse=True)          # read each slice once
-        return self.read_rows(u)[inv.reshape(rows.shape)]
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
 def split_window(batch, k_in, device):
     """(B, k_in + k_out, H, W) numpy window -> input slices (B, k_in, H, W), next slices (B, k_out, H, W)."""
     t = torch.from_numpy(batch).to(device, non_blocking=True)
     return t[:, :k_in], t[:, k_in:]
 
-
-def train(args, run, G, D, S_train, win_rows, fig8):
-    """WGAN-GP + l1 training on healthy windows; `fig8(step)` records AUCs for Fig. 8 (reporting only).
-    -> dict(history, state (with "auc_steps"), train_s, checkpoints (the loop's I/O report))"""
-    device = run.device
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    batches = C.Batches(len(win_rows), args.batch_size, args.seed)
-    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"windows": batches},
-                  log_every=max(1, args.steps // 60))
-    # Under torchrun G_ and D_ are DistributedDataParallel wrappers that average the gradients over the
-    # processes (each takes its own --batch-size windows of every global batch); alone, G and D.
-    G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
-    reader = WindowReader(S_train)
-    run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
-            f"{args.steps} steps, batch {args.batch_size}"
-            f"{f' x {C.ddp_world()} processes = {batches.global_batch}' if C.ddp_world() > 1 else ''}; "
-            f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D "
-            f"{sum(p.numel() for p in D.parameters()) / 1e6:.2f}M parameters, SA modules: "
-            f"{', '.join(SA_SLOTS[args.sa]) or 'none'}")
-    auc_steps = loop.state.setdefault("auc_steps", [])
-    if args.eval_every and loop.state["total_steps"] == 0 and not auc_steps:
-        auc_steps += [e for e in [C.on_main(fig8, 0)] if e]    # the untrained generator: a baseline
-    for step in loop.phase("train", args.steps):
-        G.train()
-        D.train()
-        # ---- critic: n_critic updates; the labels flip once every `flip_every` updates ----
-        for i in range(args.n_critic):
-            cond, real = split_window(reader(win_rows[next(batches)]), args.k_in, device)
-            last = i == args.n_critic - 1
-            with torch.set_grad_enabled(last), C.autocast(device, args.amp):
-                fake = G_(cond)                                # (B, 3, H, W) reconstructed next slices
-            update = (step - 1) * args.n_critic + i + 1        # critic updates so far, this one included
-            flip = args.flip_every > 0 and update % args.flip_every == 0
-            with C.autocast(device, args.amp):
-                d_real, d_fake = D_(cond, real), D_(cond, fake.detach())
-                loss_wd = critic_loss(d_real, d_fake, flip=flip)
-                gp = gradient_penalty(D_, cond, real, fake.float())
-                loss_D = loss_wd + args.gp_weight * gp
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-        # ---- generator: WGAN-GP adversarial + 100 l1, on the last critic batch ----
-        with C.autocast(device, args.amp):
-            loss_G, adv, l1 = generator_loss(D_(cond, fake), real, fake, args.l1_weight)
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-        # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP) so that flipped steps don't zig-zag
-        loop.log({"loss_D": critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach(),
-                  "loss_G_adv": adv, "loss_l1": l1, "gp": gp, "wdist": (d_real - d_fake).mean()})
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            auc_steps += [e for e in [C.on_main(fig8, step)] if e]   # process 0 alone; others wait
-    train_s = loop.close()
-    run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
-    return dict(history=loop.history, state=loop.state, train_s=train_s, checkpoints=loop.io_report())
-
-
-# =================================================================================================
-# Scoring and evaluation
-# =================================================================================================
 
 @torch.no_grad()
 def score(G, S, args, device, keep=()):
@@ -498,22 +404,94 @@ def score(G, S, args, device, keep=()):
         w = np.nonzero(case == i)[0]
         if len(w):
             mid[int(w[len(w) // 2])] = i
-    reader = WindowReader(S)
+    read = RowReader(S.x)
     losses, kept = np.zeros(len(win_rows), np.float64), {}
     for a in range(0, len(win_rows), args.eval_batch):
-        batch = reader(win_rows[a: a + args.eval_batch])       # (b, 6, H, W)
+        batch = read(win_rows[a: a + args.eval_batch])         # (b, 6, H, W)
         cond, real = split_window(batch, args.k_in, device)
         with C.autocast(device, args.amp):
             rec = G(cond)                                      # (b, 3, H, W)
         losses[a: a + len(batch)] = l2_per_window(real, rec).cpu().numpy()
         for w in sorted(set(mid) & set(range(a, a + len(batch)))):
             kept[mid[w]] = dict(window=batch[w - a], recon=rec[w - a].float().cpu().numpy(), rows=win_rows[w])
-    reader.close()
     kept = {i: kept[i] for i in keep if i in kept}             # in the order asked for
     n = len(S.cases)
     return dict(all=scan_scores(losses, case, n, 0), top=scan_scores(losses, case, n, args.score_windows or 10),
                 n_windows=np.bincount(case, minlength=n), losses=losses, kept=kept)
 
+
+# =================================================================================================
+# Training (§Implementation details: WGAN-GP + 100 l1, Adam 2e-4, batch 16, 1.8M steps)
+# =================================================================================================
+
+def train_step(G, D, opt_G, opt_D, windows, step, args):
+    """One generator step: n_critic WGAN-GP critic updates (labels flipped once in three), then the
+    generator's WGAN + 100 l1 update on the last critic batch. windows: n_critic pairs (s_{1..3},
+    s_{4..6}) of (B, 3, H, W); G and D may be DDP wrappers. -> this step's losses for the log."""
+    dev, amp = windows[0][0].device, args.amp
+    G.train()
+    D.train()
+    for i, (cond, real) in enumerate(windows):
+        last = i == len(windows) - 1                           # the generator reuses the last one
+        with torch.set_grad_enabled(last), C.autocast(dev, amp):
+            fake = G(cond)                                     # (B, 3, H, W): x~ = G(s_{1..3})
+        # the critic's real/synthetic labels flip on every flip_every-th critic update of the run
+        flip = args.flip_every > 0 and ((step - 1) * args.n_critic + i + 1) % args.flip_every == 0
+        with C.autocast(dev, amp):
+            d_real, d_fake = D(cond, real), D(cond, fake.detach())   # (B,), (B,)
+            # L_D = E[D(x~)] - E[D(x)] (flipped: E[D(x)] - E[D(x~)]) + λ·GP
+            loss_wd = critic_loss(d_real, d_fake, flip=flip)
+            gp = gradient_penalty(D, cond, real, fake.float())
+            loss_D = loss_wd + args.gp_weight * gp
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
+    with C.autocast(dev, amp):
+        # L_G = -E[D(x~)] + 100 · l1(x, x~)
+        loss_G, adv, l1 = generator_loss(D(cond, fake), real, fake, args.l1_weight)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+    # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP), so that flipped updates don't zig-zag
+    return {"loss_D": critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach(),
+            "loss_G_adv": adv, "loss_l1": l1, "gp": gp, "wdist": (d_real - d_fake).mean()}
+
+
+def train(args, run, G, D, S_train, win_rows, fig8):
+    """Train on the windows of healthy scans; fig8(step) records the AUCs of Fig. 8 (reporting only).
+    -> dict(history, state (with "auc_steps"), train_s, checkpoints (the loop's I/O report))"""
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    batches = C.Batches(len(win_rows), args.batch_size, args.seed)
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"windows": batches},
+                  log_every=max(1, args.steps // 60))
+    # under torchrun, DDP wrappers that average the gradients over the processes (each has its own
+    # --batch-size windows of every global batch); alone, G and D themselves
+    G_, D_ = C.ddp_wrap(G, run.device), C.ddp_wrap(D, run.device)
+    read = RowReader(S_train.x)
+    n_par = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
+    run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
+            f"{args.steps} steps, batch {args.batch_size}"
+            f"{f' x {C.ddp_world()} processes = {batches.global_batch}' if C.ddp_world() > 1 else ''}; "
+            f"G {n_par[0]:.2f}M, D {n_par[1]:.2f}M parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    auc_steps = loop.state.setdefault("auc_steps", [])
+    evaluate = lambda step: auc_steps.extend(e for e in [C.on_main(fig8, step)] if e)  # noqa: E731
+    if args.eval_every and loop.state["total_steps"] == 0 and not auc_steps:
+        evaluate(0)                                            # the untrained generator: a baseline
+    for step in loop.phase("train", args.steps):
+        windows = [split_window(read(win_rows[next(batches)]), args.k_in, run.device)
+                   for _ in range(args.n_critic)]
+        loop.log(train_step(G_, D_, opt_G, opt_D, windows, step, args))
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            evaluate(step)                                     # on process 0; the others wait
+    train_s = loop.close()
+    run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
+    return dict(history=loop.history, state=loop.state, train_s=train_s, checkpoints=loop.io_report())
+
+
+# =================================================================================================
+# Scoring and evaluation
+# =================================================================================================
 
 def group_aucs(rows, key="score"):
     """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of them,
@@ -715,6 +693,37 @@ def main(argv=None):
         plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png",
                        title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
     return res
+
+
+
+# ---- proposed for data/datasets.py (the lead moves it) -------------------------------------------
+
+class RowReader:
+    """Rows of a (memory-mapped) array x (N, ...) -> float32. Each run of consecutive rows is one plain
+    file read, so the pages go to the OS page cache rather than to this process's resident memory:
+    peak RSS stays at one batch, whatever the size of the data set. reader(rows) for an int array
+    of any shape -> (*rows.shape, *x.shape[1:]); every distinct row is read once."""
+
+    def __init__(self, x):
+        self.x = x
+        self.path = x.filename if isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous else None
+        self.row_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+
+    def __call__(self, rows):
+        rows = np.asarray(rows)
+        u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
+        if self.path is None:
+            out = np.asarray(self.x[u], dtype=np.float32)
+        else:
+            out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
+            with open(self.path, "rb") as f:
+                for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
+                    if len(run):
+                        f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
+                        out[run] = np.frombuffer(f.read(len(run) * self.row_bytes), self.x.dtype).reshape(
+                            len(run), *self.x.shape[1:])
+            out = out.astype(np.float32, copy=False)
+        return out[inv.reshape(rows.shape)]
 
 
 if __name__ == "__main__":

@@ -210,20 +210,38 @@ def test_eq2_scan_score_matches_hand_computation():
     np.testing.assert_array_equal(out["kept"][1]["window"], S.x[S.slices_of(1)])
 
 
-def test_window_reader_memmap_matches_array(tmp_path):
-    S = fake_stack([8, 7])
-    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=S.x.shape)
-    mm[:] = S.x
+def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(20, 3, 4)).astype(np.float32)
+    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
     mm.flush()
-    S2 = datasets.ArraySet(x=np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=S.x.shape),
-                    mask=S.mask, brain=S.brain, case=S.case, z=S.z, cases=S.cases)
-    rows, _ = M.window_table(S2, 3, 3)
-    r = M.WindowReader(S2)
-    assert r.file is not None
-    np.testing.assert_array_equal(r(rows), S.x[rows])
-    odd = np.array([[0, 2, 4], [7, 1, 3]])                      # unsorted, repeated-free, gaps
-    np.testing.assert_array_equal(r(odd), S.x[odd])
-    r.close()
+    reader = M.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
+    rows = np.array([[5, 6, 7], [7, 8, 2], [15, 3, 2]])         # distinct: 2-3 | 5-8 | 15, unsorted, repeated
+    reads, real_open = [], open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def seek(self, pos):
+            self.f.seek(pos)
+
+        def read(self, n):
+            reads.append(n // (3 * 4 * 4))                       # rows per read
+            return self.f.read(n)
+    monkeypatch.setattr("builtins.open", lambda *a, **kw: Spy(real_open(*a, **kw)))
+    out = reader(rows)
+    monkeypatch.undo()
+    assert out.shape == (3, 3, 3, 4) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, x[rows])
+    assert reads == [2, 4, 1]                                    # one read per run of consecutive rows
+    np.testing.assert_array_equal(M.RowReader(x)(rows), x[rows])  # a plain array: indexing
 
 
 def test_group_aucs_normal_is_any_label_0_group():
