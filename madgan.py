@@ -89,6 +89,7 @@ Commands:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -490,8 +491,42 @@ def train(args, run, G, D, S_train, win_rows, fig8):
 
 
 # =================================================================================================
-# Scoring and evaluation
+# Scoring and evaluation (Table 1, Fig. 8; the rows of C.report)
 # =================================================================================================
+
+def load_slabs(data, args):
+    """The slab of --n-slices consecutive slices of every scan (Deviation 5), memory-mapped; whole
+    slabs (drop_anomalous=False), as a window must never skip a slice. -> train, val (or None), test"""
+    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
+                 cache_dir=args.cache_dir, drop_anomalous=False)
+    S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
+    return (datasets.slice_stack(data.train, desc="train", **stack), S_val if S_val is not None and len(S_val)
+            else None, datasets.slice_stack(data.test, desc="test", **stack))
+
+
+def scan_rows(cases, out, args):
+    """One row per scan with windows (the rows contract; a scan is its own case): the score of
+    --score-windows and both Table 1 scores."""
+    primary = out["top"] if args.score_windows else out["all"]
+    return [dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
+                 score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
+                 n_windows=int(out["n_windows"][i])) for i, c in enumerate(cases) if np.isfinite(primary[i])]
+
+
+def is_stage(group):
+    """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
+    return group.startswith("atrophy_") or (group.startswith("cdr_") and group not in ("cdr_0", "cdr_0.0"))
+
+
+def stage_order(groups):
+    """Order groups for figures: normal first, then stages, then the rest."""
+    def key(n):
+        tail = n.split("_", 1)[-1]
+        num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
+        normal = not is_stage(n) and (n == "normal" or n.endswith("_0"))
+        return (0 if normal else 1 if is_stage(n) else 2, num, n)
+    return sorted(groups, key=key)
+
 
 def group_aucs(rows, key="score"):
     """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of them,
@@ -510,27 +545,26 @@ def group_aucs(rows, key="score"):
     return out
 
 
-def is_stage(group):
-    """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
-    return group.startswith("atrophy_") or (group.startswith("cdr_") and group not in ("cdr_0", "cdr_0.0"))
+def table1(rows, args):
+    """Tables 1-2: the AUCs of both scan scores, and their paired difference (the paper: 'limited')."""
+    k = args.score_windows or 10
+    return {"score": f"average l2 (Eq. 2) per scan over "
+                     f"{f'the best {k} consecutive' if args.score_windows else 'all'} windows",
+            "table1": {"all windows": group_aucs(rows, "score_all_windows"),
+                       f"{k} consecutive windows": group_aucs(rows, "score_top10_windows")},
+            "table1_all_minus_consecutive": C.compare_scores(rows, rows, key_a="score_all_windows",
+                                                             key_b="score_top10_windows")}
 
 
-def stage_order(groups):
-    """Order groups for figures: normal first, then stages, then the rest."""
-    def key(n):
-        tail = n.split("_", 1)[-1]
-        num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
-        return (0 if not is_stage(n) and (n == "normal" or n.endswith("_0")) else 1 if is_stage(n) else 2, num, n)
-    return sorted(groups, key=key)
-
-
-def scan_rows(cases, out, args):
-    """One row per scan with windows (the rows contract; a scan is its own case): the score of
-    --score-windows and both Table 1 scores."""
-    primary = out["top"] if args.score_windows else out["all"]
-    return [dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
-                 score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
-                 n_windows=int(out["n_windows"][i])) for i, c in enumerate(cases) if np.isfinite(primary[i])]
+def auc_at_step(run, G, S_test, S_val, args, step):
+    """Fig. 8: the AUCs of the current generator at a training step (reporting only: never selects)."""
+    rows = scan_rows(S_test.cases, score(G, S_test, args, run.device), args)
+    e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
+         "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
+    if S_val is not None:
+        e["val_l2_mean"] = float(np.nanmean(score(G, S_val, args, run.device)["all"]))
+    run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
+    return e
 
 
 def example_scans(cases, max_rows=7):
@@ -553,6 +587,67 @@ def example_rows(S, out, args):
                          amap=((ex["window"][args.k_in + mid] - ex["recon"][mid]) / 2) ** 2, gt=gt))
     return rows
 
+
+# =================================================================================================
+# main
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    data = datasets.load_dataset(args, contrast="t1")
+    with C.Timer() as t_cache:
+        S_train, S_val, S_test = load_slabs(data, args)
+    win_rows, _ = window_table(S_train, args.k_in, args.k_out)
+    if len(win_rows) == 0:
+        C.fail(f"no training window: every scan has fewer than --k-in + --k-out = "
+               f"{args.k_in + args.k_out} slices")
+    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
+            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
+            f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
+    G, D = (m.to(run.device) for m in build_models(args))
+    if args.checkpoint:                                        # score only
+        ck = C.load_models(args.checkpoint, {"G": G}, METHOD)
+        trained = dict(history=ck["history"], state=ck["loop"], train_s=0.0, checkpoints=None)
+        C.save_checkpoint(run.out / "last.pt", ck)
+    else:
+        fig8 = functools.partial(auc_at_step, run, G, S_test, S_val, args)
+        trained = train(args, run, G, D, S_train, win_rows, fig8)
+    if not C.is_main():                                        # torchrun: process 0 scores and writes
+        return None
+    with C.Timer() as t:
+        out = score(G, S_test, args, run.device, keep=example_scans(S_test.cases))
+    key = "top" if args.score_windows else "all"
+    val = score(G, S_val, args, run.device)[key] if S_val is not None else None
+    rows = scan_rows(S_test.cases, out, args)
+    timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
+              "score_s": round(t.seconds, 2), "score_s_per_sample": round(t.seconds / len(S_test.cases), 4),
+              "checkpoints": trained["checkpoints"]}
+    extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
+             "steps": args.steps, "score_windows": args.score_windows, "world_size": C.ddp_world(),
+             "effective_batch_size": args.batch_size * C.ddp_world(),
+             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)},
+             **table1(rows, args), "auc_over_steps": trained["state"].get("auc_steps", []),
+             "skipped_scans_without_windows": [c.id for c, n in zip(S_test.cases, out["n_windows"]) if not n]}
+    examples = example_rows(S_test, out, args)
+    cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
+    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info, val_scores=val,
+                   threshold_pct=95.0, history=trained["history"], examples=examples,
+                   titles={"roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
+                           "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial and l1 terms",
+                           "losses_logy": True,
+                           "examples_cols": cols if any(r["gt"] is not None for r in examples) else cols[:3]})
+    plot_fig3([dict(group=S_test.cases[i].group, score=float(out["all"][i]), **ex)
+               for i, ex in out["kept"].items()], run.out / "fig3_slices.png")
+    if extra["auc_over_steps"]:
+        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png",
+                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
+    return res
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 3: slices and pixelwise l2; Fig. 8: AUC over training steps)
+# =================================================================================================
 
 def plot_auc_steps(auc_steps, path, title):
     """Fig. 8: AUC of normal vs each group over training steps."""
@@ -613,87 +708,6 @@ def plot_fig3(examples, path, vmax=0.1):
     ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet [0, {vmax}] "
                  f"(Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
     C._save(fig, path)
-
-
-# =================================================================================================
-# main
-# =================================================================================================
-
-def main(argv=None):
-    args = parse_args(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    data = datasets.load_dataset(args, contrast="t1")
-    # whole slabs of consecutive slices (drop_anomalous=False): a window must never skip a slice
-    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
-                 cache_dir=args.cache_dir, drop_anomalous=False)
-    with C.Timer() as t_cache:
-        S_train = datasets.slice_stack(data.train, desc="train", **stack)
-        S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
-        S_test = datasets.slice_stack(data.test, desc="test", **stack)
-    win_rows, _ = window_table(S_train, args.k_in, args.k_out)
-    if len(win_rows) == 0:
-        C.fail(f"no training window: every scan has fewer than --k-in + --k-out = {args.k_in + args.k_out} slices")
-    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
-            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
-            f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
-    G, D = build_models(args)
-    G, D = G.to(device), D.to(device)
-    has_val = S_val is not None and len(S_val) > 0
-
-    def fig8(step):
-        """Fig. 8: AUCs of the current generator (reporting only; never selects anything)."""
-        rows = scan_rows(S_test.cases, score(G, S_test, args, device), args)
-        e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
-             "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
-        if has_val:
-            e["val_l2_mean"] = float(np.nanmean(score(G, S_val, args, device)["all"]))
-        run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
-        return e
-
-    if args.checkpoint:                                        # score only
-        ck = C.load_models(args.checkpoint, {"G": G}, METHOD)
-        trained = dict(history=ck["history"], state=ck["loop"], train_s=0.0, checkpoints=None)
-        C.save_checkpoint(run.out / "last.pt", ck)
-    else:
-        trained = train(args, run, G, D, S_train, win_rows, fig8)
-    if not C.is_main():                                        # torchrun: process 0 scores and writes
-        return None
-    with C.Timer() as t:
-        out = score(G, S_test, args, device, keep=example_scans(S_test.cases))
-    val = score(G, S_val, args, device)["top" if args.score_windows else "all"] if has_val else None
-    timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
-              "score_s": round(t.seconds, 2), "score_s_per_sample": round(t.seconds / max(len(S_test.cases), 1), 4),
-              "checkpoints": trained["checkpoints"]}
-    rows = scan_rows(S_test.cases, out, args)
-    k = args.score_windows or 10
-    extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
-             "steps": args.steps, "score_windows": args.score_windows,
-             "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
-             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)},
-             "score": f"average l2 (Eq. 2) per scan over "
-                      f"{f'the best {k} consecutive' if args.score_windows else 'all'} windows",
-             "table1": {"all windows": group_aucs(rows, "score_all_windows"),
-                        f"{k} consecutive windows": group_aucs(rows, "score_top10_windows")},
-             "table1_all_minus_consecutive": C.compare_scores(rows, rows, key_a="score_all_windows",
-                                                              key_b="score_top10_windows"),
-             "auc_over_steps": trained["state"].get("auc_steps", []),
-             "skipped_scans_without_windows": [c.id for c in S_test.cases
-                                               if c.id not in {r["id"] for r in rows}]}
-    has_gt = any(S_test.mask[ex["rows"][args.k_in + args.k_out // 2]].any() for ex in out["kept"].values())
-    cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
-    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info, val_scores=val,
-                   threshold_pct=95.0, history=trained["history"], examples=example_rows(S_test, out, args),
-                   titles={"roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
-                           "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial and l1 terms",
-                           "losses_logy": True, "examples_cols": cols if has_gt else cols[:3]})
-    plot_fig3([dict(group=S_test.cases[i].group, score=float(out["all"][i]), **ex)
-               for i, ex in out["kept"].items()], run.out / "fig3_slices.png")
-    if extra["auc_over_steps"]:
-        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png",
-                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
-    return res
-
 
 
 # ---- proposed for data/datasets.py (the lead moves it) -------------------------------------------
