@@ -4,88 +4,60 @@
     Nakayama H., Satoh S. "MADGAN: unsupervised medical anomaly detection GAN using multiple
     adjacent brain MRI slice reconstruction." BMC Bioinformatics 22 (Suppl 2):31, 2021.
     https://doi.org/10.1186/s12859-020-03936-1
+Not the time-series "MAD-GAN" of Li et al. (ICANN 2019). No public code of it exists: this file is
+written from the paper's text (and Fig. 2, an image whose details we had to read).
 
-Not to be confused with the time-series "MAD-GAN" (Li et al., ICANN 2019, multivariate anomaly
-detection with LSTM GANs): this is the MRI method of Han et al. No public code of it exists; this
-file is written from the paper's text alone (Fig. 2 is an image whose details we had to read).
+Idea: healthy anatomy is continuous from slice to slice. A GAN trained on healthy scans predicts
+the next 3 axial slices from the previous 3 (stacked as 3 channels); where it fails, the anatomy is
+unusual. A scan's anomaly score is its average reconstruction loss over all of its windows.
 
-What this file implements (section / equation of the paper):
-  * Reconstruction (§"MADGAN-based multiple adjacent brain MRI slice reconstruction", Fig. 2): from
-    3 adjacent axial slices stacked as 3 channels, a U-Net generator (4 conv encoder + 4 deconv
-    decoder layers, skips, BatchNorm, LeakyReLU / ReLU, two 0.5-dropout layers) predicts the next 3,
-    for every window of a scan: s1..3 -> s4..6, s2..4 -> s5..7, ..., s(n-5)..(n-3) -> s(n-2)..n.
-    `--sa 0|3|7` SAGAN self-attention modules (Zhang et al. 2019) between conv/deconv and BatchNorm.
-  * Loss: WGAN-GP (Gulrajani et al. 2017) + 100 x l1, Eq. (1) (`--l1-weight 0` = "w/o l1" ablation);
-    Adam lr 2e-4, batch 16, 1.8M steps; the critic's real/synthetic labels flipped once in three steps.
-  * Diagnosis (§"Unsupervised medical anomaly detection"): a scan's score is the average l2 loss,
-    Eq. (2), between the real and the reconstructed next 3 slices over all its windows, or over the
-    10 consecutive windows with the highest loss (`--score-windows 10`, Tables 1-2).
-  * Evaluation: ROC/AUC of CDR 0 against CDR 0.5, 1, 2 and all together (Table 1, Fig. 10), AUC over
-    training steps (Fig. 8: auc_steps.png), per-scan l2 distributions (Fig. 6: scores.png), example
-    slices with a pixelwise l2 jet overlay (Fig. 3: fig3_slices.png).
-
-How the critic's "label flip" applies to a Wasserstein critic: a WGAN critic has no labels, only the
-sign with which real and synthetic samples enter its loss, E[D(fake)] - E[D(real)]. "Flipping the
-real/synthetic labels" therefore swaps the two: on every third critic update we minimise
-E[D(real)] - E[D(fake)] (the gradient penalty, which has no labels, is unchanged). The generator's loss
-is never flipped. `--flip-every 0` turns it off.
+The paper in this file:
+  Fig. 2      U-Net generator (4 conv + 4 deconv layers, skips, BatchNorm, two 0.5 dropouts),
+              critic of 3 convs, 0 / 3 / 7 SAGAN self-attention modules (--sa)     Networks
+  Eq. (1)     l1 = Σ_i |x_i - x'_i|; the generator minimises WGAN-GP + 100 l1       Losses
+  Eq. (2)     l2 = Σ_i (x_i - x'_i)^2 of one window s_j..s_j+2 -> s_j+3..s_j+5       Losses
+  §Diagnosis  scan score = mean l2 over all its windows, or over the 10 consecutive windows
+              with the highest loss (Tables 1-2)                                    Anomaly score
+  §Impl.      Adam 2e-4, batch 16, 1.8M steps, the critic's labels flipped once in three  Training
+  Table 1, Figs. 6, 8, 10: AUC of CDR 0 against CDR 0.5 / 1 / 2 / all, and over training steps;
+  Fig. 3: slices with their pixelwise l2 (fig3_slices.png)                          Appendix
+A WGAN critic has no labels, only the signs with which real and synthetic samples enter its loss
+E[D(x~)] - E[D(x)]: "flipping the labels" swaps them on every third critic update (--flip-every).
 
 Deviations from the paper (and readings of what it leaves open):
-  1. Fig. 2's channel widths, kernel sizes and SA positions are not in the text. We use 4x4 stride-2
-     convs with 64-128-256-512 channels (pix2pix-like, `--base-ch`). SA positions (`SA_SLOTS` below):
-     3-SA = after encoder conv 2, decoder deconv 2 (the 1/4-resolution maps) and critic conv 2;
-     7-SA adds encoder convs 3-4, decoder deconv 1 and critic conv 3. No SA on the half-resolution
-     maps: at 256x176 their attention matrix (11,264^2 per sample) does not fit a batch of 16.
-  2. The critic ("a discriminator with 3 decoders", read as 3 conv layers) sees the 3 input slices
-     and the 3 next slices (6 channels, pix2pix-style conditional critic) and has no BatchNorm:
-     batch normalisation breaks the per-sample gradient penalty of WGAN-GP (Gulrajani et al., §4).
-     It ends in a 1-channel conv whose map is averaged into one score per sample.
-  3. Unstated in the paper, set as in the cited sources: gradient-penalty weight 10 (Gulrajani et al.)
-     and Adam betas (0.5, 0.999) (pix2pix); one critic update per generator update (`--n-critic 1`,
-     as in pix2pix; WGAN-GP's own default is 5, which costs ~3x per step), `--gp-weight`, `--beta1`.
-  4. Eq. (1)/(2) are sums over the P pixels; we use means (sum / P). The l1 weight 100 then has its
-     pix2pix meaning, and the scan score is unchanged up to the constant P (AUCs identical). The l2
-     score is computed on intensities rescaled to [0, 1], the range of the paper's Fig. 3 colour bar.
-  5. Slices: the paper keeps the ~51 axial slices containing hippocampus, amygdala and ventricles
-     and zero-pads 176x240 to 176x256. We take `--n-slices` consecutive slices centred at
-     `--slice-center` of the brain's inferior->superior extent (datasets.slice_stack: crop to the brain's
-     bounding box, pad to a square, resize to `--image-size`), a registration-free approximation.
-     The paper discards "low-quality slices" by an unstated rule; we discard none.
-  6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout), so a scan's
-     score is deterministic; the paper does not say.
-  7. Synthetic data: the T1 phantom's atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour
-     groups are scored too. The paper's T1c metastasis experiment (private data) is not reproduced.
-  8. `quick` preset (2-core CPU, ~5 min): 64x64 slices, 24 slices per scan, `--base-ch 32`, 1,200
-     steps instead of 1.8M (everything else as `paper`); `smoke`: 32x32, 8 slices, tiny nets, a few
-     steps (tests only). Slices are 2 mm on the phantom, so 24 slices span about the 48 mm that the
-     paper's ~51 1-mm slices do.
+  1. Fig. 2's widths, kernels and SA positions are not in the text: 4x4 stride-2 convs with
+     64-128-256-512 channels (pix2pix-like, --base-ch); SA positions in SA_SLOTS, none on the
+     half-resolution maps (at 256x176 their attention matrix does not fit a batch of 16).
+  2. The critic ("a discriminator with 3 decoders", read as 3 convs) sees the 3 input and the 3
+     next slices (conditional, as pix2pix), has no BatchNorm (it breaks the per-sample gradient
+     penalty, Gulrajani et al. §4) and averages a 1-channel map into one score per sample.
+  3. Unstated, taken from the cited sources: gradient-penalty weight 10 (Gulrajani et al.), Adam
+     betas (0.5, 0.999) and one critic update per generator update (pix2pix; WGAN-GP uses 5).
+  4. Eqs. (1)/(2) sum over the P pixels; we take means (sum / P), so the weight 100 keeps its pix2pix
+     meaning and the scan score changes by the constant P only (same AUCs). l2 is computed on
+     intensities rescaled to [0, 1], the range of Fig. 3's colour bar.
+  5. Slices: the paper keeps the ~51 axial slices with hippocampus, amygdala and ventricles; we take
+     --n-slices consecutive slices centred at --slice-center of the brain's inferior->superior
+     extent (no registration) and drop no "low-quality slices" (the paper's rule is unstated).
+  6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout).
+  7. On the phantom atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour groups are scored
+     too. The T1c metastasis experiment (private data) is not reproduced.
+  8. The figures show the middle window of the first test scan of each group (the paper's choice
+     of examples is not stated).
 
-Read the results against the untrained generator. auc_steps.png (Fig. 8) starts at step 0: on the
-phantom an UNTRAINED generator already separates atrophy (AUC about 0.69 / 0.90 / 1.00 for stage
-1 / 2 / 3), because atrophy changes the slab's intensity statistics (more dark CSF) and the l2 score
-feels that. Training mainly adds stage 1 and the lesion groups (about 0.5 -> 0.65-0.7). Short runs
-are noisy: with n_critic = 1 and the label flip the critic often rates reconstructions above real
-slices (watch `wdist` in losses.png), and the AUC can dip for a few hundred steps (Fig. 8 shows the
-paper's AUCs moving with training steps too). On the quick preset (seed 0, one thread each, two runs
-sharing 2 cores; 10-18 min each) we measured at step 1,200, AUC for stage 1 / 2 / 3 and all groups:
-  MADGAN (0-SA)     0.83 / 0.98 / 1.00, all 0.80     w/o l1 (--l1-weight 0)  0.83 / 0.91 / 0.98, all 0.76
-  3-SA (--sa 3)     0.79 / 0.98 / 1.00, all 0.81     7-SA (--sa 7)           0.71 / 0.91 / 0.95, all 0.71
-The AUC rises with the stage in every variant. Without l1 the AUC over steps collapses on the way
-(stage 3: 0.02 at step 300, 0.29 at 900) before it recovers: l1 keeps the reconstruction anchored, as
-Table 1's "w/o l1" rows suggest. More SA modules do not help at this budget. More in the README.
-
-OASIS-3 scale (measured with `--data folder` over 1,133 phantom scans x 51 slices = 57,783 slices of
-256x176, the size of the paper's training set; one thread): the memory-mapped slice cache (15 GB on
-disk) builds in 142 s at 318 MB peak RSS, and 20 training steps at batch 16 peak at 1.5 GB RSS (the
-networks' activations), the whole run at 1.8 GB: the data set is never held in memory.
+Read the results against the untrained generator: auc_steps.png (Fig. 8) starts at step 0, and on
+the phantom an untrained generator already separates atrophy, which darkens the slab (more CSF) and
+so raises the l2 score; what training adds is the rise above step 0. The quick preset (64x64, 24
+slices, 1,200 steps; minutes on 2 CPU cores) shows the AUC rising with the stage; the measured
+0/3/7-SA and w/o-l1 table is in README.md.
 
 Commands:
-    python madgan.py                                  # quick: T1 phantom, ~5 min on 2 CPU cores
+    python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
     python madgan.py --data oasis3 --data-root data/oasis3 --preset paper --amp   # the paper (GPU)
     python madgan.py --data oasis3 --checkpoint runs/.../last.pt                  # score only
     torchrun --nproc_per_node=4 madgan.py --data oasis3 --preset paper --amp --batch-size 4
-                                      # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
+                                  # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
 """
 from __future__ import annotations
 
