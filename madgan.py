@@ -4,23 +4,19 @@
     Nakayama H., Satoh S. "MADGAN: unsupervised medical anomaly detection GAN using multiple
     adjacent brain MRI slice reconstruction." BMC Bioinformatics 22 (Suppl 2):31, 2021.
     https://doi.org/10.1186/s12859-020-03936-1
-Not the time-series "MAD-GAN" of Li et al. (ICANN 2019). No public code of it exists: this file is
-written from the paper's text (and Fig. 2, an image whose details we had to read).
+(not the time-series MAD-GAN of Li et al. 2019). No public code exists: written from the paper.
 
-Idea: healthy anatomy is continuous from slice to slice. A GAN trained on healthy scans predicts
-the next 3 axial slices from the previous 3 (stacked as 3 channels); where it fails, the anatomy is
+Idea: healthy anatomy is continuous from slice to slice. A GAN trained on healthy scans predicts the
+next 3 axial slices from the previous 3 (stacked as 3 channels); where it fails, the anatomy is
 unusual. A scan's anomaly score is its average reconstruction loss over all of its windows.
 
-The paper in this file:
-  Fig. 2      U-Net generator (4 conv + 4 deconv layers, skips, BatchNorm, two 0.5 dropouts),
-              critic of 3 convs, 0 / 3 / 7 SAGAN self-attention modules (--sa)     Networks
-  Eq. (1)     l1 = Σ_i |x_i - x'_i|; the generator minimises WGAN-GP + 100 l1       Losses
-  Eq. (2)     l2 = Σ_i (x_i - x'_i)^2 of one window s_j..s_j+2 -> s_j+3..s_j+5       Losses
-  §Diagnosis  scan score = mean l2 over all its windows, or over the 10 consecutive windows
-              with the highest loss (Tables 1-2)                                    Anomaly score
-  §Impl.      Adam 2e-4, batch 16, 1.8M steps, the critic's labels flipped once in three  Training
-  Table 1, Figs. 6, 8, 10: AUC of CDR 0 against CDR 0.5 / 1 / 2 / all, and over training steps;
-  Fig. 3: slices with their pixelwise l2 (fig3_slices.png)                          Appendix
+  Fig. 2       U-Net generator, 3-conv critic, 0 / 3 / 7 self-attention modules    # Networks
+  Eq. (1)      l1 = Σ_i |x_i - x'_i|: the generator minimises WGAN-GP + 100 l1     # Losses
+  Eq. (2)      l2 = Σ_i (x_i - x'_i)^2 of a window s_j..j+2 -> s_j+3..j+5         # Losses
+  §Diagnosis   scan score: mean l2 over all windows, or over the 10 consecutive
+               windows with the highest loss (Tables 1-2)                       # Anomaly score
+  §Impl.       Adam 2e-4, batch 16, 1.8M steps, labels flipped once in three    # Training
+  Tables 1-2, Figs. 6, 8, 10: AUC of CDR 0 vs CDR 0.5 / 1 / 2 / all, over steps; Fig. 3 slices
 A WGAN critic has no labels, only the signs with which real and synthetic samples enter its loss
 E[D(x~)] - E[D(x)]: "flipping the labels" swaps them on every third critic update (--flip-every).
 
@@ -33,9 +29,8 @@ Deviations from the paper (and readings of what it leaves open):
      penalty, Gulrajani et al. §4) and averages a 1-channel map into one score per sample.
   3. Unstated, taken from the cited sources: gradient-penalty weight 10 (Gulrajani et al.), Adam
      betas (0.5, 0.999) and one critic update per generator update (pix2pix; WGAN-GP uses 5).
-  4. Eqs. (1)/(2) sum over the P pixels; we take means (sum / P), so the weight 100 keeps its pix2pix
-     meaning and the scan score changes by the constant P only (same AUCs). l2 is computed on
-     intensities rescaled to [0, 1], the range of Fig. 3's colour bar.
+  4. Eqs. (1)/(2) sum over the P pixels; we take means (sum / P): 100 keeps its pix2pix meaning and
+     the scan score changes by the constant P only. l2 is on intensities in [0, 1] (Fig. 3's scale).
   5. Slices: the paper keeps the ~51 axial slices with hippocampus, amygdala and ventricles; we take
      --n-slices consecutive slices centred at --slice-center of the brain's inferior->superior
      extent (no registration) and drop no "low-quality slices" (the paper's rule is unstated).
@@ -51,7 +46,6 @@ so raises the l2 score; what training adds is the rise above step 0. The quick p
 slices, 1,200 steps; minutes on 2 CPU cores) shows the AUC rising with the stage; the measured
 0/3/7-SA and w/o-l1 table is in README.md.
 
-Commands:
     python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
     python madgan.py --data oasis3 --data-root data/oasis3 --preset paper --amp   # the paper (GPU)
@@ -59,10 +53,7 @@ Commands:
     torchrun --nproc_per_node=4 madgan.py --data oasis3 --preset paper --amp --batch-size 4
                                   # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
 """
-from __future__ import annotations
-
 import functools
-import math
 
 import numpy as np
 import torch
@@ -79,20 +70,22 @@ METHOD = "madgan"
 # =================================================================================================
 
 HYPER = dict(
-    # data: windows of adjacent axial slices (§Datasets, §MADGAN-based ... reconstruction)
+    # data: windows of adjacent axial slices
     image_size=C.hp([256, 176], "slice size H W, §Datasets (176x256 after zero-padding)", lo=16,
                     metavar=("H", "W")),
-    n_slices=C.hp(51, "consecutive axial slices per scan with hippocampus, amygdala and ventricles, "
-                      "§Datasets (57,834 slices / 1,133 scans; Deviation 5)", lo=2),
+    n_slices=C.hp(51, "consecutive axial slices per scan, those with hippocampus, amygdala and "
+                      "ventricles, §Datasets (57,834 slices / 1,133 scans; Deviation 5)", lo=2),
     slice_center=C.hp(0.5, "centre of that slab as a fraction of the brain's inferior->superior "
-                           "extent (our stand-in for the anatomical selection, Deviation 5)", lo=0, hi=1),
+                           "extent (our stand-in for the anatomical selection, Deviation 5)",
+                      lo=0, hi=1),
     k_in=C.hp(3, "input slices per window, §Methods", lo=1),
     k_out=C.hp(3, "reconstructed next slices per window, §Methods", lo=1),
     # networks (Fig. 2)
     base_ch=C.hp(64, "channels of the first conv, Fig. 2 as we read it (Deviation 1)", lo=1),
     sa=C.hp(0, "SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN",
             choices=[0, 3, 7]),
-    dropout=C.hp(0.5, "rate of the generator's two dropout layers, §Implementation details", lo=0, hi=0.99),
+    dropout=C.hp(0.5, "rate of the generator's two dropout layers, §Implementation details",
+                 lo=0, hi=0.99),
     # losses and optimisation (§Implementation details)
     l1_weight=C.hp(100.0, "weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1 (0 = the 'w/o l1' "
                           "ablation of Table 1)", lo=0),
@@ -100,17 +93,18 @@ HYPER = dict(
     lr=C.hp(2e-4, "Adam learning rate, §Implementation details", lo=1e-8, hi=1),
     beta1=C.hp(0.5, "Adam β1 (unstated; pix2pix)", lo=0, hi=0.9999),
     beta2=C.hp(0.999, "Adam β2 (unstated; pix2pix)", lo=0, hi=0.9999),
-    batch_size=C.hp(16, "windows per step (per process under torchrun), §Implementation details", lo=1),
+    batch_size=C.hp(16, "windows per step (per process under torchrun), §Implementation details",
+                    lo=1),
     steps=C.hp(1_800_000, "generator steps, §Implementation details", lo=0),
     n_critic=C.hp(1, "critic updates per generator update (unstated; pix2pix 1, WGAN-GP 5)", lo=1),
     flip_every=C.hp(3, "flip the critic's real/synthetic labels once every N critic updates, "
                        "§Implementation details ('once in three times'; 0 = never)", lo=0),
     # anomaly score and evaluation (§Unsupervised medical anomaly detection, Tables 1-2, Fig. 8)
-    score_windows=C.hp(0, "scan score = mean l2 over all windows (0, the main result) or over the K "
-                          "consecutive windows with the highest loss (10), Tables 1-2; both are "
+    score_windows=C.hp(0, "scan score = mean l2 over all windows (0, the main result) or over the "
+                          "K consecutive windows with the highest loss (10), Tables 1-2; both are "
                           "always reported", lo=0),
-    eval_every=C.hp(150_000, "AUC over training steps every N steps, Fig. 8 (150k ... 1.8M; reporting "
-                             "only, never used to pick a checkpoint; 0 = off)", lo=0),
+    eval_every=C.hp(150_000, "AUC over training steps every N steps, Fig. 8 (150k ... 1.8M; "
+                             "reporting only, never used to pick a checkpoint; 0 = off)", lo=0),
     eval_batch=C.hp(64, "windows per forward pass when scoring", lo=1),
 )
 # quick: a CPU run of minutes: 64x64 slices, 24 slices per scan (the phantom's 2 mm slices span the
@@ -167,9 +161,9 @@ class SelfAttention(nn.Module):
         f = self.f(x).flatten(2)                              # (B, C/8, N), N = H·W
         g = self.g(x).flatten(2)                              # (B, C/8, N)
         h = self.h(x).flatten(2)                              # (B, C, N)
-        s = torch.bmm(f.transpose(1, 2), g)                   # (B, N_i, N_j): s_ij = f(x_i)^T g(x_j)
+        s = torch.bmm(f.transpose(1, 2), g)                   # (B, N_i, N_j): f(x_i)^T g(x_j)
         beta = torch.softmax(s.float(), dim=1).to(h.dtype)    # β_{j,i}: normalised over i (dim 1)
-        o = torch.bmm(h, beta)                                # (B, C, N_j): o_j = Σ_i β_{j,i} h(x_i)
+        o = torch.bmm(h, beta)                                # (B, C, N_j): Σ_i β_{j,i} h(x_i)
         return x + self.gamma * o.view(B, Ch, H, W)
 
 
@@ -178,7 +172,7 @@ def _sa_or_identity(name, channels, sa_at):
 
 
 class Down(nn.Module):
-    """Encoder layer: 4x4 stride-2 conv -> [SA] -> BatchNorm -> LeakyReLU(0.2)  (Fig. 2, §Methods)."""
+    """Encoder layer (Fig. 2): 4x4 stride-2 conv -> [SA] -> BatchNorm -> LeakyReLU(0.2)."""
 
     def __init__(self, c_in, c_out, *, name, sa_at):
         super().__init__()
@@ -186,7 +180,7 @@ class Down(nn.Module):
         self.sa = _sa_or_identity(name, c_out, sa_at)
         self.bn = nn.BatchNorm2d(c_out)
 
-    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, H/2, W/2)
+    def forward(self, x):                                     # (B, c_in, H, W) -> (.., H/2, W/2)
         return F.leaky_relu(self.bn(self.sa(self.conv(x))), 0.2)
 
 
@@ -200,13 +194,13 @@ class Up(nn.Module):
         self.bn = nn.BatchNorm2d(c_out)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, 2H, 2W)
+    def forward(self, x):                                     # (B, c_in, H, W) -> (.., 2H, 2W)
         return self.drop(F.relu(self.bn(self.sa(self.deconv(x)))))
 
 
 class Generator(nn.Module):
     """U-Net of Fig. 2: 4 conv encoder layers, 4 deconv decoder layers with skip connections,
-    3 input slices -> 3 next slices in [-1, 1] (tanh). Two dropout layers (the first two decoders)."""
+    3 input slices -> 3 next slices in [-1, 1] (tanh); dropout in the first two decoder layers."""
 
     def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=(), dropout=0.5):
         super().__init__()
@@ -232,9 +226,9 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """WGAN-GP critic (Fig. 2's discriminator, 3 conv layers; Deviation 2): conditional on the input
-    slices, no normalisation layers, LeakyReLU(0.2); a final 1-channel conv map averaged to one
-    real number per sample."""
+    """WGAN-GP critic (Fig. 2's discriminator, 3 conv layers; Deviation 2): conditional on the
+    input slices, no normalisation layers, LeakyReLU(0.2); a final 1-channel conv map averaged to
+    one real number per sample."""
 
     def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=()):
         super().__init__()
@@ -246,7 +240,7 @@ class Critic(nn.Module):
         self.sa3 = _sa_or_identity("D.conv3", c3, sa_at)
         self.head = nn.Conv2d(c3, 1, 3, stride=1, padding=1)
 
-    def forward(self, cond, x):                               # (B, 3, H, W) input, (B, 3, H, W) next
+    def forward(self, cond, x):                               # (B, 3, H, W) input, next slices
         h = F.leaky_relu(self.conv1(torch.cat([cond, x], 1)), 0.2)   # (B, c1, H/2, W/2)
         h = F.leaky_relu(self.sa2(self.conv2(h)), 0.2)               # (B, c2, H/4, W/4)
         h = F.leaky_relu(self.sa3(self.conv3(h)), 0.2)               # (B, c3, H/8, W/8)
@@ -254,10 +248,8 @@ class Critic(nn.Module):
 
 
 def build_models(args):
-    sa_at = SA_SLOTS[args.sa]
-    G = Generator(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at, dropout=args.dropout)
-    D = Critic(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at)
-    return G, D
+    sa_at, k = SA_SLOTS[args.sa], dict(k_in=args.k_in, k_out=args.k_out, base=args.base_ch)
+    return Generator(**k, sa_at=sa_at, dropout=args.dropout), Critic(**k, sa_at=sa_at)
 
 
 # =================================================================================================
@@ -273,7 +265,7 @@ def l1_loss(x, x_rec):
 def l2_per_window(x, x_rec):
     """Eq. (2): l2 = Σ_{i=1}^{P} (x_i - x'_i)^2, divided by P, one value per window (B,).
     x, x_rec in [-1, 1] are first rescaled to [0, 1] (Deviation 4): ((x - x')/2)^2."""
-    d = (x.float() - x_rec.float()) / 2                        # (B, 3, H, W), [0, 1] intensity units
+    d = (x.float() - x_rec.float()) / 2                        # (B, 3, H, W), [0, 1] intensities
     # Eq. (2): l2 = Σ_i (x_i − x'_i)^2  (/P)
     return d.pow(2).flatten(1).mean(1)                         # (B,)
 
@@ -294,10 +286,10 @@ def gradient_penalty(critic, cond, real, fake, eps=None):
     B = real.shape[0]
     if eps is None:
         eps = torch.rand(B, 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)   # (B, 3, H, W)
-    d_hat = critic(cond, x_hat)                                                       # (B,)
-    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)              # (B, 3, H, W)
-    norm = grad.float().flatten(1).norm(2, dim=1)                                     # (B,) per sample
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)  # (B, 3, H, W)
+    d_hat = critic(cond, x_hat)                                                      # (B,)
+    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)             # (B, 3, H, W)
+    norm = grad.float().flatten(1).norm(2, dim=1)                                    # (B,)
     # GP = E[(‖∇_x^ D(x^)‖₂ − 1)²]
     return ((norm - 1) ** 2).mean()
 
@@ -312,25 +304,25 @@ def generator_loss(d_fake, x, x_rec, l1_weight):
 
 
 # =================================================================================================
-# Anomaly score (§"Unsupervised medical anomaly detection")
+# Anomaly score (§Unsupervised medical anomaly detection: average l2 per scan, Eq. (2))
 # =================================================================================================
 
 def slice_windows(n_slices, k_in=3, k_out=3):
     """Start indices s of every window of one scan of n slices: input slices s .. s+k_in-1, next
-    slices s+k_in .. s+k_in+k_out-1 (s1..3 -> s4..6, s2..4 -> s5..7, ...; none if the scan is short)."""
+    slices s+k_in .. s+k_in+k_out-1 (s1..3 -> s4..6, s2..4 -> s5..7, ...; none if it is short)."""
     return np.arange(max(n_slices - k_in - k_out + 1, 0))
 
 
 def window_table(S, k_in=3, k_out=3):
-    """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and the
-    scan (case index) of each window. Windows are built per scan, so none crosses two scans:
+    """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and
+    the scan (case index) of each window. Windows are built per scan, so none crosses two scans:
     scan i with n slices gives windows s = 0..n-k_in-k_out (slice_windows)."""
     rows, case = [], []
     for i in range(len(S.cases)):
         r = S.slices_of(i)                                     # (n,) rows of scan i in slice order
-        starts = slice_windows(len(r), k_in, k_out)          # (w,)
+        starts = slice_windows(len(r), k_in, k_out)            # (w,)
         if len(starts):
-            rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])   # (w, k_in + k_out)
+            rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])  # (w, k_in + k_out)
             case.append(np.full(len(starts), i, np.int64))
     if not rows:
         return np.zeros((0, k_in + k_out), np.int64), np.zeros(0, np.int64)
@@ -359,7 +351,7 @@ def scan_scores(window_loss, window_case, n_cases, score_windows=0):
 
 
 def split_window(batch, k_in, device):
-    """(B, k_in + k_out, H, W) numpy window -> input slices (B, k_in, H, W), next slices (B, k_out, H, W)."""
+    """(B, k_in + k_out, H, W) numpy windows -> input slices, next slices (tensors on device)."""
     t = torch.from_numpy(batch).to(device, non_blocking=True)
     return t[:, :k_in], t[:, k_in:]
 
@@ -367,9 +359,10 @@ def split_window(batch, k_in, device):
 @torch.no_grad()
 def score(G, S, args, device, keep=()):
     """The trained generator applied to a slice set: Eq. (2) for every window (eval mode), averaged
-    per scan over all its windows and over the best `score_windows` (or 10) consecutive ones.
-    keep: scan indices whose middle window to keep for the figures (during this one pass).
-    -> dict(all=, top=, n_windows= (n_scans,), losses=(all windows,), kept={scan: dict(window, recon, rows)})"""
+    per scan over all its windows ("all") and over the best --score-windows (or 10) consecutive ones
+    ("top"). keep: scans whose middle window the figures show, kept during this one pass.
+    -> dict(all, top, n_windows: (n_scans,); losses: (windows,); kept: {scan: window, recon, rows})
+    """
     G.eval()
     win_rows, case = window_table(S, args.k_in, args.k_out)
     mid = {}                                                   # window index -> scan to keep it for
@@ -386,11 +379,13 @@ def score(G, S, args, device, keep=()):
             rec = G(cond)                                      # (b, 3, H, W)
         losses[a: a + len(batch)] = l2_per_window(real, rec).cpu().numpy()
         for w in sorted(set(mid) & set(range(a, a + len(batch)))):
-            kept[mid[w]] = dict(window=batch[w - a], recon=rec[w - a].float().cpu().numpy(), rows=win_rows[w])
-    kept = {i: kept[i] for i in keep if i in kept}             # in the order asked for
+            kept[mid[w]] = dict(window=batch[w - a], recon=rec[w - a].float().cpu().numpy(),
+                                rows=win_rows[w])
     n = len(S.cases)
-    return dict(all=scan_scores(losses, case, n, 0), top=scan_scores(losses, case, n, args.score_windows or 10),
-                n_windows=np.bincount(case, minlength=n), losses=losses, kept=kept)
+    return dict(all=scan_scores(losses, case, n, 0),
+                top=scan_scores(losses, case, n, args.score_windows or 10),
+                n_windows=np.bincount(case, minlength=n), losses=losses,
+                kept={i: kept[i] for i in keep if i in kept})
 
 
 # =================================================================================================
@@ -431,24 +426,27 @@ def train_step(G, D, opt_G, opt_D, windows, step, args):
 
 
 def train(args, run, G, D, S_train, win_rows, fig8):
-    """Train on the windows of healthy scans; fig8(step) records the AUCs of Fig. 8 (reporting only).
-    -> dict(history, state (with "auc_steps"), train_s, checkpoints (the loop's I/O report))"""
+    """Train on the windows of healthy scans; fig8(step) -> the AUCs of Fig. 8 (reporting only).
+    -> dict(history, state (with "auc_steps"), train_s, checkpoints: the loop's I/O report)"""
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     batches = C.Batches(len(win_rows), args.batch_size, args.seed)
-    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D}, batches={"windows": batches},
-                  log_every=max(1, args.steps // 60))
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D},
+                  batches={"windows": batches}, log_every=max(1, args.steps // 60))
     # under torchrun, DDP wrappers that average the gradients over the processes (each has its own
     # --batch-size windows of every global batch); alone, G and D themselves
     G_, D_ = C.ddp_wrap(G, run.device), C.ddp_wrap(D, run.device)
     read = RowReader(S_train.x)
-    n_par = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D)]
+    world = f" x {C.ddp_world()} processes = {batches.global_batch}" if C.ddp_world() > 1 else ""
     run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
-            f"{args.steps} steps, batch {args.batch_size}"
-            f"{f' x {C.ddp_world()} processes = {batches.global_batch}' if C.ddp_world() > 1 else ''}; "
-            f"G {n_par[0]:.2f}M, D {n_par[1]:.2f}M parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
-    auc_steps = loop.state.setdefault("auc_steps", [])
-    evaluate = lambda step: auc_steps.extend(e for e in [C.on_main(fig8, step)] if e)  # noqa: E731
+            f"{args.steps} steps, batch {args.batch_size}{world}; SA modules: "
+            f"{', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    auc_steps = loop.state.setdefault("auc_steps", [])        # resumed with the loop's state
+
+    def evaluate(step):                                        # on process 0; the others wait
+        e = C.on_main(fig8, step)
+        if e is not None:
+            auc_steps.append(e)
     if args.eval_every and loop.state["total_steps"] == 0 and not auc_steps:
         evaluate(0)                                            # the untrained generator: a baseline
     for step in loop.phase("train", args.steps):
@@ -456,53 +454,53 @@ def train(args, run, G, D, S_train, win_rows, fig8):
                    for _ in range(args.n_critic)]
         loop.log(train_step(G_, D_, opt_G, opt_D, windows, step, args))
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            evaluate(step)                                     # on process 0; the others wait
+            evaluate(step)
     train_s = loop.close()
     run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
-    return dict(history=loop.history, state=loop.state, train_s=train_s, checkpoints=loop.io_report())
+    return dict(history=loop.history, state=loop.state, train_s=train_s,
+                checkpoints=loop.io_report())
 
 
 # =================================================================================================
-# Scoring and evaluation (Table 1, Fig. 8; the rows of C.report)
+# Scoring and evaluation (Tables 1-2, Fig. 8; the rows of C.report)
 # =================================================================================================
 
 def load_slabs(data, args):
-    """The slab of --n-slices consecutive slices of every scan (Deviation 5), memory-mapped; whole
-    slabs (drop_anomalous=False), as a window must never skip a slice. -> train, val (or None), test"""
-    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
-                 cache_dir=args.cache_dir, drop_anomalous=False)
+    """The --n-slices slab of every scan (Deviation 5), memory-mapped, whole (drop_anomalous=False:
+    a window must never skip a slice). -> train, val (None if there is none), test"""
+    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices,
+                 center=args.slice_center, cache_dir=args.cache_dir, drop_anomalous=False)
+    S_train = datasets.slice_stack(data.train, desc="train", **stack)
     S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
-    return (datasets.slice_stack(data.train, desc="train", **stack), S_val if S_val is not None and len(S_val)
-            else None, datasets.slice_stack(data.test, desc="test", **stack))
+    S_test = datasets.slice_stack(data.test, desc="test", **stack)
+    return S_train, S_val if S_val is not None and len(S_val) else None, S_test
 
 
 def scan_rows(cases, out, args):
-    """One row per scan with windows (the rows contract; a scan is its own case): the score of
-    --score-windows and both Table 1 scores."""
+    """One row per scan with windows (a scan is its own case): the score of --score-windows and
+    both scores of Table 1."""
     primary = out["top"] if args.score_windows else out["all"]
     return [dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
                  score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
-                 n_windows=int(out["n_windows"][i])) for i, c in enumerate(cases) if np.isfinite(primary[i])]
+                 n_windows=int(out["n_windows"][i]))
+            for i, c in enumerate(cases) if np.isfinite(primary[i])]
 
 
 def is_stage(group):
     """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
-    return group.startswith("atrophy_") or (group.startswith("cdr_") and group not in ("cdr_0", "cdr_0.0"))
+    return group.startswith("atrophy_") or (group.startswith("cdr_")
+                                            and group not in ("cdr_0", "cdr_0.0"))
 
 
 def stage_order(groups):
-    """Order groups for figures: normal first, then stages, then the rest."""
-    def key(n):
-        tail = n.split("_", 1)[-1]
-        num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
-        normal = not is_stage(n) and (n == "normal" or n.endswith("_0"))
-        return (0 if normal else 1 if is_stage(n) else 2, num, n)
-    return sorted(groups, key=key)
+    """Order groups for figures: normal, the stages (cdr_0.5 < cdr_1 < cdr_2), then the rest."""
+    normal = ("normal", "cdr_0", "cdr_0.0")
+    return sorted(groups, key=lambda n: (1 if is_stage(n) else 0 if n in normal else 2, n))
 
 
 def group_aucs(rows, key="score"):
-    """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of them,
-    and against all disease stages together (CDR 0.5 + 1 + 2; atrophy_1 + 2 + 3 on the phantom)."""
+    """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of
+    them, and against all disease stages together (CDR 0.5 + 1 + 2; atrophy_1 + 2 + 3)."""
     y = np.array([r["label"] for r in rows])
     g = np.array([r["group"] for r in rows])
     s = np.array([r[key] for r in rows], np.float64)
@@ -518,18 +516,18 @@ def group_aucs(rows, key="score"):
 
 
 def table1(rows, args):
-    """Tables 1-2: the AUCs of both scan scores, and their paired difference (the paper: 'limited')."""
+    """Tables 1-2: the AUCs of both scan scores and their paired difference ('limited', §Results)"""
     k = args.score_windows or 10
     return {"score": f"average l2 (Eq. 2) per scan over "
                      f"{f'the best {k} consecutive' if args.score_windows else 'all'} windows",
             "table1": {"all windows": group_aucs(rows, "score_all_windows"),
                        f"{k} consecutive windows": group_aucs(rows, "score_top10_windows")},
-            "table1_all_minus_consecutive": C.compare_scores(rows, rows, key_a="score_all_windows",
-                                                             key_b="score_top10_windows")}
+            "table1_all_minus_consecutive": C.compare_scores(
+                rows, rows, key_a="score_all_windows", key_b="score_top10_windows")}
 
 
 def auc_at_step(run, G, S_test, S_val, args, step):
-    """Fig. 8: the AUCs of the current generator at a training step (reporting only: never selects)."""
+    """Fig. 8: the AUCs of the current generator at a training step (reporting only)."""
     rows = scan_rows(S_test.cases, score(G, S_test, args, run.device), args)
     e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
          "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
@@ -540,23 +538,21 @@ def auc_at_step(run, G, S_test, S_val, args, step):
 
 
 def example_scans(cases, max_rows=7):
-    """The scans the figures show, chosen before scoring (by group, never by score): the first scan
-    of every group, normal first, then the stages."""
-    first = {}
-    for i, c in enumerate(cases):
-        first.setdefault(c.group, i)
+    """The scans the figures show, chosen before scoring (by group, never by score): the first
+    scan of every group, normal first, then the stages."""
+    first = {c.group: i for i, c in reversed(list(enumerate(cases)))}   # group -> its first scan
     return [first[g] for g in stage_order(first)][:max_rows]
 
 
 def example_rows(S, out, args):
-    """examples.png: per example scan its middle target slice, reconstruction, pixelwise l2, mask."""
-    mid, rows = args.k_out // 2, []
+    """examples.png: per example scan its middle next slice, reconstruction, pixelwise l2, mask."""
+    j, rows = args.k_in + args.k_out // 2, []
     for i, ex in out["kept"].items():
-        zrow = ex["rows"][args.k_in + mid]
-        gt = np.asarray(S.mask[zrow]) if S.mask[zrow].any() else None
-        rows.append(dict(title=f"{S.cases[i].group} ({S.cases[i].id.split('/')[-1]})",
-                         input=ex["window"][args.k_in + mid], reconstruction=ex["recon"][mid],
-                         amap=((ex["window"][args.k_in + mid] - ex["recon"][mid]) / 2) ** 2, gt=gt))
+        x, rec = ex["window"][j], ex["recon"][j - args.k_in]
+        gt = np.asarray(S.mask[ex["rows"][j]])
+        rows.append(dict(title=f"{S.cases[i].group} ({S.cases[i].id.split('/')[-1]})", input=x,
+                         reconstruction=rec, amap=((x - rec) / 2) ** 2,
+                         gt=gt if gt.any() else None))
     return rows
 
 
@@ -574,9 +570,8 @@ def main(argv=None):
     if len(win_rows) == 0:
         C.fail(f"no training window: every scan has fewer than --k-in + --k-out = "
                f"{args.k_in + args.k_out} slices")
-    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
-            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
-            f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
+    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} "
+            f"({len(data.test)} scans); caches ready in {t_cache.seconds:.1f}s")
     G, D = (m.to(run.device) for m in build_models(args))
     if args.checkpoint:                                        # score only
         ck = C.load_models(args.checkpoint, {"G": G}, METHOD)
@@ -585,35 +580,38 @@ def main(argv=None):
     else:
         fig8 = functools.partial(auc_at_step, run, G, S_test, S_val, args)
         trained = train(args, run, G, D, S_train, win_rows, fig8)
-    if not C.is_main():                                        # torchrun: process 0 scores and writes
+    if not C.is_main():                                        # torchrun: process 0 scores, writes
         return None
     with C.Timer() as t:
         out = score(G, S_test, args, run.device, keep=example_scans(S_test.cases))
-    key = "top" if args.score_windows else "all"
+    key = "top" if args.score_windows else "all"               # the scan score of --score-windows
     val = score(G, S_val, args, run.device)[key] if S_val is not None else None
     rows = scan_rows(S_test.cases, out, args)
     timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
-              "score_s": round(t.seconds, 2), "score_s_per_sample": round(t.seconds / len(S_test.cases), 4),
-              "checkpoints": trained["checkpoints"]}
+              "score_s": round(t.seconds, 2), "checkpoints": trained["checkpoints"],
+              "score_s_per_sample": round(t.seconds / len(S_test.cases), 4)}
     extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
              "steps": args.steps, "score_windows": args.score_windows, "world_size": C.ddp_world(),
              "effective_batch_size": args.batch_size * C.ddp_world(),
-             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)},
+             "slices": {"train": len(S_train), "train_windows": len(win_rows), "test": len(S_test)},
              **table1(rows, args), "auc_over_steps": trained["state"].get("auc_steps", []),
-             "skipped_scans_without_windows": [c.id for c, n in zip(S_test.cases, out["n_windows"]) if not n]}
+             "skipped_scans_without_windows": [c.id for c, n in zip(S_test.cases, out["n_windows"])
+                                               if not n]}
     examples = example_rows(S_test, out, args)
     cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
-    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info, val_scores=val,
-                   threshold_pct=95.0, history=trained["history"], examples=examples,
-                   titles={"roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
-                           "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial and l1 terms",
-                           "losses_logy": True,
-                           "examples_cols": cols if any(r["gt"] is not None for r in examples) else cols[:3]})
+    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info,
+                   val_scores=val, threshold_pct=95.0,
+                   history=trained["history"], examples=examples, titles={
+                       "roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
+                       "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial, l1 terms",
+                       "losses_logy": True,
+                       "examples_cols": cols if any(r["gt"] is not None for r in examples)
+                       else cols[:3]})
     plot_fig3([dict(group=S_test.cases[i].group, score=float(out["all"][i]), **ex)
                for i, ex in out["kept"].items()], run.out / "fig3_slices.png")
     if extra["auc_over_steps"]:
-        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png",
-                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
+        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png", title=f"AUC over "
+                       f"training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
     return res
 
 
@@ -625,10 +623,9 @@ def plot_auc_steps(auc_steps, path, title):
     """Fig. 8: AUC of normal vs each group over training steps."""
     plt = C._plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    names = stage_order([k for k in auc_steps[0]["auroc"] if k != "all"]) + ["all"]
-    for name in names:
-        pts = [(e["step"], e["auroc"][name]) for e in auc_steps if name in e["auroc"]]
-        st, v = np.asarray(pts, dtype=float).T
+    for name in stage_order([k for k in auc_steps[0]["auroc"] if k != "all"]) + ["all"]:
+        st, v = np.asarray([(e["step"], e["auroc"][name]) for e in auc_steps if name in e["auroc"]],
+                           dtype=float).T
         ax.plot(st, v, marker="o", ms=3, lw=2.2 if name in ("all", "all_stages") else 1.3,
                 ls="--" if name == "all" else "-", label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -639,77 +636,68 @@ def plot_auc_steps(auc_steps, path, title):
 
 
 def plot_fig3(examples, path, vmax=0.1):
-    """Fig. 3: per row one scan: input 3 slices | ground-truth next 3 | reconstructed next 3 |
-    pixelwise l2 (jet, [0, vmax], alpha-blended) over the ground truth, with each slice's l2 value.
-    Drawn as one mosaic image (fast even for many rows)."""
+    """Fig. 3: one row per scan: the 3 input slices | the real next 3 | the reconstructed next 3 |
+    their pixelwise l2 (jet in [0, vmax], alpha-blended over the real slice) with each slice's l2.
+    One mosaic image, so that it stays fast for many rows."""
     plt = C._plt()
     jet = plt.get_cmap("jet")
-    rows = []
-    for ex in examples:
-        win, rec = ex["window"], ex["recon"]                   # (6, H, W), (3, H, W)
-        k_in = win.shape[0] - rec.shape[0]
-        gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1).astype(np.float32)  # (H, W, 3)
-        l2map = ((win[k_in:] - rec) / 2) ** 2                  # (3, H, W), [0, 1] units as Eq. (2)
-        alpha = np.clip(l2map / vmax, 0, 1)[..., None] * 0.85  # (3, H, W, 1)
-        over = [(1 - alpha[j]) * gray(win[k_in + j]) + alpha[j] * jet(np.clip(l2map[j] / vmax, 0, 1))[..., :3]
-                for j in range(len(rec))]
-        tiles = [gray(a) for a in win] + [gray(a) for a in rec] + over   # input, real next, recon, l2
-        rows.append((tiles, [float(m.mean()) for m in l2map]))
-    H, W = examples[0]["window"].shape[1:]
-    n_t, k, gap = len(rows[0][0]), len(examples[0]["recon"]), max(H // 16, 1)
-
-    def x0(j):                                                 # left edge of tile j; a wider gap every 3 tiles
-        return j * (W + gap) + gap * (j // 3)
-    mosaic = np.ones((len(rows) * (H + gap), x0(n_t), 3), np.float32)
-    for i, (tiles, _) in enumerate(rows):
-        for j, t in enumerate(tiles):
-            mosaic[i * (H + gap): i * (H + gap) + H, x0(j): x0(j) + W] = np.clip(t, 0, 1)
-    fig, ax = plt.subplots(figsize=(min(1.1 * n_t, 16), 1.15 * len(rows) + 0.7))
+    k = len(examples[0]["recon"])
+    k_in, (H, W) = len(examples[0]["window"]) - k, examples[0]["window"].shape[1:]
+    gap = max(H // 16, 1)
+    gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1)  # noqa: E731
+    x0 = lambda j: j * (W + gap) + gap * (j // 3)   # noqa: E731  left edge of tile j (gap after 3)
+    mosaic = np.ones((len(examples) * (H + gap), x0(k_in + 3 * k), 3), np.float32)
+    fig, ax = plt.subplots(figsize=(min(1.1 * (k_in + 3 * k), 16), 1.15 * len(examples) + 0.7))
+    for i, ex in enumerate(examples):
+        win, rec, y0 = ex["window"], ex["recon"], i * (H + gap)   # (6, H, W), (3, H, W)
+        l2 = ((win[k_in:] - rec) / 2) ** 2                     # (3, H, W): Eq. (2) per pixel
+        a = np.clip(l2 / vmax, 0, 1)[..., None] * 0.85         # (3, H, W, 1) overlay opacity
+        over = [(1 - a[j]) * gray(win[k_in + j]) + a[j] * jet(np.clip(l2[j] / vmax, 0, 1))[..., :3]
+                for j in range(k)]
+        for j, tile in enumerate([gray(s) for s in win] + [gray(s) for s in rec] + over):
+            mosaic[y0: y0 + H, x0(j): x0(j) + W] = np.clip(tile, 0, 1)
+        ax.text(-gap, y0 + H / 2, f"{ex['group']}\nscan l2 {ex['score']:.4f}", ha="right",
+                va="center", fontsize=7)
+        for j in range(k):
+            ax.text(x0(k_in + 2 * k + j) + 1, y0 + H - 1, f"{l2[j].mean():.4f}", color="white",
+                    fontsize=6, va="bottom")
     ax.imshow(mosaic, interpolation="nearest")
-    k_in = n_t - 3 * k
-    heads = [f"input s{j + 1}" for j in range(k_in)] + [f"real s{j + 1 + k_in}" for j in range(k)] \
-        + [f"recon. s{j + 1 + k_in}" for j in range(k)] + [f"l2 s{j + 1 + k_in}" for j in range(k)]
+    heads = [f"input s{j + 1}" for j in range(k_in)] + [f"{what} s{j + 1 + k_in}" for what in
+                                                         ("real", "recon.", "l2") for j in range(k)]
     for j, h in enumerate(heads):
         ax.text(x0(j) + W / 2, -gap, h, ha="center", va="bottom", fontsize=7)
-    for i, (ex, (_, l2s)) in enumerate(zip(examples, rows)):
-        y0 = i * (H + gap)
-        ax.text(-gap, y0 + H / 2, f"{ex['group']}\nscan l2 {ex['score']:.4f}", ha="right", va="center", fontsize=7)
-        for j, v in enumerate(l2s):
-            ax.text(x0(n_t - k + j) + 1, y0 + H - 1, f"{v:.4f}", color="white", fontsize=6, va="bottom")
     ax.axis("off")
-    ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet [0, {vmax}] "
-                 f"(Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
+    ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet "
+                 f"[0, {vmax}] (Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
     C._save(fig, path)
 
 
 # ---- proposed for data/datasets.py (the lead moves it) -------------------------------------------
 
 class RowReader:
-    """Rows of a (memory-mapped) array x (N, ...) -> float32. Each run of consecutive rows is one plain
-    file read, so the pages go to the OS page cache rather than to this process's resident memory:
-    peak RSS stays at one batch, whatever the size of the data set. reader(rows) for an int array
-    of any shape -> (*rows.shape, *x.shape[1:]); every distinct row is read once."""
+    """Rows of an array x (N, ...) as float32: reader(rows), rows an int array of any shape ->
+    (*rows.shape, *x.shape[1:]), every distinct row read once. For x as np.memmap opened it (not a
+    view of one), each run of consecutive rows is one plain file read, so the pages go to the OS
+    page cache, not to this process's resident memory: peak RSS stays at one batch, whatever the
+    size of the data set."""
 
     def __init__(self, x):
-        self.x = x
-        self.path = x.filename if isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous else None
-        self.row_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        self.x, self.row_bytes = x, int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        self.path = x.filename if isinstance(x, np.memmap) and x.flags.c_contiguous else None
 
     def __call__(self, rows):
         rows = np.asarray(rows)
         u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
         if self.path is None:
-            out = np.asarray(self.x[u], dtype=np.float32)
-        else:
-            out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
-            with open(self.path, "rb") as f:
-                for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
-                    if len(run):
-                        f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
-                        out[run] = np.frombuffer(f.read(len(run) * self.row_bytes), self.x.dtype).reshape(
-                            len(run), *self.x.shape[1:])
-            out = out.astype(np.float32, copy=False)
-        return out[inv.reshape(rows.shape)]
+            return np.asarray(self.x[u], dtype=np.float32)[inv.reshape(rows.shape)]
+        out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
+        with open(self.path, "rb") as f:
+            for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
+                if len(run):
+                    f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
+                    buf = f.read(len(run) * self.row_bytes)
+                    out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
+        return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]
 
 
 if __name__ == "__main__":
