@@ -10,13 +10,14 @@ Idea: healthy anatomy is continuous from slice to slice. A GAN trained on health
 next 3 axial slices from the previous 3 (stacked as 3 channels); where it fails, the anatomy is
 unusual. A scan's anomaly score is its average reconstruction loss over all of its windows.
 
-  Fig. 2       U-Net generator, 3-conv critic, 0 / 3 / 7 self-attention modules    # Networks
-  Eq. (1)      l1 = Σ_i |x_i - x'_i|: the generator minimises WGAN-GP + 100 l1     # Losses
-  Eq. (2)      l2 = Σ_i (x_i - x'_i)^2 of a window s_j..j+2 -> s_j+3..j+5         # Losses
+  Fig. 2       U-Net generator, 3-conv critic, 0 / 3 / 7 self-attention modules   # Networks
+  Eq. (1)      l1 = Σ_i |x_i - x'_i|: the generator minimises WGAN-GP + 100 l1    # Losses
+  Eq. (2)      l2 = Σ_i (x_i - x'_i)^2 of a window s_j..j+2 -> s_j+3..j+5        # Losses
   §Diagnosis   scan score: mean l2 over all windows, or over the 10 consecutive
-               windows with the highest loss (Tables 1-2)                       # Anomaly score
-  §Impl.       Adam 2e-4, batch 16, 1.8M steps, labels flipped once in three    # Training
-  Tables 1-2, Figs. 6, 8, 10: AUC of CDR 0 vs CDR 0.5 / 1 / 2 / all, over steps; Fig. 3 slices
+               windows with the highest loss (Tables 1-2)                      # Anomaly score
+  §Impl.       Adam 2e-4, batch 16, 1.8M steps, labels flipped once in three   # Training
+  Tables 1-2   AUC of CDR 0 vs CDR 0.5 / 1 / 2 / all (Fig. 10)                 # Scoring
+  Figs. 3, 8   slices with their pixelwise l2; AUC over training steps         # Appendix
 A WGAN critic has no labels, only the signs with which real and synthetic samples enter its loss
 E[D(x~)] - E[D(x)]: "flipping the labels" swaps them on every third critic update (--flip-every).
 
