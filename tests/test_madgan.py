@@ -1,5 +1,8 @@
 """Tests of madgan.py: the paper's equations on hand-computed tensors (`pytest -k eq`), the window
-indexing, the per-scan score, the networks, and subprocess smoke runs for --sa 0/3/7."""
+indexing, the per-scan score, the row reader, the networks, and smoke runs: one subprocess as a user
+types it (checked against ../shared/CONTRACT.md), --sa 3/7, the OASIS-3 fixture, resume after
+--max-steps and after a SIGKILL (both byte-equal to the uninterrupted run), --checkpoint, and the
+error line for another script's last.pt."""
 import json
 import os
 import subprocess
