@@ -4,93 +4,57 @@
     Nakayama H., Satoh S. "MADGAN: unsupervised medical anomaly detection GAN using multiple
     adjacent brain MRI slice reconstruction." BMC Bioinformatics 22 (Suppl 2):31, 2021.
     https://doi.org/10.1186/s12859-020-03936-1
+(not the time-series MAD-GAN of Li et al. 2019). No public code exists: written from the paper.
 
-Not to be confused with the time-series "MAD-GAN" (Li et al., ICANN 2019, multivariate anomaly
-detection with LSTM GANs): this is the MRI method of Han et al. No public code of it exists; this
-file is written from the paper's text alone (Fig. 2 is an image whose details we had to read).
+Idea: healthy anatomy is continuous from slice to slice. A GAN trained on healthy scans predicts the
+next 3 axial slices from the previous 3 (stacked as 3 channels); where it fails, the anatomy is
+unusual. A scan's anomaly score is its average reconstruction loss over all of its windows.
 
-What this file implements (section / equation of the paper):
-  * Reconstruction (§"MADGAN-based multiple adjacent brain MRI slice reconstruction", Fig. 2): from
-    3 adjacent axial slices stacked as 3 channels, a U-Net generator (4 conv encoder + 4 deconv
-    decoder layers, skips, BatchNorm, LeakyReLU / ReLU, two 0.5-dropout layers) predicts the next 3,
-    for every window of a scan: s1..3 -> s4..6, s2..4 -> s5..7, ..., s(n-5)..(n-3) -> s(n-2)..n.
-    `--sa 0|3|7` SAGAN self-attention modules (Zhang et al. 2019) between conv/deconv and BatchNorm.
-  * Loss: WGAN-GP (Gulrajani et al. 2017) + 100 x l1, Eq. (1) (`--l1-weight 0` = "w/o l1" ablation);
-    Adam lr 2e-4, batch 16, 1.8M steps; the critic's real/synthetic labels flipped once in three steps.
-  * Diagnosis (§"Unsupervised medical anomaly detection"): a scan's score is the average l2 loss,
-    Eq. (2), between the real and the reconstructed next 3 slices over all its windows, or over the
-    10 consecutive windows with the highest loss (`--score-windows 10`, Tables 1-2).
-  * Evaluation: ROC/AUC of CDR 0 against CDR 0.5, 1, 2 and all together (Table 1, Fig. 10), AUC over
-    training steps (Fig. 8: auc_steps.png), per-scan l2 distributions (Fig. 6: scores.png), example
-    slices with a pixelwise l2 jet overlay (Fig. 3: fig3_slices.png).
-
-How the critic's "label flip" applies to a Wasserstein critic: a WGAN critic has no labels, only the
-sign with which real and synthetic samples enter its loss, E[D(fake)] - E[D(real)]. "Flipping the
-real/synthetic labels" therefore swaps the two: on every third critic update we minimise
-E[D(real)] - E[D(fake)] (the gradient penalty, which has no labels, is unchanged). The generator's loss
-is never flipped. `--flip-every 0` turns it off.
+  Fig. 2       U-Net generator, 3-conv critic, 0 / 3 / 7 self-attention modules   # Networks
+  Eq. (1)      l1 = Σ_i |x_i - x'_i|: the generator minimises WGAN-GP + 100 l1    # Losses
+  Eq. (2)      l2 = Σ_i (x_i - x'_i)^2 of a window s_j..j+2 -> s_j+3..j+5        # Losses
+  §Diagnosis   scan score: mean l2 over all windows, or over the 10 consecutive
+               windows with the highest loss (Tables 1-2)                      # Anomaly score
+  §Impl.       Adam 2e-4, batch 16, 1.8M steps, labels flipped once in three   # Training
+  Tables 1-2   AUC of CDR 0 vs CDR 0.5 / 1 / 2 / all (Fig. 10)                 # Scoring
+  Figs. 3, 8   slices with their pixelwise l2; AUC over training steps         # Appendix
+A WGAN critic has no labels, only the signs with which real and synthetic samples enter its loss
+E[D(x~)] - E[D(x)]: "flipping the labels" swaps them on every third critic update (--flip-every).
 
 Deviations from the paper (and readings of what it leaves open):
-  1. Fig. 2's channel widths, kernel sizes and SA positions are not in the text. We use 4x4 stride-2
-     convs with 64-128-256-512 channels (pix2pix-like, `--base-ch`). SA positions (`SA_SLOTS` below):
-     3-SA = after encoder conv 2, decoder deconv 2 (the 1/4-resolution maps) and critic conv 2;
-     7-SA adds encoder convs 3-4, decoder deconv 1 and critic conv 3. No SA on the half-resolution
-     maps: at 256x176 their attention matrix (11,264^2 per sample) does not fit a batch of 16.
-  2. The critic ("a discriminator with 3 decoders", read as 3 conv layers) sees the 3 input slices
-     and the 3 next slices (6 channels, pix2pix-style conditional critic) and has no BatchNorm:
-     batch normalisation breaks the per-sample gradient penalty of WGAN-GP (Gulrajani et al., §4).
-     It ends in a 1-channel conv whose map is averaged into one score per sample.
-  3. Unstated in the paper, set as in the cited sources: gradient-penalty weight 10 (Gulrajani et al.)
-     and Adam betas (0.5, 0.999) (pix2pix); one critic update per generator update (`--n-critic 1`,
-     as in pix2pix; WGAN-GP's own default is 5, which costs ~3x per step), `--gp-weight`, `--beta1`.
-  4. Eq. (1)/(2) are sums over the P pixels; we use means (sum / P). The l1 weight 100 then has its
-     pix2pix meaning, and the scan score is unchanged up to the constant P (AUCs identical). The l2
-     score is computed on intensities rescaled to [0, 1], the range of the paper's Fig. 3 colour bar.
-  5. Slices: the paper keeps the ~51 axial slices containing hippocampus, amygdala and ventricles
-     and zero-pads 176x240 to 176x256. We take `--n-slices` consecutive slices centred at
-     `--slice-center` of the brain's inferior->superior extent (datasets.slice_stack: crop to the brain's
-     bounding box, pad to a square, resize to `--image-size`), a registration-free approximation.
-     The paper discards "low-quality slices" by an unstated rule; we discard none.
-  6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout), so a scan's
-     score is deterministic; the paper does not say.
-  7. Synthetic data: the T1 phantom's atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour
-     groups are scored too. The paper's T1c metastasis experiment (private data) is not reproduced.
-  8. `quick` preset (2-core CPU, ~5 min): 64x64 slices, 24 slices per scan, `--base-ch 32`, 1,200
-     steps instead of 1.8M (everything else as `paper`); `smoke`: 32x32, 8 slices, tiny nets, a few
-     steps (tests only). Slices are 2 mm on the phantom, so 24 slices span about the 48 mm that the
-     paper's ~51 1-mm slices do.
+  1. Fig. 2's widths, kernels and SA positions are not in the text: 4x4 stride-2 convs with
+     64-128-256-512 channels (pix2pix-like, --base-ch); SA positions in SA_SLOTS, none on the
+     half-resolution maps (at 256x176 their attention matrix does not fit a batch of 16).
+  2. The critic ("a discriminator with 3 decoders", read as 3 convs) sees the 3 input and the 3
+     next slices (conditional, as pix2pix), has no BatchNorm (it breaks the per-sample gradient
+     penalty, Gulrajani et al. §4) and averages a 1-channel map into one score per sample.
+  3. Unstated, taken from the cited sources: gradient-penalty weight 10 (Gulrajani et al.), Adam
+     betas (0.5, 0.999) and one critic update per generator update (pix2pix; WGAN-GP uses 5).
+  4. Eqs. (1)/(2) sum over the P pixels; we take means (sum / P): 100 keeps its pix2pix meaning and
+     the scan score changes by the constant P only. l2 is on intensities in [0, 1] (Fig. 3's scale).
+  5. Slices: the paper keeps the ~51 axial slices with hippocampus, amygdala and ventricles; we take
+     --n-slices consecutive slices centred at --slice-center of the brain's inferior->superior
+     extent (no registration) and drop no "low-quality slices" (the paper's rule is unstated).
+  6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout).
+  7. On the phantom atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour groups are scored
+     too. The T1c metastasis experiment (private data) is not reproduced.
+  8. The figures show the middle window of the first test scan of each group (the paper's choice
+     of examples is not stated).
 
-Read the results against the untrained generator. auc_steps.png (Fig. 8) starts at step 0: on the
-phantom an UNTRAINED generator already separates atrophy (AUC about 0.69 / 0.90 / 1.00 for stage
-1 / 2 / 3), because atrophy changes the slab's intensity statistics (more dark CSF) and the l2 score
-feels that. Training mainly adds stage 1 and the lesion groups (about 0.5 -> 0.65-0.7). Short runs
-are noisy: with n_critic = 1 and the label flip the critic often rates reconstructions above real
-slices (watch `wdist` in losses.png), and the AUC can dip for a few hundred steps (Fig. 8 shows the
-paper's AUCs moving with training steps too). On the quick preset (seed 0, one thread each, two runs
-sharing 2 cores; 10-18 min each) we measured at step 1,200, AUC for stage 1 / 2 / 3 and all groups:
-  MADGAN (0-SA)     0.83 / 0.98 / 1.00, all 0.80     w/o l1 (--l1-weight 0)  0.83 / 0.91 / 0.98, all 0.76
-  3-SA (--sa 3)     0.79 / 0.98 / 1.00, all 0.81     7-SA (--sa 7)           0.71 / 0.91 / 0.95, all 0.71
-The AUC rises with the stage in every variant. Without l1 the AUC over steps collapses on the way
-(stage 3: 0.02 at step 300, 0.29 at 900) before it recovers: l1 keeps the reconstruction anchored, as
-Table 1's "w/o l1" rows suggest. More SA modules do not help at this budget. More in the README.
+Read the results against the untrained generator: auc_steps.png (Fig. 8) starts at step 0, and on
+the phantom an untrained generator already separates atrophy, which darkens the slab (more CSF) and
+so raises the l2 score; what training adds is the rise above step 0. The quick preset (64x64, 24
+slices, 1,200 steps; minutes on 2 CPU cores) shows the AUC rising with the stage; the measured
+0/3/7-SA and w/o-l1 table is in README.md.
 
-OASIS-3 scale (measured with `--data folder` over 1,133 phantom scans x 51 slices = 57,783 slices of
-256x176, the size of the paper's training set; one thread): the memory-mapped slice cache (15 GB on
-disk) builds in 142 s at 318 MB peak RSS, and 20 training steps at batch 16 peak at 1.5 GB RSS (the
-networks' activations), the whole run at 1.8 GB: the data set is never held in memory.
-
-Commands:
-    python madgan.py                                  # quick: T1 phantom, ~5 min on 2 CPU cores
+    python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
     python madgan.py --data oasis3 --data-root data/oasis3 --preset paper --amp   # the paper (GPU)
     python madgan.py --data oasis3 --checkpoint runs/.../last.pt                  # score only
     torchrun --nproc_per_node=4 madgan.py --data oasis3 --preset paper --amp --batch-size 4
-                                      # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
+                                  # 4 GPUs x 4 windows = the paper's batch of 16 (its 4 GV100s)
 """
-from __future__ import annotations
-
-import math
-import time
+import functools
 
 import numpy as np
 import torch
@@ -103,97 +67,67 @@ from data import datasets
 METHOD = "madgan"
 
 # =================================================================================================
-# Arguments
+# Hyperparameters (§Datasets, §Implementation details; the paper's value is the default)
 # =================================================================================================
 
-PRESETS = {
-    # seconds, for the tests: tiny phantom, tiny nets, a few steps
-    "smoke": dict(image_size=[32, 32], n_slices=8, slice_center=0.5, k_in=3, k_out=3, base_ch=8, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=4, steps=4, n_critic=1, flip_every=3, score_windows=0, eval_every=2,
-                  eval_batch=64, ckpt_every=0, log_every=1),
-    # a real run on a 2-core CPU in about 5 minutes (see Deviation 8)
-    "quick": dict(image_size=[64, 64], n_slices=24, slice_center=0.5, k_in=3, k_out=3, base_ch=32, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=16, steps=1200, n_critic=1, flip_every=3, score_windows=0, eval_every=300,
-                  eval_batch=64, ckpt_every=0, log_every=20),
-    # the paper: 256x176 slices, ~51 per scan, batch 16, 1.8M steps (AUCs at 150k..1.8M, Fig. 8)
-    "paper": dict(image_size=[256, 176], n_slices=51, slice_center=0.5, k_in=3, k_out=3, base_ch=64, sa=0,
-                  dropout=0.5, l1_weight=100.0, gp_weight=10.0, lr=2e-4, beta1=0.5, beta2=0.999,
-                  batch_size=16, steps=1_800_000, n_critic=1, flip_every=3, score_windows=0,
-                  eval_every=150_000, eval_batch=64, ckpt_every=10_000, log_every=1000),
-}
-
-
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("MADGAN (defaults come from --preset; each flag cites its paper source)")
-    a = g.add_argument
-    # data
-    a("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-      help="slice size H W, §Datasets (paper 256 176; quick 64 64)")
-    a("--n-slices", type=int, default=None,
-      help="consecutive axial slices per scan over the hippocampus/amygdala/ventricle range, §Datasets "
-           "(paper ~51 = 57,834 slices / 1,133 scans; quick 24 on the 2 mm phantom)")
-    a("--slice-center", type=float, default=None,
-      help="centre of that slab as a fraction of the brain's inferior->superior extent (our "
-           "approximation of the paper's anatomical selection; 0.5)")
-    a("--k-in", type=int, default=None, help="input slices per window, §Methods (paper 3)")
-    a("--k-out", type=int, default=None, help="reconstructed next slices per window, §Methods (paper 3)")
-    # networks
-    a("--base-ch", type=int, default=None, help="channels of the first conv, Fig. 2 as we read it (paper 64)")
-    a("--sa", type=int, default=None, choices=[0, 3, 7],
-      help="number of SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN (default 0)")
-    a("--dropout", type=float, default=None, help="rate of the generator's two dropout layers, §Implementation (paper 0.5)")
-    # losses and optimisation
-    a("--l1-weight", type=float, default=None,
-      help="weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1, §Methods (paper 100; 0 = 'w/o l1' ablation)")
-    a("--gp-weight", type=float, default=None,
-      help="gradient-penalty weight λ, Gulrajani et al. 2017 (not stated in the paper; 10)")
-    a("--lr", type=float, default=None, help="Adam learning rate, §Implementation (paper 2e-4)")
-    a("--beta1", type=float, default=None, help="Adam β1 (not stated in the paper; pix2pix 0.5)")
-    a("--beta2", type=float, default=None, help="Adam β2 (not stated in the paper; 0.999)")
-    a("--batch-size", type=int, default=None, help="windows per step (per process under torchrun), §Implementation (paper 16)")
-    a("--steps", type=int, default=None, help="generator steps, §Implementation (paper 1.8M; quick 1200)")
-    a("--n-critic", type=int, default=None, help="critic updates per generator update (not stated; 1)")
-    a("--flip-every", type=int, default=None,
-      help="flip the critic's real/synthetic labels once every N critic updates, §Implementation "
-           "('once in three times': 3; 0 = never)")
-    # anomaly score and evaluation
-    a("--score-windows", type=int, default=None,
-      help="scan score = mean l2 over all windows (0, paper's main result) or over the K consecutive "
-           "windows with the highest loss (10), Tables 1-2; both are always reported")
-    a("--eval-every", type=int, default=None,
-      help="score val+test every N steps for the AUC-over-steps curve, Fig. 8 (paper 150k..1.8M; "
-           "reporting only: never used to pick a checkpoint)")
-    a("--eval-batch", type=int, default=None, help="windows per forward pass when scoring")
-    a("--ckpt-every", type=int, default=None, help="write last.pt every N steps (0 = once per epoch of windows)")
-    a("--log-every", type=int, default=None, help="record losses every N steps")
-    return p
+HYPER = dict(
+    # data: windows of adjacent axial slices
+    image_size=C.hp([256, 176], "slice size H W, §Datasets (176x256 after zero-padding)", lo=16,
+                    metavar=("H", "W")),
+    n_slices=C.hp(51, "consecutive axial slices per scan, those with hippocampus, amygdala and "
+                      "ventricles, §Datasets (57,834 slices / 1,133 scans; Deviation 5)", lo=2),
+    slice_center=C.hp(0.5, "centre of that slab as a fraction of the brain's inferior->superior "
+                           "extent (our stand-in for the anatomical selection, Deviation 5)",
+                      lo=0, hi=1),
+    k_in=C.hp(3, "input slices per window, §Methods", lo=1),
+    k_out=C.hp(3, "reconstructed next slices per window, §Methods", lo=1),
+    # networks (Fig. 2)
+    base_ch=C.hp(64, "channels of the first conv, Fig. 2 as we read it (Deviation 1)", lo=1),
+    sa=C.hp(0, "SAGAN self-attention modules, Fig. 2: 0 = MADGAN, 3 = 3-SA, 7 = 7-SA MADGAN",
+            choices=[0, 3, 7]),
+    dropout=C.hp(0.5, "rate of the generator's two dropout layers, §Implementation details",
+                 lo=0, hi=0.99),
+    # losses and optimisation (§Implementation details)
+    l1_weight=C.hp(100.0, "weight of the l1 loss Eq. (1) in WGAN-GP + 100 l1 (0 = the 'w/o l1' "
+                          "ablation of Table 1)", lo=0),
+    gp_weight=C.hp(10.0, "gradient-penalty weight λ (unstated; Gulrajani et al. 2017)", lo=0),
+    lr=C.hp(2e-4, "Adam learning rate, §Implementation details", lo=1e-8, hi=1),
+    beta1=C.hp(0.5, "Adam β1 (unstated; pix2pix)", lo=0, hi=0.9999),
+    beta2=C.hp(0.999, "Adam β2 (unstated; pix2pix)", lo=0, hi=0.9999),
+    batch_size=C.hp(16, "windows per step (per process under torchrun), §Implementation details",
+                    lo=1),
+    steps=C.hp(1_800_000, "generator steps, §Implementation details", lo=0),
+    n_critic=C.hp(1, "critic updates per generator update (unstated; pix2pix 1, WGAN-GP 5)", lo=1),
+    flip_every=C.hp(3, "flip the critic's real/synthetic labels once every N critic updates, "
+                       "§Implementation details ('once in three times'; 0 = never)", lo=0),
+    # anomaly score and evaluation (§Unsupervised medical anomaly detection, Tables 1-2, Fig. 8)
+    score_windows=C.hp(0, "scan score = mean l2 over all windows (0, the main result) or over the "
+                          "K consecutive windows with the highest loss (10), Tables 1-2; both are "
+                          "always reported", lo=0),
+    eval_every=C.hp(150_000, "AUC over training steps every N steps, Fig. 8 (150k ... 1.8M; "
+                             "reporting only, never used to pick a checkpoint; 0 = off)", lo=0),
+    eval_batch=C.hp(64, "windows per forward pass when scoring", lo=1),
+)
+# quick: a CPU run of minutes: 64x64 slices, 24 slices per scan (the phantom's 2 mm slices span the
+# ~48 mm of the paper's ~51 1-mm ones), a half-width network and 1,200 of the 1.8M steps
+QUICK = dict(image_size=[64, 64], n_slices=24, base_ch=32, steps=1200, eval_every=300)
+# smoke: seconds, for the tests: tiny slices, tiny nets, a few steps
+SMOKE = dict(image_size=[32, 32], n_slices=8, base_ch=8, batch_size=4, steps=4, eval_every=2)
 
 
 def parse_args(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    for name, lo, hi, integer in [("n_slices", 2, None, True), ("slice_center", 0, 1, False),
-                                  ("k_in", 1, None, True), ("k_out", 1, None, True),
-                                  ("base_ch", 1, None, True), ("dropout", 0, 0.99, False),
-                                  ("l1_weight", 0, None, False), ("gp_weight", 0, None, False),
-                                  ("lr", 1e-8, 1, False), ("beta1", 0, 0.9999, False), ("beta2", 0, 0.9999, False),
-                                  ("batch_size", 1, None, True), ("steps", 0, None, True),
-                                  ("n_critic", 1, None, True), ("flip_every", 0, None, True),
-                                  ("score_windows", 0, None, True), ("eval_every", 0, None, True),
-                                  ("eval_batch", 1, None, True), ("ckpt_every", 0, None, True),
-                                  ("log_every", 1, None, True)]:
-        C.check_range(args, name, lo, hi, integer)
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
+
+
+def check_args(args):
     H, W = args.image_size
-    if H % 16 or W % 16 or H < 16 or W < 16:
+    if H % 16 or W % 16:
         C.fail(f"--image-size {H} {W}: both sides must be positive multiples of 16 "
                f"(the U-Net halves them four times)")
     if args.n_slices < args.k_in + args.k_out:
         C.fail(f"--n-slices {args.n_slices} is shorter than one window (--k-in + --k-out = "
                f"{args.k_in + args.k_out})")
-    return args
 
 
 # =================================================================================================
@@ -228,9 +162,9 @@ class SelfAttention(nn.Module):
         f = self.f(x).flatten(2)                              # (B, C/8, N), N = H·W
         g = self.g(x).flatten(2)                              # (B, C/8, N)
         h = self.h(x).flatten(2)                              # (B, C, N)
-        s = torch.bmm(f.transpose(1, 2), g)                   # (B, N_i, N_j): s_ij = f(x_i)^T g(x_j)
+        s = torch.bmm(f.transpose(1, 2), g)                   # (B, N_i, N_j): f(x_i)^T g(x_j)
         beta = torch.softmax(s.float(), dim=1).to(h.dtype)    # β_{j,i}: normalised over i (dim 1)
-        o = torch.bmm(h, beta)                                # (B, C, N_j): o_j = Σ_i β_{j,i} h(x_i)
+        o = torch.bmm(h, beta)                                # (B, C, N_j): Σ_i β_{j,i} h(x_i)
         return x + self.gamma * o.view(B, Ch, H, W)
 
 
@@ -239,7 +173,7 @@ def _sa_or_identity(name, channels, sa_at):
 
 
 class Down(nn.Module):
-    """Encoder layer: 4x4 stride-2 conv -> [SA] -> BatchNorm -> LeakyReLU(0.2)  (Fig. 2, §Methods)."""
+    """Encoder layer (Fig. 2): 4x4 stride-2 conv -> [SA] -> BatchNorm -> LeakyReLU(0.2)."""
 
     def __init__(self, c_in, c_out, *, name, sa_at):
         super().__init__()
@@ -247,7 +181,7 @@ class Down(nn.Module):
         self.sa = _sa_or_identity(name, c_out, sa_at)
         self.bn = nn.BatchNorm2d(c_out)
 
-    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, H/2, W/2)
+    def forward(self, x):                                     # (B, c_in, H, W) -> (.., H/2, W/2)
         return F.leaky_relu(self.bn(self.sa(self.conv(x))), 0.2)
 
 
@@ -261,13 +195,13 @@ class Up(nn.Module):
         self.bn = nn.BatchNorm2d(c_out)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x):                                     # (B, c_in, H, W) -> (B, c_out, 2H, 2W)
+    def forward(self, x):                                     # (B, c_in, H, W) -> (.., 2H, 2W)
         return self.drop(F.relu(self.bn(self.sa(self.deconv(x)))))
 
 
 class Generator(nn.Module):
     """U-Net of Fig. 2: 4 conv encoder layers, 4 deconv decoder layers with skip connections,
-    3 input slices -> 3 next slices in [-1, 1] (tanh). Two dropout layers (the first two decoders)."""
+    3 input slices -> 3 next slices in [-1, 1] (tanh); dropout in the first two decoder layers."""
 
     def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=(), dropout=0.5):
         super().__init__()
@@ -293,9 +227,9 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """WGAN-GP critic (Fig. 2's discriminator, 3 conv layers; Deviation 2): conditional on the input
-    slices, no normalisation layers, LeakyReLU(0.2); a final 1-channel conv map averaged to one
-    real number per sample."""
+    """WGAN-GP critic (Fig. 2's discriminator, 3 conv layers; Deviation 2): conditional on the
+    input slices, no normalisation layers, LeakyReLU(0.2); a final 1-channel conv map averaged to
+    one real number per sample."""
 
     def __init__(self, *, k_in=3, k_out=3, base=64, sa_at=()):
         super().__init__()
@@ -307,7 +241,7 @@ class Critic(nn.Module):
         self.sa3 = _sa_or_identity("D.conv3", c3, sa_at)
         self.head = nn.Conv2d(c3, 1, 3, stride=1, padding=1)
 
-    def forward(self, cond, x):                               # (B, 3, H, W) input, (B, 3, H, W) next
+    def forward(self, cond, x):                               # (B, 3, H, W) input, next slices
         h = F.leaky_relu(self.conv1(torch.cat([cond, x], 1)), 0.2)   # (B, c1, H/2, W/2)
         h = F.leaky_relu(self.sa2(self.conv2(h)), 0.2)               # (B, c2, H/4, W/4)
         h = F.leaky_relu(self.sa3(self.conv3(h)), 0.2)               # (B, c3, H/8, W/8)
@@ -315,10 +249,8 @@ class Critic(nn.Module):
 
 
 def build_models(args):
-    sa_at = SA_SLOTS[args.sa]
-    G = Generator(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at, dropout=args.dropout)
-    D = Critic(k_in=args.k_in, k_out=args.k_out, base=args.base_ch, sa_at=sa_at)
-    return G, D
+    sa_at, k = SA_SLOTS[args.sa], dict(k_in=args.k_in, k_out=args.k_out, base=args.base_ch)
+    return Generator(**k, sa_at=sa_at, dropout=args.dropout), Critic(**k, sa_at=sa_at)
 
 
 # =================================================================================================
@@ -334,7 +266,7 @@ def l1_loss(x, x_rec):
 def l2_per_window(x, x_rec):
     """Eq. (2): l2 = Σ_{i=1}^{P} (x_i - x'_i)^2, divided by P, one value per window (B,).
     x, x_rec in [-1, 1] are first rescaled to [0, 1] (Deviation 4): ((x - x')/2)^2."""
-    d = (x.float() - x_rec.float()) / 2                        # (B, 3, H, W), [0, 1] intensity units
+    d = (x.float() - x_rec.float()) / 2                        # (B, 3, H, W), [0, 1] intensities
     # Eq. (2): l2 = Σ_i (x_i − x'_i)^2  (/P)
     return d.pow(2).flatten(1).mean(1)                         # (B,)
 
@@ -355,10 +287,10 @@ def gradient_penalty(critic, cond, real, fake, eps=None):
     B = real.shape[0]
     if eps is None:
         eps = torch.rand(B, 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)   # (B, 3, H, W)
-    d_hat = critic(cond, x_hat)                                                       # (B,)
-    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)              # (B, 3, H, W)
-    norm = grad.float().flatten(1).norm(2, dim=1)                                     # (B,) per sample
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)  # (B, 3, H, W)
+    d_hat = critic(cond, x_hat)                                                      # (B,)
+    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)             # (B, 3, H, W)
+    norm = grad.float().flatten(1).norm(2, dim=1)                                    # (B,)
     # GP = E[(‖∇_x^ D(x^)‖₂ − 1)²]
     return ((norm - 1) ** 2).mean()
 
@@ -373,19 +305,25 @@ def generator_loss(d_fake, x, x_rec, l1_weight):
 
 
 # =================================================================================================
-# Anomaly score (§"Unsupervised medical anomaly detection")
+# Anomaly score (§Unsupervised medical anomaly detection: average l2 per scan, Eq. (2))
 # =================================================================================================
 
+def slice_windows(n_slices, k_in=3, k_out=3):
+    """Start indices s of every window of one scan of n slices: input slices s .. s+k_in-1, next
+    slices s+k_in .. s+k_in+k_out-1 (s1..3 -> s4..6, s2..4 -> s5..7, ...; none if it is short)."""
+    return np.arange(max(n_slices - k_in - k_out + 1, 0))
+
+
 def window_table(S, k_in=3, k_out=3):
-    """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and the
-    scan (case index) of each window. Windows are built per scan, so none crosses two scans:
-    scan i with n slices gives windows s = 0..n-k_in-k_out (C.slice_windows)."""
+    """Every window of every scan of an ArraySet: rows (W, k_in + k_out) of slice rows in S, and
+    the scan (case index) of each window. Windows are built per scan, so none crosses two scans:
+    scan i with n slices gives windows s = 0..n-k_in-k_out (slice_windows)."""
     rows, case = [], []
     for i in range(len(S.cases)):
         r = S.slices_of(i)                                     # (n,) rows of scan i in slice order
-        starts = C.slice_windows(len(r), k_in, k_out)          # (w,)
+        starts = slice_windows(len(r), k_in, k_out)            # (w,)
         if len(starts):
-            rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])   # (w, k_in + k_out)
+            rows.append(r[starts[:, None] + np.arange(k_in + k_out)[None, :]])  # (w, k_in + k_out)
             case.append(np.full(len(starts), i, np.int64))
     if not rows:
         return np.zeros((0, k_in + k_out), np.int64), np.zeros(0, np.int64)
@@ -413,221 +351,282 @@ def scan_scores(window_loss, window_case, n_cases, score_windows=0):
     return out
 
 
-# =================================================================================================
-# Training
-# =================================================================================================
-
-class WindowReader:
-    """Reads windows of slices from a slice cache. For a memory-mapped cache every run of consecutive
-    rows is one plain file read, so the pages read go to the OS page cache and are not counted in this
-    process's resident memory: peak RSS stays at one batch, whatever the size of the data set."""
-
-    def __init__(self, S):
-        self.x = S.x
-        self.file = None
-        if isinstance(S.x, np.memmap) and S.x.filename:
-            self.file = open(S.x.filename, "rb")
-            self.row_bytes = int(np.prod(S.x.shape[1:])) * S.x.dtype.itemsize
-            self.offset = int(S.x.offset)
-
-    def read_rows(self, rows):                                 # sorted unique rows (n,) -> (n, H, W)
-        if self.file is None:
-            return np.asarray(self.x[rows], dtype=np.float32)
-        out = np.empty((len(rows), *self.x.shape[1:]), np.float32)
-        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1         # split into runs of consecutive rows
-        for run in np.split(np.arange(len(rows)), breaks):
-            if not len(run):
-                continue
-            self.file.seek(self.offset + int(rows[run[0]]) * self.row_bytes)
-            buf = self.file.read(len(run) * self.row_bytes)
-            out[run] = np.frombuffer(buf, np.float32).reshape(len(run), *self.x.shape[1:])
-        return out
-
-    def __call__(self, rows):                                  # (B, k) rows -> (B, k, H, W) float32
-        u, inv = np.unique(rows, return_inverse=True)          # read each slice once
-        return self.read_rows(u)[inv.reshape(rows.shape)]
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
 def split_window(batch, k_in, device):
-    """(B, k_in + k_out, H, W) numpy window -> input slices (B, k_in, H, W), next slices (B, k_out, H, W)."""
+    """(B, k_in + k_out, H, W) numpy windows -> input slices, next slices (tensors on device)."""
     t = torch.from_numpy(batch).to(device, non_blocking=True)
     return t[:, :k_in], t[:, k_in:]
 
 
-def train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=None):
-    """WGAN-GP + l1 training on healthy windows; `evaluator(step)` records AUCs for Fig. 8."""
-    device = run.device
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    # Under torchrun (several GPUs/machines) G_ and D_ are DistributedDataParallel wrappers that average
-    # the gradients over the processes; alone they are G and D themselves. Each process takes its own
-    # --batch-size windows of every global batch (C.shard), so the effective batch is batch x processes.
-    G_, D_ = C.ddp_wrap(G, device), C.ddp_wrap(D, device)
-    n_win = len(win_rows)
-    global_batch = C.global_batch_size(args.batch_size, n_win, "training windows")
-    epoch_steps = max(1, math.ceil(n_win / global_batch))
-    ckpt_every = min(args.ckpt_every or epoch_steps, epoch_steps)          # at least once per epoch
-    rng = np.random.default_rng(args.seed)
-    hist = {"loss_D": [], "loss_G_adv": [], "loss_l1": [], "gp": [], "wdist": []}
-    state = {"step": 0, "critic_updates": 0, "perm": rng.permutation(n_win), "pos": 0, "auc_steps": []}
-    if ckpt_state is not None:                                 # --resume
-        G.load_state_dict(ckpt_state["models"]["G"])
-        D.load_state_dict(ckpt_state["models"]["D"])
-        opt_G.load_state_dict(ckpt_state["optims"]["G"])
-        opt_D.load_state_dict(ckpt_state["optims"]["D"])
-        hist = ckpt_state["history"]
-        state = ckpt_state["train_state"]
-        rng.bit_generator.state = ckpt_state["sampler_rng"]
-        C.set_rng_state(ckpt_state["rng"])
-        run.log(f"resumed from step {state['step']}")
-    ckpt_path = run.out / "last.pt"
-
-    def next_batch():
-        if state["pos"] + global_batch > n_win:                # new epoch: reshuffle the windows
-            state["perm"], state["pos"] = rng.permutation(n_win), 0
-        idx = state["perm"][state["pos"]: state["pos"] + global_batch]
-        state["pos"] += global_batch
-        idx = C.shard(idx)                                     # this process's windows (all of them alone)
-        return split_window(reader(win_rows[idx]), args.k_in, device)
-
-    def save():
-        C.save_checkpoint(ckpt_path, {
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
-            "optims": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
-            "step": state["step"], "args": vars(args), "rng": C.rng_state(),
-            "sampler_rng": rng.bit_generator.state, "train_state": state, "history": hist})
-
-    run.log(f"training on {n_win} windows ({epoch_steps} steps per epoch) for {args.steps} steps, batch "
-            f"{args.batch_size}{f' x {C.ddp_world()} processes = {global_batch}' if C.ddp_world() > 1 else ''}; "
-            f"G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f}M "
-            f"parameters, SA modules: {', '.join(SA_SLOTS[args.sa]) or 'none'}")
-    if args.eval_every and state["step"] == 0 and not state["auc_steps"] and C.is_main():
-        state["auc_steps"].append(evaluator(0))                # the untrained generator: a baseline
-    t0 = time.time()
-    G.train()
-    D.train()
-    for step in C.progress(range(state["step"] + 1, args.steps + 1), total=args.steps - state["step"], desc="train"):
-        # ---- critic: n_critic updates; the labels flip once every `flip_every` updates ----
-        for i in range(args.n_critic):
-            cond, real = next_batch()                          # (B, 3, H, W), (B, 3, H, W)
-            last = i == args.n_critic - 1
-            with torch.set_grad_enabled(last), C.autocast(device, args.amp):
-                fake = G_(cond)                                # (B, 3, H, W) reconstructed next slices
-            state["critic_updates"] += 1
-            flip = args.flip_every > 0 and state["critic_updates"] % args.flip_every == 0
-            with C.autocast(device, args.amp):
-                d_real, d_fake = D_(cond, real), D_(cond, fake.detach())
-                loss_wd = critic_loss(d_real, d_fake, flip=flip)
-                gp = gradient_penalty(D_, cond, real, fake.float())
-                loss_D = loss_wd + args.gp_weight * gp
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-        # ---- generator: WGAN-GP adversarial + 100 l1, on the last critic batch ----
-        with C.autocast(device, args.amp):
-            loss_G, adv, l1 = generator_loss(D_(cond, fake), real, fake, args.l1_weight)
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-        state["step"] = step
-        C.check_finite(loss_G, step=step, ckpt=ckpt_path)
-        C.check_finite(loss_D, step=step, ckpt=ckpt_path)
-        if step % args.log_every == 0 or step == args.steps:
-            # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP) so that flipped steps don't zig-zag the plot
-            loss_D_plain = critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach()
-            for k, v in (("loss_D", loss_D_plain), ("loss_G_adv", adv), ("loss_l1", l1), ("gp", gp),
-                         ("wdist", (d_real - d_fake).mean())):
-                hist[k].append((step, float(v.detach())))
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps) and C.is_main():
-            state["auc_steps"].append(evaluator(step))         # (under torchrun: process 0 only)
-            G.train()
-        if step % ckpt_every == 0 or step == args.steps:
-            save()
-    if args.steps == 0 or state["step"] == 0:
-        save()
-    return hist, state, time.time() - t0
-
-
-# =================================================================================================
-# Scoring and evaluation
-# =================================================================================================
-
 @torch.no_grad()
-def reconstruct_windows(G, reader, win_rows, args, device, keep=None):
-    """l2 per window (Eq. 2) of a set of windows, in eval mode. keep: window indices whose
-    reconstructions to return (for the figures). -> (losses (W,), {index: (window, reconstruction)})"""
+def score(G, S, args, device, keep=()):
+    """The trained generator applied to a slice set: Eq. (2) for every window (eval mode), averaged
+    per scan over all its windows ("all") and over the best --score-windows (or 10) consecutive ones
+    ("top"). keep: scans whose middle window the figures show, kept during this one pass.
+    -> dict(all, top, n_windows: (n_scans,); losses: (windows,); kept: {scan: window, recon, rows})
+    """
     G.eval()
-    losses = np.zeros(len(win_rows), np.float64)
-    kept = {}
-    keep = set() if keep is None else set(int(k) for k in keep)
+    win_rows, case = window_table(S, args.k_in, args.k_out)
+    mid = {}                                                   # window index -> scan to keep it for
+    for i in keep:
+        w = np.nonzero(case == i)[0]
+        if len(w):
+            mid[int(w[len(w) // 2])] = i
+    read = RowReader(S.x)
+    losses, kept = np.zeros(len(win_rows), np.float64), {}
     for a in range(0, len(win_rows), args.eval_batch):
-        batch = reader(win_rows[a: a + args.eval_batch])       # (b, 6, H, W)
+        batch = read(win_rows[a: a + args.eval_batch])         # (b, 6, H, W)
         cond, real = split_window(batch, args.k_in, device)
         with C.autocast(device, args.amp):
             rec = G(cond)                                      # (b, 3, H, W)
         losses[a: a + len(batch)] = l2_per_window(real, rec).cpu().numpy()
-        for j in keep & set(range(a, a + len(batch))):
-            kept[j] = (batch[j - a], rec[j - a].float().cpu().numpy())
-    return losses, kept
+        for w in sorted(set(mid) & set(range(a, a + len(batch)))):
+            kept[mid[w]] = dict(window=batch[w - a], recon=rec[w - a].float().cpu().numpy(),
+                                rows=win_rows[w])
+    n = len(S.cases)
+    return dict(all=scan_scores(losses, case, n, 0),
+                top=scan_scores(losses, case, n, args.score_windows or 10),
+                n_windows=np.bincount(case, minlength=n), losses=losses,
+                kept={i: kept[i] for i in keep if i in kept})
 
 
-class Scorer:
-    """Scores a slice set (its windows, per-scan l2) with the current generator."""
+# =================================================================================================
+# Training (§Implementation details: WGAN-GP + 100 l1, Adam 2e-4, batch 16, 1.8M steps)
+# =================================================================================================
 
-    def __init__(self, S, args):
-        self.S, self.args = S, args
-        self.reader = WindowReader(S)
-        self.rows, self.case = window_table(S, args.k_in, args.k_out)
+def train_step(G, D, opt_G, opt_D, windows, step, args):
+    """One generator step: n_critic WGAN-GP critic updates (labels flipped once in three), then the
+    generator's WGAN + 100 l1 update on the last critic batch. windows: n_critic pairs (s_{1..3},
+    s_{4..6}) of (B, 3, H, W); G and D may be DDP wrappers. -> this step's losses for the log."""
+    dev, amp = windows[0][0].device, args.amp
+    G.train()
+    D.train()
+    for i, (cond, real) in enumerate(windows):
+        last = i == len(windows) - 1                           # the generator reuses the last one
+        with torch.set_grad_enabled(last), C.autocast(dev, amp):
+            fake = G(cond)                                     # (B, 3, H, W): x~ = G(s_{1..3})
+        # the critic's real/synthetic labels flip on every flip_every-th critic update of the run
+        flip = args.flip_every > 0 and ((step - 1) * args.n_critic + i + 1) % args.flip_every == 0
+        with C.autocast(dev, amp):
+            d_real, d_fake = D(cond, real), D(cond, fake.detach())   # (B,), (B,)
+            # L_D = E[D(x~)] - E[D(x)] (flipped: E[D(x)] - E[D(x~)]) + λ·GP
+            loss_wd = critic_loss(d_real, d_fake, flip=flip)
+            gp = gradient_penalty(D, cond, real, fake.float())
+            loss_D = loss_wd + args.gp_weight * gp
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
+    with C.autocast(dev, amp):
+        # L_G = -E[D(x~)] + 100 · l1(x, x~)
+        loss_G, adv, l1 = generator_loss(D(cond, fake), real, fake, args.l1_weight)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+    # loss_D is logged unflipped (E[D(x~)] - E[D(x)] + λ·GP), so that flipped updates don't zig-zag
+    return {"loss_D": critic_loss(d_real, d_fake).detach() + args.gp_weight * gp.detach(),
+            "loss_G_adv": adv, "loss_l1": l1, "gp": gp, "wdist": (d_real - d_fake).mean()}
 
-    def __call__(self, G, device, keep=None):
-        losses, kept = reconstruct_windows(G, self.reader, self.rows, self.args, device, keep)
-        n = len(self.S.cases)
-        return dict(losses=losses, all=scan_scores(losses, self.case, n, 0),
-                    top=scan_scores(losses, self.case, n, self.args.score_windows or 10), kept=kept)
+
+def train(args, run, G, D, S_train, win_rows, fig8):
+    """Train on the windows of healthy scans; fig8(step) -> the AUCs of Fig. 8 (reporting only).
+    -> dict(history, state (with "auc_steps"), train_s, checkpoints: the loop's I/O report)"""
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    batches = C.Batches(len(win_rows), args.batch_size, args.seed)
+    loop = C.Loop(run, args, {"G": G, "D": D}, {"G": opt_G, "D": opt_D},
+                  batches={"windows": batches}, log_every=max(1, args.steps // 60))
+    # under torchrun, DDP wrappers that average the gradients over the processes (each has its own
+    # --batch-size windows of every global batch); alone, G and D themselves
+    G_, D_ = C.ddp_wrap(G, run.device), C.ddp_wrap(D, run.device)
+    read = RowReader(S_train.x)
+    world = f" x {C.ddp_world()} processes = {batches.global_batch}" if C.ddp_world() > 1 else ""
+    run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
+            f"{args.steps} steps, batch {args.batch_size}{world}; SA modules: "
+            f"{', '.join(SA_SLOTS[args.sa]) or 'none'}")
+    auc_steps = loop.state.setdefault("auc_steps", [])        # resumed with the loop's state
+
+    def evaluate(step):                                        # on process 0; the others wait
+        e = C.on_main(fig8, step)
+        if e is not None:
+            auc_steps.append(e)
+    if args.eval_every and loop.state["total_steps"] == 0 and not auc_steps:
+        evaluate(0)                                            # the untrained generator: a baseline
+    for step in loop.phase("train", args.steps):
+        windows = [split_window(read(win_rows[next(batches)]), args.k_in, run.device)
+                   for _ in range(args.n_critic)]
+        loop.log(train_step(G_, D_, opt_G, opt_D, windows, step, args))
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            evaluate(step)
+    train_s = loop.close()
+    run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
+    return dict(history=loop.history, state=loop.state, train_s=train_s,
+                checkpoints=loop.io_report())
 
 
-def group_aucs(cases, scores):
-    """AUROC of the normal scans (label 0) against each anomalous group and against all of them."""
-    y = np.array([c.label for c in cases])
-    g = np.array([c.group for c in cases])
-    ok = np.isfinite(scores)
-    out = {"all": C.auroc(y[ok], scores[ok])}
-    for name in sorted({c.group for c in cases if c.label == 1}):
-        sel = ok & ((g == name) | (y == 0))
-        out[name] = C.auroc(y[sel], scores[sel])
-    stages = [n for n in out if is_stage(n)]
-    if len(stages) > 1:                                         # CDR 0.5+1+2 (atrophy_1+2+3 on the phantom)
-        sel = ok & ((y == 0) | np.isin(g, stages))
-        out["all_stages"] = C.auroc(y[sel], scores[sel])
-    return out
+# =================================================================================================
+# Scoring and evaluation (Tables 1-2, Fig. 8; the rows of C.report)
+# =================================================================================================
+
+def load_slabs(data, args):
+    """The --n-slices slab of every scan (Deviation 5), memory-mapped, whole (drop_anomalous=False:
+    a window must never skip a slice). -> train, val (None if there is none), test"""
+    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices,
+                 center=args.slice_center, cache_dir=args.cache_dir, drop_anomalous=False)
+    S_train = datasets.slice_stack(data.train, desc="train", **stack)
+    S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
+    S_test = datasets.slice_stack(data.test, desc="test", **stack)
+    return S_train, S_val if S_val is not None and len(S_val) else None, S_test
+
+
+def scan_rows(cases, out, args):
+    """One row per scan with windows (a scan is its own case): the score of --score-windows and
+    both scores of Table 1."""
+    primary = out["top"] if args.score_windows else out["all"]
+    return [dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
+                 score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
+                 n_windows=int(out["n_windows"][i]))
+            for i, c in enumerate(cases) if np.isfinite(primary[i])]
 
 
 def is_stage(group):
     """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
-    return group.startswith("atrophy_") or (group.startswith("cdr_") and group not in ("cdr_0", "cdr_0.0"))
+    return group.startswith("atrophy_") or (group.startswith("cdr_")
+                                            and group not in ("cdr_0", "cdr_0.0"))
 
 
 def stage_order(groups):
-    """Order groups for figures: normal first, then stages, then the rest."""
-    def key(n):
-        tail = n.split("_", 1)[-1]
-        num = float(tail) if tail.replace(".", "", 1).isdigit() else math.inf
-        return (0 if not is_stage(n) and (n == "normal" or n.endswith("_0")) else 1 if is_stage(n) else 2, num, n)
-    return sorted(groups, key=key)
+    """Order groups for figures: normal, the stages (cdr_0.5 < cdr_1 < cdr_2), then the rest."""
+    normal = ("normal", "cdr_0", "cdr_0.0")
+    return sorted(groups, key=lambda n: (1 if is_stage(n) else 0 if n in normal else 2, n))
 
+
+def group_aucs(rows, key="score"):
+    """Table 1: AUROC of the normal scans (label 0) against each anomalous group, against all of
+    them, and against all disease stages together (CDR 0.5 + 1 + 2; atrophy_1 + 2 + 3)."""
+    y = np.array([r["label"] for r in rows])
+    g = np.array([r["group"] for r in rows])
+    s = np.array([r[key] for r in rows], np.float64)
+    out = {"all": C.auroc(y, s)}
+    for name in sorted(set(g[y == 1])):
+        sel = (g == name) | (y == 0)
+        out[name] = C.auroc(y[sel], s[sel])
+    stages = sorted({n for n in g[y == 1] if is_stage(n)})
+    if len(stages) > 1:
+        sel = (y == 0) | np.isin(g, stages)
+        out["all_stages"] = C.auroc(y[sel], s[sel])
+    return out
+
+
+def table1(rows, args):
+    """Tables 1-2: the AUCs of both scan scores and their paired difference ('limited', §Results)"""
+    k = args.score_windows or 10
+    return {"score": f"average l2 (Eq. 2) per scan over "
+                     f"{f'the best {k} consecutive' if args.score_windows else 'all'} windows",
+            "table1": {"all windows": group_aucs(rows, "score_all_windows"),
+                       f"{k} consecutive windows": group_aucs(rows, "score_top10_windows")},
+            "table1_all_minus_consecutive": C.compare_scores(
+                rows, rows, key_a="score_all_windows", key_b="score_top10_windows")}
+
+
+def auc_at_step(run, G, S_test, S_val, args, step):
+    """Fig. 8: the AUCs of the current generator at a training step (reporting only)."""
+    rows = scan_rows(S_test.cases, score(G, S_test, args, run.device), args)
+    e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
+         "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
+    if S_val is not None:
+        e["val_l2_mean"] = float(np.nanmean(score(G, S_val, args, run.device)["all"]))
+    run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
+    return e
+
+
+def example_scans(cases, max_rows=7):
+    """The scans the figures show, chosen before scoring (by group, never by score): the first
+    scan of every group, normal first, then the stages."""
+    first = {c.group: i for i, c in reversed(list(enumerate(cases)))}   # group -> its first scan
+    return [first[g] for g in stage_order(first)][:max_rows]
+
+
+def example_rows(S, out, args):
+    """examples.png: per example scan its middle next slice, reconstruction, pixelwise l2, mask."""
+    j, rows = args.k_in + args.k_out // 2, []
+    for i, ex in out["kept"].items():
+        x, rec = ex["window"][j], ex["recon"][j - args.k_in]
+        gt = np.asarray(S.mask[ex["rows"][j]])
+        rows.append(dict(title=f"{S.cases[i].group} ({S.cases[i].id.split('/')[-1]})", input=x,
+                         reconstruction=rec, amap=((x - rec) / 2) ** 2,
+                         gt=gt if gt.any() else None))
+    return rows
+
+
+# =================================================================================================
+# main
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    data = datasets.load_dataset(args, contrast="t1")
+    with C.Timer() as t_cache:
+        S_train, S_val, S_test = load_slabs(data, args)
+    win_rows, _ = window_table(S_train, args.k_in, args.k_out)
+    if len(win_rows) == 0:
+        C.fail(f"no training window: every scan has fewer than --k-in + --k-out = "
+               f"{args.k_in + args.k_out} slices")
+    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} "
+            f"({len(data.test)} scans); caches ready in {t_cache.seconds:.1f}s")
+    G, D = (m.to(run.device) for m in build_models(args))
+    if args.checkpoint:                                        # score only
+        ck = C.load_models(args.checkpoint, {"G": G}, METHOD)
+        trained = dict(history=ck["history"], state=ck["loop"], train_s=0.0, checkpoints=None)
+        C.save_checkpoint(run.out / "last.pt", ck)
+    else:
+        fig8 = functools.partial(auc_at_step, run, G, S_test, S_val, args)
+        trained = train(args, run, G, D, S_train, win_rows, fig8)
+    if not C.is_main():                                        # torchrun: process 0 scores, writes
+        return None
+    with C.Timer() as t:
+        out = score(G, S_test, args, run.device, keep=example_scans(S_test.cases))
+    key = "top" if args.score_windows else "all"               # the scan score of --score-windows
+    val = score(G, S_val, args, run.device)[key] if S_val is not None else None
+    rows = scan_rows(S_test.cases, out, args)
+    timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
+              "score_s": round(t.seconds, 2), "checkpoints": trained["checkpoints"],
+              "score_s_per_sample": round(t.seconds / len(S_test.cases), 4)}
+    extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
+             "steps": args.steps, "score_windows": args.score_windows, "world_size": C.ddp_world(),
+             "effective_batch_size": args.batch_size * C.ddp_world(),
+             "slices": {"train": len(S_train), "train_windows": len(win_rows), "test": len(S_test)},
+             **table1(rows, args), "auc_over_steps": trained["state"].get("auc_steps", []),
+             "skipped_scans_without_windows": [c.id for c, n in zip(S_test.cases, out["n_windows"])
+                                               if not n]}
+    examples = example_rows(S_test, out, args)
+    cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
+    res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info,
+                   val_scores=val, threshold_pct=95.0,
+                   history=trained["history"], examples=examples, titles={
+                       "roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
+                       "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial, l1 terms",
+                       "losses_logy": True,
+                       "examples_cols": cols if any(r["gt"] is not None for r in examples)
+                       else cols[:3]})
+    plot_fig3([dict(group=S_test.cases[i].group, score=float(out["all"][i]), **ex)
+               for i, ex in out["kept"].items()], run.out / "fig3_slices.png")
+    if extra["auc_over_steps"]:
+        plot_auc_steps(extra["auc_over_steps"], run.out / "auc_steps.png", title=f"AUC over "
+                       f"training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
+    return res
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 3: slices and pixelwise l2; Fig. 8: AUC over training steps)
+# =================================================================================================
 
 def plot_auc_steps(auc_steps, path, title):
     """Fig. 8: AUC of normal vs each group over training steps."""
     plt = C._plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    names = stage_order([k for k in auc_steps[0]["auroc"] if k != "all"]) + ["all"]
-    for name in names:
-        pts = [(e["step"], e["auroc"][name]) for e in auc_steps if name in e["auroc"]]
-        st, v = np.asarray(pts, dtype=float).T
+    for name in stage_order([k for k in auc_steps[0]["auroc"] if k != "all"]) + ["all"]:
+        st, v = np.asarray([(e["step"], e["auroc"][name]) for e in auc_steps if name in e["auroc"]],
+                           dtype=float).T
         ax.plot(st, v, marker="o", ms=3, lw=2.2 if name in ("all", "all_stages") else 1.3,
                 ls="--" if name == "all" else "-", label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -638,196 +637,68 @@ def plot_auc_steps(auc_steps, path, title):
 
 
 def plot_fig3(examples, path, vmax=0.1):
-    """Fig. 3: per row one scan: input 3 slices | ground-truth next 3 | reconstructed next 3 |
-    pixelwise l2 (jet, [0, vmax], alpha-blended) over the ground truth, with each slice's l2 value.
-    Drawn as one mosaic image (fast even for many rows)."""
+    """Fig. 3: one row per scan: the 3 input slices | the real next 3 | the reconstructed next 3 |
+    their pixelwise l2 (jet in [0, vmax], alpha-blended over the real slice) with each slice's l2.
+    One mosaic image, so that it stays fast for many rows."""
     plt = C._plt()
     jet = plt.get_cmap("jet")
-    rows = []
-    for ex in examples:
-        win, rec = ex["window"], ex["recon"]                   # (6, H, W), (3, H, W)
-        k_in = win.shape[0] - rec.shape[0]
-        gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1).astype(np.float32)  # (H, W, 3)
-        l2map = ((win[k_in:] - rec) / 2) ** 2                  # (3, H, W), [0, 1] units as Eq. (2)
-        alpha = np.clip(l2map / vmax, 0, 1)[..., None] * 0.85  # (3, H, W, 1)
-        over = [(1 - alpha[j]) * gray(win[k_in + j]) + alpha[j] * jet(np.clip(l2map[j] / vmax, 0, 1))[..., :3]
-                for j in range(len(rec))]
-        tiles = [gray(a) for a in win] + [gray(a) for a in rec] + over   # input, real next, recon, l2
-        rows.append((tiles, [float(m.mean()) for m in l2map]))
-    H, W = examples[0]["window"].shape[1:]
-    n_t, k, gap = len(rows[0][0]), len(examples[0]["recon"]), max(H // 16, 1)
-
-    def x0(j):                                                 # left edge of tile j; a wider gap every 3 tiles
-        return j * (W + gap) + gap * (j // 3)
-    mosaic = np.ones((len(rows) * (H + gap), x0(n_t), 3), np.float32)
-    for i, (tiles, _) in enumerate(rows):
-        for j, t in enumerate(tiles):
-            mosaic[i * (H + gap): i * (H + gap) + H, x0(j): x0(j) + W] = np.clip(t, 0, 1)
-    fig, ax = plt.subplots(figsize=(min(1.1 * n_t, 16), 1.15 * len(rows) + 0.7))
+    k = len(examples[0]["recon"])
+    k_in, (H, W) = len(examples[0]["window"]) - k, examples[0]["window"].shape[1:]
+    gap = max(H // 16, 1)
+    gray = lambda a: np.repeat(((np.clip(a, -1, 1) + 1) / 2)[..., None], 3, -1)  # noqa: E731
+    x0 = lambda j: j * (W + gap) + gap * (j // 3)   # noqa: E731  left edge of tile j (gap after 3)
+    mosaic = np.ones((len(examples) * (H + gap), x0(k_in + 3 * k), 3), np.float32)
+    fig, ax = plt.subplots(figsize=(min(1.1 * (k_in + 3 * k), 16), 1.15 * len(examples) + 0.7))
+    for i, ex in enumerate(examples):
+        win, rec, y0 = ex["window"], ex["recon"], i * (H + gap)   # (6, H, W), (3, H, W)
+        l2 = ((win[k_in:] - rec) / 2) ** 2                     # (3, H, W): Eq. (2) per pixel
+        a = np.clip(l2 / vmax, 0, 1)[..., None] * 0.85         # (3, H, W, 1) overlay opacity
+        over = [(1 - a[j]) * gray(win[k_in + j]) + a[j] * jet(np.clip(l2[j] / vmax, 0, 1))[..., :3]
+                for j in range(k)]
+        for j, tile in enumerate([gray(s) for s in win] + [gray(s) for s in rec] + over):
+            mosaic[y0: y0 + H, x0(j): x0(j) + W] = np.clip(tile, 0, 1)
+        ax.text(-gap, y0 + H / 2, f"{ex['group']}\nscan l2 {ex['score']:.4f}", ha="right",
+                va="center", fontsize=7)
+        for j in range(k):
+            ax.text(x0(k_in + 2 * k + j) + 1, y0 + H - 1, f"{l2[j].mean():.4f}", color="white",
+                    fontsize=6, va="bottom")
     ax.imshow(mosaic, interpolation="nearest")
-    k_in = n_t - 3 * k
-    heads = [f"input s{j + 1}" for j in range(k_in)] + [f"real s{j + 1 + k_in}" for j in range(k)] \
-        + [f"recon. s{j + 1 + k_in}" for j in range(k)] + [f"l2 s{j + 1 + k_in}" for j in range(k)]
+    heads = [f"input s{j + 1}" for j in range(k_in)] + [f"{what} s{j + 1 + k_in}" for what in
+                                                         ("real", "recon.", "l2") for j in range(k)]
     for j, h in enumerate(heads):
         ax.text(x0(j) + W / 2, -gap, h, ha="center", va="bottom", fontsize=7)
-    for i, (ex, (_, l2s)) in enumerate(zip(examples, rows)):
-        y0 = i * (H + gap)
-        ax.text(-gap, y0 + H / 2, f"{ex['group']}\nscan l2 {ex['score']:.4f}", ha="right", va="center", fontsize=7)
-        for j, v in enumerate(l2s):
-            ax.text(x0(n_t - k + j) + 1, y0 + H - 1, f"{v:.4f}", color="white", fontsize=6, va="bottom")
     ax.axis("off")
-    ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet [0, {vmax}] "
-                 f"(Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
+    ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet "
+                 f"[0, {vmax}] (Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
     C._save(fig, path)
 
 
-def pick_examples(scorer_out, cases, max_rows=7):
-    """One scan per group (the one whose score is the group median) and its middle window."""
-    by_group = {}
-    for i, c in enumerate(cases):
-        by_group.setdefault(c.group, []).append(i)
-    picks = []
-    for g in stage_order(by_group):
-        idx = [i for i in by_group[g] if np.isfinite(scorer_out["all"][i])]
-        if not idx:
-            continue
-        i = sorted(idx, key=lambda j: scorer_out["all"][j])[len(idx) // 2]
-        picks.append((g, i))
-    return picks[:max_rows]
+# ---- proposed for data/datasets.py (the lead moves it) -------------------------------------------
 
+class RowReader:
+    """Rows of an array x (N, ...) as float32: reader(rows), rows an int array of any shape ->
+    (*rows.shape, *x.shape[1:]), every distinct row read once. For x as np.memmap opened it (not a
+    view of one), each run of consecutive rows is one plain file read, so the pages go to the OS
+    page cache, not to this process's resident memory: peak RSS stays at one batch, whatever the
+    size of the data set."""
 
-def evaluate_and_plot(args, run, G, scorer, test, val_scorer, hist, auc_steps, timing, info, extra):
-    device = run.device
-    cases = test.cases
-    # windows to keep for the figures: the middle window of one median-scoring scan per group
-    with C.Timer() as t:
-        out = scorer(G, device)
-    picks = pick_examples(out, cases)
-    keep = {}
-    for g, i in picks:
-        w = np.nonzero(scorer.case == i)[0]
-        keep[int(w[len(w) // 2])] = (g, i)
-    w_keep = np.array(sorted(keep), dtype=np.int64)            # reconstruct only those windows again
-    kept_list = reconstruct_windows(G, scorer.reader, scorer.rows[w_keep], args, device,
-                                    keep=range(len(w_keep)))[1] if len(w_keep) else {}
-    kept = {int(w_keep[j]): v for j, v in kept_list.items()}
-    val = val_scorer(G, device) if val_scorer is not None else None
-    timing.update(score_s=round(t.seconds, 2), score_s_per_sample=round(t.seconds / max(len(cases), 1), 4))
+    def __init__(self, x):
+        self.x, self.row_bytes = x, int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        self.path = x.filename if isinstance(x, np.memmap) and x.flags.c_contiguous else None
 
-    primary = out["top"] if args.score_windows else out["all"]
-    other = out["all"] if args.score_windows else out["top"]
-    rows = []
-    for i, c in enumerate(cases):
-        if not np.isfinite(primary[i]):
-            continue
-        rows.append(dict(id=c.id, group=c.group, label=c.label, score=float(primary[i]),
-                         score_all_windows=float(out["all"][i]), score_top10_windows=float(out["top"][i]),
-                         n_windows=int((scorer.case == i).sum())))
-    skipped = [c.id for i, c in enumerate(cases) if not np.isfinite(primary[i])]
-    k = args.score_windows or 10
-    extra.update({
-        "score": f"average l2 (Eq. 2) per scan over {'the best ' + str(k) + ' consecutive' if args.score_windows else 'all'} windows",
-        "table1": {"all windows": group_aucs(cases, out["all"]),
-                   f"{k} consecutive windows": group_aucs(cases, out["top"])},
-        "auc_over_steps": auc_steps,
-        "skipped_scans_without_windows": skipped,
-    })
-    if val is not None and np.isfinite(val["all"]).any():
-        v = val["all"] if not args.score_windows else val["top"]
-        thr = C.threshold_from_healthy(v[np.isfinite(v)], fpr=0.05)
-        y = np.array([r["label"] for r in rows])
-        s = np.array([r["score"] for r in rows])
-        extra["operating_point_val95"] = {"threshold": thr, "rule": "95th percentile of healthy validation scans",
-                                          **C.binary_stats(y, s >= thr)}
-    # figures
-    examples = [dict(group=g, score=float(out["all"][i]), window=kept[w][0], recon=kept[w][1])
-                for w, (g, i) in keep.items() if w in kept]
-    if examples:
-        plot_fig3(examples, run.out / "fig3_slices.png")
-        mid = args.k_out // 2
-        rows_ex = []
-        for w, (g, i) in keep.items():
-            win, rec = kept[w]
-            zrow = scorer.rows[w][args.k_in + mid]
-            gt = np.asarray(test.mask[zrow]) if test.mask[zrow].any() else None
-            rows_ex.append(dict(title=f"{g} ({cases[i].id.split('/')[-1]})", input=win[args.k_in + mid],
-                                reconstruction=rec[mid], amap=((win[args.k_in + mid] - rec[mid]) / 2) ** 2, gt=gt))
-        cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
-        has_gt = any(r["gt"] is not None for r in rows_ex)     # atrophy has no voxel mask
-        C.plot_examples(rows_ex, run.out / "examples.png", cols=cols if has_gt else cols[:3])
-    C.plot_curves({k_: v for k_, v in hist.items() if k_ in ("loss_D", "loss_G_adv", "wdist")},
-                  run.out / "losses.png", title=f"MADGAN ({args.sa}-SA) training: critic and adversarial terms",
-                  ylabel="loss", logy=True)
-    if hist.get("loss_l1"):
-        C.plot_curves({"l1 (Eq. 1)": hist["loss_l1"]}, run.out / "losses_l1.png",
-                      title="l1 reconstruction loss", ylabel="l1", logy=False)
-    if auc_steps:
-        plot_auc_steps(auc_steps, run.out / "auc_steps.png",
-                       title=f"AUC over training steps (Fig. 8), {args.sa}-SA, l1 weight {args.l1_weight:g}")
-    return C.finish_run(run, args, METHOD, unit="scan", rows=rows, timing=timing, extra=extra, data_info=info,
-                        roc_title=f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group")
-
-
-# =================================================================================================
-# main
-# =================================================================================================
-
-def main(argv=None):
-    args = parse_args(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    data = datasets.load_dataset(args, contrast="t1")
-    # whole slabs of consecutive slices (drop_anomalous=False): a window must never skip a slice
-    stack = dict(size=tuple(args.image_size), norm="mri", n_slices=args.n_slices, center=args.slice_center,
-                 cache_dir=args.cache_dir, drop_anomalous=False)
-    with C.Timer() as t_cache:
-        S_train = datasets.slice_stack(data.train, desc="train", **stack)
-        S_val = datasets.slice_stack(data.val, desc="val", **stack) if data.val else None
-        S_test = datasets.slice_stack(data.test, desc="test", **stack)
-    win_rows, _ = window_table(S_train, args.k_in, args.k_out)
-    if len(win_rows) == 0:
-        C.fail(f"no training window: every scan has fewer than --k-in + --k-out = {args.k_in + args.k_out} slices")
-    run.log(f"slices: train {len(S_train)} ({len(win_rows)} windows), test {len(S_test)} over "
-            f"{len(data.test)} scans; caches ready in {t_cache.seconds:.1f}s; peak RSS so far "
-            f"{C.peak_memory_mb()['rss_mb']:.0f} MB")
-
-    G, D = build_models(args)
-    G, D = G.to(device), D.to(device)
-    test_scorer, val_scorer = Scorer(S_test, args), (Scorer(S_val, args) if S_val is not None and len(S_val) else None)
-
-    def evaluator(step):
-        """Fig. 8: AUCs of the current generator (reporting only; never selects anything)."""
-        o = test_scorer(G, device)
-        e = {"step": step, "auroc": group_aucs(S_test.cases, o["all"]),
-             "auroc_top_windows": group_aucs(S_test.cases, o["top"])}
-        if val_scorer is not None:
-            e["val_l2_mean"] = float(np.nanmean(val_scorer(G, device)["all"]))
-        run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
-        return e
-
-    timing = {"cache_s": round(t_cache.seconds, 2)}
-    if args.checkpoint:                                        # score only
-        ck = C.load_checkpoint(args.checkpoint, device)
-        G.load_state_dict(ck["models"]["G"])
-        hist, auc_steps = ck.get("history", {}), ck.get("train_state", {}).get("auc_steps", [])
-        timing["train_s"] = 0.0
-        C.save_checkpoint(run.out / "last.pt", ck)
-    else:
-        ck = C.load_checkpoint(args.resume, device) if args.resume else None
-        reader = WindowReader(S_train)
-        hist, state, train_s = train(args, run, G, D, reader, win_rows, evaluator, ckpt_state=ck)
-        reader.close()
-        auc_steps = state["auc_steps"]
-        timing["train_s"] = round(train_s, 2)
-        run.log(f"trained in {train_s:.0f}s; peak memory so far {C.peak_memory_mb(device)}")
-    if not C.is_main():                                        # torchrun: process 0 scores and writes
-        return None
-    extra = {"sa": args.sa, "sa_modules": list(SA_SLOTS[args.sa]), "l1_weight": args.l1_weight,
-             "steps": args.steps, "score_windows": args.score_windows,
-             "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
-             "slices": {"train": len(S_train), "train_windows": int(len(win_rows)), "test": len(S_test)}}
-    res = evaluate_and_plot(args, run, G, test_scorer, S_test, val_scorer, hist, auc_steps, timing, data.info, extra)
-    return res
+    def __call__(self, rows):
+        rows = np.asarray(rows)
+        u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
+        if self.path is None:
+            return np.asarray(self.x[u], dtype=np.float32)[inv.reshape(rows.shape)]
+        out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
+        with open(self.path, "rb") as f:
+            for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
+                if len(run):
+                    f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
+                    buf = f.read(len(run) * self.row_bytes)
+                    out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
+        return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Several processes with torchrun + DistributedDataParallel, on CPU with the gloo backend.
 
 The in-process tests start two real gloo processes (torch.multiprocessing) and check what DDP must
-guarantee for the training loops of madgan.py and fanogan3d.py: the processes see disjoint data, and
-the averaged gradient equals a single-process step on the same global batch. The subprocess tests run
+guarantee for the training loops: the processes see disjoint data (C.Batches, shared by every script), and the
+averaged gradient equals a single-process step on the same global batch (madgan.py, fanogan3d.py). The subprocess tests run
 the scripts the way a user does, `torchrun --nproc_per_node=2 X.py`, and load the checkpoint in a
 single process (and a single-process checkpoint under torchrun).
 """
@@ -49,17 +49,16 @@ def _gather(obj):
 # ---- the data each process sees ---------------------------------------------------------------------
 
 def _disjoint(rank, n, batch):
+    """C.Batches (every script's minibatches): each process takes its own rows of one global batch."""
     assert C.ddp_world() == WORLD and C.ddp_rank() == rank
-    perm = np.random.default_rng(0).permutation(n)                    # the same on every process
-    for it in range(5):
-        glob = perm[it * batch * WORLD:(it + 1) * batch * WORLD]
-        mine = C.shard(glob)                                          # madgan.py's next_batch
-        both = _gather(mine.tolist())
-        assert set(both[0]).isdisjoint(both[1]) and sorted(both[0] + both[1]) == sorted(glob.tolist())
-        rows = F.rank_batch(n, batch, it, seed=3)                     # fanogan3d.py's batches
-        both = _gather(rows.tolist())
+    b = C.Batches(n, batch, seed=3)
+    assert b.global_batch == batch * WORLD and b.steps_per_epoch == n // (batch * WORLD)
+    for it in range(2 * b.steps_per_epoch + 1):                        # over an epoch boundary
+        epoch, pos = divmod(it, b.steps_per_epoch)
+        glob = np.random.default_rng([3, 0, epoch]).permutation(n)[pos * batch * WORLD:(pos + 1) * batch * WORLD]
+        both = _gather(next(b).tolist())
         assert len(both[0]) == len(both[1]) == batch and set(both[0]).isdisjoint(both[1])
-        assert sorted(both[0] + both[1]) == sorted(F.batch_indices(n, batch * WORLD, it, 3).tolist())
+        assert sorted(both[0] + both[1]) == sorted(glob.tolist())
 
 
 def test_two_processes_see_disjoint_data(tmp_path):
@@ -174,13 +173,15 @@ def test_torchrun_madgan_writes_once_and_checkpoints_cross_over(tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == WORLD
     r = json.loads((out / "results.json").read_text())
     assert r["world_size"] == WORLD and r["effective_batch_size"] == 8
+    assert [e["step"] for e in r["auc_over_steps"]] == [0, 2, 4]               # Fig. 8 via C.on_main
     assert not list(out.glob(".*tmp*"))                                          # no temp file left behind
     # the torchrun checkpoint scores in a single process, to the same AUROC
     r1 = M.main(["--preset", "smoke", "--out", str(tmp_path / "single"), "--checkpoint", str(out / "last.pt")])
     assert r1["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
-    # and a single-process checkpoint resumes under torchrun
-    _torchrun("madgan.py", tmp_path / "resumed", "--resume", str(tmp_path / "single" / "last.pt"), "--steps", "6")
-    assert C.load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 6
+    # and a single-process checkpoint (stopped after 2 steps) finishes under torchrun
+    M.main(["--preset", "smoke", "--out", str(tmp_path / "half"), "--max-steps", "2"])
+    _torchrun("madgan.py", tmp_path / "resumed", "--resume", str(tmp_path / "half" / "last.pt"))
+    assert C.load_checkpoint(tmp_path / "resumed" / "last.pt")["loop"]["total_steps"] == 4
 
 
 def test_torchrun_fanogan3d_runs_and_scores_in_one_process(tmp_path):

@@ -1,9 +1,13 @@
 """Tests of madgan.py: the paper's equations on hand-computed tensors (`pytest -k eq`), the window
-indexing, the per-scan score, the networks, and subprocess smoke runs for --sa 0/3/7."""
+indexing, the per-scan score, the row reader, the networks, and smoke runs: one subprocess as a user
+types it (checked against ../shared/CONTRACT.md), --sa 3/7, the OASIS-3 fixture, resume after
+--max-steps and after a SIGKILL (both byte-equal to the uninterrupted run), --checkpoint, and the
+error line for another script's last.pt."""
 import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -196,38 +200,58 @@ class ShiftG(torch.nn.Module):
 def test_eq2_scan_score_matches_hand_computation():
     S = fake_stack([8, 6], H=2, W=3)
     args = types.SimpleNamespace(k_in=3, k_out=3, eval_batch=2, amp=False, score_windows=0)
-    sc = M.Scorer(S, args)
-    out = sc(ShiftG(), torch.device("cpu"))
+    out = M.score(ShiftG(), S, args, torch.device("cpu"), keep=[1])
     x = S.x.astype(np.float64)
     for i, n in enumerate([8, 6]):
         r = S.slices_of(i)
         per_window = [np.mean(((x[r[s + 3: s + 6]] - x[r[s + 2]][None]) / 2) ** 2) for s in range(n - 5)]
         assert out["all"][i] == pytest.approx(np.mean(per_window), rel=1e-6)
         assert out["top"][i] == pytest.approx(np.mean(per_window), rel=1e-6)   # <= 10 windows: all
-    assert len(out["losses"]) == 3 + 1
+    assert len(out["losses"]) == 3 + 1 and list(out["n_windows"]) == [3, 1]
+    # the figure window of scan 1 (its only window) is kept during the same pass
+    assert list(out["kept"]) == [1] and list(out["kept"][1]["rows"]) == list(S.slices_of(1))
+    np.testing.assert_array_equal(out["kept"][1]["window"], S.x[S.slices_of(1)])
 
 
-def test_window_reader_memmap_matches_array(tmp_path):
-    S = fake_stack([8, 7])
-    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=S.x.shape)
-    mm[:] = S.x
+def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(20, 3, 4)).astype(np.float32)
+    mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
     mm.flush()
-    S2 = datasets.ArraySet(x=np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=S.x.shape),
-                    mask=S.mask, brain=S.brain, case=S.case, z=S.z, cases=S.cases)
-    rows, _ = M.window_table(S2, 3, 3)
-    r = M.WindowReader(S2)
-    assert r.file is not None
-    np.testing.assert_array_equal(r(rows), S.x[rows])
-    odd = np.array([[0, 2, 4], [7, 1, 3]])                      # unsorted, repeated-free, gaps
-    np.testing.assert_array_equal(r(odd), S.x[odd])
-    r.close()
+    reader = M.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
+    rows = np.array([[5, 6, 7], [7, 8, 2], [15, 3, 2]])         # distinct: 2-3 | 5-8 | 15, unsorted, repeated
+    reads, real_open = [], open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def seek(self, pos):
+            self.f.seek(pos)
+
+        def read(self, n):
+            reads.append(n // (3 * 4 * 4))                       # rows per read
+            return self.f.read(n)
+    monkeypatch.setattr("builtins.open", lambda *a, **kw: Spy(real_open(*a, **kw)))
+    out = reader(rows)
+    monkeypatch.undo()
+    assert out.shape == (3, 3, 3, 4) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, x[rows])
+    assert reads == [2, 4, 1]                                    # one read per run of consecutive rows
+    np.testing.assert_array_equal(M.RowReader(x)(rows), x[rows])  # a plain array: indexing
 
 
 def test_group_aucs_normal_is_any_label_0_group():
-    cases = [datasets.Case(id=str(i), subject=str(i), group=g, label=int(g != "cdr_0"), image="")
-             for i, g in enumerate(["cdr_0"] * 3 + ["cdr_0.5"] * 2 + ["cdr_2"] * 2)]
-    s = np.array([0.1, 0.2, 0.3, 0.25, 0.35, 0.5, 0.6])
-    a = M.group_aucs(cases, s)
+    groups = ["cdr_0"] * 3 + ["cdr_0.5"] * 2 + ["cdr_2"] * 2
+    s = [0.1, 0.2, 0.3, 0.25, 0.35, 0.5, 0.6]
+    rows = [dict(id=str(i), group=g, label=int(g != "cdr_0"), score=v) for i, (g, v) in enumerate(zip(groups, s))]
+    a = M.group_aucs(rows)
     assert a["cdr_2"] == pytest.approx(1.0)
     assert a["cdr_0.5"] == pytest.approx(C.auroc([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.25, 0.35]))
     assert a["all"] == pytest.approx(C.auroc([0, 0, 0, 1, 1, 1, 1], s))
@@ -244,10 +268,40 @@ def test_bad_flags_are_user_errors():
         M.parse_args(["--preset", "smoke", "--dropout", "1.5"])
 
 
-# ---- smoke runs: one subprocess (the command line a user types), the rest in-process --------------
+# ---- runs: one subprocess as a user types it, the rest in-process on one thread ------------------
 
-def _argv(out, *extra):
-    return ["--preset", "smoke", "--out", str(out), *extra]
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def one_thread():
+    """Byte-equal comparisons with the subprocess runs (OMP_NUM_THREADS=1) need one thread here too."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _argv(out, cache, *extra):
+    return ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), *extra]
+
+
+def _subprocess(out, cache, *extra, **kw):
+    return subprocess.Popen([sys.executable, "madgan.py", *_argv(out, cache, *extra)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache):
+    """`python madgan.py --preset smoke`: the reference run of the tests below."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    p = _subprocess(out, cache)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return out
 
 
 def _check_run(out, r, sa):
@@ -257,35 +311,75 @@ def _check_run(out, r, sa):
     assert r["method"] == "madgan" and r["unit"] == "scan" and r["sa"] == sa
     assert 0 <= r["metrics"]["auroc"] <= 1
     assert {"atrophy_1", "atrophy_2", "atrophy_3", "normal"} <= set(r["groups"])
-    assert "all windows" in r["table1"] and len(r["auc_over_steps"]) >= 1
+    assert {"all windows", "10 consecutive windows"} <= set(r["table1"])
+    assert {"atrophy_1", "atrophy_2", "atrophy_3", "all_stages", "all"} <= set(r["table1"]["all windows"])
+    assert r["table1"]["all windows"]["atrophy_3"] == pytest.approx(r["groups"]["atrophy_3"]["auroc"])
+    assert "healthy validation" in r["operating_point"]["rule"]
     sys.path.insert(0, str(REPO.parent / "shared"))
     import check_contract
     res = check_contract.check(str(out))
     assert (res if isinstance(res, list) else res[0]) == []
 
 
-def test_smoke_subprocess_sa0_then_resume_and_score_only(tmp_path):
-    out = tmp_path / "sa0"
-    p = subprocess.run([sys.executable, "madgan.py", *_argv(out, "--sa", "0")], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads((out / "results.json").read_text())
-    _check_run(out, r, 0)
-    ck = C.load_checkpoint(out / "last.pt")
-    assert ck["step"] == 4 and set(ck["models"]) == {"G", "D"} and set(ck["optims"]) == {"G", "D"}
-    # --resume continues at step 5 with the saved optimisers and data order
-    M.main(_argv(tmp_path / "resumed", "--resume", str(out / "last.pt"), "--steps", "6"))
-    ck2 = C.load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert ck2["step"] == 6 and [e["step"] for e in ck2["train_state"]["auc_steps"]] == [0, 2, 4, 6]
-    # --checkpoint skips training and gives the same scores
-    r3 = M.main(_argv(tmp_path / "scored", "--checkpoint", str(out / "last.pt")))
-    assert r3["metrics"]["auroc"] == pytest.approx(r["metrics"]["auroc"])
-    assert r3["timing"]["train_s"] == 0
+def test_smoke_run_as_a_user_types_it(smoke):
+    r = json.loads((smoke / "results.json").read_text())
+    _check_run(smoke, r, 0)
+    assert [e["step"] for e in r["auc_over_steps"]] == [0, 2, 4]          # Fig. 8 from the untrained G
+    ck = C.load_checkpoint(smoke / "last.pt", "madgan")
+    assert ck["loop"]["total_steps"] == 4 and set(ck["models"]) == set(ck["optims"]) == {"G", "D"}
+    assert (smoke / "scores.csv").read_text().splitlines()[0] == \
+        "id,group,label,score,score_all_windows,score_top10_windows,n_windows"
+
+
+def test_resume_after_max_steps_equals_the_uninterrupted_run(smoke, cache, tmp_path, one_thread):
+    stopped = tmp_path / "stopped"
+    M.main(_argv(stopped, cache, "--max-steps", "2"))                      # scores what it has
+    assert C.load_checkpoint(stopped / "last.pt", "madgan")["loop"]["total_steps"] == 2
+    r = M.main(_argv(tmp_path / "resumed", cache, "--resume", str(stopped / "last.pt")))
+    assert (tmp_path / "resumed" / "scores.csv").read_bytes() == (smoke / "scores.csv").read_bytes()
+    full = json.loads((smoke / "results.json").read_text())
+    assert r["auc_over_steps"] == full["auc_over_steps"]                   # Fig. 8 points 0, 2 (kept), 4
+
+
+def test_checkpoint_scores_without_training(smoke, cache, tmp_path, one_thread):
+    r = M.main(_argv(tmp_path / "scored", cache, "--checkpoint", str(smoke / "last.pt")))
+    assert (tmp_path / "scored" / "scores.csv").read_bytes() == (smoke / "scores.csv").read_bytes()
+    assert r["timing"]["train_s"] == 0 and [e["step"] for e in r["auc_over_steps"]] == [0, 2, 4]
+
+
+def test_checkpoint_or_resume_of_another_script_is_one_clear_error(smoke, cache, tmp_path):
+    ck = C.load_checkpoint(smoke / "last.pt")
+    torch.save({**ck, "method": "anogan"}, tmp_path / "anogan.pt")
+    for flag in ("--checkpoint", "--resume"):
+        with pytest.raises(C.UserError, match=r"is not a last.pt of madgan.py \(it is one of anogan.py\)") as e:
+            M.main(_argv(tmp_path / flag[2:], cache, flag, str(tmp_path / "anogan.pt")))
+        assert "\n" not in str(e.value)
+        with pytest.raises(C.UserError, match="other network settings") as e:
+            M.main(_argv(tmp_path / f"{flag[2:]}_wide", cache, flag, str(smoke / "last.pt"), "--base-ch", "16"))
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_killed_run_resumes_exactly(cache, tmp_path, one_thread):
+    """SIGKILL (no chance to save) after the first checkpoint; --resume of it = the uninterrupted run."""
+    argv = ("--steps", "20", "--eval-every", "0")
+    killed = tmp_path / "killed"
+    p = _subprocess(killed, cache, *argv, "--ckpt-every", "1")
+    t0 = time.time()
+    while not (killed / "last.pt").is_file():
+        assert p.poll() is None and time.time() - t0 < 240, p.communicate()[1][-3000:]
+        time.sleep(0.02)
+    p.kill()
+    p.communicate()
+    steps = C.load_checkpoint(killed / "last.pt", "madgan")["loop"]["total_steps"]
+    assert 0 < steps < 20 and not (killed / "scores.csv").exists()        # killed mid-training
+    M.main(_argv(tmp_path / "resumed", cache, *argv, "--resume", str(killed / "last.pt")))
+    M.main(_argv(tmp_path / "full", cache, *argv))
+    assert (tmp_path / "resumed" / "scores.csv").read_bytes() == (tmp_path / "full" / "scores.csv").read_bytes()
 
 
 @pytest.mark.parametrize("sa", [3, 7])
-def test_smoke_run_self_attention(tmp_path, sa):
-    r = M.main(_argv(tmp_path / f"sa{sa}", "--sa", str(sa)))
+def test_smoke_run_self_attention(tmp_path, cache, sa):
+    r = M.main(_argv(tmp_path / f"sa{sa}", cache, "--sa", str(sa)))
     _check_run(tmp_path / f"sa{sa}", r, sa)
     assert len(r["sa_modules"]) == sa
 
@@ -294,7 +388,7 @@ def test_smoke_run_oasis3_fixture(tmp_path):
     from tests.fixtures import make_oasis3
     root = make_oasis3(tmp_path / "oasis3")
     out = tmp_path / "oasis_run"
-    r = M.main(_argv(out, "--data", "oasis3", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache")))
+    r = M.main(_argv(out, tmp_path / "cache", "--data", "oasis3", "--data-root", str(root)))
     assert r["unit"] == "scan" and r["data"] == "oasis3"
     assert {"cdr_0", "cdr_0.5", "cdr_1", "cdr_2"} <= set(r["groups"])        # normal = cdr_0 (label 0)
     assert "auroc" not in r["groups"]["cdr_0"] and "auroc" in r["groups"]["cdr_2"]
