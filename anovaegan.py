@@ -85,6 +85,8 @@ Commands:
 """
 from __future__ import annotations
 
+import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -118,62 +120,53 @@ PAPER_TABLE1 = {
 # arguments
 # =================================================================================================
 
-PRESETS = {
-    "smoke": dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, batch_size=8,
-                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
-                  percentile=98.0, min_size=6, max_pixels=50_000),
-    "quick": dict(image_size=64, n_slices=20, z_shape="8x8x16", z_dim=32, width=16, epochs=5, batch_size=8,
-                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=3, erode=1,
-                  percentile=98.0, min_size=1, max_pixels=1_000_000),
-    "paper": dict(image_size=256, n_slices=20, z_shape="16x16x64", z_dim=512, width=32, epochs=150,
-                  batch_size=8, lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5,
-                  erode=1, percentile=98.0, min_size=6, max_pixels=4_000_000),
-}
+# One declaration per hyperparameter: the paper's value (the default of --preset paper) and its source.
+HYPER = dict(
+    model=C.hp("AnoVAEGAN", "Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN",
+               choices=MODELS),
+    image_size=C.hp(256, "slices resized to S×S, §3 'Datasets'", lo=8),
+    n_slices=C.hp(20, "consecutive axial slices around the middle per subject, §3 'Datasets'", lo=1),
+    z_shape=C.hp("16x16x64", "spatial bottleneck h x w x c, Table 1 (8x8x64 for sAE1); sets the depth "
+                 "of the shared encoder: log2(image-size / h) stride-2 stages", metavar="HxWxC"),
+    z_dim=C.hp(512, "dense bottleneck size, Table 1", lo=1),
+    width=C.hp(32, "filters of the first convolution, doubled per stage up to 4x (not in the paper; "
+               "the authors' later code)", lo=1),
+    epochs=C.hp(150, "training epochs, §3 'Implementation'", lo=1),
+    batch_size=C.hp(8, "minibatch size, §3 'Implementation'", lo=1),
+    lr=C.hp(1e-3, "Adam learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3",
+            lo=1e-12, hi=1.0),
+    lr_adv=C.hp(1e-4, "Adam learning rate of Dis on Eq. (3) ('adversarial training'), §3", lo=1e-12, hi=1.0),
+    lam_rec=C.hp(1.0, "λ1 in Eq. (2) (not reported in the paper)", lo=0),
+    lam_prior=C.hp(1.0, "λ2 in Eq. (2), VAEs only (not reported)", lo=0),
+    lam_adv=C.hp(1.0, "λ3 in Eq. (2), GAN models only (not reported)", lo=0),
+    median=C.hp(5, "median filter size (voxels) over each patient's residual sub-volume, "
+                "§3 'Postprocessing' (0 or 1: none)", lo=0),
+    erode=C.hp(1, "brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded')", lo=0),
+    percentile=C.hp(98.0, "threshold = this percentile of healthy residuals, §3 'Postprocessing'",
+                    lo=0, hi=100),
+    min_size=C.hp(6, "remove 3D connected components smaller than this (voxels), §3 'Postprocessing'",
+                  lo=1),
+    max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)", lo=1),
+)
+# quick (2-core CPU, minutes): 64x64 slices, filters halved, 5 epochs, the paper's compression kept
+# (deviation 7); smoke: 32x32 on the tiny phantom, 1 epoch, seconds
+QUICK = dict(image_size=64, z_shape="8x8x16", z_dim=32, width=16, epochs=5, median=3, min_size=1,
+             max_pixels=1_000_000)
+SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, max_pixels=50_000)
+LIST_FLAGS = """
+list flags of this script:
+  --groups GROUP [GROUP ...]   keep only these anomalous test groups (default: all)
+  --compare RUN_DIR [...]      no training: Table 1 with paired intervals and Fig. 5 across finished runs
+"""
 
 
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, method=METHOD)
-    g = p.add_argument_group("AnoVAEGAN (Baur et al. 2018)")
-    g.add_argument("--model", default="AnoVAEGAN", choices=MODELS,
-                   help="Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN (default AnoVAEGAN)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="slices resized to S×S, §3 'Datasets' (paper 256; quick 64)")
-    g.add_argument("--n-slices", type=int, default=None,
-                   help="consecutive axial slices around the middle per subject, §3 'Datasets' (paper 20)")
-    g.add_argument("--z-shape", default=None,
-                   help="spatial bottleneck h x w x c, Table 1 (paper 16x16x64; 8x8x64 for sAE1; quick 8x8x16); "
-                        "also sets the depth of the shared encoder: log2(image-size / h) stride-2 stages")
-    g.add_argument("--z-dim", type=int, default=None, help="dense bottleneck size, Table 1 (paper 512; quick 32)")
-    g.add_argument("--width", type=int, default=None,
-                   help="filters of the first convolution, doubled per stage up to 4x (not in the paper; "
-                        "authors' code 32; quick 16)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs, §3 'Implementation' (paper 150)")
-    g.add_argument("--batch-size", type=int, default=None, help="minibatch size, §3 'Implementation' (paper 8)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3 (paper 0.001)")
-    g.add_argument("--lr-adv", type=float, default=None,
-                   help="learning rate of Dis on Eq. (3) ('adversarial training'), §3 (paper 0.0001)")
-    g.add_argument("--lam-rec", type=float, default=None, help="λ1 in Eq. (2) (paper: not reported; 1)")
-    g.add_argument("--lam-prior", type=float, default=None,
-                   help="λ2 in Eq. (2), VAEs only (paper: not reported; 1)")
-    g.add_argument("--lam-adv", type=float, default=None,
-                   help="λ3 in Eq. (2), GAN models only (paper: not reported; 1)")
-    g.add_argument("--median", type=int, default=None,
-                   help="median filter size (voxels) over each patient's residual sub-volume, §3 'Postprocessing' (paper 5; quick 3)")
-    g.add_argument("--erode", type=int, default=None,
-                   help="brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded'; 1)")
-    g.add_argument("--percentile", type=float, default=None,
-                   help="threshold = this percentile of healthy residuals, §3 'Postprocessing' (paper 98)")
-    g.add_argument("--min-size", type=int, default=None,
-                   help="remove 3D connected components smaller than this (voxels), §3 'Postprocessing' (paper 6; quick 1 = keep all)")
-    g.add_argument("--max-pixels", type=int, default=None,
-                   help="pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours, not in the paper)")
-    g.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
-                   help="keep only these anomalous test groups (default: all; e.g. lesion_hyper tumor)")
-    g.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                   help="no training: write Table 1 (table1.md) and Fig. 5 across finished runs into --out")
-    return p
+def parse_args(argv=None):
+    """The command line: the contract's flags, one per HYPER entry, and --groups / --compare."""
+    ns, rest = list_flags(argv, {"groups": "GROUP", "compare": "RUN_DIR"})
+    args = C.parse_args(rest, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD,
+                        doc=__doc__ + LIST_FLAGS, check=check_args)
+    vars(args).update(vars(ns))
+    return args
 
 
 def parse_z_shape(s):
@@ -183,26 +176,17 @@ def parse_z_shape(s):
     return tuple(int(v) for v in m.groups())
 
 
-def validate(args):
-    C.check_range(args, "image_size", lo=8, integer=True)
+def check_args(args):
+    """Cross-checks the table's ranges cannot express."""
     h, w, c = parse_z_shape(args.z_shape)
-    if h != w or h < 1 or args.image_size % h or (args.image_size // h) & (args.image_size // h - 1) \
-            or args.image_size // h < 2:
+    f = args.image_size // h if h else 0
+    if h != w or h < 1 or args.image_size % h or f < 2 or f & (f - 1):
         C.fail(f"--z-shape {args.z_shape} does not fit --image-size {args.image_size}: need a square h×h "
                f"with image-size / h a power of two >= 2 (e.g. {args.image_size // 16}x{args.image_size // 16}x64)")
     if c < 1:
         C.fail(f"--z-shape {args.z_shape}: the channel count must be >= 1")
-    for name in ("n_slices", "z_dim", "width", "epochs", "batch_size", "min_size", "max_pixels"):
-        C.check_range(args, name, lo=1, integer=True)
-    C.check_range(args, "median", lo=0, integer=True)
     if args.median > 1 and args.median % 2 == 0:
         C.fail(f"--median must be odd (a centred window) or 0/1 for none, got {args.median}")
-    C.check_range(args, "erode", lo=0, integer=True)
-    C.check_range(args, "percentile", lo=0, hi=100)
-    for name in ("lr", "lr_adv"):
-        C.check_range(args, name, lo=1e-12, hi=1.0)
-    for name in ("lam_rec", "lam_prior", "lam_adv"):
-        C.check_range(args, name, lo=0)
 
 
 # =================================================================================================
@@ -441,83 +425,74 @@ def reconstruct(ae, x, *, device, batch_size, amp=False):
 # =================================================================================================
 
 def to_batch(S, idx, device):
-    return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]  # (B, 1, S, S)
+    """Rows `idx` of a slice set -> (B, 1, S, S) on `device` (sorted: memory-mapped reads in file order)."""
+    return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]
 
 
-def train(args, run, ae, dis, S_train, S_val, start=None):
-    """Alternate one Enc/Dec step on Eq. (2) and one Dis step on Eq. (3) per minibatch (§2 'Training')."""
-    device = run.device
-    opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
-    opt_dis = torch.optim.Adam(dis.parameters(), lr=args.lr_adv) if dis is not None else None
-    hist = {"L_rec": [], "L_prior": [], "L_adv": [], "L_Dis": [], "val L_rec": []}
-    epoch0, step = 0, 0
-    ckpt = run.out / "last.pt"
-    if start is not None:                                       # --resume
-        ae.load_state_dict(start["models"]["ae"])
-        opt.load_state_dict(start["optims"]["ae"])
-        if dis is not None:
-            dis.load_state_dict(start["models"]["dis"])
-            opt_dis.load_state_dict(start["optims"]["dis"])
-        epoch0, step, hist = start["epoch"], start["step"], start["history"]
-        C.set_rng_state(start["rng"])
-        run.log(f"resumed at epoch {epoch0}, step {step}")
+def train_step(ae, dis, opt, opt_dis, x, lam, amp=False):
+    """One minibatch, the two losses 'in an alternating fashion' (§2 'Training'): one Enc/Dec step on
+    Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss name: tensor}."""
+    device = x.device
+    # ---- Enc/Dec step on Eq. (2); Dis is held fixed
+    if dis is not None:
+        dis.requires_grad_(False)
+    with C.autocast(device, enabled=amp):
+        x_hat, mu, logvar = ae(x)                                  # Eq. (1): z ~ Enc(x), x̂ = Dec(z)
+        d_fake = dis(x_hat) if dis is not None else None          # (B,) logits of Dis(x̂)
+    x_hat = x_hat.float()
+    losses = {"L_rec": loss_rec(x, x_hat)}
+    if logvar is not None:
+        losses["L_prior"] = loss_prior(mu.float(), logvar.float())
+    if d_fake is not None:
+        losses["L_adv"] = loss_adv(d_fake.float())
+    zero = x.new_zeros(())
+    l_vae = loss_vae(losses["L_rec"], losses.get("L_prior", zero), losses.get("L_adv", zero), **lam)
+    opt.zero_grad(set_to_none=True)
+    l_vae.backward()
+    opt.step()
+    if dis is None:
+        return losses
+    # ---- Dis step on Eq. (3): real slices against the reconstructions just made
+    dis.requires_grad_(True)
+    with C.autocast(device, enabled=amp):
+        d_real, d_fake = dis(x), dis(x_hat.detach())
+    losses["L_Dis"] = loss_dis(d_real.float(), d_fake.float())
+    opt_dis.zero_grad(set_to_none=True)
+    losses["L_Dis"].backward()
+    opt_dis.step()
+    return losses
+
+
+def train(args, run, ae, dis, S_train, S_val):
+    """--epochs epochs of minibatches of --batch-size healthy slices (§3 'Implementation'), Adam with
+    --lr on Eq. (2) and --lr-adv on Eq. (3). -> the finished C.Loop (history, timing, checkpoints)."""
+    models, optims = {"ae": ae}, {"ae": torch.optim.Adam(ae.parameters(), lr=args.lr)}
+    if dis is not None:
+        models["dis"], optims["dis"] = dis, torch.optim.Adam(dis.parameters(), lr=args.lr_adv)
+    batches = C.Batches(len(S_train), args.batch_size, args.seed)
+    loop = C.Loop(run, args, models, optims, batches={"train": batches}, log_every=5)
+    # a term is 0 where the model lacks it (Table 1: AE λ2 = λ3 = 0, VAE λ3 = 0, AE-GAN λ2 = 0)
     lam = dict(lam_rec=args.lam_rec, lam_prior=args.lam_prior if args.model in VARIATIONAL else 0.0,
                lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
-    n = len(S_train)
-    n_batches = math.ceil(n / args.batch_size)
-    zero = torch.zeros((), device=device)
-    for epoch in range(epoch0, args.epochs):
+    for _ in loop.phase("train", args.epochs * batches.steps_per_epoch):
         ae.train()
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)           # same order after --resume
-        perm = torch.randperm(n, generator=g).numpy()
-        for b in C.progress(range(n_batches), total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            x = to_batch(S_train, perm[b * args.batch_size:(b + 1) * args.batch_size], device)  # (B, 1, S, S)
-            # ---- Enc/Dec step on Eq. (2)
-            if dis is not None:
-                dis.requires_grad_(False)
-            with C.autocast(device, enabled=args.amp):
-                x_hat, mu, logvar = ae(x)
-                d_fake = dis(x_hat) if dis is not None else None
-            x_hat = x_hat.float()
-            l_rec = loss_rec(x, x_hat)
-            l_prior = loss_prior(mu.float(), logvar.float()) if logvar is not None else zero
-            l_adv = loss_adv(d_fake.float()) if d_fake is not None else zero
-            l_vae = loss_vae(l_rec, l_prior, l_adv, **lam)
-            C.check_finite(l_vae, step=step, ckpt=ckpt)
-            opt.zero_grad(set_to_none=True)
-            l_vae.backward()
-            opt.step()
-            # ---- Dis step on Eq. (3)
-            l_dis = zero
-            if dis is not None:
-                dis.requires_grad_(True)
-                with C.autocast(device, enabled=args.amp):
-                    d_real, d_fake = dis(x), dis(x_hat.detach())
-                l_dis = loss_dis(d_real.float(), d_fake.float())
-                C.check_finite(l_dis, step=step, ckpt=ckpt)
-                opt_dis.zero_grad(set_to_none=True)
-                l_dis.backward()
-                opt_dis.step()
-            step += 1
-            if step % 5 == 0 or b == n_batches - 1:
-                hist["L_rec"].append((step, float(l_rec.detach())))
-                if logvar is not None:
-                    hist["L_prior"].append((step, float(l_prior.detach())))
-                if dis is not None:
-                    hist["L_adv"].append((step, float(l_adv.detach())))
-                    hist["L_Dis"].append((step, float(l_dis.detach())))
-        # validation reconstruction error (monitoring only: selects nothing)
-        x_val = np.asarray(S_val.x)
-        v = float(np.abs(reconstruct(ae, x_val, device=device, batch_size=64, amp=args.amp) - x_val)
-                  .reshape(len(x_val), -1).sum(1).mean())
-        hist["val L_rec"].append((step, v))
-        run.log(f"epoch {epoch + 1}/{args.epochs}  L_rec {l_rec.item():.1f}  L_prior {l_prior.item():.1f}  "
-                f"L_adv {l_adv.item():.3f}  L_Dis {l_dis.item():.3f}  val L_rec {v:.1f}")
-        C.save_checkpoint(ckpt, {
-            "models": {"ae": ae.state_dict(), **({"dis": dis.state_dict()} if dis is not None else {})},
-            "optims": {"ae": opt.state_dict(), **({"dis": opt_dis.state_dict()} if dis is not None else {})},
-            "epoch": epoch + 1, "step": step, "history": hist, "args": vars(args), "rng": C.rng_state()})
-    return hist
+        x = to_batch(S_train, next(batches), run.device)                          # (B, 1, S, S)
+        losses = train_step(ae, dis, optims["ae"], optims.get("dis"), x, lam, args.amp)
+        loop.log(losses)
+        if batches.epoch_done:                  # validation L_rec: monitoring only, selects nothing
+            loop.log({"val L_rec": val_rec(ae, S_val, args, run.device)}, every=1)
+            run.log(f"epoch {batches.epoch + 1}/{args.epochs}  "
+                    + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+                    + f"  val L_rec {loop.history['val L_rec'][-1][1]:.1f}")
+    loop.close()
+    return loop
+
+
+def val_rec(ae, S_val, args, device):
+    """L_rec (Eq. 2) of the healthy validation slices, summed per slice, averaged."""
+    x = np.asarray(S_val.x)
+    x_hat = reconstruct(ae, x, device=device, batch_size=64, amp=args.amp)
+    return float(np.abs(x_hat - x).reshape(len(x), -1).sum(1).mean())
 
 
 # =================================================================================================
@@ -543,10 +518,15 @@ def score_set(ae, S, args, device):
 def healthy_threshold(ae, S_val, args, device):
     """§3 'Postprocessing': the threshold is the --percentile (98th) of the model's post-processed
     residuals on HEALTHY data, here the validation subjects, inside their eroded brain masks.
-    -> (threshold, the healthy values it was taken from)."""
+    -> (threshold, the healthy pixel values it was taken from, the healthy slice scores)."""
     sc = score_set(ae, S_val, args, device)
     values = sc["filtered"][sc["brain_e"]]
-    return C.threshold_from_healthy(values, percentile=args.percentile), values
+    return C.threshold_from_healthy(values, percentile=args.percentile), values, slice_scores(sc)
+
+
+def slice_scores(sc):
+    """A slice's anomaly score: the maximum of its post-processed residual (beyond the paper)."""
+    return sc["filtered"].reshape(len(sc["filtered"]), -1).max(1)
 
 
 def whole_slabs(cases):
@@ -581,7 +561,7 @@ def evaluate_test(S, sc, threshold, args):
     """Per patient: segmentation + Dice (Table 1); per slice: contract rows; per group: pixel metrics."""
     gt_all = np.asarray(S.mask) > 0
     seg_all = np.zeros(S.x.shape, bool)
-    rows, patients = [], []
+    rows, patients, scores = [], [], slice_scores(sc)
     for i, case in enumerate(S.cases):
         r = S.slices_of(i)
         seg = segment(sc["filtered"][r], threshold, args)                          # (Z, S, S) bool
@@ -595,10 +575,12 @@ def evaluate_test(S, sc, threshold, args):
             # slice label: the slice holds ground-truth anomaly voxels; an anomalous scan without any
             # mask file counts every slice as anomalous
             label = int(gt[k].any()) if (has_mask or case.label == 0) else int(case.label)
-            # real data sets of anomalous scans only: their anomaly-free slices are the `normal` group
+            # rows contract: group = the scan's group, case = the scan; but real data sets of anomalous
+            # scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free slices are the
+            # `normal` group, as data/datasets.py splits them (negatives from the same patients)
             group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
             rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
-                             score=float(sc["filtered"][j].max()), case=case.id, z=int(S.z[j]),
+                             score=float(scores[j]), case=case.id, z=int(S.z[j]),
                              gt_voxels=int(gt[k].sum()), seg_voxels=int(seg[k].sum())))
     groups = [g for g in dict.fromkeys(p["group"] for p in patients)]
     normal = np.array([p["label"] == 0 for p in patients])
@@ -607,8 +589,9 @@ def evaluate_test(S, sc, threshold, args):
     row_group = np.array([S.cases[c].group for c in S.case])
     for g in groups + ["all"]:
         ds = [p["dice"] for p in patients if p["dice"] is not None and (g == "all" or p["group"] == g)]
-        if ds:
-            dice[g] = {"mean": float(np.mean(ds)), "std": float(np.std(ds)), "n": len(ds)}
+        if ds:   # Table 1: mean ± std over patients, and the mean's 95% interval over patients
+            ci = C.mean_ci(ds)
+            dice[g] = {"mean": ci["mean"], "std": float(np.std(ds)), "n": len(ds), "ci": ci["ci"]}
         sel = np.ones(len(S.x), bool) if g == "all" else row_group == g
         if gt_all[sel].any():
             pixel[g] = pixel_metrics(sc["filtered"][sel], gt_all[sel], np.asarray(S.brain[sel]) > 0,
@@ -705,54 +688,104 @@ def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, media
 
 # ---- Table 1 across runs (--compare) -------------------------------------------------------------
 
-def compare(args, run):
-    """Table 1 and Fig. 5 across finished runs of this script (each run = one row)."""
-    import json
-    rows, fig_items = [], []
-    for d in args.compare:
-        d = Path(d)
-        f = d / "results.json"
-        cfg = d / "config.json"
+# The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
+PAPER_CLAIMS = (
+    ("sAE", "dAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "dVAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "sAE", "constraining z to a MVN: a marginal improvement"),
+    ("AnoVAEGAN", "sVAE", "adversarial training: a marginal improvement; AnoVAEGAN is the best"),
+    ("AnoVAEGAN", "sAE-GAN", "the sAE-GAN is worse than its generative counterpart"),
+    ("sAE", "sAE-GAN", "the sAE-GAN is worse than the spatial AE with the same bottleneck"),
+)
+
+
+def load_runs(dirs, run):
+    """(dir, results.json, scores.csv rows) of every finished run; earlier --compare folders are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
         if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("args", {}).get("compare"):
-            run.log(f"skipping {d}: an earlier --compare table, not a training run")   # runs/anovaegan__* has it
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")   # runs/anovaegan__*
             continue
         if not f.is_file():
             C.fail(f"--compare {d}: no results.json (is it a finished run of anovaegan.py?)")
         res = json.loads(f.read_text())
         if res.get("method") != METHOD:
             C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {METHOD}")
-        rows.append((d, res))
-        npz = d / "fig5.npz"
-        if npz.is_file():
-            fig_items.append((res["table1"]["model"] + " " + res["table1"]["z"], np.load(npz)))
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
     order = {m: i for i, m in enumerate(MODELS)}
-    rows.sort(key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
-    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r in rows)] or ["all"]
-    head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
+    return sorted(out, key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+
+
+def paired(ra, rb, group):
+    """A − B on the same test patients: per-case Dice (mean of the paired differences, 95% interval
+    over patients) and slice AUROC against normal scans (C.compare_scores, interval over cases)."""
+    (_, a, rows_a), (_, b, rows_b) = ra, rb
+    da = {p["id"]: p["dice"] for p in a["patients"] if p["group"] == group and p["dice"] is not None}
+    db = {p["id"]: p["dice"] for p in b["patients"] if p["group"] == group and p["dice"] is not None}
+    both = sorted(set(da) & set(db))
+    if not both:
+        return None
+    d = C.mean_ci([da[k] - db[k] for k in both])
+    auc = C.compare_scores(rows_a, rows_b, group)
+    return {"dice_diff": d["mean"], "dice_ci": d["ci"], "n_cases": d["n"],
+            "dice_resolved": bool(d["ci"][0] > 0 or d["ci"][1] < 0),
+            "auroc_diff": auc["diff"], "auroc_ci": auc["ci"], "auroc_resolved": auc["resolved"]}
+
+
+def compare(args, run):
+    """Table 1 across finished runs of this script (one row each), the paper's ranking statements as
+    paired differences with 95% intervals over patients, and Fig. 5 across models."""
+    runs = load_runs(args.compare, run)
+    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
+    head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} μ ± σ [95% CI]" for g in groups)
             + " | " + " | ".join(f"pixel / slice AUROC {g}" for g in groups)
             + " | reco time [s/slice] | paper Dice (μ ± σ) | run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for d, r in rows:
+    for d, r, _ in runs:
         t = r["table1"]
         cells = [t["model"], f"{t['z']} ({t.get('paper_row', '?')})"]
         for g in groups:
             dg = r["dice"].get(g)
-            cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f}" if dg else "–")
+            cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f} [{dg['ci'][0]:.2f}, {dg['ci'][1]:.2f}]"
+                         if dg else "–")
         for g in groups:
             pa, sa = r["pixel"].get(g, {}).get("auroc"), r["groups"].get(g, {}).get("auroc")
             cells.append(" / ".join(f"{v:.3f}" if v is not None else "–" for v in (pa, sa)))
-        cells.append(f"{t['reco_s_per_sample']:.4f}")
         p = t.get("paper")
-        cells += [f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
+        cells += [f"{t['reco_s_per_sample']:.4f}", f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
         lines.append("| " + " | ".join(cells) + " |")
-    text = ("Table 1 (ours, " + ", ".join(sorted({r['data'] + '/' + r['preset'] for _, r in rows}))
-            + "): Dice per test patient (threshold: 98th percentile of healthy validation residuals)\n\n"
-            + "\n".join(lines) + "\n")
+    # the paper's ranking, tested on the same test patients (runs of one data set, preset and seed)
+    claims, cl = [], ["| A − B | the paper says | group | Δ Dice [95% CI] | Δ slice AUROC [95% CI] |",
+                      "|---|---|---|---|---|"]
+    for a, b, says in PAPER_CLAIMS:
+        for ra in (x for x in runs if x[1]["table1"]["model"] == a):
+            for rb in (x for x in runs if x[1]["table1"]["model"] == b):
+                for g in groups:
+                    p = paired(ra, rb, g)
+                    if p is None:
+                        continue
+                    claims.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
+                                   "paper": says, "group": g, **p})
+                    mark = lambda res: " (resolved)" if res else " (not resolved)"      # noqa: E731
+                    cl.append(f"| {a} ({ra[0].name}) − {b} ({rb[0].name}) | {says} | {g} | "
+                              f"{C.fmt_ci(p['dice_diff'], p['dice_ci'])}{mark(p['dice_resolved'])} | "
+                              f"{C.fmt_ci(p['auroc_diff'], p['auroc_ci'])}{mark(p['auroc_resolved'])} |")
+    text = ("Table 1 (ours, " + ", ".join(sorted({r['data'] + '/' + r['preset'] for _, r, _ in runs}))
+            + "): Dice per test patient (threshold: 98th percentile of healthy validation residuals), "
+            "95% interval of the mean over patients\n\n" + "\n".join(lines) + "\n")
+    if claims:
+        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired interval over "
+                 "patients; resolved = the interval excludes 0\n\n" + "\n".join(cl) + "\n")
     (run.out / "table1.md").write_text(text)
+    C.write_json(run.out / "table1.json", {"runs": [str(d) for d, _, _ in runs], "claims": claims})
     print(text)
-    if fig_items:
-        plot_fig5_models(fig_items, run.out / "fig5_models.png")
-    run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if fig_items else ""))
+    items = [(r["table1"]["model"] + " " + r["table1"]["z"], np.load(d / "fig5.npz"))
+             for d, r, _ in runs if (d / "fig5.npz").is_file()]
+    if items:
+        plot_fig5_models(items, run.out / "fig5_models.png")
+    run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if items else ""))
 
 
 def plot_fig5_models(items, path):
@@ -789,21 +822,10 @@ def plot_fig5_models(items, path):
 # =================================================================================================
 
 def main(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    if args.compare:
-        run = C.start_run(args, method=METHOD)
-        return compare(args, run)
-    start = None
-    if args.checkpoint or args.resume:                        # architecture comes from the checkpoint
-        ck = C.load_checkpoint(args.checkpoint or args.resume, "cpu")
-        if not isinstance(ck, dict) or "models" not in ck or "ae" not in ck.get("models", {}):
-            C.fail(f"checkpoint {args.checkpoint or args.resume} is not a last.pt of anovaegan.py")
-        arch = {k: ck["args"][k] for k in ("model", "image_size", "z_shape", "z_dim", "width")}
-        vars(args).update(arch)
-        start = ck
-        print(f"architecture from the checkpoint: {arch}", flush=True)
-    validate(args)
+    args = parse_args(argv)
     run = C.start_run(args, method=METHOD)
+    if args.compare:
+        return compare(args, run)
     device = run.device
 
     # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
@@ -813,10 +835,10 @@ def main(argv=None):
     S_train = datasets.slice_stack(data.train, desc="train", **sl)
     S_val = datasets.slice_stack(data.val, desc="val", **sl)
     S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
-    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} validation, "
-            f"{len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
+    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} "
+            f"validation, {len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
 
-    # ---- models
+    # ---- models: Eq. (1) and the discriminator
     ae, dis = build_models(args)
     ae.to(device)
     if dis is not None:
@@ -825,21 +847,17 @@ def main(argv=None):
     run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters"
             + (f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
 
-    # ---- training
-    hist = start.get("history", {}) if start else {}
-    with C.Timer() as t_train:
-        if args.checkpoint:
-            ae.load_state_dict(start["models"]["ae"])
-            run.log(f"scoring with {args.checkpoint} (no training)")
-        else:
-            hist = train(args, run, ae, dis, S_train, S_val, start=start)
-    if hist:
-        curves = {k: v for k, v in hist.items() if v}
-        C.plot_curves(curves, run.out / "losses.png", title=f"{args.model}: Eq. (2) terms and Eq. (3)",
-                      ylabel="loss (L_rec, L_prior summed per slice)", logy=True)
+    # ---- train on Eq. (2) / Eq. (3), or score a --checkpoint
+    if args.checkpoint:
+        ck = C.load_models(args.checkpoint, {"ae": ae}, METHOD)
+        history, train_s, io = ck.get("history", {}), 0.0, {"scored": str(args.checkpoint)}
+        run.log(f"scoring with {args.checkpoint} (no training)")
+    else:
+        loop = train(args, run, ae, dis, S_train, S_val)
+        history, train_s, io = loop.history, loop.state["train_s"], loop.io_report()
 
     # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
-    threshold, val_values = healthy_threshold(ae, S_val, args, device)
+    threshold, val_values, val_scores = healthy_threshold(ae, S_val, args, device)
     run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
 
     # ---- test: reconstruct, post-process, segment, evaluate
@@ -847,24 +865,62 @@ def main(argv=None):
     rows, patients, seg_all, ev = evaluate_test(S_test, sc, threshold, args)
     n_test = len(S_test)
     for g, d in ev["dice"].items():
-        run.log(f"Dice {g}: {d['mean']:.3f} ± {d['std']:.3f} (n={d['n']})"
+        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})"
                 + (f"  pixel AUROC {ev['pixel'][g].get('auroc', float('nan')):.3f}"
-                   f"  oracle Dice {ev['pixel'][g].get('oracle_dice', float('nan')):.3f}" if g in ev["pixel"] else ""))
+                   f"  oracle Dice {ev['pixel'][g].get('oracle_dice', float('nan')):.3f}"
+                   if g in ev["pixel"] else ""))
+    examples = paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values)
 
-    # ---- figures
+    # ---- results.json: contract keys + everything for a Table 1 row
+    table1 = table1_row(args, ev, patients, sc, n_test, n_params)
+    extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"],
+             "pixel": ev["pixel"], "scan_level": ev["scan"],
+             "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items() if "oracle_dice" in v},
+             "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
+                           "n_val_pixels": int(val_values.size)},
+             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels",
+             "checkpoints": io}
+    timing = {"train_s": train_s, "score_s": sc["reco_s"] + sc["post_s"],
+              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+              "reco_s_per_sample": sc["reco_s"] / max(n_test, 1), "postprocess_s_per_patient":
+              sc["post_s"] / max(len(S_test.cases), 1), "n_test_slices": n_test}
+    res = C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info, val_scores=val_scores,
+                   threshold_pct=args.percentile, history=history, examples=examples,
+                   titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)",
+                           "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
+                           "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
+    run.log(f"Table 1 row: {args.model} z={z_label(args)}  Dice {C.fmt_ci(table1['dice_mean'], table1['dice_ci'])}"
+            f" σ {table1['dice_std']:.3f} ({'+'.join(table1['dice_groups'])}, n={table1['dice_n']})  "
+            f"reco {table1['reco_s_per_sample'] * 1000:.2f} ms/slice")
+    return res
+
+
+def table1_row(args, ev, patients, sc, n_test, n_params):
+    """Our Table 1 row: Dice over the patients of the headline groups (MS-lesion-like), reco time."""
+    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
+    dice = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
+    ci = C.mean_ci(dice)
+    paper = PAPER_TABLE1.get((args.model, z_paper_equivalent(args)))
+    return {"model": args.model, "z": z_label(args), "dice_mean": ci["mean"],
+            "dice_std": float(np.std(dice)) if dice else float("nan"), "dice_ci": ci["ci"],
+            "dice_n": len(dice), "dice_groups": headline or ["all"],
+            "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+            "paper_row": z_paper_equivalent(args), "paper": list(paper) if paper else None,
+            "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
+
+
+def paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values):
+    """Fig. 5 (fig5_segmentations.png, fig5.npz for --compare) and Fig. 6; -> rows for examples.png."""
     gt_all = np.asarray(S_test.mask) > 0
-    groups_present = list(dict.fromkeys(c.group for c in S_test.cases))
-    ordered = [g for g in HEADLINE_GROUPS if g in groups_present] + \
-              [g for g in groups_present if g not in HEADLINE_GROUPS and g != "normal"] + \
-              (["normal"] if "normal" in groups_present else [])
+    present = list(dict.fromkeys(c.group for c in S_test.cases))
+    ordered = ([g for g in HEADLINE_GROUPS if g in present] + [g for g in present if g not in HEADLINE_GROUPS
+               and g != "normal"] + (["normal"] if "normal" in present else []))
     vmax = float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6))
-    ex = pick_examples(S_test, ordered)
-    C.plot_examples([dict(title=f"{S_test.cases[i].group}\n{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
-                          input=S_test.x[j], reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
-                          gt=gt_all[j] if gt_all[j].any() else None) for i, j in ex],
-                    run.out / "examples.png", vmax=vmax)
-    ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in groups_present] or ordered[:1], per_group=2)
-    ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in groups_present else []
+    examples = [dict(title=f"{S_test.cases[i].group}\n{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
+                     input=S_test.x[j], reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
+                     gt=gt_all[j] if gt_all[j].any() else None) for i, j in pick_examples(S_test, ordered)]
+    ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in present] or ordered[:1], per_group=2)
+    ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in present else []
     pat_dice = {p["id"]: p["dice"] for p in patients}
     items = [dict(label=f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
                   x=np.asarray(S_test.x[j]), gt=gt_all[j], filtered=sc["filtered"][j], seg=seg_all[j],
@@ -872,44 +928,27 @@ def main(argv=None):
     plot_fig5(items, run.out / "fig5_segmentations.png",
               f"Fig. 5 ({args.model}, z {z_label(args)}): threshold {threshold:.3f} from healthy validation data",
               vmax)
-    np.savez_compressed(run.out / "fig5.npz", x=np.stack([it["x"] for it in items]),
-                        gt=np.stack([it["gt"] for it in items]), filtered=np.stack([it["filtered"] for it in items]),
-                        seg=np.stack([it["seg"] for it in items]), label=np.array([it["label"] for it in items]),
-                        vmax=vmax)
+    np.savez_compressed(run.out / "fig5.npz", **{k: np.stack([it[k] for it in items])
+                                                 for k in ("x", "gt", "filtered", "seg", "label")}, vmax=vmax)
     row_group = np.array([c.group for c in S_test.cases])[S_test.case]
     plot_fig6(sc["filtered"], gt_all, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
               title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
               median=args.median, max_pixels=args.max_pixels, val_values=val_values)
+    return examples
 
-    # ---- results.json: contract keys + everything for a Table 1 row
-    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
-    dice_rows = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
-    table1 = {"model": args.model, "z": z_label(args),
-              "dice_mean": float(np.mean(dice_rows)) if dice_rows else float("nan"),
-              "dice_std": float(np.std(dice_rows)) if dice_rows else float("nan"),
-              "dice_n": len(dice_rows),
-              "dice_groups": headline or ["all"],
-              "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "paper_row": z_paper_equivalent(args),
-              "paper": list(PAPER_TABLE1[(args.model, z_paper_equivalent(args))])
-              if (args.model, z_paper_equivalent(args)) in PAPER_TABLE1 else None,
-              "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
-    extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"], "pixel": ev["pixel"],
-             "scan_level": ev["scan"], "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
-                                                        if "oracle_dice" in v},
-             "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
-                           "n_val_pixels": int(val_values.size)},
-             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels"}
-    timing = {"train_s": t_train.seconds, "score_s": sc["reco_s"] + sc["post_s"],
-              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "reco_s_per_sample": sc["reco_s"] / max(n_test, 1), "postprocess_s_per_patient":
-              sc["post_s"] / max(len(S_test.cases), 1), "n_test_slices": n_test}
-    res = C.finish_run(run, args, method=METHOD, unit="slice", rows=rows, timing=timing, extra=extra,
-                       data_info=data.info, roc_title=f"{args.model}: slice-level ROC (lesion in slice)")
-    run.log(f"Table 1 row: {args.model} z={z_label(args)}  Dice {table1['dice_mean']:.3f} ± {table1['dice_std']:.3f} "
-            f"({'+'.join(table1['dice_groups'])}, n={table1['dice_n']})  "
-            f"reco {table1['reco_s_per_sample'] * 1000:.2f} ms/slice")
-    return res
+
+# ---- proposed for common.py (the lead moves it) ----
+
+def list_flags(argv, flags):
+    """Flags that take one or more values (nargs='+', default None), which C.hp() cannot declare yet:
+    flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for C.parse_args).
+    (Better: C.hp(None, help, nargs='+', type=str), passed through by C.parse_args.)"""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(add_help=False)
+    for name, metavar in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
+    return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
