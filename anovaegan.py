@@ -51,7 +51,7 @@ Deviations from the paper (and choices the paper leaves open):
     objective and 0.0001 for the adversarial training", §3 "Implementation").
  5. At test time the VAEs decode the posterior mean z = μ (no sampling); the paper does not say.
  6. Beyond the paper: pixel-level AUROC/AUPRC, slice-level detection AUROC (contract `metrics`, slice
-    score = maximum of the post-processed residual), scan-level AUROC, and `oracle_dice` (best Dice
+    score = maximum of the post-processed residual) and `oracle_dice` (best Dice
     over thresholds chosen with the test labels, an upper bound only). Pixel metrics are computed on
     at most --max-pixels randomly sampled brain pixels (uniform, seeded) to bound memory.
  7. `quick` preset (2-core CPU, a few minutes): slices resized to 64×64 instead of 256×256, filters
@@ -558,50 +558,35 @@ def pixel_metrics(filtered, gt, brain, max_pixels):
 
 
 def evaluate_test(S, sc, threshold, args):
-    """Per patient: segmentation + Dice (Table 1); per slice: contract rows; per group: pixel metrics."""
-    gt_all = np.asarray(S.mask) > 0
-    seg_all = np.zeros(S.x.shape, bool)
-    rows, patients, scores = [], [], slice_scores(sc)
+    """Per patient: the segmentation and its Dice (Table 1); per slice: a contract row; per group: Dice
+    with its 95% interval over patients, pixel-level AUROC/AUPRC and the oracle Dice."""
+    gt, scores = np.asarray(S.mask) > 0, slice_scores(sc)
+    seg_all, rows, patients = np.zeros(S.x.shape, bool), [], []
     for i, case in enumerate(S.cases):
         r = S.slices_of(i)
-        seg = segment(sc["filtered"][r], threshold, args)                          # (Z, S, S) bool
-        seg_all[r] = seg
-        gt = gt_all[r]
-        has_mask = case.mask is not None
-        patients.append(dict(id=case.id, group=case.group, label=int(case.label), gt_voxels=int(gt.sum()),
-                             seg_voxels=int(seg.sum()), dice=C.dice(seg, gt) if gt.any() else None,
-                             scan_score=float(sc["filtered"][r].max())))
-        for k, j in enumerate(r):
-            # slice label: the slice holds ground-truth anomaly voxels; an anomalous scan without any
-            # mask file counts every slice as anomalous
-            label = int(gt[k].any()) if (has_mask or case.label == 0) else int(case.label)
+        seg_all[r] = seg = segment(sc["filtered"][r], threshold, args)              # (Z, S, S) bool
+        patients.append(dict(id=case.id, group=case.group, label=int(case.label), gt_voxels=int(gt[r].sum()),
+                             seg_voxels=int(seg.sum()), dice=C.dice(seg, gt[r]) if gt[r].any() else None))
+        for j in r:
+            # the slice's own label: it holds anomaly voxels (an anomalous scan without a mask: every slice)
+            label = int(gt[j].any()) if (case.mask is not None or case.label == 0) else int(case.label)
             # rows contract: group = the scan's group, case = the scan; but real data sets of anomalous
             # scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free slices are the
             # `normal` group, as data/datasets.py splits them (negatives from the same patients)
             group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
             rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
                              score=float(scores[j]), case=case.id, z=int(S.z[j]),
-                             gt_voxels=int(gt[k].sum()), seg_voxels=int(seg[k].sum())))
-    groups = [g for g in dict.fromkeys(p["group"] for p in patients)]
-    normal = np.array([p["label"] == 0 for p in patients])
-    dice, pixel, scan = {}, {}, {}
-    case_group = np.array([p["group"] for p in patients])
-    row_group = np.array([S.cases[c].group for c in S.case])
-    for g in groups + ["all"]:
-        ds = [p["dice"] for p in patients if p["dice"] is not None and (g == "all" or p["group"] == g)]
+                             gt_voxels=int(gt[j].sum()), seg_voxels=int(seg_all[j].sum())))
+    row_group = np.array([c.group for c in S.cases])[S.case]
+    dice, pixel = {}, {}
+    for g in list(dict.fromkeys(p["group"] for p in patients)) + ["all"]:
+        ds = [p["dice"] for p in patients if p["dice"] is not None and g in ("all", p["group"])]
         if ds:   # Table 1: mean ± std over patients, and the mean's 95% interval over patients
-            ci = C.mean_ci(ds)
-            dice[g] = {"mean": ci["mean"], "std": float(np.std(ds)), "n": len(ds), "ci": ci["ci"]}
-        sel = np.ones(len(S.x), bool) if g == "all" else row_group == g
-        if gt_all[sel].any():
-            pixel[g] = pixel_metrics(sc["filtered"][sel], gt_all[sel], np.asarray(S.brain[sel]) > 0,
-                                     args.max_pixels)
-        if g != "all" and g != "normal" and not normal[case_group == g].all():
-            keep = (case_group == g) | normal
-            y = np.array([p["label"] for p in patients])[keep]
-            s = np.array([p["scan_score"] for p in patients])[keep]
-            scan[g] = {"auroc": C.auroc(y, s), "auprc": C.auprc(y, s), "n": int((case_group == g).sum())}
-    return rows, patients, seg_all, dict(dice=dice, pixel=pixel, scan=scan)
+            dice[g] = {**C.mean_ci(ds), "std": float(np.std(ds))}
+        sel = (row_group == g) | (g == "all")
+        if gt[sel].any():
+            pixel[g] = pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0, args.max_pixels)
+    return rows, patients, seg_all, {"dice": dice, "pixel": pixel}
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -631,31 +616,6 @@ def overlay_seg(ax, x, seg, gt):
     for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
         rgba[m] = (*col, 0.75)
     ax.imshow(rgba, interpolation="nearest")
-
-
-def plot_fig5(items, path, title, vmax):
-    """Fig. 5 equivalent: per example, input with ground truth | filtered residual | segmentation.
-    items: list of dict(label, x, gt, filtered, seg)."""
-    plt = C._plt()
-    n = len(items)
-    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.45 * n + 0.5), squeeze=False)
-    for i, it in enumerate(items):
-        a = axes[i]
-        a[0].imshow(it["x"], cmap="gray", vmin=-1, vmax=1)
-        if it["gt"].any():
-            a[0].contour(it["gt"], levels=[0.5], colors="lime", linewidths=0.9)
-        a[1].imshow(it["filtered"], cmap="inferno", vmin=0, vmax=vmax)
-        overlay_seg(a[2], it["x"], it["seg"], it["gt"])
-        extra = f"\nDice {it['dice']:.2f}" if it.get("dice") is not None else ""
-        a[2].text(0.02, 0.98, extra.strip(), transform=a[2].transAxes, va="top", color="w", fontsize=8)
-        a[0].set_ylabel(it["label"], fontsize=8)
-        for ax in a:
-            ax.set_xticks([]), ax.set_yticks([])
-    for ax, t in zip(axes[0], ("input, ground truth", "filtered residual", "segmentation")):
-        ax.set_title(t, fontsize=9)
-    fig.suptitle(title + "\nyellow: true positive, red: false positive, cyan: missed", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    C._save(fig, path)
 
 
 def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
@@ -784,36 +744,38 @@ def compare(args, run):
     items = [(r["table1"]["model"] + " " + r["table1"]["z"], np.load(d / "fig5.npz"))
              for d, r, _ in runs if (d / "fig5.npz").is_file()]
     if items:
-        plot_fig5_models(items, run.out / "fig5_models.png")
+        plot_fig5(items, run.out / "fig5_models.png", "Fig. 5 across models")
     run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if items else ""))
 
 
-def plot_fig5_models(items, path):
-    """Fig. 5 across models: first column the input and its ground truth; then per model the filtered
-    residual (top) and the segmentation over the input (bottom), for each stored example slice."""
+def plot_fig5(items, path, title="Fig. 5"):
+    """Fig. 5: first column a slice and its ground truth; then per model (items: [(name, arrays of
+    fig5.npz)]) the filtered residual (top) and the segmentation over the input (bottom)."""
     plt = C._plt()
-    n_ex = min(len(it[1]["x"]) for it in items)
-    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * (len(items) + 1), 3.9 * n_ex + 0.4),
+    n_ex = min(len(z["x"]) for _, z in items)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5),
                              squeeze=False)
     for e in range(n_ex):
+        top, bottom = axes[2 * e], axes[2 * e + 1]
         x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
-        a, b = axes[2 * e, 0], axes[2 * e + 1, 0]
-        a.imshow(x, cmap="gray", vmin=-1, vmax=1)
-        b.imshow(x, cmap="gray", vmin=-1, vmax=1)
+        top[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+        top[0].set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
+        bottom[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
         if gt.any():
-            b.contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
-        a.set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
+            bottom[0].contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
         for j, (name, z) in enumerate(items, start=1):
-            axes[2 * e, j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
-            overlay_seg(axes[2 * e + 1, j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
-            if e == 0:
-                axes[0, j].set_title(name, fontsize=8)
+            top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
+            overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
+            if np.isfinite(z["dice"][e]):
+                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", transform=bottom[j].transAxes,
+                               va="top", color="w", fontsize=7)
+            axes[0, j].set_title(name, fontsize=8)
     axes[0, 0].set_title("input / ground truth", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("Fig. 5: filtered residuals (top) and segmentations (bottom; yellow TP, red FP, cyan FN)",
+    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, cyan FN)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     C._save(fig, path)
 
 
@@ -874,7 +836,7 @@ def main(argv=None):
     # ---- results.json: contract keys + everything for a Table 1 row
     table1 = table1_row(args, ev, patients, sc, n_test, n_params)
     extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"],
-             "pixel": ev["pixel"], "scan_level": ev["scan"],
+             "pixel": ev["pixel"],
              "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items() if "oracle_dice" in v},
              "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
                            "n_val_pixels": int(val_values.size)},
@@ -910,28 +872,26 @@ def table1_row(args, ev, patients, sc, n_test, n_params):
 
 
 def paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values):
-    """Fig. 5 (fig5_segmentations.png, fig5.npz for --compare) and Fig. 6; -> rows for examples.png."""
-    gt_all = np.asarray(S_test.mask) > 0
+    """Fig. 5 (fig5_segmentations.png, and fig5.npz for --compare) and Fig. 6; -> rows for examples.png."""
+    gt = np.asarray(S_test.mask) > 0
     present = list(dict.fromkeys(c.group for c in S_test.cases))
-    ordered = ([g for g in HEADLINE_GROUPS if g in present] + [g for g in present if g not in HEADLINE_GROUPS
-               and g != "normal"] + (["normal"] if "normal" in present else []))
-    vmax = float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6))
-    examples = [dict(title=f"{S_test.cases[i].group}\n{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
-                     input=S_test.x[j], reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
-                     gt=gt_all[j] if gt_all[j].any() else None) for i, j in pick_examples(S_test, ordered)]
-    ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in present] or ordered[:1], per_group=2)
-    ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in present else []
-    pat_dice = {p["id"]: p["dice"] for p in patients}
-    items = [dict(label=f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
-                  x=np.asarray(S_test.x[j]), gt=gt_all[j], filtered=sc["filtered"][j], seg=seg_all[j],
-                  dice=pat_dice[S_test.cases[i].id]) for i, j in ex5]
-    plot_fig5(items, run.out / "fig5_segmentations.png",
-              f"Fig. 5 ({args.model}, z {z_label(args)}): threshold {threshold:.3f} from healthy validation data",
-              vmax)
-    np.savez_compressed(run.out / "fig5.npz", **{k: np.stack([it[k] for it in items])
-                                                 for k in ("x", "gt", "filtered", "seg", "label")}, vmax=vmax)
+    head = [g for g in HEADLINE_GROUPS if g in present]
+    normal = ["normal"] if "normal" in present else []
+    title = lambda i, j: f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}"      # noqa: E731
+    examples = [dict(title=f"{S_test.cases[i].group}\n{title(i, j)}", input=S_test.x[j],
+                     reconstruction=sc["x_hat"][j], amap=sc["filtered"][j], gt=gt[j] if gt[j].any() else None)
+                for i, j in pick_examples(S_test, head + [g for g in present if g not in head + normal] + normal)]
+    ex5 = pick_examples(S_test, head or present[:1], per_group=2) + pick_examples(S_test, normal)[:1]
+    dice = {p["id"]: np.nan if p["dice"] is None else p["dice"] for p in patients}
+    z = dict(x=np.stack([S_test.x[j] for _, j in ex5]), gt=gt[[j for _, j in ex5]],
+             filtered=sc["filtered"][[j for _, j in ex5]], seg=seg_all[[j for _, j in ex5]],
+             label=np.array([title(i, j) for i, j in ex5]), dice=np.array([dice[S_test.cases[i].id] for i, _ in ex5]),
+             vmax=float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6)))
+    np.savez_compressed(run.out / "fig5.npz", **z)
+    plot_fig5([(f"{args.model} {z_label(args)}", z)], run.out / "fig5_segmentations.png",
+              f"Fig. 5 ({args.model}): threshold {threshold:.3f} from healthy validation data")
     row_group = np.array([c.group for c in S_test.cases])[S_test.case]
-    plot_fig6(sc["filtered"], gt_all, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
+    plot_fig6(sc["filtered"], gt, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
               title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
               median=args.median, max_pixels=args.max_pixels, val_values=val_values)
     return examples
