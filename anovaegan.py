@@ -99,26 +99,17 @@ import torch.nn.functional as F
 import common as C
 from data import datasets
 
+
+# =================================================================================================
+# Hyperparameters (Table 1, §3 'Implementation')
+# =================================================================================================
+
 METHOD = "anovaegan"
 MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
 SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}
 VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}
 ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}
-HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")
-# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
-PAPER_TABLE1 = {
-    ("dAE", "512"): (0.12764, 0.14617, None),
-    ("sAE", "8x8x64"): (0.19739, 0.19061, None),
-    ("sAE", "16x16x64"): (0.58558, 0.19845, None),
-    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
-    ("dVAE", "512"): (0.16619, 0.17790, None),
-    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
-    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541),
-}
 
-# =================================================================================================
-# arguments
-# =================================================================================================
 
 # One declaration per hyperparameter: the paper's value (the default of --preset paper) and its source.
 HYPER = dict(
@@ -148,11 +139,17 @@ HYPER = dict(
                   lo=1),
     max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)", lo=1),
 )
+
+
 # quick (2-core CPU, minutes): 64x64 slices, filters halved, 5 epochs, the paper's compression kept
 # (deviation 7); smoke: 32x32 on the tiny phantom, 1 epoch, seconds
 QUICK = dict(image_size=64, z_shape="8x8x16", z_dim=32, width=16, epochs=5, median=3, min_size=1,
              max_pixels=1_000_000)
+
+
 SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, max_pixels=50_000)
+
+
 LIST_FLAGS = """
 list flags of this script:
   --groups GROUP [GROUP ...]   keep only these anomalous test groups (default: all)
@@ -189,8 +186,22 @@ def check_args(args):
         C.fail(f"--median must be odd (a centred window) or 0/1 for none, got {args.median}")
 
 
+def z_label(args):
+    """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
+    return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
+
+
+def z_paper_equivalent(args):
+    """The Table 1 bottleneck with the same compression (latent units per pixel) at 256×256:
+    quick 8x8x16 (1024 units / 64²) -> 16x16x64, 8x8x4 -> 8x8x64, dense 32 -> 512."""
+    h, w, c = parse_z_shape(args.z_shape)
+    units = (h * w * c if args.model in SPATIAL else args.z_dim) * (256 / args.image_size) ** 2
+    names = {16384: "16x16x64", 4096: "8x8x64"} if args.model in SPATIAL else {512: "512"}
+    return names.get(round(units), f"{round(units)} units")
+
+
 # =================================================================================================
-# networks
+# Networks (Fig. 2, Fig. 3)
 # =================================================================================================
 
 def down_stage(c_in, c_out):
@@ -305,22 +316,8 @@ def build_models(args):
     return ae, dis
 
 
-def z_paper_equivalent(args):
-    """The Table 1 bottleneck with the same compression (latent units per pixel) at 256×256:
-    quick 8x8x16 (1024 units / 64²) -> 16x16x64, 8x8x4 -> 8x8x64, dense 32 -> 512."""
-    h, w, c = parse_z_shape(args.z_shape)
-    units = (h * w * c if args.model in SPATIAL else args.z_dim) * (256 / args.image_size) ** 2
-    names = {16384: "16x16x64", 4096: "8x8x64"} if args.model in SPATIAL else {512: "512"}
-    return names.get(round(units), f"{round(units)} units")
-
-
-def z_label(args):
-    """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
-    return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
-
-
 # =================================================================================================
-# losses
+# Losses (Eq. 2, Eq. 3)
 # =================================================================================================
 
 def loss_rec(x, x_hat):
@@ -354,13 +351,28 @@ def loss_dis(d_real, d_fake):
 
 
 # =================================================================================================
-# anomaly score
+# Anomaly score (Eq. 4, §3 'Postprocessing')
 # =================================================================================================
 
 def residual(x, x_hat):
     """Eq. (4): the pixel-wise ℓ1 residual r = |x − x̂| (§2 'Anomaly Detection')."""
     # Eq. (4): r = |x − x̂|
     return np.abs(np.asarray(x, np.float32) - np.asarray(x_hat, np.float32))
+
+
+@torch.no_grad()
+def reconstruct(ae, x, *, device, batch_size, amp=False):
+    """x̂ = Dec(Enc(x)) for all slices, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S) float32."""
+    ae.eval()
+    out = np.empty(x.shape, np.float32)
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
+        with C.autocast(device, enabled=amp):
+            x_hat, _, _ = ae(xb, sample=False)
+        out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
 
 
 def eroded_brain(brain, erode):
@@ -405,23 +417,38 @@ def segment(filtered, threshold, args):
                             min_size=args.min_size)
 
 
-@torch.no_grad()
-def reconstruct(ae, x, *, device, batch_size, amp=False):
-    """x̂ = Dec(Enc(x)) for all slices, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S) float32."""
-    ae.eval()
-    out = np.empty(x.shape, np.float32)
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
-        with C.autocast(device, enabled=amp):
-            x_hat, _, _ = ae(xb, sample=False)
-        out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out
+def score(ae, S, args, device):
+    """Reconstruct every slice, then post-process each patient's residual sub-volume.
+    -> dict with x_hat (N, S, S), filtered (N, S, S), brain_eroded (N, S, S) bool, seconds."""
+    with C.Timer() as t_rec:
+        x_hat = reconstruct(ae, S.x, device=device, batch_size=64, amp=args.amp)
+    filtered = np.zeros(S.x.shape, np.float32)
+    brain_e = np.zeros(S.x.shape, bool)
+    with C.Timer() as t_post:
+        for i in range(len(S.cases)):
+            rows = S.slices_of(i)
+            r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
+            filtered[rows] = filter_residual(r, S.brain[rows], args, device)
+            brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
+    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
+
+
+def slice_scores(sc):
+    """A slice's anomaly score: the maximum of its post-processed residual (beyond the paper)."""
+    return sc["filtered"].reshape(len(sc["filtered"]), -1).max(1)
+
+
+def healthy_threshold(ae, S_val, args, device):
+    """§3 'Postprocessing': the threshold is the --percentile (98th) of the model's post-processed
+    residuals on HEALTHY data, here the validation subjects, inside their eroded brain masks.
+    -> (threshold, the healthy pixel values it was taken from, the healthy slice scores)."""
+    sc = score(ae, S_val, args, device)
+    values = sc["filtered"][sc["brain_e"]]
+    return C.threshold_from_healthy(values, percentile=args.percentile), values, slice_scores(sc)
 
 
 # =================================================================================================
-# training
+# Training (§2 'Training', §3 'Implementation')
 # =================================================================================================
 
 def to_batch(S, idx, device):
@@ -496,37 +523,10 @@ def val_rec(ae, S_val, args, device):
 
 
 # =================================================================================================
-# scoring and evaluation
+# Scoring and evaluation (§3 'Evaluation Metrics')
 # =================================================================================================
 
-def score_set(ae, S, args, device):
-    """Reconstruct every slice, then post-process each patient's residual sub-volume.
-    -> dict with x_hat (N, S, S), filtered (N, S, S), brain_eroded (N, S, S) bool, seconds."""
-    with C.Timer() as t_rec:
-        x_hat = reconstruct(ae, S.x, device=device, batch_size=64, amp=args.amp)
-    filtered = np.zeros(S.x.shape, np.float32)
-    brain_e = np.zeros(S.x.shape, bool)
-    with C.Timer() as t_post:
-        for i in range(len(S.cases)):
-            rows = S.slices_of(i)
-            r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
-            filtered[rows] = filter_residual(r, S.brain[rows], args, device)
-            brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
-    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
-
-
-def healthy_threshold(ae, S_val, args, device):
-    """§3 'Postprocessing': the threshold is the --percentile (98th) of the model's post-processed
-    residuals on HEALTHY data, here the validation subjects, inside their eroded brain masks.
-    -> (threshold, the healthy pixel values it was taken from, the healthy slice scores)."""
-    sc = score_set(ae, S_val, args, device)
-    values = sc["filtered"][sc["brain_e"]]
-    return C.threshold_from_healthy(values, percentile=args.percentile), values, slice_scores(sc)
-
-
-def slice_scores(sc):
-    """A slice's anomaly score: the maximum of its post-processed residual (beyond the paper)."""
-    return sc["filtered"].reshape(len(sc["filtered"]), -1).max(1)
+HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")
 
 
 def whole_slabs(cases):
@@ -589,64 +589,35 @@ def evaluate_test(S, sc, threshold, args):
     return rows, patients, seg_all, {"dice": dice, "pixel": pixel}
 
 
-# ---- figures ------------------------------------------------------------------------------------
-
-def pick_examples(S, groups, per_group=1):
-    """(case index, row index) of the slice with the largest ground-truth area of the first cases of
-    each group (the middle slice for cases without a lesion)."""
-    out = []
-    for g in groups:
-        cands = []
-        for i, c in enumerate(S.cases):
-            if c.group != g:
-                continue
-            r = S.slices_of(i)
-            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
-            cands.append((int(area.max()), i, int(r[int(area.argmax())] if area.max() else r[len(r) // 2])))
-        cands.sort(key=lambda t: -t[0])
-        out += [(i, j) for _, i, j in cands[:per_group]]
-    return out
+def table1_row(args, ev, patients, sc, n_test, n_params):
+    """Our Table 1 row: Dice over the patients of the headline groups (MS-lesion-like), reco time."""
+    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
+    dice = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
+    ci = C.mean_ci(dice)
+    paper = PAPER_TABLE1.get((args.model, z_paper_equivalent(args)))
+    return {"model": args.model, "z": z_label(args), "dice_mean": ci["mean"],
+            "dice_std": float(np.std(dice)) if dice else float("nan"), "dice_ci": ci["ci"],
+            "dice_n": len(dice), "dice_groups": headline or ["all"],
+            "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+            "paper_row": z_paper_equivalent(args), "paper": list(paper) if paper else None,
+            "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
 
 
-def overlay_seg(ax, x, seg, gt):
-    """Segmentation augmented to the input (Fig. 5, bottom row): TP yellow, FP red, FN cyan."""
-    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
-    rgba = np.zeros((*x.shape, 4), np.float32)
-    tp, fp, fn = seg & gt, seg & ~gt, ~seg & gt
-    for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
-        rgba[m] = (*col, 0.75)
-    ax.imshow(rgba, interpolation="nearest")
+# =================================================================================================
+# Table 1 across runs (--compare)
+# =================================================================================================
 
+# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
+PAPER_TABLE1 = {
+    ("dAE", "512"): (0.12764, 0.14617, None),
+    ("sAE", "8x8x64"): (0.19739, 0.19061, None),
+    ("sAE", "16x16x64"): (0.58558, 0.19845, None),
+    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
+    ("dVAE", "512"): (0.16619, 0.17790, None),
+    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
+    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541),
+}
 
-def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
-              groups=HEADLINE_GROUPS):
-    """Fig. 6 equivalent: histograms of the post-processed residuals of normal test pixels and of the
-    abnormal pixels of each headline group (inside the eroded brain), the healthy validation pixels
-    the threshold was taken from, and the threshold."""
-    plt = C._plt()
-    sel = brain_e & (row_group[:, None, None] != "")                                # (N, S, S)
-    idx = sample_pixels(sel.ravel(), max_pixels, seed=1)
-    s, y = filtered.ravel()[idx], gt.ravel()[idx]
-    g = np.broadcast_to(row_group[:, None, None], filtered.shape).ravel()[idx]
-    fig, ax = plt.subplots(figsize=(6.4, 3.9))
-    hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
-    bins = np.linspace(0, hi, 80)
-    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"normal test pixels (n={int((~y).sum())})")
-    for name, col in zip([n for n in groups if (y & (g == n)).any()], ("tab:red", "tab:orange", "tab:purple")):
-        v = s[y & (g == name)]
-        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col, label=f"abnormal pixels, {name} (n={len(v)})")
-    ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
-            label="healthy validation pixels")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
-    ax.set_yscale("log")
-    ax.set(xlabel=f"filtered residual |x − x̂| (median {median}×{median}×{median}, eroded brain)",
-           ylabel="density (log)", title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    C._save(fig, path)
-
-
-# ---- Table 1 across runs (--compare) -------------------------------------------------------------
 
 # The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
 PAPER_CLAIMS = (
@@ -748,39 +719,8 @@ def compare(args, run):
     run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if items else ""))
 
 
-def plot_fig5(items, path, title="Fig. 5"):
-    """Fig. 5: first column a slice and its ground truth; then per model (items: [(name, arrays of
-    fig5.npz)]) the filtered residual (top) and the segmentation over the input (bottom)."""
-    plt = C._plt()
-    n_ex = min(len(z["x"]) for _, z in items)
-    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5),
-                             squeeze=False)
-    for e in range(n_ex):
-        top, bottom = axes[2 * e], axes[2 * e + 1]
-        x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
-        top[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
-        top[0].set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
-        bottom[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
-        if gt.any():
-            bottom[0].contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
-        for j, (name, z) in enumerate(items, start=1):
-            top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
-            overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
-            if np.isfinite(z["dice"][e]):
-                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", transform=bottom[j].transAxes,
-                               va="top", color="w", fontsize=7)
-            axes[0, j].set_title(name, fontsize=8)
-    axes[0, 0].set_title("input / ground truth", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, cyan FN)",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    C._save(fig, path)
-
-
 # =================================================================================================
-# main()
+# main
 # =================================================================================================
 
 def main(argv=None):
@@ -823,7 +763,7 @@ def main(argv=None):
     run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
 
     # ---- test: reconstruct, post-process, segment, evaluate
-    sc = score_set(ae, S_test, args, device)
+    sc = score(ae, S_test, args, device)
     rows, patients, seg_all, ev = evaluate_test(S_test, sc, threshold, args)
     n_test = len(S_test)
     for g, d in ev["dice"].items():
@@ -857,19 +797,9 @@ def main(argv=None):
     return res
 
 
-def table1_row(args, ev, patients, sc, n_test, n_params):
-    """Our Table 1 row: Dice over the patients of the headline groups (MS-lesion-like), reco time."""
-    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
-    dice = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
-    ci = C.mean_ci(dice)
-    paper = PAPER_TABLE1.get((args.model, z_paper_equivalent(args)))
-    return {"model": args.model, "z": z_label(args), "dice_mean": ci["mean"],
-            "dice_std": float(np.std(dice)) if dice else float("nan"), "dice_ci": ci["ci"],
-            "dice_n": len(dice), "dice_groups": headline or ["all"],
-            "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-            "paper_row": z_paper_equivalent(args), "paper": list(paper) if paper else None,
-            "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
-
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 5, Fig. 6)
+# =================================================================================================
 
 def paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values):
     """Fig. 5 (fig5_segmentations.png, and fig5.npz for --compare) and Fig. 6; -> rows for examples.png."""
@@ -895,6 +825,92 @@ def paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_value
               title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
               median=args.median, max_pixels=args.max_pixels, val_values=val_values)
     return examples
+
+
+def pick_examples(S, groups, per_group=1):
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases of
+    each group (the middle slice for cases without a lesion)."""
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(S.cases):
+            if c.group != g:
+                continue
+            r = S.slices_of(i)
+            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
+            cands.append((int(area.max()), i, int(r[int(area.argmax())] if area.max() else r[len(r) // 2])))
+        cands.sort(key=lambda t: -t[0])
+        out += [(i, j) for _, i, j in cands[:per_group]]
+    return out
+
+
+def overlay_seg(ax, x, seg, gt):
+    """Segmentation augmented to the input (Fig. 5, bottom row): TP yellow, FP red, FN cyan."""
+    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
+    rgba = np.zeros((*x.shape, 4), np.float32)
+    tp, fp, fn = seg & gt, seg & ~gt, ~seg & gt
+    for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
+        rgba[m] = (*col, 0.75)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+def plot_fig5(items, path, title="Fig. 5"):
+    """Fig. 5: first column a slice and its ground truth; then per model (items: [(name, arrays of
+    fig5.npz)]) the filtered residual (top) and the segmentation over the input (bottom)."""
+    plt = C._plt()
+    n_ex = min(len(z["x"]) for _, z in items)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5),
+                             squeeze=False)
+    for e in range(n_ex):
+        top, bottom = axes[2 * e], axes[2 * e + 1]
+        x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
+        top[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+        top[0].set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
+        bottom[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+        if gt.any():
+            bottom[0].contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
+        for j, (name, z) in enumerate(items, start=1):
+            top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
+            overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
+            if np.isfinite(z["dice"][e]):
+                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", transform=bottom[j].transAxes,
+                               va="top", color="w", fontsize=7)
+            axes[0, j].set_title(name, fontsize=8)
+    axes[0, 0].set_title("input / ground truth", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, cyan FN)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    C._save(fig, path)
+
+
+def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
+              groups=HEADLINE_GROUPS):
+    """Fig. 6 equivalent: histograms of the post-processed residuals of normal test pixels and of the
+    abnormal pixels of each headline group (inside the eroded brain), the healthy validation pixels
+    the threshold was taken from, and the threshold."""
+    plt = C._plt()
+    sel = brain_e & (row_group[:, None, None] != "")                                # (N, S, S)
+    idx = sample_pixels(sel.ravel(), max_pixels, seed=1)
+    s, y = filtered.ravel()[idx], gt.ravel()[idx]
+    g = np.broadcast_to(row_group[:, None, None], filtered.shape).ravel()[idx]
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
+    bins = np.linspace(0, hi, 80)
+    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"normal test pixels (n={int((~y).sum())})")
+    for name, col in zip([n for n in groups if (y & (g == n)).any()], ("tab:red", "tab:orange", "tab:purple")):
+        v = s[y & (g == name)]
+        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col, label=f"abnormal pixels, {name} (n={len(v)})")
+    ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
+            label="healthy validation pixels")
+    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
+    ax.set_yscale("log")
+    ax.set(xlabel=f"filtered residual |x − x̂| (median {median}×{median}×{median}, eroded brain)",
+           ylabel="density (log)", title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    C._save(fig, path)
 
 
 # ---- proposed for common.py (the lead moves it) ----
