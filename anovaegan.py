@@ -1,87 +1,57 @@
-"""AnoVAEGAN and the deep (spatial) autoencoders for unsupervised anomaly segmentation of brain MRI.
+"""AnoVAEGAN and the deep (spatial) autoencoders for unsupervised anomaly segmentation in brain MRI.
 
-Paper: Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models
-for Unsupervised Anomaly Segmentation in Brain MR Images." Brainlesion: Glioma, Multiple Sclerosis,
-Stroke and Traumatic Brain Injuries (BrainLes 2018, MICCAI workshop), LNCS 11383, pp. 161-169,
-Springer 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
+Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models for
+Unsupervised Anomaly Segmentation in Brain MR Images." BrainLes 2018 (MICCAI workshop), LNCS 11383,
+pp. 161-169, Springer 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
 
-Idea: train an autoencoder on entire 2D axial slices of healthy brains only; an anomaly (an MS lesion,
-a tumour) cannot be reconstructed, so the pixel-wise residual |x - x̂| delineates it (Fig. 1).
-`--model` picks one row of Table 1; all six share the same convolutional encoder and decoder and
-differ only in the bottleneck (dense z of 512 or spatial z of h×w×c), the prior on z (VAE) and the
-adversarial discriminator (GAN):
+Idea (Fig. 1): an autoencoder trained on entire axial slices of healthy brains cannot reconstruct an
+anomaly (an MS lesion, a tumour), so the residual |x − x̂| delineates it. The six rows of Table 1
+(`--model`) share one encoder and decoder; they differ in the bottleneck (dense z, or spatial z of
+h×w×c), the prior on z (VAE) and an adversarial discriminator (GAN):
+    dAE, sAE     dense / spatial AE           Eq. (2) with λ2 = λ3 = 0
+    dVAE, sVAE   dense / spatial VAE          Eq. (2) with λ3 = 0
+    sAE-GAN      spatial AE + discriminator   Eq. (2) with λ2 = 0, and Eq. (3)  ("Context Encoder")
+    AnoVAEGAN    spatial VAE + discriminator  Eq. (2) and Eq. (3)    (the paper's method, Fig. 2)
 
-    dAE        dense AE                      Eq. (2) with λ2 = λ3 = 0
-    sAE        spatial (fully convolutional) AE, Eq. (2) with λ2 = λ3 = 0   (--z-shape 8x8x64 for sAE1)
-    dVAE       dense VAE                     Eq. (2) with λ3 = 0
-    sVAE       spatial VAE                   Eq. (2) with λ3 = 0
-    sAE-GAN    spatial AE + discriminator    Eq. (2) with λ2 = 0, and Eq. (3)  ("Context Encoder")
-    AnoVAEGAN  spatial VAE + discriminator   Eq. (2) and Eq. (3)   (the paper's method, Fig. 2)
-
-Equations (the paper's equations are unnumbered; numbers are ours, in the order of §2 "Methodology"):
+Equations (unnumbered in the paper; numbered here in the order of §2 "Methodology"):
   Eq. (1)  z ~ Enc(x; θ),  x̂ = Dec(z; φ),  z ~ N(0, I)
-  Eq. (2)  L_VAE = λ1·L_rec + λ2·L_prior + λ3·L_adv
-                 = λ1·‖x − x̂‖₁ + λ2·D_KL(z ‖ N(0, I)) − λ3·log Dis(Dec(Enc(x)))
+  Eq. (2)  L_VAE = λ1·‖x − x̂‖₁ + λ2·D_KL(z ‖ N(0, I)) − λ3·log Dis(Dec(Enc(x)))
   Eq. (3)  L_Dis = −log Dis(x) − log(1 − Dis(Dec(Enc(x))))
-  Eq. (4)  r = |x − x̂|   (pixel-wise ℓ1 residual, §2 "Anomaly Detection")
-  §3 "Postprocessing": per patient, 5×5×5 median filter over the residual sub-volume, multiply by a
-  slightly eroded brain mask, threshold at the 98th percentile of healthy residuals, remove 3D
-  connected components smaller than 6 voxels.
-  §3 "Evaluation Metrics": Dice mean ± std across test patients, average reconstruction time per sample.
+  Eq. (4)  r = |x − x̂|, thresholded to a segmentation (§2 "Anomaly Detection")
+  §3 "Postprocessing": per patient a 5×5×5 median filter over the residual sub-volume, times a
+  slightly eroded brain mask, a threshold at the 98th percentile of healthy residuals, 3D connected
+  components under 6 voxels removed. §3 "Evaluation Metrics": Dice over test patients, reco time.
 
-Deviations from the paper (and choices the paper leaves open):
- 1. Data: the paper's in-house FLAIR data (83 healthy, 49 MS patients, SRI24-registered, ROBEX,
-    CurvatureFlow) is private. `--data synthetic` uses the FLAIR brain phantom (headline groups
-    `lesion_hyper` ≈ MS lesions and `tumor`); real data via `--data mslub|isbi2015|brats` (train on
-    `--train-data ixi`) where common.py provides them. Intensities are in [-1, 1], not [0, 1].
- 2. The threshold comes from healthy VALIDATION subjects (98th percentile of their post-processed
-    residuals inside the eroded brain mask), not from the training subjects the paper used: residuals
-    on training images are optimistically small. The paper does not say whether the percentile is
-    taken before or after filtering; we take it on the same filtered values we threshold.
- 3. Architecture details are not in the paper ("we build upon the basic architecture proposed in
-    [Pawlowski et al.]"): we use the encoder/decoder of the authors' later public code (Baur et al.
-    2020, "unified encoder"): 5×5 stride-2 convolutions with 32-64-128-128 filters, BatchNorm,
-    LeakyReLU(0.2); the decoder mirrors it with transposed convolutions and ends in a 1×1 convolution
-    with linear output. The spatial bottleneck is a 1×1 convolution to c channels; the dense one a
-    fully connected layer to 512. The discriminator is the encoder trunk + a linear layer.
- 4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units (the norm and the KL of the
-    multivariate z as written) and averaged over the batch; λ1 = λ2 = λ3 = 1 (the paper does not
-    report λ). Optimiser: Adam (not named in the paper) with lr 1e-3 for Enc/Dec on Eq. (2) and 1e-4
-    for the discriminator on Eq. (3), one step each, alternating ("lr 0.001 for the reconstruction
-    objective and 0.0001 for the adversarial training", §3 "Implementation").
- 5. At test time the VAEs decode the posterior mean z = μ (no sampling); the paper does not say.
- 6. Beyond the paper: pixel-level AUROC/AUPRC, slice-level detection AUROC (contract `metrics`, slice
-    score = maximum of the post-processed residual) and `oracle_dice` (best Dice
-    over thresholds chosen with the test labels, an upper bound only). Pixel metrics are computed on
-    at most --max-pixels randomly sampled brain pixels (uniform, seeded) to bound memory.
- 7. `quick` preset (2-core CPU, a few minutes): slices resized to 64×64 instead of 256×256, filters
-    halved (16-32-64), 5 epochs instead of 150. Sizes are scaled by what they mean physically:
-    - bottleneck: the paper's compression is kept (16×16×64 units for 256² pixels = 1/4; dense 512 =
-      1/128) with 3 stride-2 stages instead of 4, a compromise between the paper's depth (4 stages
-      would leave a 4×4 grid, each cell a quarter of the brain) and its 16×16 grid (2 stages: a local
-      network that copies anomalies): quick z = 8×8×16 (1/4), dense z = 32 (1/128); the paper's
-      8×8×64 row (1/16) becomes 8×8×4.
-    - post-processing: the paper's 5×5×5 median spans ≈5 mm at ≈0.94 mm pixels; a 64×64 phantom
-      pixel is ≈3 mm and a slice 2 mm, so quick uses a 3×3×3 median; the paper's 6-voxel minimum
-      (≈5 mm³) is smaller than one quick voxel (≈19 mm³), so quick removes nothing (--min-size 1).
-    `smoke`: 32×32, the tiny phantom, 1 epoch, seconds.
+Deviations from the paper (and choices it leaves open):
+ 1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
+    FLAIR phantom (`lesion_hyper` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
+    whole per-patient slabs, their lesion-free slices the normal group. Intensities in [-1, 1].
+ 2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
+    are optimistically small), and is taken on the filtered values it thresholds.
+ 3. Architecture (the paper builds on Pawlowski et al. without details): the encoder/decoder of the
+    authors' later code (Baur et al. 2020): 5×5 stride-2 convolutions, 32-64-128-128 filters,
+    BatchNorm, LeakyReLU(0.2); a mirrored decoder with a linear 1×1 output; spatial z a 1×1
+    convolution, dense z a fully connected layer; Dis = the encoder trunk + a linear layer.
+ 4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units and averaged over the batch;
+    λ1 = λ2 = λ3 = 1 (not reported). Adam (not named) with the paper's learning rates: one Enc/Dec
+    step on Eq. (2), then one Dis step on Eq. (3), per minibatch.
+ 5. At test time the VAEs decode the posterior mean z = μ (the paper does not say).
+ 6. Beyond the paper: slice-level AUROC/AUPRC (score = the slice's largest filtered residual) and
+    pixel-level ones, intervals over patients, `oracle_dice` (a threshold chosen with the test
+    labels: an upper bound only), and (--compare) the paper's ranking with paired intervals.
+ 7. `quick`: 64×64 slices, filters halved, 5 epochs. The compression is kept with 3 stride-2 stages
+    (z 8×8×16 is 1/4 of the pixels like 16×16×64 at 256²; dense 32 = 1/128 like 512; the 8×8×64 row
+    becomes 8×8×4); a 3×3×3 median (the paper's ≈5 mm at ≈3 mm pixels) and no size filter (6 voxels
+    of 0.94 mm are less than one quick voxel). `smoke`: 32×32 on the tiny phantom, seconds.
 
-What you should see (quick preset, seed 0, one thread each, two runs sharing 2 cores: 2-4 min of training
-per model; `--compare` over the six runs): Dice per patient at the healthy-validation threshold,
-lesion_hyper / tumor, with the pixel AUROC of the same two groups:
-    dAE 0.08 / 0.45 (0.91 / 0.91)   dVAE 0.05 / 0.37 (0.87 / 0.87)   sAE 0.00 / 0.00 (0.63 / 0.45)
-    sVAE 0.02 / 0.01 (0.84 / 0.41)  sAE-GAN 0.00 / 0.00 (0.60 / 0.45)   AnoVAEGAN 0.02 / 0.01 (0.86 / 0.44)
-This is the opposite of Table 1, where the spatial models win: at 64×64 the 8×8×16 spatial bottleneck
-still passes the anomaly through and the spatial AEs copy lesions and tumours into the reconstruction
-(near-zero residual in fig5_models.png), while the dense z of 32 cannot. Thresholding the FLAIR
-intensities (benchmark.py) segments the tumour with Dice 0.79.
+On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1;
+the measured table is in README.md and results/.
 
 Commands:
-  python anovaegan.py                                   # quick: AnoVAEGAN on the FLAIR phantom, CPU minutes
-  python anovaegan.py --model sAE                       # any Table 1 row: dAE sAE dVAE sVAE sAE-GAN AnoVAEGAN
-  python anovaegan.py --model sAE --z-shape 8x8x4       # quick-scale version of the paper's sAE 8×8×64 row (1/16)
-  python anovaegan.py --preset paper --model AnoVAEGAN  # paper: 256×256, z 16×16×64, 150 epochs (GPU)
-  python anovaegan.py --compare runs/anovaegan__*       # Table 1 and Fig. 5 across finished runs
+  python anovaegan.py                                 # quick: AnoVAEGAN on the phantom, CPU minutes
+  python anovaegan.py --model sAE --z-shape 8x8x4     # any Table 1 row (the quick 8×8×64 row)
+  python anovaegan.py --preset paper --data mslub     # paper: 256×256, z 16×16×64, 150 epochs (GPU)
+  python anovaegan.py --compare runs/anovaegan__*     # Table 1, paired differences, Fig. 5 over runs
 """
 from __future__ import annotations
 
