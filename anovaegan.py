@@ -2,7 +2,8 @@
 
 Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models for
 Unsupervised Anomaly Segmentation in Brain MR Images." BrainLes 2018 (MICCAI workshop), LNCS 11383,
-pp. 161-169, Springer 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
+pp. 161-169, Springer 2019. arXiv:1804.04488.
+Text: ../shared/papers/anovaegan--baur2018-brainles.txt
 
 Idea (Fig. 1): an autoencoder trained on entire axial slices of healthy brains cannot reconstruct an
 anomaly (an MS lesion, a tumour), so the residual |x − x̂| delineates it. The six rows of Table 1
@@ -50,8 +51,8 @@ the measured table is in README.md and results/.
 Commands:
   python anovaegan.py                                 # quick: AnoVAEGAN on the phantom, CPU minutes
   python anovaegan.py --model sAE --z-shape 8x8x4     # any Table 1 row (the quick 8×8×64 row)
-  python anovaegan.py --preset paper --data mslub     # paper: 256×256, z 16×16×64, 150 epochs (GPU)
-  python anovaegan.py --compare runs/anovaegan__*     # Table 1, paired differences, Fig. 5 over runs
+  python anovaegan.py --preset paper --data mslub     # paper: 256×256, z 16×16×64, 150 epochs
+  python anovaegan.py --compare runs/anovaegan__*     # Table 1, paired differences, Fig. 5
 """
 from __future__ import annotations
 
@@ -75,28 +76,30 @@ from data import datasets
 # =================================================================================================
 
 METHOD = "anovaegan"
-MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
-SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}
-VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}
-ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}
+MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")             # the rows of Table 1
+SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}                           # z of shape h×w×c
+VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}                                 # L_prior (λ2 > 0)
+ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}                                      # Dis, L_adv (λ3 > 0)
 
-
-# One declaration per hyperparameter: the paper's value (the default of --preset paper) and its source.
+# One declaration per hyperparameter: the paper's value (the default of --preset paper), its source.
 HYPER = dict(
     model=C.hp("AnoVAEGAN", "Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN",
                choices=MODELS),
     image_size=C.hp(256, "slices resized to S×S, §3 'Datasets'", lo=8),
-    n_slices=C.hp(20, "consecutive axial slices around the middle per subject, §3 'Datasets'", lo=1),
-    z_shape=C.hp("16x16x64", "spatial bottleneck h x w x c, Table 1 (8x8x64 for sAE1); sets the depth "
-                 "of the shared encoder: log2(image-size / h) stride-2 stages", metavar="HxWxC"),
+    n_slices=C.hp(20, "consecutive axial slices around the middle per subject, §3 'Datasets'",
+                  lo=1),
+    z_shape=C.hp("16x16x64", "spatial bottleneck h x w x c, Table 1 (8x8x64 for sAE1); sets the "
+                 "depth of the shared encoder: log2(image-size / h) stride-2 stages",
+                 metavar="HxWxC"),
     z_dim=C.hp(512, "dense bottleneck size, Table 1", lo=1),
-    width=C.hp(32, "filters of the first convolution, doubled per stage up to 4x (not in the paper; "
-               "the authors' later code)", lo=1),
+    width=C.hp(32, "filters of the first convolution, doubled per stage up to 4x (not in the "
+               "paper; the authors' later code)", lo=1),
     epochs=C.hp(150, "training epochs, §3 'Implementation'", lo=1),
     batch_size=C.hp(8, "minibatch size, §3 'Implementation'", lo=1),
     lr=C.hp(1e-3, "Adam learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3",
             lo=1e-12, hi=1.0),
-    lr_adv=C.hp(1e-4, "Adam learning rate of Dis on Eq. (3) ('adversarial training'), §3", lo=1e-12, hi=1.0),
+    lr_adv=C.hp(1e-4, "Adam learning rate of Dis on Eq. (3) ('adversarial training'), §3",
+                lo=1e-12, hi=1.0),
     lam_rec=C.hp(1.0, "λ1 in Eq. (2) (not reported in the paper)", lo=0),
     lam_prior=C.hp(1.0, "λ2 in Eq. (2), VAEs only (not reported)", lo=0),
     lam_adv=C.hp(1.0, "λ3 in Eq. (2), GAN models only (not reported)", lo=0),
@@ -105,25 +108,21 @@ HYPER = dict(
     erode=C.hp(1, "brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded')", lo=0),
     percentile=C.hp(98.0, "threshold = this percentile of healthy residuals, §3 'Postprocessing'",
                     lo=0, hi=100),
-    min_size=C.hp(6, "remove 3D connected components smaller than this (voxels), §3 'Postprocessing'",
-                  lo=1),
-    max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)", lo=1),
+    min_size=C.hp(6, "remove 3D connected components smaller than this (voxels), "
+                  "§3 'Postprocessing'", lo=1),
+    max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)",
+                    lo=1),
 )
-
-
-# quick (2-core CPU, minutes): 64x64 slices, filters halved, 5 epochs, the paper's compression kept
-# (deviation 7); smoke: 32x32 on the tiny phantom, 1 epoch, seconds
+# quick (2-core CPU, minutes): 64×64 slices, filters halved, 5 epochs, the paper's compression kept
+# (deviation 7); smoke: 32×32 slices of the tiny phantom, 1 epoch, seconds
 QUICK = dict(image_size=64, z_shape="8x8x16", z_dim=32, width=16, epochs=5, median=3, min_size=1,
              max_pixels=1_000_000)
-
-
-SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, max_pixels=50_000)
-
-
+SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1,
+             max_pixels=50_000)
 LIST_FLAGS = """
 list flags of this script:
-  --groups GROUP [GROUP ...]   keep only these anomalous test groups (default: all)
-  --compare RUN_DIR [...]      no training: Table 1 with paired intervals and Fig. 5 across finished runs
+  --groups GROUP [GROUP ...]  keep only these anomalous test groups (default: all)
+  --compare RUN_DIR [...]     no training: Table 1, paired intervals and Fig. 5 across finished runs
 """
 
 
@@ -146,10 +145,10 @@ def parse_z_shape(s):
 def check_args(args):
     """Cross-checks the table's ranges cannot express."""
     h, w, c = parse_z_shape(args.z_shape)
-    f = args.image_size // h if h else 0
-    if h != w or h < 1 or args.image_size % h or f < 2 or f & (f - 1):
-        C.fail(f"--z-shape {args.z_shape} does not fit --image-size {args.image_size}: need a square h×h "
-               f"with image-size / h a power of two >= 2 (e.g. {args.image_size // 16}x{args.image_size // 16}x64)")
+    f, s = (args.image_size // h if h else 0), args.image_size
+    if h != w or h < 1 or s % h or f < 2 or f & (f - 1):
+        C.fail(f"--z-shape {args.z_shape} does not fit --image-size {s}: need a square h×h with "
+               f"image-size / h a power of two >= 2 (e.g. {s // 16}x{s // 16}x64)")
     if c < 1:
         C.fail(f"--z-shape {args.z_shape}: the channel count must be >= 1")
     if args.median > 1 and args.median % 2 == 0:
@@ -176,17 +175,19 @@ def z_paper_equivalent(args):
 
 def down_stage(c_in, c_out):
     """5×5 stride-2 convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU(0.2))
 
 
 def up_stage(c_in, c_out):
-    """5×5 stride-2 transposed convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, 2H, 2W)."""
+    """5×5 stride-2 transposed convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) ->
+    (B, c_out, 2H, 2W)."""
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 5, stride=2, padding=2, output_padding=1),
                          nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
 
 
 def trunk_channels(n_stages, width):
-    """Encoder filters per stage: width, 2·width, 4·width, 4·width, ... (32-64-128-128 for width 32)."""
+    """Encoder filters per stage: width, 2·width, 4·width, 4·width, ... (32-64-128-128 for 32)."""
     return [min(4 * width, width * 2 ** i) for i in range(n_stages)]
 
 
@@ -204,7 +205,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The shared decoder trunk, mirror of the encoder: (B, 4·width, h, h) -> x̂ (B, 1, S, S), linear output."""
+    """The shared decoder trunk, the encoder's mirror: (B, 4·width, h, h) -> x̂ (B, 1, S, S)."""
 
     def __init__(self, *, n_stages, width):
         super().__init__()
@@ -233,13 +234,13 @@ class Autoencoder(nn.Module):
         self.enc = Encoder(n_stages=n_stages, width=width)
         self.dec = Decoder(n_stages=n_stages, width=width)
         top = self.enc.out_channels
-        n_out = 2 if variational else 1                                            # μ (and log σ²)
-        if spatial:
-            self.to_z = nn.Conv2d(top, n_out * c, 1)                                # (B, top, h, h) -> (B, c·n_out, h, h)
+        n_out = 2 if variational else 1                                        # μ (and log σ²)
+        if spatial:                                     # (B, top, h, h) -> (B, c·n_out, h, h)
+            self.to_z = nn.Conv2d(top, n_out * c, 1)
             self.from_z = nn.Sequential(nn.Conv2d(c, top, 1), nn.BatchNorm2d(top), nn.ReLU())
             self.z_shape = (c, h, h)
-        else:
-            self.to_z = nn.Sequential(nn.Flatten(), nn.Linear(top * h * h, n_out * z_dim))   # (B, top·h·h) -> (B, z·n_out)
+        else:                                           # (B, top·h·h) -> (B, z_dim·n_out)
+            self.to_z = nn.Sequential(nn.Flatten(), nn.Linear(top * h * h, n_out * z_dim))
             self.from_z = nn.Sequential(nn.Linear(z_dim, top * h * h), nn.Unflatten(1, (top, h, h)),
                                         nn.BatchNorm2d(top), nn.ReLU())
             self.z_shape = (z_dim,)
@@ -253,14 +254,14 @@ class Autoencoder(nn.Module):
         return out, None
 
     def decode(self, z):
-        return self.dec(self.from_z(z))                                            # (B, 1, S, S)
+        return self.dec(self.from_z(z))                                        # (B, 1, S, S)
 
     def forward(self, x, sample=True):
         """-> x̂ (B, 1, S, S), μ (or z), log σ² (or None)."""
         mu, logvar = self.encode(x)
         z = mu
         if self.variational and sample:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)                # reparameterisation
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)            # reparameterisation
         return self.decode(z), mu, logvar
 
 
@@ -274,16 +275,18 @@ class Discriminator(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(self.trunk.out_channels * h * h, 1))
 
     def forward(self, x):
-        return self.head(self.trunk(x)).squeeze(1)                                 # (B,) logits
+        return self.head(self.trunk(x)).squeeze(1)                             # (B,) logits
 
 
-def build_models(args):
+def build_models(args, device="cpu"):
+    """The Table 1 row's Enc/Dec (Eq. 1) and, for the GAN models, Dis; on `device`."""
     z_shape = parse_z_shape(args.z_shape)
-    ae = Autoencoder(image_size=args.image_size, z_shape=z_shape, z_dim=args.z_dim, width=args.width,
-                     spatial=args.model in SPATIAL, variational=args.model in VARIATIONAL)
+    ae = Autoencoder(image_size=args.image_size, z_shape=z_shape, z_dim=args.z_dim,
+                     width=args.width, spatial=args.model in SPATIAL,
+                     variational=args.model in VARIATIONAL)
     dis = Discriminator(image_size=args.image_size, z_shape=z_shape, width=args.width) \
         if args.model in ADVERSARIAL else None
-    return ae, dis
+    return ae.to(device), (dis.to(device) if dis is not None else None)
 
 
 # =================================================================================================
@@ -297,7 +300,7 @@ def loss_rec(x, x_hat):
 
 
 def loss_prior(mu, logvar):
-    """L_prior, Eq. (2): D_KL(N(μ, σ²) ‖ N(0, I)), summed over latent units, averaged over the batch."""
+    """L_prior, Eq. (2): D_KL(N(μ, σ²) ‖ N(0, I)), summed over latent units, batch-averaged."""
     # Eq. (2): L_prior = D_KL(z ‖ N(0, I)) = ½ Σ (μ² + σ² − log σ² − 1)
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1).sum(1).mean()
 
@@ -332,13 +335,13 @@ def residual(x, x_hat):
 
 @torch.no_grad()
 def reconstruct(ae, x, *, device, batch_size, amp=False):
-    """x̂ = Dec(Enc(x)) for all slices, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S) float32."""
+    """x̂ = Dec(Enc(x)) of every slice, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S)."""
     ae.eval()
     out = np.empty(x.shape, np.float32)
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
+        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]
         with C.autocast(device, enabled=amp):
-            x_hat, _, _ = ae(xb, sample=False)
+            x_hat, _, _ = ae(xb, sample=False)                                  # (B, 1, S, S)
         out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -363,10 +366,11 @@ def median_filter_3d(r, size, device):
         t = t.index_select(dim, torch.from_numpy(idx).to(device))             # (Z+2k, H+2k, W+2k)
     Z, H, W = r.shape
     out = torch.empty((Z, H, W), device=device)
-    chunk = max(1, 2 ** 24 // (size ** 3 * H * W))                            # bound the unfolded memory
+    chunk = max(1, 2 ** 24 // (size ** 3 * H * W))                       # bound the unfolded memory
     for z0 in range(0, Z, chunk):
         z1 = min(Z, z0 + chunk)
-        u = t[z0:z1 + 2 * k].unfold(0, size, 1).unfold(1, size, 1).unfold(2, size, 1)  # (z, H, W, s, s, s)
+        u = t[z0:z1 + 2 * k].unfold(0, size, 1).unfold(1, size, 1).unfold(2, size, 1)
+        # u: (z1 - z0, H, W, size, size, size), the window of every voxel
         out[z0:z1] = u.reshape(z1 - z0, H, W, -1).median(-1).values
     return out.cpu().numpy()
 
@@ -383,24 +387,28 @@ def filter_residual(r, brain, args, device=None):
 def segment(filtered, threshold, args):
     """§3 'Postprocessing', second half: threshold the filtered residual, then remove 3D connected
     components smaller than --min-size voxels -> boolean segmentation (Z, H, W)."""
-    return C.postprocess_3d(filtered, np.ones(filtered.shape, bool), median=0, erode=0, threshold=threshold,
-                            min_size=args.min_size)
+    return C.postprocess_3d(filtered, np.ones(filtered.shape, bool), median=0, erode=0,
+                            threshold=threshold, min_size=args.min_size)
 
 
-def score(ae, S, args, device):
-    """Reconstruct every slice, then post-process each patient's residual sub-volume.
-    -> dict with x_hat (N, S, S), filtered (N, S, S), brain_eroded (N, S, S) bool, seconds."""
+def score(ae, S, args, device, threshold=None):
+    """The trained model applied to a set: reconstruct every slice, post-process each patient's
+    residual sub-volume and, given a threshold, segment it. -> dict of x_hat, filtered, brain_e
+    (the eroded brain), seg (N, S, S) and the seconds spent."""
     with C.Timer() as t_rec:
         x_hat = reconstruct(ae, S.x, device=device, batch_size=64, amp=args.amp)
     filtered = np.zeros(S.x.shape, np.float32)
-    brain_e = np.zeros(S.x.shape, bool)
+    brain_e, seg = np.zeros(S.x.shape, bool), np.zeros(S.x.shape, bool)
     with C.Timer() as t_post:
         for i in range(len(S.cases)):
-            rows = S.slices_of(i)
-            r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
+            rows = S.slices_of(i)                                         # one patient, in order
+            r = residual(S.x[rows], x_hat[rows])                               # (Z, S, S)
             filtered[rows] = filter_residual(r, S.brain[rows], args, device)
             brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
-    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
+            if threshold is not None:
+                seg[rows] = segment(filtered[rows], threshold, args)
+    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, seg=seg, reco_s=t_rec.seconds,
+                post_s=t_post.seconds)
 
 
 def slice_scores(sc):
@@ -422,20 +430,20 @@ def healthy_threshold(ae, S_val, args, device):
 # =================================================================================================
 
 def to_batch(S, idx, device):
-    """Rows `idx` of a slice set -> (B, 1, S, S) on `device` (sorted: memory-mapped reads in file order)."""
+    """Rows idx of a slice set -> (B, 1, S, S) on device (sorted: memory-mapped reads in order)."""
     return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]
 
 
 def train_step(ae, dis, opt, opt_dis, x, lam, amp=False):
-    """One minibatch, the two losses 'in an alternating fashion' (§2 'Training'): one Enc/Dec step on
-    Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss name: tensor}."""
+    """One minibatch, the two losses 'in an alternating fashion' (§2 'Training'): one Enc/Dec step
+    on Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss: tensor}."""
     device = x.device
     # ---- Enc/Dec step on Eq. (2); Dis is held fixed
     if dis is not None:
         dis.requires_grad_(False)
     with C.autocast(device, enabled=amp):
-        x_hat, mu, logvar = ae(x)                                  # Eq. (1): z ~ Enc(x), x̂ = Dec(z)
-        d_fake = dis(x_hat) if dis is not None else None          # (B,) logits of Dis(x̂)
+        x_hat, mu, logvar = ae(x)                              # Eq. (1): z ~ Enc(x), x̂ = Dec(z)
+        d_fake = dis(x_hat) if dis is not None else None      # (B,) logits of Dis(x̂)
     x_hat = x_hat.float()
     losses = {"L_rec": loss_rec(x, x_hat)}
     if logvar is not None:
@@ -461,8 +469,8 @@ def train_step(ae, dis, opt, opt_dis, x, lam, amp=False):
 
 
 def train(args, run, ae, dis, S_train, S_val):
-    """--epochs epochs of minibatches of --batch-size healthy slices (§3 'Implementation'), Adam with
-    --lr on Eq. (2) and --lr-adv on Eq. (3). -> the finished C.Loop (history, timing, checkpoints)."""
+    """--epochs epochs of minibatches of --batch-size healthy slices (§3 'Implementation'), Adam
+    with --lr on Eq. (2) and --lr-adv on Eq. (3). -> the finished C.Loop (history, checkpoints)."""
     models, optims = {"ae": ae}, {"ae": torch.optim.Adam(ae.parameters(), lr=args.lr)}
     if dis is not None:
         models["dis"], optims["dis"] = dis, torch.optim.Adam(dis.parameters(), lr=args.lr_adv)
@@ -473,7 +481,7 @@ def train(args, run, ae, dis, S_train, S_val):
                lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
     for _ in loop.phase("train", args.epochs * batches.steps_per_epoch):
         ae.train()
-        x = to_batch(S_train, next(batches), run.device)                          # (B, 1, S, S)
+        x = to_batch(S_train, next(batches), run.device)                      # (B, 1, S, S)
         losses = train_step(ae, dis, optims["ae"], optims.get("dis"), x, lam, args.amp)
         loop.log(losses)
         if batches.epoch_done:                  # validation L_rec: monitoring only, selects nothing
@@ -496,57 +504,30 @@ def val_rec(ae, S_val, args, device):
 # Scoring and evaluation (§3 'Evaluation Metrics')
 # =================================================================================================
 
-HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")
+HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")      # the MS-lesion-like groups of Table 1
 
 
-def whole_slabs(cases):
-    """The paper scores each test patient's whole sub-volume (§3 'Postprocessing' filters it in 3D).
-    Real data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
-    anomaly-free slices (common._anomalous_splits); keep one case per scan with all its slices, each
-    slice labelled by its own mask voxels."""
-    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
-    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
-
-
-def sample_pixels(sel, max_pixels, seed=0):
-    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform, seeded)."""
-    idx = np.flatnonzero(sel)
-    if len(idx) > max_pixels:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
-    return idx
-
-
-def pixel_metrics(filtered, gt, brain, max_pixels):
-    """Pixel-level AUROC / AUPRC and oracle Dice of the filtered residual over brain pixels."""
-    idx = sample_pixels(brain.ravel(), max_pixels)
-    s, y = filtered.ravel()[idx], gt.ravel()[idx]
-    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
-    if y.any() and not y.all():
-        od, ot = C.oracle_best_dice(s, y)
-        out.update(auroc=C.auroc(y, s), auprc=C.auprc(y, s), oracle_dice=od, oracle_threshold=ot)
-    return out
-
-
-def evaluate_test(S, sc, threshold, args):
-    """Per patient: the segmentation and its Dice (Table 1); per slice: a contract row; per group: Dice
-    with its 95% interval over patients, pixel-level AUROC/AUPRC and the oracle Dice."""
-    gt, scores = np.asarray(S.mask) > 0, slice_scores(sc)
-    seg_all, rows, patients = np.zeros(S.x.shape, bool), [], []
+def evaluate_test(S, sc, args):
+    """Per patient: the Dice of its segmentation (Table 1); per slice: a contract row; per group:
+    Dice with its 95% interval over patients, pixel-level AUROC/AUPRC and the oracle Dice."""
+    gt, scores, seg = np.asarray(S.mask) > 0, slice_scores(sc), sc["seg"]
+    rows, patients = [], []
     for i, case in enumerate(S.cases):
         r = S.slices_of(i)
-        seg_all[r] = seg = segment(sc["filtered"][r], threshold, args)              # (Z, S, S) bool
-        patients.append(dict(id=case.id, group=case.group, label=int(case.label), gt_voxels=int(gt[r].sum()),
-                             seg_voxels=int(seg.sum()), dice=C.dice(seg, gt[r]) if gt[r].any() else None))
+        patients.append(dict(id=case.id, group=case.group, label=int(case.label),
+                             gt_voxels=int(gt[r].sum()), seg_voxels=int(seg[r].sum()),
+                             dice=C.dice(seg[r], gt[r]) if gt[r].any() else None))
         for j in r:
-            # the slice's own label: it holds anomaly voxels (an anomalous scan without a mask: every slice)
-            label = int(gt[j].any()) if (case.mask is not None or case.label == 0) else int(case.label)
-            # rows contract: group = the scan's group, case = the scan; but real data sets of anomalous
-            # scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free slices are the
-            # `normal` group, as data/datasets.py splits them (negatives from the same patients)
+            # the slice's own label: it holds anomaly voxels (an anomalous scan without a mask: all)
+            masked = case.mask is not None or case.label == 0
+            label = int(gt[j].any()) if masked else int(case.label)
+            # rows contract: group = the scan's group, case = the scan; but real data sets of
+            # anomalous scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free
+            # slices are the `normal` group, as data/datasets.py splits them (same patients)
             group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
             rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
                              score=float(scores[j]), case=case.id, z=int(S.z[j]),
-                             gt_voxels=int(gt[j].sum()), seg_voxels=int(seg_all[j].sum())))
+                             gt_voxels=int(gt[j].sum()), seg_voxels=int(seg[j].sum())))
     row_group = np.array([c.group for c in S.cases])[S.case]
     dice, pixel = {}, {}
     for g in list(dict.fromkeys(p["group"] for p in patients)) + ["all"]:
@@ -555,40 +536,56 @@ def evaluate_test(S, sc, threshold, args):
             dice[g] = {**C.mean_ci(ds), "std": float(np.std(ds))}
         sel = (row_group == g) | (g == "all")
         if gt[sel].any():
-            pixel[g] = pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0, args.max_pixels)
-    return rows, patients, seg_all, {"dice": dice, "pixel": pixel}
+            pixel[g] = pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0,
+                                     args.max_pixels)
+    return rows, patients, {"dice": dice, "pixel": pixel}
 
 
 def table1_row(args, ev, patients, sc, n_test, n_params):
-    """Our Table 1 row: Dice over the patients of the headline groups (MS-lesion-like), reco time."""
-    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
-    dice = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
+    """Our Table 1 row: Dice over the patients of the headline (MS-lesion-like) groups, time."""
+    head = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
+    dice = [p["dice"] for p in patients
+            if p["dice"] is not None and (p["group"] in head or not head)]
     ci = C.mean_ci(dice)
     paper = PAPER_TABLE1.get((args.model, z_paper_equivalent(args)))
     return {"model": args.model, "z": z_label(args), "dice_mean": ci["mean"],
             "dice_std": float(np.std(dice)) if dice else float("nan"), "dice_ci": ci["ci"],
-            "dice_n": len(dice), "dice_groups": headline or ["all"],
+            "dice_n": len(dice), "dice_groups": head or ["all"],
             "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
             "paper_row": z_paper_equivalent(args), "paper": list(paper) if paper else None,
             "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
+
+
+def results_extra(args, S_test, sc, ev, patients, threshold, val_values, n_params, train_s, io):
+    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing."""
+    n = len(S_test)
+    extra = {"model": args.model, "z": z_label(args),
+             "table1": table1_row(args, ev, patients, sc, n, n_params), **ev,
+             "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
+                             if "oracle_dice" in v},
+             "threshold": {"value": threshold, "percentile": args.percentile,
+                           "source": "healthy validation", "n_val_pixels": int(val_values.size)},
+             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels",
+             "checkpoints": io}
+    timing = {"train_s": train_s, "score_s": sc["reco_s"] + sc["post_s"],
+              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n, 1),
+              "reco_s_per_sample": sc["reco_s"] / max(n, 1),
+              "postprocess_s_per_patient": sc["post_s"] / max(len(S_test.cases), 1),
+              "n_test_slices": n}
+    return extra, timing
 
 
 # =================================================================================================
 # Table 1 across runs (--compare)
 # =================================================================================================
 
-# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
+# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reco time (s) where given
 PAPER_TABLE1 = {
-    ("dAE", "512"): (0.12764, 0.14617, None),
-    ("sAE", "8x8x64"): (0.19739, 0.19061, None),
-    ("sAE", "16x16x64"): (0.58558, 0.19845, None),
+    ("dAE", "512"): (0.12764, 0.14617, None), ("sAE", "8x8x64"): (0.19739, 0.19061, None),
+    ("sAE", "16x16x64"): (0.58558, 0.19845, None), ("dVAE", "512"): (0.16619, 0.17790, None),
     ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
-    ("dVAE", "512"): (0.16619, 0.17790, None),
     ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
-    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541),
-}
-
-
+    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541)}
 # The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
 PAPER_CLAIMS = (
     ("sAE", "dAE", "spatial models significantly outperform the dense ones"),
@@ -600,31 +597,29 @@ PAPER_CLAIMS = (
 )
 
 
-def load_runs(dirs, run):
-    """(dir, results.json, scores.csv rows) of every finished run; earlier --compare folders are skipped."""
-    out = []
-    for d in map(Path, dirs):
-        f, cfg = d / "results.json", d / "config.json"
-        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("args", {}).get("compare"):
-            run.log(f"skipping {d}: an earlier --compare table, not a training run")   # runs/anovaegan__*
-            continue
-        if not f.is_file():
-            C.fail(f"--compare {d}: no results.json (is it a finished run of anovaegan.py?)")
-        res = json.loads(f.read_text())
-        if res.get("method") != METHOD:
-            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {METHOD}")
-        with open(d / "scores.csv", newline="") as fh:
-            out.append((d, res, list(csv.DictReader(fh))))
-    order = {m: i for i, m in enumerate(MODELS)}
-    return sorted(out, key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+def table1_md(runs, groups):
+    """Our Table 1, one row per run: Dice μ ± σ [95% interval of the mean], pixel / slice AUROC."""
+    rows = []
+    for d, r, _ in runs:
+        t = r["table1"]
+        dice = ["{mean:.3f} ± {std:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]".format(**r["dice"][g])
+                if g in r["dice"] else "–" for g in groups]
+        auroc = [" / ".join(f"{r[k][g]['auroc']:.3f}" if "auroc" in r[k].get(g, {}) else "–"
+                            for k in ("pixel", "groups")) for g in groups]
+        paper = "{:.3f} ± {:.3f}".format(*t["paper"]) if t.get("paper") else "–"
+        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc,
+                     f"{t['reco_s_per_sample']:.4f}", paper, d.name])
+    return md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
+                    + [f"pixel / slice AUROC {g}" for g in groups]
+                    + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
 
 
 def paired(ra, rb, group):
     """A − B on the same test patients: per-case Dice (mean of the paired differences, 95% interval
     over patients) and slice AUROC against normal scans (C.compare_scores, interval over cases)."""
     (_, a, rows_a), (_, b, rows_b) = ra, rb
-    da = {p["id"]: p["dice"] for p in a["patients"] if p["group"] == group and p["dice"] is not None}
-    db = {p["id"]: p["dice"] for p in b["patients"] if p["group"] == group and p["dice"] is not None}
+    da, db = ({p["id"]: p["dice"] for p in r["patients"]
+               if p["group"] == group and p["dice"] is not None} for r in (a, b))
     both = sorted(set(da) & set(db))
     if not both:
         return None
@@ -635,50 +630,44 @@ def paired(ra, rb, group):
             "auroc_diff": auc["diff"], "auroc_ci": auc["ci"], "auroc_resolved": auc["resolved"]}
 
 
-def compare(args, run):
-    """Table 1 across finished runs of this script (one row each), the paper's ranking statements as
-    paired differences with 95% intervals over patients, and Fig. 5 across models."""
-    runs = load_runs(args.compare, run)
-    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
-    head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} μ ± σ [95% CI]" for g in groups)
-            + " | " + " | ".join(f"pixel / slice AUROC {g}" for g in groups)
-            + " | reco time [s/slice] | paper Dice (μ ± σ) | run |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for d, r, _ in runs:
-        t = r["table1"]
-        cells = [t["model"], f"{t['z']} ({t.get('paper_row', '?')})"]
-        for g in groups:
-            dg = r["dice"].get(g)
-            cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f} [{dg['ci'][0]:.2f}, {dg['ci'][1]:.2f}]"
-                         if dg else "–")
-        for g in groups:
-            pa, sa = r["pixel"].get(g, {}).get("auroc"), r["groups"].get(g, {}).get("auroc")
-            cells.append(" / ".join(f"{v:.3f}" if v is not None else "–" for v in (pa, sa)))
-        p = t.get("paper")
-        cells += [f"{t['reco_s_per_sample']:.4f}", f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
-        lines.append("| " + " | ".join(cells) + " |")
-    # the paper's ranking, tested on the same test patients (runs of one data set, preset and seed)
-    claims, cl = [], ["| A − B | the paper says | group | Δ Dice [95% CI] | Δ slice AUROC [95% CI] |",
-                      "|---|---|---|---|---|"]
+def ranking(runs, groups):
+    """The paper's ranking statements, each tested as paired() on every pair of runs of its two
+    models that share test patients (runs of one data set, preset and seed)."""
+    out = []
     for a, b, says in PAPER_CLAIMS:
-        for ra in (x for x in runs if x[1]["table1"]["model"] == a):
-            for rb in (x for x in runs if x[1]["table1"]["model"] == b):
+        for ra in (r for r in runs if r[1]["table1"]["model"] == a):
+            for rb in (r for r in runs if r[1]["table1"]["model"] == b):
                 for g in groups:
                     p = paired(ra, rb, g)
-                    if p is None:
-                        continue
-                    claims.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
-                                   "paper": says, "group": g, **p})
-                    mark = lambda res: " (resolved)" if res else " (not resolved)"      # noqa: E731
-                    cl.append(f"| {a} ({ra[0].name}) − {b} ({rb[0].name}) | {says} | {g} | "
-                              f"{C.fmt_ci(p['dice_diff'], p['dice_ci'])}{mark(p['dice_resolved'])} | "
-                              f"{C.fmt_ci(p['auroc_diff'], p['auroc_ci'])}{mark(p['auroc_resolved'])} |")
-    text = ("Table 1 (ours, " + ", ".join(sorted({r['data'] + '/' + r['preset'] for _, r, _ in runs}))
-            + "): Dice per test patient (threshold: 98th percentile of healthy validation residuals), "
-            "95% interval of the mean over patients\n\n" + "\n".join(lines) + "\n")
+                    if p is not None:
+                        out.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
+                                    "paper": says, "group": g, **p})
+    return out
+
+
+def compare(args, run):
+    """Table 1 across finished runs of this script, the paper's ranking statements as paired
+    differences with 95% intervals over patients, and Fig. 5 across models."""
+    order = {m: i for i, m in enumerate(MODELS)}
+    runs = sorted(load_runs(args.compare, METHOD, run),
+                  key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
+    where = ", ".join(sorted({r["data"] + "/" + r["preset"] for _, r, _ in runs}))
+    text = (f"Table 1 (ours, {where}): Dice per test patient at the 98th percentile of healthy "
+            f"validation residuals, 95% interval of the mean over patients\n\n"
+            + table1_md(runs, groups))
+    claims = ranking(runs, groups)
+    said = {True: " (resolved)", False: " (not resolved)"}
     if claims:
-        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired interval over "
-                 "patients; resolved = the interval excludes 0\n\n" + "\n".join(cl) + "\n")
+        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired "
+                 "interval over patients; resolved = the interval excludes 0\n\n" + md_table(
+                     ["A − B", "the paper says", "group", "Δ Dice [95% CI]",
+                      "Δ slice AUROC [95% CI]"],
+                     [[f"{c['model_a']} ({Path(c['a']).name}) − "
+                       f"{c['model_b']} ({Path(c['b']).name})", c["paper"], c["group"],
+                       C.fmt_ci(c["dice_diff"], c["dice_ci"]) + said[c["dice_resolved"]],
+                       C.fmt_ci(c["auroc_diff"], c["auroc_ci"]) + said[c["auroc_resolved"]]]
+                      for c in claims]))
     (run.out / "table1.md").write_text(text)
     C.write_json(run.out / "table1.json", {"runs": [str(d) for d, _, _ in runs], "claims": claims})
     print(text)
@@ -686,7 +675,7 @@ def compare(args, run):
              for d, r, _ in runs if (d / "fig5.npz").is_file()]
     if items:
         plot_fig5(items, run.out / "fig5_models.png", "Fig. 5 across models")
-    run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if items else ""))
+    run.log(f"wrote {run.out / 'table1.md'}" + (" and fig5_models.png" if items else ""))
 
 
 # =================================================================================================
@@ -702,22 +691,19 @@ def main(argv=None):
 
     # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
     data = datasets.load_dataset(args, contrast="flair", groups=args.groups)
-    sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices, center=0.5,
-              cache_dir=args.cache_dir)
+    sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices,
+              center=0.5, cache_dir=args.cache_dir)
     S_train = datasets.slice_stack(data.train, desc="train", **sl)
     S_val = datasets.slice_stack(data.val, desc="val", **sl)
     S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
-    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} "
-            f"validation, {len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
+    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), "
+            f"{len(S_val)} validation, {len(S_test)} test slices; z = {z_label(args)}")
 
     # ---- models: Eq. (1) and the discriminator
-    ae, dis = build_models(args)
-    ae.to(device)
-    if dis is not None:
-        dis.to(device)
+    ae, dis = build_models(args, device)
     n_params = sum(p.numel() for p in ae.parameters())
-    run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters"
-            + (f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
+    run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters" + (
+        f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
 
     # ---- train on Eq. (2) / Eq. (3), or score a --checkpoint
     if args.checkpoint:
@@ -730,40 +716,30 @@ def main(argv=None):
 
     # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
     threshold, val_values, val_scores = healthy_threshold(ae, S_val, args, device)
-    run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
+    run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals "
+            f"= {threshold:.4f}")
 
-    # ---- test: reconstruct, post-process, segment, evaluate
-    sc = score(ae, S_test, args, device)
-    rows, patients, seg_all, ev = evaluate_test(S_test, sc, threshold, args)
-    n_test = len(S_test)
+    # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
+    sc = score(ae, S_test, args, device, threshold)
+    rows, patients, ev = evaluate_test(S_test, sc, args)
     for g, d in ev["dice"].items():
-        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})"
-                + (f"  pixel AUROC {ev['pixel'][g].get('auroc', float('nan')):.3f}"
-                   f"  oracle Dice {ev['pixel'][g].get('oracle_dice', float('nan')):.3f}"
-                   if g in ev["pixel"] else ""))
-    examples = paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values)
-
-    # ---- results.json: contract keys + everything for a Table 1 row
-    table1 = table1_row(args, ev, patients, sc, n_test, n_params)
-    extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"],
-             "pixel": ev["pixel"],
-             "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items() if "oracle_dice" in v},
-             "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
-                           "n_val_pixels": int(val_values.size)},
-             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels",
-             "checkpoints": io}
-    timing = {"train_s": train_s, "score_s": sc["reco_s"] + sc["post_s"],
-              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "reco_s_per_sample": sc["reco_s"] / max(n_test, 1), "postprocess_s_per_patient":
-              sc["post_s"] / max(len(S_test.cases), 1), "n_test_slices": n_test}
-    res = C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info, val_scores=val_scores,
-                   threshold_pct=args.percentile, history=history, examples=examples,
-                   titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)",
-                           "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
-                           "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
-    run.log(f"Table 1 row: {args.model} z={z_label(args)}  Dice {C.fmt_ci(table1['dice_mean'], table1['dice_ci'])}"
-            f" σ {table1['dice_std']:.3f} ({'+'.join(table1['dice_groups'])}, n={table1['dice_n']})  "
-            f"reco {table1['reco_s_per_sample'] * 1000:.2f} ms/slice")
+        px = ev["pixel"].get(g, {})
+        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  "
+                f"pixel AUROC {px.get('auroc', np.nan):.3f}  "
+                f"oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+    examples = paper_figures(run, args, S_test, sc, patients, threshold, val_values)
+    extra, timing = results_extra(args, S_test, sc, ev, patients, threshold, val_values, n_params,
+                                  train_s, io)
+    res = C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
+                   val_scores=val_scores, threshold_pct=args.percentile, history=history,
+                   examples=examples, titles={
+                       "roc": f"{args.model}: slice-level ROC (lesion in slice)",
+                       "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
+                       "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
+    t = extra["table1"]
+    run.log(f"Table 1 row: {args.model} z={t['z']}  Dice {C.fmt_ci(t['dice_mean'], t['dice_ci'])} "
+            f"σ {t['dice_std']:.3f} ({'+'.join(t['dice_groups'])}, n={t['dice_n']})  "
+            f"reco {t['reco_s_per_sample'] * 1000:.2f} ms/slice")
     return res
 
 
@@ -771,57 +747,33 @@ def main(argv=None):
 # Appendix: the paper's figures (Fig. 5, Fig. 6)
 # =================================================================================================
 
-def paper_figures(run, args, S_test, sc, seg_all, patients, threshold, val_values):
-    """Fig. 5 (fig5_segmentations.png, and fig5.npz for --compare) and Fig. 6; -> rows for examples.png."""
+def paper_figures(run, args, S_test, sc, patients, threshold, val_values):
+    """Fig. 5 (fig5_segmentations.png; fig5.npz for --compare), Fig. 6; -> rows for examples.png."""
     gt = np.asarray(S_test.mask) > 0
     present = list(dict.fromkeys(c.group for c in S_test.cases))
     head = [g for g in HEADLINE_GROUPS if g in present]
     normal = ["normal"] if "normal" in present else []
-    title = lambda i, j: f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}"      # noqa: E731
-    examples = [dict(title=f"{S_test.cases[i].group}\n{title(i, j)}", input=S_test.x[j],
-                     reconstruction=sc["x_hat"][j], amap=sc["filtered"][j], gt=gt[j] if gt[j].any() else None)
-                for i, j in pick_examples(S_test, head + [g for g in present if g not in head + normal] + normal)]
-    ex5 = pick_examples(S_test, head or present[:1], per_group=2) + pick_examples(S_test, normal)[:1]
+    name = lambda i, j: f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}"     # noqa: E731
+    others = [g for g in present if g not in head + normal]
+    examples = [dict(title=f"{S_test.cases[i].group}\n{name(i, j)}", input=S_test.x[j],
+                     reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
+                     gt=gt[j] if gt[j].any() else None)
+                for i, j in pick_examples(S_test, head + others + normal)]
+    ex5 = (pick_examples(S_test, head or present[:1], per_group=2)
+           + pick_examples(S_test, normal)[:1])
+    j5 = [j for _, j in ex5]
     dice = {p["id"]: np.nan if p["dice"] is None else p["dice"] for p in patients}
-    z = dict(x=np.stack([S_test.x[j] for _, j in ex5]), gt=gt[[j for _, j in ex5]],
-             filtered=sc["filtered"][[j for _, j in ex5]], seg=seg_all[[j for _, j in ex5]],
-             label=np.array([title(i, j) for i, j in ex5]), dice=np.array([dice[S_test.cases[i].id] for i, _ in ex5]),
-             vmax=float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6)))
+    z = dict(x=np.stack([S_test.x[j] for j in j5]), gt=gt[j5], filtered=sc["filtered"][j5],
+             seg=sc["seg"][j5], label=np.array([name(i, j) for i, j in ex5]),
+             dice=np.array([dice[S_test.cases[i].id] for i, _ in ex5]),
+             vmax=float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5,
+                            1e-6)))
     np.savez_compressed(run.out / "fig5.npz", **z)
     plot_fig5([(f"{args.model} {z_label(args)}", z)], run.out / "fig5_segmentations.png",
               f"Fig. 5 ({args.model}): threshold {threshold:.3f} from healthy validation data")
-    row_group = np.array([c.group for c in S_test.cases])[S_test.case]
-    plot_fig6(sc["filtered"], gt, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
-              title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
-              median=args.median, max_pixels=args.max_pixels, val_values=val_values)
+    plot_fig6(sc, gt, np.array([c.group for c in S_test.cases])[S_test.case], threshold, val_values,
+              run.out / "fig6_residual_histogram.png", args)
     return examples
-
-
-def pick_examples(S, groups, per_group=1):
-    """(case index, row index) of the slice with the largest ground-truth area of the first cases of
-    each group (the middle slice for cases without a lesion)."""
-    out = []
-    for g in groups:
-        cands = []
-        for i, c in enumerate(S.cases):
-            if c.group != g:
-                continue
-            r = S.slices_of(i)
-            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
-            cands.append((int(area.max()), i, int(r[int(area.argmax())] if area.max() else r[len(r) // 2])))
-        cands.sort(key=lambda t: -t[0])
-        out += [(i, j) for _, i, j in cands[:per_group]]
-    return out
-
-
-def overlay_seg(ax, x, seg, gt):
-    """Segmentation augmented to the input (Fig. 5, bottom row): TP yellow, FP red, FN cyan."""
-    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
-    rgba = np.zeros((*x.shape, 4), np.float32)
-    tp, fp, fn = seg & gt, seg & ~gt, ~seg & gt
-    for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
-        rgba[m] = (*col, 0.75)
-    ax.imshow(rgba, interpolation="nearest")
 
 
 def plot_fig5(items, path, title="Fig. 5"):
@@ -829,8 +781,8 @@ def plot_fig5(items, path, title="Fig. 5"):
     fig5.npz)]) the filtered residual (top) and the segmentation over the input (bottom)."""
     plt = C._plt()
     n_ex = min(len(z["x"]) for _, z in items)
-    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, squeeze=False,
+                             figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5))
     for e in range(n_ex):
         top, bottom = axes[2 * e], axes[2 * e + 1]
         x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
@@ -843,41 +795,44 @@ def plot_fig5(items, path, title="Fig. 5"):
             top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
             overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
             if np.isfinite(z["dice"][e]):
-                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", transform=bottom[j].transAxes,
-                               va="top", color="w", fontsize=7)
+                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", va="top", color="w",
+                               fontsize=7, transform=bottom[j].transAxes)
             axes[0, j].set_title(name, fontsize=8)
     axes[0, 0].set_title("input / ground truth", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, cyan FN)",
-                 fontsize=9)
+    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, "
+                 f"cyan FN)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     C._save(fig, path)
 
 
-def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
-              groups=HEADLINE_GROUPS):
-    """Fig. 6 equivalent: histograms of the post-processed residuals of normal test pixels and of the
-    abnormal pixels of each headline group (inside the eroded brain), the healthy validation pixels
-    the threshold was taken from, and the threshold."""
+def plot_fig6(sc, gt, row_group, threshold, val_values, path, args):
+    """Fig. 6: histograms of the filtered residuals (inside the eroded brain) of normal test pixels,
+    of each headline group's abnormal pixels and of the healthy validation pixels the threshold was
+    taken from, with the threshold."""
     plt = C._plt()
-    sel = brain_e & (row_group[:, None, None] != "")                                # (N, S, S)
-    idx = sample_pixels(sel.ravel(), max_pixels, seed=1)
-    s, y = filtered.ravel()[idx], gt.ravel()[idx]
-    g = np.broadcast_to(row_group[:, None, None], filtered.shape).ravel()[idx]
+    idx = sample_pixels(sc["brain_e"].ravel(), args.max_pixels, seed=1)
+    s, y = sc["filtered"].ravel()[idx], gt.ravel()[idx]
+    g = np.broadcast_to(row_group[:, None, None], gt.shape).ravel()[idx]
     fig, ax = plt.subplots(figsize=(6.4, 3.9))
     hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
     bins = np.linspace(0, hi, 80)
-    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"normal test pixels (n={int((~y).sum())})")
-    for name, col in zip([n for n in groups if (y & (g == n)).any()], ("tab:red", "tab:orange", "tab:purple")):
+    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue",
+            label=f"normal test pixels (n={int((~y).sum())})")
+    present = [n for n in HEADLINE_GROUPS if (y & (g == n)).any()]
+    for name, col in zip(present, ("tab:red", "tab:orange", "tab:purple")):
         v = s[y & (g == name)]
-        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col, label=f"abnormal pixels, {name} (n={len(v)})")
+        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col,
+                label=f"abnormal pixels, {name} (n={len(v)})")
     ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
             label="healthy validation pixels")
     ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
     ax.set_yscale("log")
-    ax.set(xlabel=f"filtered residual |x − x̂| (median {median}×{median}×{median}, eroded brain)",
-           ylabel="density (log)", title=title)
+    m = args.median
+    ax.set(xlabel=f"filtered residual |x − x̂| (median {m}×{m}×{m}, eroded brain)",
+           ylabel="density (log)", title=f"Fig. 6 ({args.model}): residuals; threshold = "
+           f"{args.percentile:g}th pct. of healthy validation")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     C._save(fig, path)
@@ -886,7 +841,7 @@ def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, media
 # ---- proposed for common.py (the lead moves it) ----
 
 def list_flags(argv, flags):
-    """Flags that take one or more values (nargs='+', default None), which C.hp() cannot declare yet:
+    """Flags that take one or more values (nargs='+', default None), which C.hp() cannot declare:
     flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for C.parse_args).
     (Better: C.hp(None, help, nargs='+', type=str), passed through by C.parse_args.)"""
     import argparse
@@ -895,6 +850,89 @@ def list_flags(argv, flags):
     for name, metavar in flags.items():
         p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
     return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+
+
+def load_runs(dirs, method, run):
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
+    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")
+            continue
+        if not f.is_file():
+            C.fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
+        res = json.loads(f.read_text())
+        if res.get("method") != method:
+            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
+    return out
+
+
+def md_table(header, rows):
+    """A markdown table: header = [column names], rows = [[cells]]."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows) + "\n"
+
+
+def sample_pixels(sel, max_pixels, seed=0):
+    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
+    idx = np.flatnonzero(sel)
+    if len(idx) > max_pixels:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
+    return idx
+
+
+def pixel_metrics(score_map, gt, inside, max_pixels):
+    """Pixel-level AUROC / AUPRC and the oracle Dice of an anomaly map over the pixels `inside`
+    (at most max_pixels of them, sampled uniformly, seeded)."""
+    idx = sample_pixels(inside.ravel(), max_pixels)
+    s, y = score_map.ravel()[idx], gt.ravel()[idx]
+    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
+    if y.any() and not y.all():
+        od, ot = C.oracle_best_dice(s, y)
+        out.update(auroc=C.auroc(y, s), auprc=C.auprc(y, s), oracle_dice=od, oracle_threshold=ot)
+    return out
+
+
+def pick_examples(S, groups, per_group=1):
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases
+    of each group of a slice set (the middle slice for cases without an anomaly)."""
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(S.cases):
+            if c.group != g:
+                continue
+            r = S.slices_of(i)
+            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
+            j = r[int(area.argmax())] if area.max() else r[len(r) // 2]
+            cands.append((int(area.max()), i, int(j)))
+        cands.sort(key=lambda t: -t[0])
+        out += [(i, j) for _, i, j in cands[:per_group]]
+    return out
+
+
+def overlay_seg(ax, x, seg, gt):
+    """A segmentation over its image: true positives yellow, false positives red, missed cyan."""
+    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
+    rgba = np.zeros((*x.shape, 4), np.float32)
+    for m, col in ((seg & gt, (1, 0.85, 0)), (seg & ~gt, (1, 0.1, 0.1)), (~seg & gt, (0, 0.9, 1))):
+        rgba[m] = (*col, 0.75)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+# ---- proposed for data/datasets.py (the lead moves it) ----
+
+def whole_slabs(cases):
+    """One test case per scan with all its slices, for methods that post-process a scan in 3D.
+    Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
+    anomaly-free slices (_anomalous_splits); keep the anomalous case (its slices are then labelled
+    by their own mask voxels) and drop its healthy twin."""
+    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
+    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
 
 
 if __name__ == "__main__":
