@@ -39,14 +39,16 @@ Deviations from the paper (and choices it leaves open):
  5. At test time the VAEs decode the posterior mean z = μ (the paper does not say).
  6. Beyond the paper: slice-level AUROC/AUPRC (score = the slice's largest filtered residual) and
     pixel-level ones, intervals over patients, `oracle_dice` (a threshold chosen with the test
-    labels: an upper bound only), and (--compare) the paper's ranking with paired intervals.
+    labels: an upper bound only), (--compare) the paper's ranking with paired intervals, and a
+    label-free copy probe (copy_probe.png): the share of a disc painted into healthy slices that
+    the reconstruction keeps, per radius, i.e. why the size of the bottleneck matters.
  7. `quick`: 64×64 slices, filters halved, 5 epochs. The compression is kept with 3 stride-2 stages
     (z 8×8×16 is 1/4 of the pixels like 16×16×64 at 256²; dense 32 = 1/128 like 512; the 8×8×64 row
     becomes 8×8×4); a 3×3×3 median (the paper's ≈5 mm at ≈3 mm pixels) and no size filter (6 voxels
     of 0.94 mm are less than one quick voxel). `smoke`: 32×32 on the tiny phantom, seconds.
 
-On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1;
-the measured table is in README.md and results/.
+On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1
+(the copy probe shows why); the measured table is in README.md and results/.
 
 Commands:
   python anovaegan.py                                 # quick: AnoVAEGAN on the phantom, CPU minutes
@@ -112,13 +114,15 @@ HYPER = dict(
                   "§3 'Postprocessing'", lo=1),
     max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)",
                     lo=1),
+    probe_radii=C.hp([8, 16, 28], "disc radii (pixels) of the copy probe (ours, copy_probe)", lo=1,
+                     metavar="R"),
 )
 # quick (2-core CPU, minutes): 64×64 slices, filters halved, 5 epochs, the paper's compression kept
 # (deviation 7); smoke: 32×32 slices of the tiny phantom, 1 epoch, seconds
 QUICK = dict(image_size=64, z_shape="8x8x16", z_dim=32, width=16, epochs=5, median=3, min_size=1,
-             max_pixels=1_000_000)
+             max_pixels=1_000_000, probe_radii=[2, 4, 7])
 SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1,
-             max_pixels=50_000)
+             max_pixels=50_000, probe_radii=[1, 2, 4])
 LIST_FLAGS = """
 list flags of this script:
   --groups GROUP [GROUP ...]  keep only these anomalous test groups (default: all)
@@ -541,6 +545,50 @@ def evaluate_test(S, sc, args):
     return rows, patients, {"dice": dice, "pixel": pixel}
 
 
+def copy_probe(ae, S, radii, args, device, seed=0):
+    """Does the model copy an anomaly into its reconstruction? Label-free: a disc of the brightest
+    intensity (1, like a FLAIR lesion) is painted into every healthy slice of S, inside its brain,
+    and the fraction of the disc's contrast that the reconstruction keeps is measured,
+    Σ_disc (x̂' − x̂) / Σ_disc (x' − x): 1 = copied (no residual, Eq. 4), 0 = removed. Per radius:
+    the mean over patients (of their slices' fractions) with its 95% interval over patients.
+    -> ({radius: mean_ci}, {radius: (slice, painted x', its x̂')} for the figure)."""
+    from scipy import ndimage as ndi
+    x, brain = np.asarray(S.x, np.float32), np.asarray(S.brain) > 0
+    x_hat = reconstruct(ae, x, device=device, batch_size=64, amp=args.amp)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:x.shape[1], :x.shape[2]]                      # (S, S) pixel coordinates
+    depth = [ndi.distance_transform_edt(b) for b in brain]          # distance to the brain's edge
+    kept, shown = {}, {}
+    for r in radii:
+        painted, disc, ok = x.copy(), np.zeros(x.shape, bool), np.zeros(len(x), bool)
+        for k in range(len(x)):
+            centres = np.argwhere(depth[k] > r + 1)                  # the disc inside the brain
+            if len(centres):
+                cy, cx = centres[rng.integers(len(centres))]
+                disc[k] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                painted[k][disc[k]] = 1.0
+                ok[k] = (1.0 - x[k][disc[k]]).mean() >= 0.1         # enough contrast to measure
+        x_hat_p = reconstruct(ae, painted, device=device, batch_size=64, amp=args.amp)
+        frac = [float(((x_hat_p[k] - x_hat[k])[disc[k]]).sum() / (painted[k] - x[k])[disc[k]].sum())
+                if ok[k] else np.nan for k in range(len(x))]
+        per_case = [np.nanmean(np.array(frac)[S.slices_of(i)]) for i in range(len(S.cases))
+                    if ok[S.slices_of(i)].any()]
+        kept[r] = C.mean_ci(per_case)
+        k = int(np.nanargmin(np.abs(np.array(frac) - kept[r]["mean"]))) if ok.any() else 0
+        shown[r] = (k, painted[k], x_hat_p[k])
+    return kept, shown
+
+
+def probe_results(run, kept, args):
+    """The results.json entry of the copy probe."""
+    run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
+            + ", ".join(f"r = {r} px {C.fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
+    out = {"copy_probe": {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
+                          "what": "share of the contrast of a disc of intensity 1 painted into "
+                          "healthy validation slices that the reconstruction keeps (1 = copied)"}}
+    return out
+
+
 def table1_row(args, ev, patients, sc, n_test, n_params):
     """Our Table 1 row: Dice over the patients of the headline (MS-lesion-like) groups, time."""
     head = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
@@ -556,11 +604,20 @@ def table1_row(args, ev, patients, sc, n_test, n_params):
             "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
 
 
-def results_extra(args, S_test, sc, ev, patients, threshold, val_values, n_params, train_s, io):
-    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing."""
-    n = len(S_test)
-    extra = {"model": args.model, "z": z_label(args),
-             "table1": table1_row(args, ev, patients, sc, n, n_params), **ev,
+def results_extra(run, args, S_test, sc, ev, patients, threshold, val_values, n_params, train_s,
+                  io):
+    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing; the
+    Dice of each group and our Table 1 row are printed."""
+    n, t = len(S_test), table1_row(args, ev, patients, sc, len(S_test), n_params)
+    for g, d in ev["dice"].items():
+        px = ev["pixel"].get(g, {})
+        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  "
+                f"pixel AUROC {px.get('auroc', np.nan):.3f}  "
+                f"oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+    run.log(f"Table 1 row: {args.model} z={t['z']}  Dice {C.fmt_ci(t['dice_mean'], t['dice_ci'])} "
+            f"σ {t['dice_std']:.3f} ({'+'.join(t['dice_groups'])}, n={t['dice_n']})  "
+            f"reco {t['reco_s_per_sample'] * 1000:.2f} ms/slice")
+    extra = {"model": args.model, "z": z_label(args), "table1": t, **ev,
              "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
                              if "oracle_dice" in v},
              "threshold": {"value": threshold, "percentile": args.percentile,
@@ -607,10 +664,12 @@ def table1_md(runs, groups):
         auroc = [" / ".join(f"{r[k][g]['auroc']:.3f}" if "auroc" in r[k].get(g, {}) else "–"
                             for k in ("pixel", "groups")) for g in groups]
         paper = "{:.3f} ± {:.3f}".format(*t["paper"]) if t.get("paper") else "–"
-        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc,
+        probe = r.get("copy_probe", {"kept": {}})["kept"]
+        copied = " / ".join(f"{100 * v['mean']:.0f}% (r {k})" for k, v in probe.items()) or "–"
+        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc, copied,
                      f"{t['reco_s_per_sample']:.4f}", paper, d.name])
     return md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
-                    + [f"pixel / slice AUROC {g}" for g in groups]
+                    + [f"pixel / slice AUROC {g}" for g in groups] + ["copy probe: disc kept"]
                     + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
 
 
@@ -722,25 +781,22 @@ def main(argv=None):
     # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
     sc = score(ae, S_test, args, device, threshold)
     rows, patients, ev = evaluate_test(S_test, sc, args)
-    for g, d in ev["dice"].items():
-        px = ev["pixel"].get(g, {})
-        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  "
-                f"pixel AUROC {px.get('auroc', np.nan):.3f}  "
-                f"oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+    extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,
+                                  n_params, train_s, io)
+
+    # ---- beyond the paper: how much of a painted anomaly does the model copy? (copy_probe)
+    kept, shown = copy_probe(ae, S_val, args.probe_radii, args, device)
+    extra.update(probe_results(run, kept, args))
+
+    # ---- figures (the paper's Fig. 5 and Fig. 6, the probe) and the contract files
     examples = paper_figures(run, args, S_test, sc, patients, threshold, val_values)
-    extra, timing = results_extra(args, S_test, sc, ev, patients, threshold, val_values, n_params,
-                                  train_s, io)
-    res = C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
-                   val_scores=val_scores, threshold_pct=args.percentile, history=history,
-                   examples=examples, titles={
-                       "roc": f"{args.model}: slice-level ROC (lesion in slice)",
-                       "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
-                       "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
-    t = extra["table1"]
-    run.log(f"Table 1 row: {args.model} z={t['z']}  Dice {C.fmt_ci(t['dice_mean'], t['dice_ci'])} "
-            f"σ {t['dice_std']:.3f} ({'+'.join(t['dice_groups'])}, n={t['dice_n']})  "
-            f"reco {t['reco_s_per_sample'] * 1000:.2f} ms/slice")
-    return res
+    plot_copy_probe(shown, kept, run.out / "copy_probe.png", args)
+    return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
+                    val_scores=val_scores, threshold_pct=args.percentile, history=history,
+                    examples=examples, titles={
+                        "roc": f"{args.model}: slice-level ROC (lesion in slice)",
+                        "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
+                        "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
 
 
 # =================================================================================================
@@ -774,6 +830,28 @@ def paper_figures(run, args, S_test, sc, patients, threshold, val_values):
     plot_fig6(sc, gt, np.array([c.group for c in S_test.cases])[S_test.case], threshold, val_values,
               run.out / "fig6_residual_histogram.png", args)
     return examples
+
+
+def plot_copy_probe(shown, kept, path, args):
+    """copy_probe.png: per disc radius a healthy slice with the painted disc, its reconstruction
+    and the residual |x' − x̂'|: a disc the model copies leaves no residual to find."""
+    plt = C._plt()
+    fig, axes = plt.subplots(3, len(shown), figsize=(2.2 * len(shown), 6.9), squeeze=False)
+    for j, (r, (_, xp, xh)) in enumerate(shown.items()):
+        for i, (img, kw) in enumerate(((xp, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (xh, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (np.abs(xp - xh), dict(cmap="inferno", vmin=0, vmax=1)))):
+            axes[i, j].imshow(img, **kw)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        k = kept[r]
+        axes[0, j].set_title(f"r = {r} px: {100 * k['mean']:.0f}% kept\n"
+                             f"[{100 * k['ci'][0]:.0f}, {100 * k['ci'][1]:.0f}]", fontsize=8)
+    for i, t in enumerate(("painted x'", "reconstruction x̂'", "residual |x' − x̂'|")):
+        axes[i, 0].set_ylabel(t, fontsize=8)
+    fig.suptitle(f"copy probe, {args.model} z {z_label(args)}: a disc of intensity 1 painted into "
+                 f"healthy validation slices", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    C._save(fig, path)
 
 
 def plot_fig5(items, path, title="Fig. 5"):

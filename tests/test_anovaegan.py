@@ -206,6 +206,36 @@ def test_z_shape_validation():
     assert A.parse_z_shape("8x8x64") == (8, 8, 64)
 
 
+# ---- the copy probe: how much of a painted disc does the reconstruction keep? ----------------------
+
+class _Fixed(torch.nn.Module):
+    """A stand-in autoencoder x̂ = a·x + b (forward returns (x̂, μ, log σ²) like A.Autoencoder)."""
+
+    def __init__(self, a, b=0.0):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x, sample=True):
+        return self.a * x + self.b, None, None
+
+
+@pytest.mark.parametrize("a,b,expect", [(1.0, 0.0, 1.0), (0.0, 0.3, 0.0), (0.5, -0.2, 0.5)])
+def test_copy_probe_of_an_identity_a_constant_and_a_halving_model(a, b, expect):
+    """The identity copies every disc (100%), a constant output keeps none of it (0%), x̂ = x/2 + b
+    half of its contrast, whatever the radius."""
+    S = _tiny_set(n=16)
+    args = _smoke_args("sAE")
+    kept, shown = A.copy_probe(_Fixed(a, b), S, [1, 3, 5], args, torch.device("cpu"))
+    assert list(kept) == [1, 3, 5]
+    for r, k in kept.items():
+        assert k["n"] == 2 and k["mean"] == pytest.approx(expect, abs=1e-6)
+        assert k["ci"][0] <= k["mean"] + 1e-9 and k["mean"] - 1e-9 <= k["ci"][1]
+        i, painted, x_hat = shown[r]
+        disc = painted != S.x[i]                                        # the painted pixels
+        assert (painted[disc] == 1.0).all() and abs(disc.sum() - np.pi * r * r) < 2 * np.pi * r + 2
+        assert (S.brain[i][disc] > 0).all()                              # inside the brain
+
+
 # ---- training smoke for each --model (in-process, tiny arrays) ----------------------------------
 
 def _smoke_args(model, tmp_path=None, **kw):
@@ -267,7 +297,7 @@ def test_smoke_run_writes_contract_files(smoke, tmp_path):
     from check_contract import check
     problems = check(str(smoke))
     assert not (problems if isinstance(problems, list) else problems[0])
-    for f in ("fig5_segmentations.png", "fig6_residual_histogram.png", "fig5.npz"):
+    for f in ("fig5_segmentations.png", "fig6_residual_histogram.png", "fig5.npz", "copy_probe.png"):
         assert (smoke / f).is_file(), f
     res = json.loads((smoke / "results.json").read_text())
     assert res["method"] == "anovaegan" and res["unit"] == "slice"
@@ -276,6 +306,8 @@ def test_smoke_run_writes_contract_files(smoke, tmp_path):
     assert t["model"] == "AnoVAEGAN" and t["z"] == "8x8x4" and t["reco_s_per_sample"] > 0
     assert 0 <= t["dice_mean"] <= 1 and t["dice_groups"] == ["lesion_hyper", "tumor"]
     assert 0 <= res["pixel"]["all"]["auroc"] <= 1 and "oracle_dice" in res["pixel"]["tumor"]
+    probe = res["copy_probe"]
+    assert probe["radius_px"] == [1, 2, 4] and all(0 < probe["kept"][str(r)]["n"] for r in (1, 2, 4))
     # Dice: the mean over patients with its 95% interval over patients
     for g in ("tumor", "all"):
         ds = [p["dice"] for p in res["patients"] if p["dice"] is not None and g in ("all", p["group"])]
