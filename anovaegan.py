@@ -2,8 +2,7 @@
 
 Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models for
 Unsupervised Anomaly Segmentation in Brain MR Images." BrainLes 2018 (MICCAI workshop), LNCS 11383,
-pp. 161-169, Springer 2019. arXiv:1804.04488.
-Text: ../shared/papers/anovaegan--baur2018-brainles.txt
+pp. 161-169, 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
 
 Idea (Fig. 1): an autoencoder trained on entire axial slices of healthy brains cannot reconstruct an
 anomaly (an MS lesion, a tumour), so the residual |x − x̂| delineates it. The six rows of Table 1
@@ -34,18 +33,22 @@ Deviations from the paper (and choices it leaves open):
     BatchNorm, LeakyReLU(0.2); a mirrored decoder with a linear 1×1 output; spatial z a 1×1
     convolution, dense z a fully connected layer; Dis = the encoder trunk + a linear layer.
  4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units and averaged over the batch;
-    λ1 = λ2 = λ3 = 1 (not reported). Adam (not named) with the paper's learning rates: one Enc/Dec
+    λ1 = λ2 = 1 (not reported). Adam (not named) with the paper's learning rates: one Enc/Dec
     step on Eq. (2), then one Dis step on Eq. (3), per minibatch.
  5. At test time the VAEs decode the posterior mean z = μ (the paper does not say).
- 6. Beyond the paper: slice-level AUROC/AUPRC (score = the slice's largest filtered residual) and
-    pixel-level ones, intervals over patients, `oracle_dice` (a threshold chosen with the test
-    labels: an upper bound only), (--compare) the paper's ranking with paired intervals, and a
-    label-free copy probe (copy_probe.png): the share of a disc painted into healthy slices that
-    the reconstruction keeps, per radius, i.e. why the size of the bottleneck matters.
+ 6. Beyond the paper: slice- and pixel-level AUROC/AUPRC (a slice scores its largest filtered
+    residual), intervals over patients, `oracle_dice` (a threshold chosen with the test labels: an
+    upper bound only), --compare's paired intervals for the paper's ranking, and a copy probe
+    (copy_probe.png: the share of a disc painted into healthy slices the reconstruction keeps).
  7. `quick`: 64×64 slices, filters halved, 5 epochs. The compression is kept with 3 stride-2 stages
     (z 8×8×16 is 1/4 of the pixels like 16×16×64 at 256²; dense 32 = 1/128 like 512; the 8×8×64 row
     becomes 8×8×4); a 3×3×3 median (the paper's ≈5 mm at ≈3 mm pixels) and no size filter (6 voxels
     of 0.94 mm are less than one quick voxel). `smoke`: 32×32 on the tiny phantom, seconds.
+ 8. λ3 (not reported) is S·S/100, not 1: L_adv is one number per slice against ‖x − x̂‖₁ summed
+    over S·S pixels, so at λ3 = 1 L_rec's gradient on the decoder is hundreds of times L_adv's,
+    the discriminator wins and the GAN rows equal their non-GAN rows. At S·S/100 L_rec still pulls
+    about ten times harder (the image stays tied to its input) while the discriminator is held at
+    chance: the realism the term is for (§1). The ratio: losses.png. Literal: `--lam-adv 1`.
 
 On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1
 (the copy probe shows why); the measured table is in README.md and results/.
@@ -104,7 +107,10 @@ HYPER = dict(
                 lo=1e-12, hi=1.0),
     lam_rec=C.hp(1.0, "λ1 in Eq. (2) (not reported in the paper)", lo=0),
     lam_prior=C.hp(1.0, "λ2 in Eq. (2), VAEs only (not reported)", lo=0),
-    lam_adv=C.hp(1.0, "λ3 in Eq. (2), GAN models only (not reported)", lo=0),
+    lam_adv=C.hp("S*S/100", "λ3 in Eq. (2), GAN models only (not reported): S*S/100 weighs L_adv "
+                 "like the ℓ1 error of 1% of the slice's pixels (deviation 8); 1 = Eq. (2)'s unit "
+                 "weight as printed, the paper's literal weighting", lo=0, type=float,
+                 metavar="LAMBDA3"),
     median=C.hp(5, "median filter size (voxels) over each patient's residual sub-volume, "
                 "§3 'Postprocessing' (0 or 1: none)", lo=0),
     erode=C.hp(1, "brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded')", lo=0),
@@ -157,6 +163,8 @@ def check_args(args):
         C.fail(f"--z-shape {args.z_shape}: the channel count must be >= 1")
     if args.median > 1 and args.median % 2 == 0:
         C.fail(f"--median must be odd (a centred window) or 0/1 for none, got {args.median}")
+    if args.lam_adv == "S*S/100":       # deviation 8: L_adv weighs like 1% of the pixels' ℓ1 error
+        args.lam_adv = args.image_size ** 2 / 100
 
 
 def z_label(args):
@@ -438,9 +446,21 @@ def to_batch(S, idx, device):
     return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]
 
 
-def train_step(ae, dis, opt, opt_dis, x, lam, amp=False):
+def grad_ratio(ae, l_rec, l_adv):
+    """‖∇_φ λ1·L_rec‖ / ‖∇_φ λ3·L_adv‖ over the decoder's parameters φ (Dec of Eq. 1, from z on):
+    how much more the reconstruction term steers the decoder than the adversarial one."""
+    phi = [p for m in (ae.from_z, ae.dec) for p in m.parameters()]
+
+    def norm(loss):                                                 # ‖∇_φ loss‖ over all of φ
+        grads = torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None))
+    return norm(l_rec) / norm(l_adv).clamp_min(1e-30)
+
+
+def train_step(ae, dis, opt, opt_dis, x, lam, amp=False, measure=False):
     """One minibatch, the two losses 'in an alternating fashion' (§2 'Training'): one Enc/Dec step
-    on Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss: tensor}."""
+    on Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss: tensor};
+    with `measure` also the decoder's gradient ratio of the weighted L_rec and L_adv."""
     device = x.device
     # ---- Enc/Dec step on Eq. (2); Dis is held fixed
     if dis is not None:
@@ -456,6 +476,9 @@ def train_step(ae, dis, opt, opt_dis, x, lam, amp=False):
         losses["L_adv"] = loss_adv(d_fake.float())
     zero = x.new_zeros(())
     l_vae = loss_vae(losses["L_rec"], losses.get("L_prior", zero), losses.get("L_adv", zero), **lam)
+    if measure and "L_adv" in losses and lam["lam_adv"] > 0:
+        losses["grad ratio"] = grad_ratio(ae, lam["lam_rec"] * losses["L_rec"],
+                                          lam["lam_adv"] * losses["L_adv"]).detach()
     opt.zero_grad(set_to_none=True)
     l_vae.backward()
     opt.step()
@@ -483,10 +506,11 @@ def train(args, run, ae, dis, S_train, S_val):
     # a term is 0 where the model lacks it (Table 1: AE λ2 = λ3 = 0, VAE λ3 = 0, AE-GAN λ2 = 0)
     lam = dict(lam_rec=args.lam_rec, lam_prior=args.lam_prior if args.model in VARIATIONAL else 0.0,
                lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
-    for _ in loop.phase("train", args.epochs * batches.steps_per_epoch):
+    for step in loop.phase("train", args.epochs * batches.steps_per_epoch):
         ae.train()
         x = to_batch(S_train, next(batches), run.device)                      # (B, 1, S, S)
-        losses = train_step(ae, dis, optims["ae"], optims.get("dis"), x, lam, args.amp)
+        losses = train_step(ae, dis, optims["ae"], optims.get("dis"), x, lam, args.amp,
+                            measure=step % loop.log_every == 0 or step == 1)   # the logged steps
         loop.log(losses)
         if batches.epoch_done:                  # validation L_rec: monitoring only, selects nothing
             loop.log({"val L_rec": val_rec(ae, S_val, args, run.device)}, every=1)
@@ -579,13 +603,18 @@ def copy_probe(ae, S, radii, args, device, seed=0):
     return kept, shown
 
 
-def probe_results(run, kept, args):
-    """The results.json entry of the copy probe."""
+def probe_results(run, kept, history, args):
+    """results.json entries of the copy probe and (GAN models) of the decoder's gradient ratio."""
     run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
             + ", ".join(f"r = {r} px {C.fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
     out = {"copy_probe": {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
                           "what": "share of the contrast of a disc of intensity 1 painted into "
                           "healthy validation slices that the reconstruction keeps (1 = copied)"}}
+    if history.get("grad ratio"):      # the GAN models: how hard L_adv pulls the decoder
+        r = [v for _, v in history["grad ratio"]]
+        out["grad_ratio"] = {"lam_adv": args.lam_adv, "first": r[0], "last": r[-1],
+                             "median": float(np.median(r)), "what": "‖∇_Dec λ1·L_rec‖ / "
+                             "‖∇_Dec λ3·L_adv‖ on the logged training steps"}
     return out
 
 
@@ -786,17 +815,15 @@ def main(argv=None):
 
     # ---- beyond the paper: how much of a painted anomaly does the model copy? (copy_probe)
     kept, shown = copy_probe(ae, S_val, args.probe_radii, args, device)
-    extra.update(probe_results(run, kept, args))
+    extra.update(probe_results(run, kept, history, args))
 
-    # ---- figures (the paper's Fig. 5 and Fig. 6, the probe) and the contract files
+    # ---- figures (the paper's Fig. 5 and Fig. 6, the probe, the losses) and the contract files
     examples = paper_figures(run, args, S_test, sc, patients, threshold, val_values)
     plot_copy_probe(shown, kept, run.out / "copy_probe.png", args)
+    plot_losses(history, run.out / "losses.png", args)
     return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
-                    val_scores=val_scores, threshold_pct=args.percentile, history=history,
-                    examples=examples, titles={
-                        "roc": f"{args.model}: slice-level ROC (lesion in slice)",
-                        "losses": f"{args.model}: Eq. (2) terms and Eq. (3)", "losses_logy": True,
-                        "losses_ylabel": "loss (L_rec, L_prior summed per slice)"})
+                    val_scores=val_scores, threshold_pct=args.percentile, examples=examples,
+                    titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)"})
 
 
 # =================================================================================================
@@ -830,6 +857,20 @@ def paper_figures(run, args, S_test, sc, patients, threshold, val_values):
     plot_fig6(sc, gt, np.array([c.group for c in S_test.cases])[S_test.case], threshold, val_values,
               run.out / "fig6_residual_histogram.png", args)
     return examples
+
+
+def plot_losses(history, path, args):
+    """losses.png: the terms of Eq. (2) and Eq. (3); for the GAN models a second panel, the
+    decoder's gradient ratio ‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖ (1: both terms pull equally hard)."""
+    curves = {k: v for k, v in history.items() if k != "grad ratio"}
+    panels = [dict(title=f"{args.model}: Eq. (2) terms and Eq. (3)", yscale="symlog", curves=curves
+                   or {"no training in this run": [(0, 0.0)]},
+                   ylabel="loss (L_rec, L_prior summed per slice)")]
+    if history.get("grad ratio"):
+        panels.append(dict(title=f"decoder gradient ratio at λ3 = {args.lam_adv:g}", yscale="log",
+                           ylabel="‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖", ref=1.0,
+                           curves={"grad ratio": history["grad ratio"]}))
+    plot_curve_panels(panels, path)
 
 
 def plot_copy_probe(shown, kept, path, args):
@@ -947,6 +988,29 @@ def load_runs(dirs, method, run):
         with open(d / "scores.csv", newline="") as fh:
             out.append((d, res, list(csv.DictReader(fh))))
     return out
+
+
+def plot_curve_panels(panels, path):
+    """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
+    value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
+    plt = C._plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for name, pts in p["curves"].items():
+            if not len(pts):
+                continue
+            st, v = np.asarray(pts, dtype=np.float64).T
+            line, = ax.plot(st, v, lw=0.6, alpha=0.35, marker="o" if len(v) < 3 else None)
+            k = max(1, len(v) // 50)
+            sm = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(st[k - 1:], sm, lw=1.8, color=line.get_color(), label=name)
+        if p.get("ref") is not None:
+            ax.axhline(p["ref"], color="k", ls="--", lw=0.8)
+        ax.set_yscale(p.get("yscale", "linear"))
+        ax.set(xlabel="step", ylabel=p.get("ylabel", ""), title=p.get("title", ""))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    C._save(fig, path)
 
 
 def md_table(header, rows):

@@ -61,6 +61,52 @@ def test_eq2_adversarial_term_and_weighting():
                       lam_rec=2.0, lam_prior=0.5, lam_adv=10.0).item() == pytest.approx(9.0)
 
 
+def test_grad_ratio_of_the_decoder_by_hand():
+    """‖∇_φ L_rec‖ / ‖∇_φ L_adv‖ over the decoder φ: a decoder x̂ = w·z of one weight, by hand."""
+    import types
+    w = torch.nn.Linear(1, 1, bias=False)
+    w.weight.data.fill_(0.5)
+    ae = types.SimpleNamespace(from_z=w, dec=torch.nn.Identity())
+    z, x = torch.tensor([[2.0]]), torch.tensor([[3.0]])
+    x_hat = ae.dec(ae.from_z(z))                                        # 1.0
+    l_rec = (x - x_hat).abs().sum()                                     # dL/dw = −z·sign(x − wz) = −2
+    l_adv = (x_hat ** 2).sum()                                          # dL/dw = 2·wz·z = 4
+    assert A.grad_ratio(ae, l_rec, l_adv).item() == pytest.approx(2 / 4)
+    assert A.grad_ratio(ae, 3 * l_rec, 0.5 * l_adv).item() == pytest.approx(3 * 2 / (0.5 * 4))
+
+
+def test_grad_ratio_on_a_tiny_anovaegan_equals_separate_backward_passes():
+    torch.manual_seed(0)
+    ae, dis = A.build_models(_smoke_args("AnoVAEGAN"))
+    x = torch.randn(4, 1, 32, 32)
+    x_hat, _, _ = ae(x)
+    l_rec, l_adv = A.loss_rec(x, x_hat), A.loss_adv(dis(x_hat))
+    phi = list(ae.from_z.parameters()) + list(ae.dec.parameters())
+
+    def norm(loss):                                                     # .grad of one term alone
+        ae.zero_grad(), dis.zero_grad()
+        loss.backward(retain_graph=True)
+        return math.sqrt(sum(float((p.grad ** 2).sum()) for p in phi))
+    expect = norm(2.0 * l_rec) / norm(0.5 * l_adv)
+    assert A.grad_ratio(ae, 2.0 * l_rec, 0.5 * l_adv).item() == pytest.approx(expect, rel=1e-4)
+    assert expect == pytest.approx(4 * norm(l_rec) / norm(l_adv), rel=1e-4)   # λ1 / λ3 = 4
+
+
+def test_measuring_the_gradient_ratio_does_not_change_the_training_step():
+    S = _tiny_set()
+    x = torch.from_numpy(np.asarray(S.x[:8]))[:, None]
+    lam = dict(lam_rec=1.0, lam_prior=1.0, lam_adv=3.0)
+    params = []
+    for measure in (False, True):
+        torch.manual_seed(0)
+        ae, dis = A.build_models(_smoke_args("AnoVAEGAN"))
+        opt, opt_dis = torch.optim.Adam(ae.parameters(), 1e-3), torch.optim.Adam(dis.parameters(), 1e-4)
+        losses = A.train_step(ae, dis, opt, opt_dis, x, lam, measure=measure)
+        assert ("grad ratio" in losses) == measure
+        params.append(torch.cat([p.detach().ravel() for p in [*ae.parameters(), *dis.parameters()]]))
+    assert torch.equal(params[0], params[1])
+
+
 # ---- Eq. (3): L_Dis = −log Dis(x) − log(1 − Dis(x̂)) --------------------------------------------------
 
 def test_eq3_discriminator_loss_hand_computed():
