@@ -1,90 +1,68 @@
-"""AnoVAEGAN and the deep (spatial) autoencoders for unsupervised anomaly segmentation of brain MRI.
+"""AnoVAEGAN and the deep (spatial) autoencoders for unsupervised anomaly segmentation in brain MRI.
 
-Paper: Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models
-for Unsupervised Anomaly Segmentation in Brain MR Images." Brainlesion: Glioma, Multiple Sclerosis,
-Stroke and Traumatic Brain Injuries (BrainLes 2018, MICCAI workshop), LNCS 11383, pp. 161-169,
-Springer 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
+Christoph Baur, Benedikt Wiestler, Shadi Albarqouni, Nassir Navab. "Deep Autoencoding Models for
+Unsupervised Anomaly Segmentation in Brain MR Images." BrainLes 2018 (MICCAI workshop), LNCS 11383,
+pp. 161-169, 2019. arXiv:1804.04488. Text: ../shared/papers/anovaegan--baur2018-brainles.txt
 
-Idea: train an autoencoder on entire 2D axial slices of healthy brains only; an anomaly (an MS lesion,
-a tumour) cannot be reconstructed, so the pixel-wise residual |x - x̂| delineates it (Fig. 1).
-`--model` picks one row of Table 1; all six share the same convolutional encoder and decoder and
-differ only in the bottleneck (dense z of 512 or spatial z of h×w×c), the prior on z (VAE) and the
-adversarial discriminator (GAN):
+Idea (Fig. 1): an autoencoder trained on entire axial slices of healthy brains cannot reconstruct an
+anomaly (an MS lesion, a tumour), so the residual |x − x̂| delineates it. The six rows of Table 1
+(`--model`) share one encoder and decoder; they differ in the bottleneck (dense z, or spatial z of
+h×w×c), the prior on z (VAE) and an adversarial discriminator (GAN):
+    dAE, sAE     dense / spatial AE           Eq. (2) with λ2 = λ3 = 0
+    dVAE, sVAE   dense / spatial VAE          Eq. (2) with λ3 = 0
+    sAE-GAN      spatial AE + discriminator   Eq. (2) with λ2 = 0, and Eq. (3)  ("Context Encoder")
+    AnoVAEGAN    spatial VAE + discriminator  Eq. (2) and Eq. (3)    (the paper's method, Fig. 2)
 
-    dAE        dense AE                      Eq. (2) with λ2 = λ3 = 0
-    sAE        spatial (fully convolutional) AE, Eq. (2) with λ2 = λ3 = 0   (--z-shape 8x8x64 for sAE1)
-    dVAE       dense VAE                     Eq. (2) with λ3 = 0
-    sVAE       spatial VAE                   Eq. (2) with λ3 = 0
-    sAE-GAN    spatial AE + discriminator    Eq. (2) with λ2 = 0, and Eq. (3)  ("Context Encoder")
-    AnoVAEGAN  spatial VAE + discriminator   Eq. (2) and Eq. (3)   (the paper's method, Fig. 2)
-
-Equations (the paper's equations are unnumbered; numbers are ours, in the order of §2 "Methodology"):
+Equations (unnumbered in the paper; numbered here in the order of §2 "Methodology"):
   Eq. (1)  z ~ Enc(x; θ),  x̂ = Dec(z; φ),  z ~ N(0, I)
-  Eq. (2)  L_VAE = λ1·L_rec + λ2·L_prior + λ3·L_adv
-                 = λ1·‖x − x̂‖₁ + λ2·D_KL(z ‖ N(0, I)) − λ3·log Dis(Dec(Enc(x)))
+  Eq. (2)  L_VAE = λ1·‖x − x̂‖₁ + λ2·D_KL(z ‖ N(0, I)) − λ3·log Dis(Dec(Enc(x)))
   Eq. (3)  L_Dis = −log Dis(x) − log(1 − Dis(Dec(Enc(x))))
-  Eq. (4)  r = |x − x̂|   (pixel-wise ℓ1 residual, §2 "Anomaly Detection")
-  §3 "Postprocessing": per patient, 5×5×5 median filter over the residual sub-volume, multiply by a
-  slightly eroded brain mask, threshold at the 98th percentile of healthy residuals, remove 3D
-  connected components smaller than 6 voxels.
-  §3 "Evaluation Metrics": Dice mean ± std across test patients, average reconstruction time per sample.
+  Eq. (4)  r = |x − x̂|, thresholded to a segmentation (§2 "Anomaly Detection")
+  §3 "Postprocessing": per patient a 5×5×5 median filter over the residual sub-volume, times a
+  slightly eroded brain mask, a threshold at the 98th percentile of healthy residuals, 3D connected
+  components under 6 voxels removed. §3 "Evaluation Metrics": Dice over test patients, reco time.
 
-Deviations from the paper (and choices the paper leaves open):
- 1. Data: the paper's in-house FLAIR data (83 healthy, 49 MS patients, SRI24-registered, ROBEX,
-    CurvatureFlow) is private. `--data synthetic` uses the FLAIR brain phantom (headline groups
-    `lesion_hyper` ≈ MS lesions and `tumor`); real data via `--data mslub|isbi2015|brats` (train on
-    `--train-data ixi`) where common.py provides them. Intensities are in [-1, 1], not [0, 1].
- 2. The threshold comes from healthy VALIDATION subjects (98th percentile of their post-processed
-    residuals inside the eroded brain mask), not from the training subjects the paper used: residuals
-    on training images are optimistically small. The paper does not say whether the percentile is
-    taken before or after filtering; we take it on the same filtered values we threshold.
- 3. Architecture details are not in the paper ("we build upon the basic architecture proposed in
-    [Pawlowski et al.]"): we use the encoder/decoder of the authors' later public code (Baur et al.
-    2020, "unified encoder"): 5×5 stride-2 convolutions with 32-64-128-128 filters, BatchNorm,
-    LeakyReLU(0.2); the decoder mirrors it with transposed convolutions and ends in a 1×1 convolution
-    with linear output. The spatial bottleneck is a 1×1 convolution to c channels; the dense one a
-    fully connected layer to 512. The discriminator is the encoder trunk + a linear layer.
- 4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units (the norm and the KL of the
-    multivariate z as written) and averaged over the batch; λ1 = λ2 = λ3 = 1 (the paper does not
-    report λ). Optimiser: Adam (not named in the paper) with lr 1e-3 for Enc/Dec on Eq. (2) and 1e-4
-    for the discriminator on Eq. (3), one step each, alternating ("lr 0.001 for the reconstruction
-    objective and 0.0001 for the adversarial training", §3 "Implementation").
- 5. At test time the VAEs decode the posterior mean z = μ (no sampling); the paper does not say.
- 6. Beyond the paper: pixel-level AUROC/AUPRC, slice-level detection AUROC (contract `metrics`, slice
-    score = maximum of the post-processed residual), scan-level AUROC, and `oracle_dice` (best Dice
-    over thresholds chosen with the test labels, an upper bound only). Pixel metrics are computed on
-    at most --max-pixels randomly sampled brain pixels (uniform, seeded) to bound memory.
- 7. `quick` preset (2-core CPU, a few minutes): slices resized to 64×64 instead of 256×256, filters
-    halved (16-32-64), 5 epochs instead of 150. Sizes are scaled by what they mean physically:
-    - bottleneck: the paper's compression is kept (16×16×64 units for 256² pixels = 1/4; dense 512 =
-      1/128) with 3 stride-2 stages instead of 4, a compromise between the paper's depth (4 stages
-      would leave a 4×4 grid, each cell a quarter of the brain) and its 16×16 grid (2 stages: a local
-      network that copies anomalies): quick z = 8×8×16 (1/4), dense z = 32 (1/128); the paper's
-      8×8×64 row (1/16) becomes 8×8×4.
-    - post-processing: the paper's 5×5×5 median spans ≈5 mm at ≈0.94 mm pixels; a 64×64 phantom
-      pixel is ≈3 mm and a slice 2 mm, so quick uses a 3×3×3 median; the paper's 6-voxel minimum
-      (≈5 mm³) is smaller than one quick voxel (≈19 mm³), so quick removes nothing (--min-size 1).
-    `smoke`: 32×32, the tiny phantom, 1 epoch, seconds.
+Deviations from the paper (and choices it leaves open):
+ 1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
+    FLAIR phantom (`lesion_hyper` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
+    whole per-patient slabs, their lesion-free slices the normal group. Intensities in [-1, 1].
+ 2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
+    are optimistically small), and is taken on the filtered values it thresholds.
+ 3. Architecture (the paper builds on Pawlowski et al. without details): the encoder/decoder of the
+    authors' later code (Baur et al. 2020): 5×5 stride-2 convolutions, 32-64-128-128 filters,
+    BatchNorm, LeakyReLU(0.2); a mirrored decoder with a linear 1×1 output; spatial z a 1×1
+    convolution, dense z a fully connected layer; Dis = the encoder trunk + a linear layer.
+ 4. Loss scale: ‖·‖₁ and D_KL are summed over pixels / latent units and averaged over the batch;
+    λ1 = λ2 = 1 (not reported). Adam (not named) with the paper's learning rates: one Enc/Dec
+    step on Eq. (2), then one Dis step on Eq. (3), per minibatch.
+ 5. At test time the VAEs decode the posterior mean z = μ (the paper does not say).
+ 6. Beyond the paper: slice- and pixel-level AUROC/AUPRC (a slice scores its largest filtered
+    residual), intervals over patients, `oracle_dice` (a threshold chosen with the test labels: an
+    upper bound only), --compare's paired intervals for the paper's ranking, and a copy probe
+    (copy_probe.png: the share of a disc painted into healthy slices the reconstruction keeps).
+ 7. `quick`: 64×64 slices, filters halved, 5 epochs. The compression is kept with 3 stride-2 stages
+    (z 8×8×16 is 1/4 of the pixels like 16×16×64 at 256²; dense 32 = 1/128 like 512; the 8×8×64 row
+    becomes 8×8×4); a 3×3×3 median (the paper's ≈5 mm at ≈3 mm pixels) and no size filter (6 voxels
+    of 0.94 mm are less than one quick voxel). `smoke`: 32×32 on the tiny phantom, seconds.
+ 8. λ3 (not reported) is S·S/100, not 1: L_adv is one number per slice against ‖x − x̂‖₁ summed
+    over S·S pixels, so at λ3 = 1 L_rec's gradient on the decoder is hundreds of times L_adv's,
+    the discriminator wins and the GAN rows equal their non-GAN rows. At S·S/100 L_rec still pulls
+    about ten times harder (the image stays tied to its input) while the discriminator is held at
+    chance: the realism the term is for (§1). The ratio: losses.png. Literal: `--lam-adv 1`.
 
-What you should see (quick preset, seed 0, one thread each, two runs sharing 2 cores: 2-4 min of training
-per model; `--compare` over the six runs): Dice per patient at the healthy-validation threshold,
-lesion_hyper / tumor, with the pixel AUROC of the same two groups:
-    dAE 0.08 / 0.45 (0.91 / 0.91)   dVAE 0.05 / 0.37 (0.87 / 0.87)   sAE 0.00 / 0.00 (0.63 / 0.45)
-    sVAE 0.02 / 0.01 (0.84 / 0.41)  sAE-GAN 0.00 / 0.00 (0.60 / 0.45)   AnoVAEGAN 0.02 / 0.01 (0.86 / 0.44)
-This is the opposite of Table 1, where the spatial models win: at 64×64 the 8×8×16 spatial bottleneck
-still passes the anomaly through and the spatial AEs copy lesions and tumours into the reconstruction
-(near-zero residual in fig5_models.png), while the dense z of 32 cannot. Thresholding the FLAIR
-intensities (benchmark.py) segments the tumour with Dice 0.79.
+On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1
+(the copy probe shows why); the measured table is in README.md and results/.
 
 Commands:
-  python anovaegan.py                                   # quick: AnoVAEGAN on the FLAIR phantom, CPU minutes
-  python anovaegan.py --model sAE                       # any Table 1 row: dAE sAE dVAE sVAE sAE-GAN AnoVAEGAN
-  python anovaegan.py --model sAE --z-shape 8x8x4       # quick-scale version of the paper's sAE 8×8×64 row (1/16)
-  python anovaegan.py --preset paper --model AnoVAEGAN  # paper: 256×256, z 16×16×64, 150 epochs (GPU)
-  python anovaegan.py --compare runs/anovaegan__*       # Table 1 and Fig. 5 across finished runs
+  python anovaegan.py                                 # quick: AnoVAEGAN on the phantom, CPU minutes
+  python anovaegan.py --model sAE --z-shape 8x8x4     # any Table 1 row (the quick 8×8×64 row)
+  python anovaegan.py --preset paper --data mslub     # paper: 256×256, z 16×16×64, 150 epochs
+  python anovaegan.py --compare runs/anovaegan__*     # Table 1, paired differences, Fig. 5
 """
 from __future__ import annotations
 
+import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -97,83 +75,74 @@ import torch.nn.functional as F
 import common as C
 from data import datasets
 
+
+# =================================================================================================
+# Hyperparameters (Table 1, §3 'Implementation')
+# =================================================================================================
+
 METHOD = "anovaegan"
-MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")
-SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}
-VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}
-ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}
-HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")
-# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reconstruction time (s) where given.
-PAPER_TABLE1 = {
-    ("dAE", "512"): (0.12764, 0.14617, None),
-    ("sAE", "8x8x64"): (0.19739, 0.19061, None),
-    ("sAE", "16x16x64"): (0.58558, 0.19845, None),
-    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
-    ("dVAE", "512"): (0.16619, 0.17790, None),
-    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
-    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541),
-}
+MODELS = ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")             # the rows of Table 1
+SPATIAL = {"sAE", "sVAE", "sAE-GAN", "AnoVAEGAN"}                           # z of shape h×w×c
+VARIATIONAL = {"dVAE", "sVAE", "AnoVAEGAN"}                                 # L_prior (λ2 > 0)
+ADVERSARIAL = {"sAE-GAN", "AnoVAEGAN"}                                      # Dis, L_adv (λ3 > 0)
 
-# =================================================================================================
-# arguments
-# =================================================================================================
+# One declaration per hyperparameter: the paper's value (the default of --preset paper), its source.
+HYPER = dict(
+    model=C.hp("AnoVAEGAN", "Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN",
+               choices=MODELS),
+    image_size=C.hp(256, "slices resized to S×S, §3 'Datasets'", lo=8),
+    n_slices=C.hp(20, "consecutive axial slices around the middle per subject, §3 'Datasets'",
+                  lo=1),
+    z_shape=C.hp("16x16x64", "spatial bottleneck h x w x c, Table 1 (8x8x64 for sAE1); sets the "
+                 "depth of the shared encoder: log2(image-size / h) stride-2 stages",
+                 metavar="HxWxC"),
+    z_dim=C.hp(512, "dense bottleneck size, Table 1", lo=1),
+    width=C.hp(32, "filters of the first convolution, doubled per stage up to 4x (not in the "
+               "paper; the authors' later code)", lo=1),
+    epochs=C.hp(150, "training epochs, §3 'Implementation'", lo=1),
+    batch_size=C.hp(8, "minibatch size, §3 'Implementation'", lo=1),
+    lr=C.hp(1e-3, "Adam learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3",
+            lo=1e-12, hi=1.0),
+    lr_adv=C.hp(1e-4, "Adam learning rate of Dis on Eq. (3) ('adversarial training'), §3",
+                lo=1e-12, hi=1.0),
+    lam_rec=C.hp(1.0, "λ1 in Eq. (2) (not reported in the paper)", lo=0),
+    lam_prior=C.hp(1.0, "λ2 in Eq. (2), VAEs only (not reported)", lo=0),
+    lam_adv=C.hp("S*S/100", "λ3 in Eq. (2), GAN models only (not reported): S*S/100 weighs L_adv "
+                 "like the ℓ1 error of 1% of the slice's pixels (deviation 8); 1 = Eq. (2)'s unit "
+                 "weight as printed, the paper's literal weighting", lo=0, type=float,
+                 metavar="LAMBDA3"),
+    median=C.hp(5, "median filter size (voxels) over each patient's residual sub-volume, "
+                "§3 'Postprocessing' (0 or 1: none)", lo=0),
+    erode=C.hp(1, "brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded')", lo=0),
+    percentile=C.hp(98.0, "threshold = this percentile of healthy residuals, §3 'Postprocessing'",
+                    lo=0, hi=100),
+    min_size=C.hp(6, "remove 3D connected components smaller than this (voxels), "
+                  "§3 'Postprocessing'", lo=1),
+    max_pixels=C.hp(4_000_000, "pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours)",
+                    lo=1),
+    probe_radii=C.hp([8, 16, 28], "disc radii (pixels) of the copy probe (ours, copy_probe)", lo=1,
+                     metavar="R"),
+)
+# quick (2-core CPU, minutes): 64×64 slices, filters halved, 5 epochs, the paper's compression kept
+# (deviation 7); smoke: 32×32 slices of the tiny phantom, 1 epoch, seconds
+QUICK = dict(image_size=64, z_shape="8x8x16", z_dim=32, width=16, epochs=5, median=3, min_size=1,
+             max_pixels=1_000_000, probe_radii=[2, 4, 7])
+SMOKE = dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1,
+             max_pixels=50_000, probe_radii=[1, 2, 4])
+LIST_FLAGS = """
+list flags of this script:
+  --groups GROUP [GROUP ...]  keep only these anomalous test groups (default: all)
+  --compare RUN_DIR [...]     no training: Table 1, paired intervals and Fig. 5 across finished runs
+"""
 
-PRESETS = {
-    "smoke": dict(image_size=32, n_slices=8, z_shape="8x8x4", z_dim=16, width=8, epochs=1, batch_size=8,
-                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5, erode=1,
-                  percentile=98.0, min_size=6, max_pixels=50_000),
-    "quick": dict(image_size=64, n_slices=20, z_shape="8x8x16", z_dim=32, width=16, epochs=5, batch_size=8,
-                  lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=3, erode=1,
-                  percentile=98.0, min_size=1, max_pixels=1_000_000),
-    "paper": dict(image_size=256, n_slices=20, z_shape="16x16x64", z_dim=512, width=32, epochs=150,
-                  batch_size=8, lr=1e-3, lr_adv=1e-4, lam_rec=1.0, lam_prior=1.0, lam_adv=1.0, median=5,
-                  erode=1, percentile=98.0, min_size=6, max_pixels=4_000_000),
-}
 
-
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, method=METHOD)
-    g = p.add_argument_group("AnoVAEGAN (Baur et al. 2018)")
-    g.add_argument("--model", default="AnoVAEGAN", choices=MODELS,
-                   help="Table 1 row: dense/spatial AE or VAE, spatial AE-GAN, AnoVAEGAN (default AnoVAEGAN)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="slices resized to S×S, §3 'Datasets' (paper 256; quick 64)")
-    g.add_argument("--n-slices", type=int, default=None,
-                   help="consecutive axial slices around the middle per subject, §3 'Datasets' (paper 20)")
-    g.add_argument("--z-shape", default=None,
-                   help="spatial bottleneck h x w x c, Table 1 (paper 16x16x64; 8x8x64 for sAE1; quick 8x8x16); "
-                        "also sets the depth of the shared encoder: log2(image-size / h) stride-2 stages")
-    g.add_argument("--z-dim", type=int, default=None, help="dense bottleneck size, Table 1 (paper 512; quick 32)")
-    g.add_argument("--width", type=int, default=None,
-                   help="filters of the first convolution, doubled per stage up to 4x (not in the paper; "
-                        "authors' code 32; quick 16)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs, §3 'Implementation' (paper 150)")
-    g.add_argument("--batch-size", type=int, default=None, help="minibatch size, §3 'Implementation' (paper 8)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate of Enc/Dec on Eq. (2) ('reconstruction objective'), §3 (paper 0.001)")
-    g.add_argument("--lr-adv", type=float, default=None,
-                   help="learning rate of Dis on Eq. (3) ('adversarial training'), §3 (paper 0.0001)")
-    g.add_argument("--lam-rec", type=float, default=None, help="λ1 in Eq. (2) (paper: not reported; 1)")
-    g.add_argument("--lam-prior", type=float, default=None,
-                   help="λ2 in Eq. (2), VAEs only (paper: not reported; 1)")
-    g.add_argument("--lam-adv", type=float, default=None,
-                   help="λ3 in Eq. (2), GAN models only (paper: not reported; 1)")
-    g.add_argument("--median", type=int, default=None,
-                   help="median filter size (voxels) over each patient's residual sub-volume, §3 'Postprocessing' (paper 5; quick 3)")
-    g.add_argument("--erode", type=int, default=None,
-                   help="brain-mask erosion (iterations), §3 'Postprocessing' ('slightly eroded'; 1)")
-    g.add_argument("--percentile", type=float, default=None,
-                   help="threshold = this percentile of healthy residuals, §3 'Postprocessing' (paper 98)")
-    g.add_argument("--min-size", type=int, default=None,
-                   help="remove 3D connected components smaller than this (voxels), §3 'Postprocessing' (paper 6; quick 1 = keep all)")
-    g.add_argument("--max-pixels", type=int, default=None,
-                   help="pixels sampled for pixel-level AUROC/AUPRC/oracle Dice (ours, not in the paper)")
-    g.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
-                   help="keep only these anomalous test groups (default: all; e.g. lesion_hyper tumor)")
-    g.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                   help="no training: write Table 1 (table1.md) and Fig. 5 across finished runs into --out")
-    return p
+def parse_args(argv=None):
+    """The command line: the contract's flags, one per HYPER entry, and --groups / --compare."""
+    ns, rest = list_flags(argv, {"groups": "GROUP", "compare": "RUN_DIR"})
+    args = C.parse_args(rest, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD,
+                        doc=__doc__ + LIST_FLAGS, check=check_args)
+    vars(args).update(vars(ns))
+    return args
 
 
 def parse_z_shape(s):
@@ -183,45 +152,54 @@ def parse_z_shape(s):
     return tuple(int(v) for v in m.groups())
 
 
-def validate(args):
-    C.check_range(args, "image_size", lo=8, integer=True)
+def check_args(args):
+    """Cross-checks the table's ranges cannot express."""
     h, w, c = parse_z_shape(args.z_shape)
-    if h != w or h < 1 or args.image_size % h or (args.image_size // h) & (args.image_size // h - 1) \
-            or args.image_size // h < 2:
-        C.fail(f"--z-shape {args.z_shape} does not fit --image-size {args.image_size}: need a square h×h "
-               f"with image-size / h a power of two >= 2 (e.g. {args.image_size // 16}x{args.image_size // 16}x64)")
+    f, s = (args.image_size // h if h else 0), args.image_size
+    if h != w or h < 1 or s % h or f < 2 or f & (f - 1):
+        C.fail(f"--z-shape {args.z_shape} does not fit --image-size {s}: need a square h×h with "
+               f"image-size / h a power of two >= 2 (e.g. {s // 16}x{s // 16}x64)")
     if c < 1:
         C.fail(f"--z-shape {args.z_shape}: the channel count must be >= 1")
-    for name in ("n_slices", "z_dim", "width", "epochs", "batch_size", "min_size", "max_pixels"):
-        C.check_range(args, name, lo=1, integer=True)
-    C.check_range(args, "median", lo=0, integer=True)
     if args.median > 1 and args.median % 2 == 0:
         C.fail(f"--median must be odd (a centred window) or 0/1 for none, got {args.median}")
-    C.check_range(args, "erode", lo=0, integer=True)
-    C.check_range(args, "percentile", lo=0, hi=100)
-    for name in ("lr", "lr_adv"):
-        C.check_range(args, name, lo=1e-12, hi=1.0)
-    for name in ("lam_rec", "lam_prior", "lam_adv"):
-        C.check_range(args, name, lo=0)
+    if args.lam_adv == "S*S/100":       # deviation 8: L_adv weighs like 1% of the pixels' ℓ1 error
+        args.lam_adv = args.image_size ** 2 / 100
+
+
+def z_label(args):
+    """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
+    return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
+
+
+def z_paper_equivalent(args):
+    """The Table 1 bottleneck with the same compression (latent units per pixel) at 256×256:
+    quick 8x8x16 (1024 units / 64²) -> 16x16x64, 8x8x4 -> 8x8x64, dense 32 -> 512."""
+    h, w, c = parse_z_shape(args.z_shape)
+    units = (h * w * c if args.model in SPATIAL else args.z_dim) * (256 / args.image_size) ** 2
+    names = {16384: "16x16x64", 4096: "8x8x64"} if args.model in SPATIAL else {512: "512"}
+    return names.get(round(units), f"{round(units)} units")
 
 
 # =================================================================================================
-# networks
+# Networks (Fig. 2, Fig. 3)
 # =================================================================================================
 
 def down_stage(c_in, c_out):
     """5×5 stride-2 convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, H/2, W/2)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU(0.2))
 
 
 def up_stage(c_in, c_out):
-    """5×5 stride-2 transposed convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) -> (B, c_out, 2H, 2W)."""
+    """5×5 stride-2 transposed convolution, BatchNorm, LeakyReLU: (B, c_in, H, W) ->
+    (B, c_out, 2H, 2W)."""
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 5, stride=2, padding=2, output_padding=1),
                          nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
 
 
 def trunk_channels(n_stages, width):
-    """Encoder filters per stage: width, 2·width, 4·width, 4·width, ... (32-64-128-128 for width 32)."""
+    """Encoder filters per stage: width, 2·width, 4·width, 4·width, ... (32-64-128-128 for 32)."""
     return [min(4 * width, width * 2 ** i) for i in range(n_stages)]
 
 
@@ -239,7 +217,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The shared decoder trunk, mirror of the encoder: (B, 4·width, h, h) -> x̂ (B, 1, S, S), linear output."""
+    """The shared decoder trunk, the encoder's mirror: (B, 4·width, h, h) -> x̂ (B, 1, S, S)."""
 
     def __init__(self, *, n_stages, width):
         super().__init__()
@@ -268,13 +246,13 @@ class Autoencoder(nn.Module):
         self.enc = Encoder(n_stages=n_stages, width=width)
         self.dec = Decoder(n_stages=n_stages, width=width)
         top = self.enc.out_channels
-        n_out = 2 if variational else 1                                            # μ (and log σ²)
-        if spatial:
-            self.to_z = nn.Conv2d(top, n_out * c, 1)                                # (B, top, h, h) -> (B, c·n_out, h, h)
+        n_out = 2 if variational else 1                                        # μ (and log σ²)
+        if spatial:                                     # (B, top, h, h) -> (B, c·n_out, h, h)
+            self.to_z = nn.Conv2d(top, n_out * c, 1)
             self.from_z = nn.Sequential(nn.Conv2d(c, top, 1), nn.BatchNorm2d(top), nn.ReLU())
             self.z_shape = (c, h, h)
-        else:
-            self.to_z = nn.Sequential(nn.Flatten(), nn.Linear(top * h * h, n_out * z_dim))   # (B, top·h·h) -> (B, z·n_out)
+        else:                                           # (B, top·h·h) -> (B, z_dim·n_out)
+            self.to_z = nn.Sequential(nn.Flatten(), nn.Linear(top * h * h, n_out * z_dim))
             self.from_z = nn.Sequential(nn.Linear(z_dim, top * h * h), nn.Unflatten(1, (top, h, h)),
                                         nn.BatchNorm2d(top), nn.ReLU())
             self.z_shape = (z_dim,)
@@ -288,14 +266,14 @@ class Autoencoder(nn.Module):
         return out, None
 
     def decode(self, z):
-        return self.dec(self.from_z(z))                                            # (B, 1, S, S)
+        return self.dec(self.from_z(z))                                        # (B, 1, S, S)
 
     def forward(self, x, sample=True):
         """-> x̂ (B, 1, S, S), μ (or z), log σ² (or None)."""
         mu, logvar = self.encode(x)
         z = mu
         if self.variational and sample:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)                # reparameterisation
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)            # reparameterisation
         return self.decode(z), mu, logvar
 
 
@@ -309,34 +287,22 @@ class Discriminator(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(self.trunk.out_channels * h * h, 1))
 
     def forward(self, x):
-        return self.head(self.trunk(x)).squeeze(1)                                 # (B,) logits
+        return self.head(self.trunk(x)).squeeze(1)                             # (B,) logits
 
 
-def build_models(args):
+def build_models(args, device="cpu"):
+    """The Table 1 row's Enc/Dec (Eq. 1) and, for the GAN models, Dis; on `device`."""
     z_shape = parse_z_shape(args.z_shape)
-    ae = Autoencoder(image_size=args.image_size, z_shape=z_shape, z_dim=args.z_dim, width=args.width,
-                     spatial=args.model in SPATIAL, variational=args.model in VARIATIONAL)
+    ae = Autoencoder(image_size=args.image_size, z_shape=z_shape, z_dim=args.z_dim,
+                     width=args.width, spatial=args.model in SPATIAL,
+                     variational=args.model in VARIATIONAL)
     dis = Discriminator(image_size=args.image_size, z_shape=z_shape, width=args.width) \
         if args.model in ADVERSARIAL else None
-    return ae, dis
-
-
-def z_paper_equivalent(args):
-    """The Table 1 bottleneck with the same compression (latent units per pixel) at 256×256:
-    quick 8x8x16 (1024 units / 64²) -> 16x16x64, 8x8x4 -> 8x8x64, dense 32 -> 512."""
-    h, w, c = parse_z_shape(args.z_shape)
-    units = (h * w * c if args.model in SPATIAL else args.z_dim) * (256 / args.image_size) ** 2
-    names = {16384: "16x16x64", 4096: "8x8x64"} if args.model in SPATIAL else {512: "512"}
-    return names.get(round(units), f"{round(units)} units")
-
-
-def z_label(args):
-    """The bottleneck as Table 1 writes it: '512' (dense) or '16x16x64' (spatial)."""
-    return args.z_shape.replace(" ", "") if args.model in SPATIAL else str(args.z_dim)
+    return ae.to(device), (dis.to(device) if dis is not None else None)
 
 
 # =================================================================================================
-# losses
+# Losses (Eq. 2, Eq. 3)
 # =================================================================================================
 
 def loss_rec(x, x_hat):
@@ -346,7 +312,7 @@ def loss_rec(x, x_hat):
 
 
 def loss_prior(mu, logvar):
-    """L_prior, Eq. (2): D_KL(N(μ, σ²) ‖ N(0, I)), summed over latent units, averaged over the batch."""
+    """L_prior, Eq. (2): D_KL(N(μ, σ²) ‖ N(0, I)), summed over latent units, batch-averaged."""
     # Eq. (2): L_prior = D_KL(z ‖ N(0, I)) = ½ Σ (μ² + σ² − log σ² − 1)
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1).sum(1).mean()
 
@@ -370,13 +336,28 @@ def loss_dis(d_real, d_fake):
 
 
 # =================================================================================================
-# anomaly score
+# Anomaly score (Eq. 4, §3 'Postprocessing')
 # =================================================================================================
 
 def residual(x, x_hat):
     """Eq. (4): the pixel-wise ℓ1 residual r = |x − x̂| (§2 'Anomaly Detection')."""
     # Eq. (4): r = |x − x̂|
     return np.abs(np.asarray(x, np.float32) - np.asarray(x_hat, np.float32))
+
+
+@torch.no_grad()
+def reconstruct(ae, x, *, device, batch_size, amp=False):
+    """x̂ = Dec(Enc(x)) of every slice, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S)."""
+    ae.eval()
+    out = np.empty(x.shape, np.float32)
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]
+        with C.autocast(device, enabled=amp):
+            x_hat, _, _ = ae(xb, sample=False)                                  # (B, 1, S, S)
+        out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
 
 
 def eroded_brain(brain, erode):
@@ -397,10 +378,11 @@ def median_filter_3d(r, size, device):
         t = t.index_select(dim, torch.from_numpy(idx).to(device))             # (Z+2k, H+2k, W+2k)
     Z, H, W = r.shape
     out = torch.empty((Z, H, W), device=device)
-    chunk = max(1, 2 ** 24 // (size ** 3 * H * W))                            # bound the unfolded memory
+    chunk = max(1, 2 ** 24 // (size ** 3 * H * W))                       # bound the unfolded memory
     for z0 in range(0, Z, chunk):
         z1 = min(Z, z0 + chunk)
-        u = t[z0:z1 + 2 * k].unfold(0, size, 1).unfold(1, size, 1).unfold(2, size, 1)  # (z, H, W, s, s, s)
+        u = t[z0:z1 + 2 * k].unfold(0, size, 1).unfold(1, size, 1).unfold(2, size, 1)
+        # u: (z1 - z0, H, W, size, size, size), the window of every voxel
         out[z0:z1] = u.reshape(z1 - z0, H, W, -1).median(-1).values
     return out.cpu().numpy()
 
@@ -417,159 +399,639 @@ def filter_residual(r, brain, args, device=None):
 def segment(filtered, threshold, args):
     """§3 'Postprocessing', second half: threshold the filtered residual, then remove 3D connected
     components smaller than --min-size voxels -> boolean segmentation (Z, H, W)."""
-    return C.postprocess_3d(filtered, np.ones(filtered.shape, bool), median=0, erode=0, threshold=threshold,
-                            min_size=args.min_size)
+    return C.postprocess_3d(filtered, np.ones(filtered.shape, bool), median=0, erode=0,
+                            threshold=threshold, min_size=args.min_size)
 
 
-@torch.no_grad()
-def reconstruct(ae, x, *, device, batch_size, amp=False):
-    """x̂ = Dec(Enc(x)) for all slices, batched; VAEs decode z = μ. x: (N, S, S) -> (N, S, S) float32."""
-    ae.eval()
-    out = np.empty(x.shape, np.float32)
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.array(x[i:i + batch_size], np.float32)).to(device)[:, None]   # (B, 1, S, S)
-        with C.autocast(device, enabled=amp):
-            x_hat, _, _ = ae(xb, sample=False)
-        out[i:i + batch_size] = x_hat[:, 0].float().cpu().numpy()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out
-
-
-# =================================================================================================
-# training
-# =================================================================================================
-
-def to_batch(S, idx, device):
-    return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]  # (B, 1, S, S)
-
-
-def train(args, run, ae, dis, S_train, S_val, start=None):
-    """Alternate one Enc/Dec step on Eq. (2) and one Dis step on Eq. (3) per minibatch (§2 'Training')."""
-    device = run.device
-    opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
-    opt_dis = torch.optim.Adam(dis.parameters(), lr=args.lr_adv) if dis is not None else None
-    hist = {"L_rec": [], "L_prior": [], "L_adv": [], "L_Dis": [], "val L_rec": []}
-    epoch0, step = 0, 0
-    ckpt = run.out / "last.pt"
-    if start is not None:                                       # --resume
-        ae.load_state_dict(start["models"]["ae"])
-        opt.load_state_dict(start["optims"]["ae"])
-        if dis is not None:
-            dis.load_state_dict(start["models"]["dis"])
-            opt_dis.load_state_dict(start["optims"]["dis"])
-        epoch0, step, hist = start["epoch"], start["step"], start["history"]
-        C.set_rng_state(start["rng"])
-        run.log(f"resumed at epoch {epoch0}, step {step}")
-    lam = dict(lam_rec=args.lam_rec, lam_prior=args.lam_prior if args.model in VARIATIONAL else 0.0,
-               lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
-    n = len(S_train)
-    n_batches = math.ceil(n / args.batch_size)
-    zero = torch.zeros((), device=device)
-    for epoch in range(epoch0, args.epochs):
-        ae.train()
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)           # same order after --resume
-        perm = torch.randperm(n, generator=g).numpy()
-        for b in C.progress(range(n_batches), total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            x = to_batch(S_train, perm[b * args.batch_size:(b + 1) * args.batch_size], device)  # (B, 1, S, S)
-            # ---- Enc/Dec step on Eq. (2)
-            if dis is not None:
-                dis.requires_grad_(False)
-            with C.autocast(device, enabled=args.amp):
-                x_hat, mu, logvar = ae(x)
-                d_fake = dis(x_hat) if dis is not None else None
-            x_hat = x_hat.float()
-            l_rec = loss_rec(x, x_hat)
-            l_prior = loss_prior(mu.float(), logvar.float()) if logvar is not None else zero
-            l_adv = loss_adv(d_fake.float()) if d_fake is not None else zero
-            l_vae = loss_vae(l_rec, l_prior, l_adv, **lam)
-            C.check_finite(l_vae, step=step, ckpt=ckpt)
-            opt.zero_grad(set_to_none=True)
-            l_vae.backward()
-            opt.step()
-            # ---- Dis step on Eq. (3)
-            l_dis = zero
-            if dis is not None:
-                dis.requires_grad_(True)
-                with C.autocast(device, enabled=args.amp):
-                    d_real, d_fake = dis(x), dis(x_hat.detach())
-                l_dis = loss_dis(d_real.float(), d_fake.float())
-                C.check_finite(l_dis, step=step, ckpt=ckpt)
-                opt_dis.zero_grad(set_to_none=True)
-                l_dis.backward()
-                opt_dis.step()
-            step += 1
-            if step % 5 == 0 or b == n_batches - 1:
-                hist["L_rec"].append((step, float(l_rec.detach())))
-                if logvar is not None:
-                    hist["L_prior"].append((step, float(l_prior.detach())))
-                if dis is not None:
-                    hist["L_adv"].append((step, float(l_adv.detach())))
-                    hist["L_Dis"].append((step, float(l_dis.detach())))
-        # validation reconstruction error (monitoring only: selects nothing)
-        x_val = np.asarray(S_val.x)
-        v = float(np.abs(reconstruct(ae, x_val, device=device, batch_size=64, amp=args.amp) - x_val)
-                  .reshape(len(x_val), -1).sum(1).mean())
-        hist["val L_rec"].append((step, v))
-        run.log(f"epoch {epoch + 1}/{args.epochs}  L_rec {l_rec.item():.1f}  L_prior {l_prior.item():.1f}  "
-                f"L_adv {l_adv.item():.3f}  L_Dis {l_dis.item():.3f}  val L_rec {v:.1f}")
-        C.save_checkpoint(ckpt, {
-            "models": {"ae": ae.state_dict(), **({"dis": dis.state_dict()} if dis is not None else {})},
-            "optims": {"ae": opt.state_dict(), **({"dis": opt_dis.state_dict()} if dis is not None else {})},
-            "epoch": epoch + 1, "step": step, "history": hist, "args": vars(args), "rng": C.rng_state()})
-    return hist
-
-
-# =================================================================================================
-# scoring and evaluation
-# =================================================================================================
-
-def score_set(ae, S, args, device):
-    """Reconstruct every slice, then post-process each patient's residual sub-volume.
-    -> dict with x_hat (N, S, S), filtered (N, S, S), brain_eroded (N, S, S) bool, seconds."""
+def score(ae, S, args, device, threshold=None):
+    """The trained model applied to a set: reconstruct every slice, post-process each patient's
+    residual sub-volume and, given a threshold, segment it. -> dict of x_hat, filtered, brain_e
+    (the eroded brain), seg (N, S, S) and the seconds spent."""
     with C.Timer() as t_rec:
         x_hat = reconstruct(ae, S.x, device=device, batch_size=64, amp=args.amp)
     filtered = np.zeros(S.x.shape, np.float32)
-    brain_e = np.zeros(S.x.shape, bool)
+    brain_e, seg = np.zeros(S.x.shape, bool), np.zeros(S.x.shape, bool)
     with C.Timer() as t_post:
         for i in range(len(S.cases)):
-            rows = S.slices_of(i)
-            r = residual(S.x[rows], x_hat[rows])                                   # (Z, S, S)
+            rows = S.slices_of(i)                                         # one patient, in order
+            r = residual(S.x[rows], x_hat[rows])                               # (Z, S, S)
             filtered[rows] = filter_residual(r, S.brain[rows], args, device)
             brain_e[rows] = eroded_brain(S.brain[rows], args.erode)
-    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, reco_s=t_rec.seconds, post_s=t_post.seconds)
+            if threshold is not None:
+                seg[rows] = segment(filtered[rows], threshold, args)
+    return dict(x_hat=x_hat, filtered=filtered, brain_e=brain_e, seg=seg, reco_s=t_rec.seconds,
+                post_s=t_post.seconds)
+
+
+def slice_scores(sc):
+    """A slice's anomaly score: the maximum of its post-processed residual (beyond the paper)."""
+    return sc["filtered"].reshape(len(sc["filtered"]), -1).max(1)
 
 
 def healthy_threshold(ae, S_val, args, device):
     """§3 'Postprocessing': the threshold is the --percentile (98th) of the model's post-processed
     residuals on HEALTHY data, here the validation subjects, inside their eroded brain masks.
-    -> (threshold, the healthy values it was taken from)."""
-    sc = score_set(ae, S_val, args, device)
+    -> (threshold, the healthy pixel values it was taken from, the healthy slice scores)."""
+    sc = score(ae, S_val, args, device)
     values = sc["filtered"][sc["brain_e"]]
-    return C.threshold_from_healthy(values, percentile=args.percentile), values
+    return C.threshold_from_healthy(values, percentile=args.percentile), values, slice_scores(sc)
 
 
-def whole_slabs(cases):
-    """The paper scores each test patient's whole sub-volume (§3 'Postprocessing' filters it in 3D).
-    Real data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
-    anomaly-free slices (common._anomalous_splits); keep one case per scan with all its slices, each
-    slice labelled by its own mask voxels."""
-    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
-    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
+# =================================================================================================
+# Training (§2 'Training', §3 'Implementation')
+# =================================================================================================
+
+def to_batch(S, idx, device):
+    """Rows idx of a slice set -> (B, 1, S, S) on device (sorted: memory-mapped reads in order)."""
+    return torch.from_numpy(np.array(S.x[np.sort(idx)], np.float32)).to(device)[:, None]
+
+
+def grad_ratio(ae, l_rec, l_adv):
+    """‖∇_φ λ1·L_rec‖ / ‖∇_φ λ3·L_adv‖ over the decoder's parameters φ (Dec of Eq. 1, from z on):
+    how much more the reconstruction term steers the decoder than the adversarial one."""
+    phi = [p for m in (ae.from_z, ae.dec) for p in m.parameters()]
+
+    def norm(loss):                                                 # ‖∇_φ loss‖ over all of φ
+        grads = torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None))
+    return norm(l_rec) / norm(l_adv).clamp_min(1e-30)
+
+
+def train_step(ae, dis, opt, opt_dis, x, lam, amp=False, measure=False):
+    """One minibatch, the two losses 'in an alternating fashion' (§2 'Training'): one Enc/Dec step
+    on Eq. (2), then (GAN models) one Dis step on Eq. (3). x: (B, 1, S, S). -> {loss: tensor};
+    with `measure` also the decoder's gradient ratio of the weighted L_rec and L_adv."""
+    device = x.device
+    # ---- Enc/Dec step on Eq. (2); Dis is held fixed
+    if dis is not None:
+        dis.requires_grad_(False)
+    with C.autocast(device, enabled=amp):
+        x_hat, mu, logvar = ae(x)                              # Eq. (1): z ~ Enc(x), x̂ = Dec(z)
+        d_fake = dis(x_hat) if dis is not None else None      # (B,) logits of Dis(x̂)
+    x_hat = x_hat.float()
+    losses = {"L_rec": loss_rec(x, x_hat)}
+    if logvar is not None:
+        losses["L_prior"] = loss_prior(mu.float(), logvar.float())
+    if d_fake is not None:
+        losses["L_adv"] = loss_adv(d_fake.float())
+    zero = x.new_zeros(())
+    l_vae = loss_vae(losses["L_rec"], losses.get("L_prior", zero), losses.get("L_adv", zero), **lam)
+    if measure and "L_adv" in losses and lam["lam_adv"] > 0:
+        losses["grad ratio"] = grad_ratio(ae, lam["lam_rec"] * losses["L_rec"],
+                                          lam["lam_adv"] * losses["L_adv"]).detach()
+    opt.zero_grad(set_to_none=True)
+    l_vae.backward()
+    opt.step()
+    if dis is None:
+        return losses
+    # ---- Dis step on Eq. (3): real slices against the reconstructions just made
+    dis.requires_grad_(True)
+    with C.autocast(device, enabled=amp):
+        d_real, d_fake = dis(x), dis(x_hat.detach())
+    losses["L_Dis"] = loss_dis(d_real.float(), d_fake.float())
+    opt_dis.zero_grad(set_to_none=True)
+    losses["L_Dis"].backward()
+    opt_dis.step()
+    return losses
+
+
+def train(args, run, ae, dis, S_train, S_val):
+    """--epochs epochs of minibatches of --batch-size healthy slices (§3 'Implementation'), Adam
+    with --lr on Eq. (2) and --lr-adv on Eq. (3). -> the finished C.Loop (history, checkpoints)."""
+    models, optims = {"ae": ae}, {"ae": torch.optim.Adam(ae.parameters(), lr=args.lr)}
+    if dis is not None:
+        models["dis"], optims["dis"] = dis, torch.optim.Adam(dis.parameters(), lr=args.lr_adv)
+    batches = C.Batches(len(S_train), args.batch_size, args.seed)
+    loop = C.Loop(run, args, models, optims, batches={"train": batches}, log_every=5)
+    # a term is 0 where the model lacks it (Table 1: AE λ2 = λ3 = 0, VAE λ3 = 0, AE-GAN λ2 = 0)
+    lam = dict(lam_rec=args.lam_rec, lam_prior=args.lam_prior if args.model in VARIATIONAL else 0.0,
+               lam_adv=args.lam_adv if args.model in ADVERSARIAL else 0.0)
+    for step in loop.phase("train", args.epochs * batches.steps_per_epoch):
+        ae.train()
+        x = to_batch(S_train, next(batches), run.device)                      # (B, 1, S, S)
+        losses = train_step(ae, dis, optims["ae"], optims.get("dis"), x, lam, args.amp,
+                            measure=step % loop.log_every == 0 or step == 1)   # the logged steps
+        loop.log(losses)
+        if batches.epoch_done:                  # validation L_rec: monitoring only, selects nothing
+            loop.log({"val L_rec": val_rec(ae, S_val, args, run.device)}, every=1)
+            run.log(f"epoch {batches.epoch + 1}/{args.epochs}  "
+                    + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+                    + f"  val L_rec {loop.history['val L_rec'][-1][1]:.1f}")
+    loop.close()
+    return loop
+
+
+def val_rec(ae, S_val, args, device):
+    """L_rec (Eq. 2) of the healthy validation slices, summed per slice, averaged."""
+    x = np.asarray(S_val.x)
+    x_hat = reconstruct(ae, x, device=device, batch_size=64, amp=args.amp)
+    return float(np.abs(x_hat - x).reshape(len(x), -1).sum(1).mean())
+
+
+# =================================================================================================
+# Scoring and evaluation (§3 'Evaluation Metrics')
+# =================================================================================================
+
+HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")      # the MS-lesion-like groups of Table 1
+
+
+def evaluate_test(S, sc, args):
+    """Per patient: the Dice of its segmentation (Table 1); per slice: a contract row; per group:
+    Dice with its 95% interval over patients, pixel-level AUROC/AUPRC and the oracle Dice."""
+    gt, scores, seg = np.asarray(S.mask) > 0, slice_scores(sc), sc["seg"]
+    rows, patients = [], []
+    for i, case in enumerate(S.cases):
+        r = S.slices_of(i)
+        patients.append(dict(id=case.id, group=case.group, label=int(case.label),
+                             gt_voxels=int(gt[r].sum()), seg_voxels=int(seg[r].sum()),
+                             dice=C.dice(seg[r], gt[r]) if gt[r].any() else None))
+        for j in r:
+            # the slice's own label: it holds anomaly voxels (an anomalous scan without a mask: all)
+            masked = case.mask is not None or case.label == 0
+            label = int(gt[j].any()) if masked else int(case.label)
+            # rows contract: group = the scan's group, case = the scan; but real data sets of
+            # anomalous scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free
+            # slices are the `normal` group, as data/datasets.py splits them (same patients)
+            group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
+            rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
+                             score=float(scores[j]), case=case.id, z=int(S.z[j]),
+                             gt_voxels=int(gt[j].sum()), seg_voxels=int(seg[j].sum())))
+    row_group = np.array([c.group for c in S.cases])[S.case]
+    dice, pixel = {}, {}
+    for g in list(dict.fromkeys(p["group"] for p in patients)) + ["all"]:
+        ds = [p["dice"] for p in patients if p["dice"] is not None and g in ("all", p["group"])]
+        if ds:   # Table 1: mean ± std over patients, and the mean's 95% interval over patients
+            dice[g] = {**C.mean_ci(ds), "std": float(np.std(ds))}
+        sel = (row_group == g) | (g == "all")
+        if gt[sel].any():
+            pixel[g] = pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0,
+                                     args.max_pixels)
+    return rows, patients, {"dice": dice, "pixel": pixel}
+
+
+def copy_probe(ae, S, radii, args, device, seed=0):
+    """Does the model copy an anomaly into its reconstruction? Label-free: a disc of the brightest
+    intensity (1, like a FLAIR lesion) is painted into every healthy slice of S, inside its brain,
+    and the fraction of the disc's contrast that the reconstruction keeps is measured,
+    Σ_disc (x̂' − x̂) / Σ_disc (x' − x): 1 = copied (no residual, Eq. 4), 0 = removed. Per radius:
+    the mean over patients (of their slices' fractions) with its 95% interval over patients.
+    -> ({radius: mean_ci}, {radius: (slice, painted x', its x̂')} for the figure)."""
+    from scipy import ndimage as ndi
+    x, brain = np.asarray(S.x, np.float32), np.asarray(S.brain) > 0
+    x_hat = reconstruct(ae, x, device=device, batch_size=64, amp=args.amp)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:x.shape[1], :x.shape[2]]                      # (S, S) pixel coordinates
+    depth = [ndi.distance_transform_edt(b) for b in brain]          # distance to the brain's edge
+    kept, shown = {}, {}
+    for r in radii:
+        painted, disc, ok = x.copy(), np.zeros(x.shape, bool), np.zeros(len(x), bool)
+        for k in range(len(x)):
+            centres = np.argwhere(depth[k] > r + 1)                  # the disc inside the brain
+            if len(centres):
+                cy, cx = centres[rng.integers(len(centres))]
+                disc[k] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                painted[k][disc[k]] = 1.0
+                ok[k] = (1.0 - x[k][disc[k]]).mean() >= 0.1         # enough contrast to measure
+        x_hat_p = reconstruct(ae, painted, device=device, batch_size=64, amp=args.amp)
+        frac = [float(((x_hat_p[k] - x_hat[k])[disc[k]]).sum() / (painted[k] - x[k])[disc[k]].sum())
+                if ok[k] else np.nan for k in range(len(x))]
+        per_case = [np.nanmean(np.array(frac)[S.slices_of(i)]) for i in range(len(S.cases))
+                    if ok[S.slices_of(i)].any()]
+        kept[r] = C.mean_ci(per_case)
+        k = int(np.nanargmin(np.abs(np.array(frac) - kept[r]["mean"]))) if ok.any() else 0
+        shown[r] = (k, painted[k], x_hat_p[k])
+    return kept, shown
+
+
+def probe_results(run, kept, history, args):
+    """results.json entries of the copy probe and (GAN models) of the decoder's gradient ratio."""
+    run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
+            + ", ".join(f"r = {r} px {C.fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
+    out = {"copy_probe": {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
+                          "what": "share of the contrast of a disc of intensity 1 painted into "
+                          "healthy validation slices that the reconstruction keeps (1 = copied)"}}
+    if history.get("grad ratio"):      # the GAN models: how hard L_adv pulls the decoder
+        r = [v for _, v in history["grad ratio"]]
+        out["grad_ratio"] = {"lam_adv": args.lam_adv, "first": r[0], "last": r[-1],
+                             "median": float(np.median(r)), "what": "‖∇_Dec λ1·L_rec‖ / "
+                             "‖∇_Dec λ3·L_adv‖ on the logged training steps"}
+    return out
+
+
+def table1_row(args, ev, patients, sc, n_test, n_params):
+    """Our Table 1 row: Dice over the patients of the headline (MS-lesion-like) groups, time."""
+    head = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
+    dice = [p["dice"] for p in patients
+            if p["dice"] is not None and (p["group"] in head or not head)]
+    ci = C.mean_ci(dice)
+    paper = PAPER_TABLE1.get((args.model, z_paper_equivalent(args)))
+    return {"model": args.model, "z": z_label(args), "dice_mean": ci["mean"],
+            "dice_std": float(np.std(dice)) if dice else float("nan"), "dice_ci": ci["ci"],
+            "dice_n": len(dice), "dice_groups": head or ["all"],
+            "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
+            "paper_row": z_paper_equivalent(args), "paper": list(paper) if paper else None,
+            "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
+
+
+def results_extra(run, args, S_test, sc, ev, patients, threshold, val_values, n_params, train_s,
+                  io):
+    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing; the
+    Dice of each group and our Table 1 row are printed."""
+    n, t = len(S_test), table1_row(args, ev, patients, sc, len(S_test), n_params)
+    for g, d in ev["dice"].items():
+        px = ev["pixel"].get(g, {})
+        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  "
+                f"pixel AUROC {px.get('auroc', np.nan):.3f}  "
+                f"oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+    run.log(f"Table 1 row: {args.model} z={t['z']}  Dice {C.fmt_ci(t['dice_mean'], t['dice_ci'])} "
+            f"σ {t['dice_std']:.3f} ({'+'.join(t['dice_groups'])}, n={t['dice_n']})  "
+            f"reco {t['reco_s_per_sample'] * 1000:.2f} ms/slice")
+    extra = {"model": args.model, "z": z_label(args), "table1": t, **ev,
+             "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
+                             if "oracle_dice" in v},
+             "threshold": {"value": threshold, "percentile": args.percentile,
+                           "source": "healthy validation", "n_val_pixels": int(val_values.size)},
+             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels",
+             "checkpoints": io}
+    timing = {"train_s": train_s, "score_s": sc["reco_s"] + sc["post_s"],
+              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n, 1),
+              "reco_s_per_sample": sc["reco_s"] / max(n, 1),
+              "postprocess_s_per_patient": sc["post_s"] / max(len(S_test.cases), 1),
+              "n_test_slices": n}
+    return extra, timing
+
+
+# =================================================================================================
+# Table 1 across runs (--compare)
+# =================================================================================================
+
+# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reco time (s) where given
+PAPER_TABLE1 = {
+    ("dAE", "512"): (0.12764, 0.14617, None), ("sAE", "8x8x64"): (0.19739, 0.19061, None),
+    ("sAE", "16x16x64"): (0.58558, 0.19845, None), ("dVAE", "512"): (0.16619, 0.17790, None),
+    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
+    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
+    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541)}
+# The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
+PAPER_CLAIMS = (
+    ("sAE", "dAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "dVAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "sAE", "constraining z to a MVN: a marginal improvement"),
+    ("AnoVAEGAN", "sVAE", "adversarial training: a marginal improvement; AnoVAEGAN is the best"),
+    ("AnoVAEGAN", "sAE-GAN", "the sAE-GAN is worse than its generative counterpart"),
+    ("sAE", "sAE-GAN", "the sAE-GAN is worse than the spatial AE with the same bottleneck"),
+)
+
+
+def table1_md(runs, groups):
+    """Our Table 1, one row per run: Dice μ ± σ [95% interval of the mean], pixel / slice AUROC."""
+    rows = []
+    for d, r, _ in runs:
+        t = r["table1"]
+        dice = ["{mean:.3f} ± {std:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]".format(**r["dice"][g])
+                if g in r["dice"] else "–" for g in groups]
+        auroc = [" / ".join(f"{r[k][g]['auroc']:.3f}" if "auroc" in r[k].get(g, {}) else "–"
+                            for k in ("pixel", "groups")) for g in groups]
+        paper = "{:.3f} ± {:.3f}".format(*t["paper"]) if t.get("paper") else "–"
+        probe = r.get("copy_probe", {"kept": {}})["kept"]
+        copied = " / ".join(f"{100 * v['mean']:.0f}% (r {k})" for k, v in probe.items()) or "–"
+        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc, copied,
+                     f"{t['reco_s_per_sample']:.4f}", paper, d.name])
+    return md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
+                    + [f"pixel / slice AUROC {g}" for g in groups] + ["copy probe: disc kept"]
+                    + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
+
+
+def paired(ra, rb, group):
+    """A − B on the same test patients: per-case Dice (mean of the paired differences, 95% interval
+    over patients) and slice AUROC against normal scans (C.compare_scores, interval over cases)."""
+    (_, a, rows_a), (_, b, rows_b) = ra, rb
+    da, db = ({p["id"]: p["dice"] for p in r["patients"]
+               if p["group"] == group and p["dice"] is not None} for r in (a, b))
+    both = sorted(set(da) & set(db))
+    if not both:
+        return None
+    d = C.mean_ci([da[k] - db[k] for k in both])
+    auc = C.compare_scores(rows_a, rows_b, group)
+    return {"dice_diff": d["mean"], "dice_ci": d["ci"], "n_cases": d["n"],
+            "dice_resolved": bool(d["ci"][0] > 0 or d["ci"][1] < 0),
+            "auroc_diff": auc["diff"], "auroc_ci": auc["ci"], "auroc_resolved": auc["resolved"]}
+
+
+def ranking(runs, groups):
+    """The paper's ranking statements, each tested as paired() on every pair of runs of its two
+    models that share test patients (runs of one data set, preset and seed)."""
+    out = []
+    for a, b, says in PAPER_CLAIMS:
+        for ra in (r for r in runs if r[1]["table1"]["model"] == a):
+            for rb in (r for r in runs if r[1]["table1"]["model"] == b):
+                for g in groups:
+                    p = paired(ra, rb, g)
+                    if p is not None:
+                        out.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
+                                    "paper": says, "group": g, **p})
+    return out
+
+
+def compare(args, run):
+    """Table 1 across finished runs of this script, the paper's ranking statements as paired
+    differences with 95% intervals over patients, and Fig. 5 across models."""
+    order = {m: i for i, m in enumerate(MODELS)}
+    runs = sorted(load_runs(args.compare, METHOD, run),
+                  key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
+    where = ", ".join(sorted({r["data"] + "/" + r["preset"] for _, r, _ in runs}))
+    text = (f"Table 1 (ours, {where}): Dice per test patient at the 98th percentile of healthy "
+            f"validation residuals, 95% interval of the mean over patients\n\n"
+            + table1_md(runs, groups))
+    claims = ranking(runs, groups)
+    said = {True: " (resolved)", False: " (not resolved)"}
+    if claims:
+        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired "
+                 "interval over patients; resolved = the interval excludes 0\n\n" + md_table(
+                     ["A − B", "the paper says", "group", "Δ Dice [95% CI]",
+                      "Δ slice AUROC [95% CI]"],
+                     [[f"{c['model_a']} ({Path(c['a']).name}) − "
+                       f"{c['model_b']} ({Path(c['b']).name})", c["paper"], c["group"],
+                       C.fmt_ci(c["dice_diff"], c["dice_ci"]) + said[c["dice_resolved"]],
+                       C.fmt_ci(c["auroc_diff"], c["auroc_ci"]) + said[c["auroc_resolved"]]]
+                      for c in claims]))
+    (run.out / "table1.md").write_text(text)
+    C.write_json(run.out / "table1.json", {"runs": [str(d) for d, _, _ in runs], "claims": claims})
+    print(text)
+    items = [(r["table1"]["model"] + " " + r["table1"]["z"], np.load(d / "fig5.npz"))
+             for d, r, _ in runs if (d / "fig5.npz").is_file()]
+    if items:
+        plot_fig5(items, run.out / "fig5_models.png", "Fig. 5 across models")
+    run.log(f"wrote {run.out / 'table1.md'}" + (" and fig5_models.png" if items else ""))
+
+
+# =================================================================================================
+# main
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, method=METHOD)
+    if args.compare:
+        return compare(args, run)
+    device = run.device
+
+    # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
+    data = datasets.load_dataset(args, contrast="flair", groups=args.groups)
+    sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices,
+              center=0.5, cache_dir=args.cache_dir)
+    S_train = datasets.slice_stack(data.train, desc="train", **sl)
+    S_val = datasets.slice_stack(data.val, desc="val", **sl)
+    S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
+    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), "
+            f"{len(S_val)} validation, {len(S_test)} test slices; z = {z_label(args)}")
+
+    # ---- models: Eq. (1) and the discriminator
+    ae, dis = build_models(args, device)
+    n_params = sum(p.numel() for p in ae.parameters())
+    run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters" + (
+        f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
+
+    # ---- train on Eq. (2) / Eq. (3), or score a --checkpoint
+    if args.checkpoint:
+        ck = C.load_models(args.checkpoint, {"ae": ae}, METHOD)
+        history, train_s, io = ck.get("history", {}), 0.0, {"scored": str(args.checkpoint)}
+        run.log(f"scoring with {args.checkpoint} (no training)")
+    else:
+        loop = train(args, run, ae, dis, S_train, S_val)
+        history, train_s, io = loop.history, loop.state["train_s"], loop.io_report()
+
+    # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
+    threshold, val_values, val_scores = healthy_threshold(ae, S_val, args, device)
+    run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals "
+            f"= {threshold:.4f}")
+
+    # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
+    sc = score(ae, S_test, args, device, threshold)
+    rows, patients, ev = evaluate_test(S_test, sc, args)
+    extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,
+                                  n_params, train_s, io)
+
+    # ---- beyond the paper: how much of a painted anomaly does the model copy? (copy_probe)
+    kept, shown = copy_probe(ae, S_val, args.probe_radii, args, device)
+    extra.update(probe_results(run, kept, history, args))
+
+    # ---- figures (the paper's Fig. 5 and Fig. 6, the probe, the losses) and the contract files
+    examples = paper_figures(run, args, S_test, sc, patients, threshold, val_values)
+    plot_copy_probe(shown, kept, run.out / "copy_probe.png", args)
+    plot_losses(history, run.out / "losses.png", args)
+    return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
+                    val_scores=val_scores, threshold_pct=args.percentile, examples=examples,
+                    titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)"})
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 5, Fig. 6)
+# =================================================================================================
+
+def paper_figures(run, args, S_test, sc, patients, threshold, val_values):
+    """Fig. 5 (fig5_segmentations.png; fig5.npz for --compare), Fig. 6; -> rows for examples.png."""
+    gt = np.asarray(S_test.mask) > 0
+    present = list(dict.fromkeys(c.group for c in S_test.cases))
+    head = [g for g in HEADLINE_GROUPS if g in present]
+    normal = ["normal"] if "normal" in present else []
+    name = lambda i, j: f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}"     # noqa: E731
+    others = [g for g in present if g not in head + normal]
+    examples = [dict(title=f"{S_test.cases[i].group}\n{name(i, j)}", input=S_test.x[j],
+                     reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
+                     gt=gt[j] if gt[j].any() else None)
+                for i, j in pick_examples(S_test, head + others + normal)]
+    ex5 = (pick_examples(S_test, head or present[:1], per_group=2)
+           + pick_examples(S_test, normal)[:1])
+    j5 = [j for _, j in ex5]
+    dice = {p["id"]: np.nan if p["dice"] is None else p["dice"] for p in patients}
+    z = dict(x=np.stack([S_test.x[j] for j in j5]), gt=gt[j5], filtered=sc["filtered"][j5],
+             seg=sc["seg"][j5], label=np.array([name(i, j) for i, j in ex5]),
+             dice=np.array([dice[S_test.cases[i].id] for i, _ in ex5]),
+             vmax=float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5,
+                            1e-6)))
+    np.savez_compressed(run.out / "fig5.npz", **z)
+    plot_fig5([(f"{args.model} {z_label(args)}", z)], run.out / "fig5_segmentations.png",
+              f"Fig. 5 ({args.model}): threshold {threshold:.3f} from healthy validation data")
+    plot_fig6(sc, gt, np.array([c.group for c in S_test.cases])[S_test.case], threshold, val_values,
+              run.out / "fig6_residual_histogram.png", args)
+    return examples
+
+
+def plot_losses(history, path, args):
+    """losses.png: the terms of Eq. (2) and Eq. (3); for the GAN models a second panel, the
+    decoder's gradient ratio ‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖ (1: both terms pull equally hard)."""
+    curves = {k: v for k, v in history.items() if k != "grad ratio"}
+    panels = [dict(title=f"{args.model}: Eq. (2) terms and Eq. (3)", yscale="symlog", curves=curves
+                   or {"no training in this run": [(0, 0.0)]},
+                   ylabel="loss (L_rec, L_prior summed per slice)")]
+    if history.get("grad ratio"):
+        panels.append(dict(title=f"decoder gradient ratio at λ3 = {args.lam_adv:g}", yscale="log",
+                           ylabel="‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖", ref=1.0,
+                           curves={"grad ratio": history["grad ratio"]}))
+    plot_curve_panels(panels, path)
+
+
+def plot_copy_probe(shown, kept, path, args):
+    """copy_probe.png: per disc radius a healthy slice with the painted disc, its reconstruction
+    and the residual |x' − x̂'|: a disc the model copies leaves no residual to find."""
+    plt = C._plt()
+    fig, axes = plt.subplots(3, len(shown), figsize=(2.2 * len(shown), 6.9), squeeze=False)
+    for j, (r, (_, xp, xh)) in enumerate(shown.items()):
+        for i, (img, kw) in enumerate(((xp, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (xh, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (np.abs(xp - xh), dict(cmap="inferno", vmin=0, vmax=1)))):
+            axes[i, j].imshow(img, **kw)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        k = kept[r]
+        axes[0, j].set_title(f"r = {r} px: {100 * k['mean']:.0f}% kept\n"
+                             f"[{100 * k['ci'][0]:.0f}, {100 * k['ci'][1]:.0f}]", fontsize=8)
+    for i, t in enumerate(("painted x'", "reconstruction x̂'", "residual |x' − x̂'|")):
+        axes[i, 0].set_ylabel(t, fontsize=8)
+    fig.suptitle(f"copy probe, {args.model} z {z_label(args)}: a disc of intensity 1 painted into "
+                 f"healthy validation slices", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    C._save(fig, path)
+
+
+def plot_fig5(items, path, title="Fig. 5"):
+    """Fig. 5: first column a slice and its ground truth; then per model (items: [(name, arrays of
+    fig5.npz)]) the filtered residual (top) and the segmentation over the input (bottom)."""
+    plt = C._plt()
+    n_ex = min(len(z["x"]) for _, z in items)
+    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, squeeze=False,
+                             figsize=(1.9 * len(items) + 2.4, 3.9 * n_ex + 0.5))
+    for e in range(n_ex):
+        top, bottom = axes[2 * e], axes[2 * e + 1]
+        x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
+        top[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+        top[0].set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
+        bottom[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+        if gt.any():
+            bottom[0].contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
+        for j, (name, z) in enumerate(items, start=1):
+            top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
+            overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
+            if np.isfinite(z["dice"][e]):
+                bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", va="top", color="w",
+                               fontsize=7, transform=bottom[j].transAxes)
+            axes[0, j].set_title(name, fontsize=8)
+    axes[0, 0].set_title("input / ground truth", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{title}\nfiltered residuals (top), segmentations (bottom; yellow TP, red FP, "
+                 f"cyan FN)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    C._save(fig, path)
+
+
+def plot_fig6(sc, gt, row_group, threshold, val_values, path, args):
+    """Fig. 6: histograms of the filtered residuals (inside the eroded brain) of normal test pixels,
+    of each headline group's abnormal pixels and of the healthy validation pixels the threshold was
+    taken from, with the threshold."""
+    plt = C._plt()
+    idx = sample_pixels(sc["brain_e"].ravel(), args.max_pixels, seed=1)
+    s, y = sc["filtered"].ravel()[idx], gt.ravel()[idx]
+    g = np.broadcast_to(row_group[:, None, None], gt.shape).ravel()[idx]
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
+    bins = np.linspace(0, hi, 80)
+    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue",
+            label=f"normal test pixels (n={int((~y).sum())})")
+    present = [n for n in HEADLINE_GROUPS if (y & (g == n)).any()]
+    for name, col in zip(present, ("tab:red", "tab:orange", "tab:purple")):
+        v = s[y & (g == name)]
+        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col,
+                label=f"abnormal pixels, {name} (n={len(v)})")
+    ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
+            label="healthy validation pixels")
+    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
+    ax.set_yscale("log")
+    m = args.median
+    ax.set(xlabel=f"filtered residual |x − x̂| (median {m}×{m}×{m}, eroded brain)",
+           ylabel="density (log)", title=f"Fig. 6 ({args.model}): residuals; threshold = "
+           f"{args.percentile:g}th pct. of healthy validation")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    C._save(fig, path)
+
+
+# ---- proposed for common.py (the lead moves it) ----
+
+def list_flags(argv, flags):
+    """Flags that take one or more values (nargs='+', default None), which C.hp() cannot declare:
+    flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for C.parse_args).
+    (Better: C.hp(None, help, nargs='+', type=str), passed through by C.parse_args.)"""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(add_help=False)
+    for name, metavar in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
+    return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+
+
+def load_runs(dirs, method, run):
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
+    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")
+            continue
+        if not f.is_file():
+            C.fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
+        res = json.loads(f.read_text())
+        if res.get("method") != method:
+            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
+    return out
+
+
+def plot_curve_panels(panels, path):
+    """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
+    value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
+    plt = C._plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for name, pts in p["curves"].items():
+            if not len(pts):
+                continue
+            st, v = np.asarray(pts, dtype=np.float64).T
+            line, = ax.plot(st, v, lw=0.6, alpha=0.35, marker="o" if len(v) < 3 else None)
+            k = max(1, len(v) // 50)
+            sm = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(st[k - 1:], sm, lw=1.8, color=line.get_color(), label=name)
+        if p.get("ref") is not None:
+            ax.axhline(p["ref"], color="k", ls="--", lw=0.8)
+        ax.set_yscale(p.get("yscale", "linear"))
+        ax.set(xlabel="step", ylabel=p.get("ylabel", ""), title=p.get("title", ""))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    C._save(fig, path)
+
+
+def md_table(header, rows):
+    """A markdown table: header = [column names], rows = [[cells]]."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows) + "\n"
 
 
 def sample_pixels(sel, max_pixels, seed=0):
-    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform, seeded)."""
+    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
     idx = np.flatnonzero(sel)
     if len(idx) > max_pixels:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
     return idx
 
 
-def pixel_metrics(filtered, gt, brain, max_pixels):
-    """Pixel-level AUROC / AUPRC and oracle Dice of the filtered residual over brain pixels."""
-    idx = sample_pixels(brain.ravel(), max_pixels)
-    s, y = filtered.ravel()[idx], gt.ravel()[idx]
+def pixel_metrics(score_map, gt, inside, max_pixels):
+    """Pixel-level AUROC / AUPRC and the oracle Dice of an anomaly map over the pixels `inside`
+    (at most max_pixels of them, sampled uniformly, seeded)."""
+    idx = sample_pixels(inside.ravel(), max_pixels)
+    s, y = score_map.ravel()[idx], gt.ravel()[idx]
     out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
     if y.any() and not y.all():
         od, ot = C.oracle_best_dice(s, y)
@@ -577,55 +1039,9 @@ def pixel_metrics(filtered, gt, brain, max_pixels):
     return out
 
 
-def evaluate_test(S, sc, threshold, args):
-    """Per patient: segmentation + Dice (Table 1); per slice: contract rows; per group: pixel metrics."""
-    gt_all = np.asarray(S.mask) > 0
-    seg_all = np.zeros(S.x.shape, bool)
-    rows, patients = [], []
-    for i, case in enumerate(S.cases):
-        r = S.slices_of(i)
-        seg = segment(sc["filtered"][r], threshold, args)                          # (Z, S, S) bool
-        seg_all[r] = seg
-        gt = gt_all[r]
-        has_mask = case.mask is not None
-        patients.append(dict(id=case.id, group=case.group, label=int(case.label), gt_voxels=int(gt.sum()),
-                             seg_voxels=int(seg.sum()), dice=C.dice(seg, gt) if gt.any() else None,
-                             scan_score=float(sc["filtered"][r].max())))
-        for k, j in enumerate(r):
-            # slice label: the slice holds ground-truth anomaly voxels; an anomalous scan without any
-            # mask file counts every slice as anomalous
-            label = int(gt[k].any()) if (has_mask or case.label == 0) else int(case.label)
-            # real data sets of anomalous scans only: their anomaly-free slices are the `normal` group
-            group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
-            rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
-                             score=float(sc["filtered"][j].max()), case=case.id, z=int(S.z[j]),
-                             gt_voxels=int(gt[k].sum()), seg_voxels=int(seg[k].sum())))
-    groups = [g for g in dict.fromkeys(p["group"] for p in patients)]
-    normal = np.array([p["label"] == 0 for p in patients])
-    dice, pixel, scan = {}, {}, {}
-    case_group = np.array([p["group"] for p in patients])
-    row_group = np.array([S.cases[c].group for c in S.case])
-    for g in groups + ["all"]:
-        ds = [p["dice"] for p in patients if p["dice"] is not None and (g == "all" or p["group"] == g)]
-        if ds:
-            dice[g] = {"mean": float(np.mean(ds)), "std": float(np.std(ds)), "n": len(ds)}
-        sel = np.ones(len(S.x), bool) if g == "all" else row_group == g
-        if gt_all[sel].any():
-            pixel[g] = pixel_metrics(sc["filtered"][sel], gt_all[sel], np.asarray(S.brain[sel]) > 0,
-                                     args.max_pixels)
-        if g != "all" and g != "normal" and not normal[case_group == g].all():
-            keep = (case_group == g) | normal
-            y = np.array([p["label"] for p in patients])[keep]
-            s = np.array([p["scan_score"] for p in patients])[keep]
-            scan[g] = {"auroc": C.auroc(y, s), "auprc": C.auprc(y, s), "n": int((case_group == g).sum())}
-    return rows, patients, seg_all, dict(dice=dice, pixel=pixel, scan=scan)
-
-
-# ---- figures ------------------------------------------------------------------------------------
-
 def pick_examples(S, groups, per_group=1):
-    """(case index, row index) of the slice with the largest ground-truth area of the first cases of
-    each group (the middle slice for cases without a lesion)."""
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases
+    of each group of a slice set (the middle slice for cases without an anomaly)."""
     out = []
     for g in groups:
         cands = []
@@ -634,282 +1050,31 @@ def pick_examples(S, groups, per_group=1):
                 continue
             r = S.slices_of(i)
             area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
-            cands.append((int(area.max()), i, int(r[int(area.argmax())] if area.max() else r[len(r) // 2])))
+            j = r[int(area.argmax())] if area.max() else r[len(r) // 2]
+            cands.append((int(area.max()), i, int(j)))
         cands.sort(key=lambda t: -t[0])
         out += [(i, j) for _, i, j in cands[:per_group]]
     return out
 
 
 def overlay_seg(ax, x, seg, gt):
-    """Segmentation augmented to the input (Fig. 5, bottom row): TP yellow, FP red, FN cyan."""
+    """A segmentation over its image: true positives yellow, false positives red, missed cyan."""
     ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
     rgba = np.zeros((*x.shape, 4), np.float32)
-    tp, fp, fn = seg & gt, seg & ~gt, ~seg & gt
-    for m, col in ((tp, (1, 0.85, 0)), (fp, (1, 0.1, 0.1)), (fn, (0, 0.9, 1))):
+    for m, col in ((seg & gt, (1, 0.85, 0)), (seg & ~gt, (1, 0.1, 0.1)), (~seg & gt, (0, 0.9, 1))):
         rgba[m] = (*col, 0.75)
     ax.imshow(rgba, interpolation="nearest")
 
 
-def plot_fig5(items, path, title, vmax):
-    """Fig. 5 equivalent: per example, input with ground truth | filtered residual | segmentation.
-    items: list of dict(label, x, gt, filtered, seg)."""
-    plt = C._plt()
-    n = len(items)
-    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.45 * n + 0.5), squeeze=False)
-    for i, it in enumerate(items):
-        a = axes[i]
-        a[0].imshow(it["x"], cmap="gray", vmin=-1, vmax=1)
-        if it["gt"].any():
-            a[0].contour(it["gt"], levels=[0.5], colors="lime", linewidths=0.9)
-        a[1].imshow(it["filtered"], cmap="inferno", vmin=0, vmax=vmax)
-        overlay_seg(a[2], it["x"], it["seg"], it["gt"])
-        extra = f"\nDice {it['dice']:.2f}" if it.get("dice") is not None else ""
-        a[2].text(0.02, 0.98, extra.strip(), transform=a[2].transAxes, va="top", color="w", fontsize=8)
-        a[0].set_ylabel(it["label"], fontsize=8)
-        for ax in a:
-            ax.set_xticks([]), ax.set_yticks([])
-    for ax, t in zip(axes[0], ("input, ground truth", "filtered residual", "segmentation")):
-        ax.set_title(t, fontsize=9)
-    fig.suptitle(title + "\nyellow: true positive, red: false positive, cyan: missed", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    C._save(fig, path)
+# ---- proposed for data/datasets.py (the lead moves it) ----
 
-
-def plot_fig6(filtered, gt, brain_e, row_group, threshold, path, *, title, median, max_pixels, val_values,
-              groups=HEADLINE_GROUPS):
-    """Fig. 6 equivalent: histograms of the post-processed residuals of normal test pixels and of the
-    abnormal pixels of each headline group (inside the eroded brain), the healthy validation pixels
-    the threshold was taken from, and the threshold."""
-    plt = C._plt()
-    sel = brain_e & (row_group[:, None, None] != "")                                # (N, S, S)
-    idx = sample_pixels(sel.ravel(), max_pixels, seed=1)
-    s, y = filtered.ravel()[idx], gt.ravel()[idx]
-    g = np.broadcast_to(row_group[:, None, None], filtered.shape).ravel()[idx]
-    fig, ax = plt.subplots(figsize=(6.4, 3.9))
-    hi = float(max(np.percentile(s, 99.99), threshold * 1.5, 1e-6))
-    bins = np.linspace(0, hi, 80)
-    ax.hist(s[~y], bins=bins, density=True, alpha=0.5, color="tab:blue", label=f"normal test pixels (n={int((~y).sum())})")
-    for name, col in zip([n for n in groups if (y & (g == n)).any()], ("tab:red", "tab:orange", "tab:purple")):
-        v = s[y & (g == name)]
-        ax.hist(v, bins=bins, density=True, alpha=0.5, color=col, label=f"abnormal pixels, {name} (n={len(v)})")
-    ax.hist(np.clip(val_values, 0, hi), bins=bins, density=True, histtype="step", color="k", lw=1,
-            label="healthy validation pixels")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
-    ax.set_yscale("log")
-    ax.set(xlabel=f"filtered residual |x − x̂| (median {median}×{median}×{median}, eroded brain)",
-           ylabel="density (log)", title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    C._save(fig, path)
-
-
-# ---- Table 1 across runs (--compare) -------------------------------------------------------------
-
-def compare(args, run):
-    """Table 1 and Fig. 5 across finished runs of this script (each run = one row)."""
-    import json
-    rows, fig_items = [], []
-    for d in args.compare:
-        d = Path(d)
-        f = d / "results.json"
-        cfg = d / "config.json"
-        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text()).get("args", {}).get("compare"):
-            run.log(f"skipping {d}: an earlier --compare table, not a training run")   # runs/anovaegan__* has it
-            continue
-        if not f.is_file():
-            C.fail(f"--compare {d}: no results.json (is it a finished run of anovaegan.py?)")
-        res = json.loads(f.read_text())
-        if res.get("method") != METHOD:
-            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {METHOD}")
-        rows.append((d, res))
-        npz = d / "fig5.npz"
-        if npz.is_file():
-            fig_items.append((res["table1"]["model"] + " " + res["table1"]["z"], np.load(npz)))
-    order = {m: i for i, m in enumerate(MODELS)}
-    rows.sort(key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
-    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r in rows)] or ["all"]
-    head = ("| model | z (paper row) | " + " | ".join(f"Dice {g} (μ ± σ)" for g in groups)
-            + " | " + " | ".join(f"pixel / slice AUROC {g}" for g in groups)
-            + " | reco time [s/slice] | paper Dice (μ ± σ) | run |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for d, r in rows:
-        t = r["table1"]
-        cells = [t["model"], f"{t['z']} ({t.get('paper_row', '?')})"]
-        for g in groups:
-            dg = r["dice"].get(g)
-            cells.append(f"{dg['mean']:.3f} ± {dg['std']:.3f}" if dg else "–")
-        for g in groups:
-            pa, sa = r["pixel"].get(g, {}).get("auroc"), r["groups"].get(g, {}).get("auroc")
-            cells.append(" / ".join(f"{v:.3f}" if v is not None else "–" for v in (pa, sa)))
-        cells.append(f"{t['reco_s_per_sample']:.4f}")
-        p = t.get("paper")
-        cells += [f"{p[0]:.3f} ± {p[1]:.3f}" if p else "–", d.name]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = ("Table 1 (ours, " + ", ".join(sorted({r['data'] + '/' + r['preset'] for _, r in rows}))
-            + "): Dice per test patient (threshold: 98th percentile of healthy validation residuals)\n\n"
-            + "\n".join(lines) + "\n")
-    (run.out / "table1.md").write_text(text)
-    print(text)
-    if fig_items:
-        plot_fig5_models(fig_items, run.out / "fig5_models.png")
-    run.log(f"wrote {run.out / 'table1.md'}" + (f" and {run.out / 'fig5_models.png'}" if fig_items else ""))
-
-
-def plot_fig5_models(items, path):
-    """Fig. 5 across models: first column the input and its ground truth; then per model the filtered
-    residual (top) and the segmentation over the input (bottom), for each stored example slice."""
-    plt = C._plt()
-    n_ex = min(len(it[1]["x"]) for it in items)
-    fig, axes = plt.subplots(2 * n_ex, len(items) + 1, figsize=(1.9 * (len(items) + 1), 3.9 * n_ex + 0.4),
-                             squeeze=False)
-    for e in range(n_ex):
-        x, gt = items[0][1]["x"][e], items[0][1]["gt"][e].astype(bool)
-        a, b = axes[2 * e, 0], axes[2 * e + 1, 0]
-        a.imshow(x, cmap="gray", vmin=-1, vmax=1)
-        b.imshow(x, cmap="gray", vmin=-1, vmax=1)
-        if gt.any():
-            b.contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
-        a.set_ylabel(str(items[0][1]["label"][e]), fontsize=8)
-        for j, (name, z) in enumerate(items, start=1):
-            axes[2 * e, j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
-            overlay_seg(axes[2 * e + 1, j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
-            if e == 0:
-                axes[0, j].set_title(name, fontsize=8)
-    axes[0, 0].set_title("input / ground truth", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("Fig. 5: filtered residuals (top) and segmentations (bottom; yellow TP, red FP, cyan FN)",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    C._save(fig, path)
-
-
-# =================================================================================================
-# main()
-# =================================================================================================
-
-def main(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    if args.compare:
-        run = C.start_run(args, method=METHOD)
-        return compare(args, run)
-    start = None
-    if args.checkpoint or args.resume:                        # architecture comes from the checkpoint
-        ck = C.load_checkpoint(args.checkpoint or args.resume, "cpu")
-        if not isinstance(ck, dict) or "models" not in ck or "ae" not in ck.get("models", {}):
-            C.fail(f"checkpoint {args.checkpoint or args.resume} is not a last.pt of anovaegan.py")
-        arch = {k: ck["args"][k] for k in ("model", "image_size", "z_shape", "z_dim", "width")}
-        vars(args).update(arch)
-        start = ck
-        print(f"architecture from the checkpoint: {arch}", flush=True)
-    validate(args)
-    run = C.start_run(args, method=METHOD)
-    device = run.device
-
-    # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
-    data = datasets.load_dataset(args, contrast="flair", groups=args.groups)
-    sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices, center=0.5,
-              cache_dir=args.cache_dir)
-    S_train = datasets.slice_stack(data.train, desc="train", **sl)
-    S_val = datasets.slice_stack(data.val, desc="val", **sl)
-    S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
-    run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), {len(S_val)} validation, "
-            f"{len(S_test)} test slices; {args.image_size}x{args.image_size}, z = {z_label(args)}")
-
-    # ---- models
-    ae, dis = build_models(args)
-    ae.to(device)
-    if dis is not None:
-        dis.to(device)
-    n_params = sum(p.numel() for p in ae.parameters())
-    run.log(f"Enc/Dec {n_params / 1e6:.2f} M parameters"
-            + (f", Dis {sum(p.numel() for p in dis.parameters()) / 1e6:.2f} M" if dis is not None else ""))
-
-    # ---- training
-    hist = start.get("history", {}) if start else {}
-    with C.Timer() as t_train:
-        if args.checkpoint:
-            ae.load_state_dict(start["models"]["ae"])
-            run.log(f"scoring with {args.checkpoint} (no training)")
-        else:
-            hist = train(args, run, ae, dis, S_train, S_val, start=start)
-    if hist:
-        curves = {k: v for k, v in hist.items() if v}
-        C.plot_curves(curves, run.out / "losses.png", title=f"{args.model}: Eq. (2) terms and Eq. (3)",
-                      ylabel="loss (L_rec, L_prior summed per slice)", logy=True)
-
-    # ---- threshold from healthy validation data (§3 'Postprocessing', 98th percentile)
-    threshold, val_values = healthy_threshold(ae, S_val, args, device)
-    run.log(f"threshold = {args.percentile:g}th percentile of healthy validation residuals = {threshold:.4f}")
-
-    # ---- test: reconstruct, post-process, segment, evaluate
-    sc = score_set(ae, S_test, args, device)
-    rows, patients, seg_all, ev = evaluate_test(S_test, sc, threshold, args)
-    n_test = len(S_test)
-    for g, d in ev["dice"].items():
-        run.log(f"Dice {g}: {d['mean']:.3f} ± {d['std']:.3f} (n={d['n']})"
-                + (f"  pixel AUROC {ev['pixel'][g].get('auroc', float('nan')):.3f}"
-                   f"  oracle Dice {ev['pixel'][g].get('oracle_dice', float('nan')):.3f}" if g in ev["pixel"] else ""))
-
-    # ---- figures
-    gt_all = np.asarray(S_test.mask) > 0
-    groups_present = list(dict.fromkeys(c.group for c in S_test.cases))
-    ordered = [g for g in HEADLINE_GROUPS if g in groups_present] + \
-              [g for g in groups_present if g not in HEADLINE_GROUPS and g != "normal"] + \
-              (["normal"] if "normal" in groups_present else [])
-    vmax = float(max(np.percentile(sc["filtered"][sc["brain_e"]], 99.9), threshold * 1.5, 1e-6))
-    ex = pick_examples(S_test, ordered)
-    C.plot_examples([dict(title=f"{S_test.cases[i].group}\n{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
-                          input=S_test.x[j], reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
-                          gt=gt_all[j] if gt_all[j].any() else None) for i, j in ex],
-                    run.out / "examples.png", vmax=vmax)
-    ex5 = pick_examples(S_test, [g for g in HEADLINE_GROUPS if g in groups_present] or ordered[:1], per_group=2)
-    ex5 += pick_examples(S_test, ["normal"])[:1] if "normal" in groups_present else []
-    pat_dice = {p["id"]: p["dice"] for p in patients}
-    items = [dict(label=f"{S_test.cases[i].id.split('/')[-1]} z{int(S_test.z[j])}",
-                  x=np.asarray(S_test.x[j]), gt=gt_all[j], filtered=sc["filtered"][j], seg=seg_all[j],
-                  dice=pat_dice[S_test.cases[i].id]) for i, j in ex5]
-    plot_fig5(items, run.out / "fig5_segmentations.png",
-              f"Fig. 5 ({args.model}, z {z_label(args)}): threshold {threshold:.3f} from healthy validation data",
-              vmax)
-    np.savez_compressed(run.out / "fig5.npz", x=np.stack([it["x"] for it in items]),
-                        gt=np.stack([it["gt"] for it in items]), filtered=np.stack([it["filtered"] for it in items]),
-                        seg=np.stack([it["seg"] for it in items]), label=np.array([it["label"] for it in items]),
-                        vmax=vmax)
-    row_group = np.array([c.group for c in S_test.cases])[S_test.case]
-    plot_fig6(sc["filtered"], gt_all, sc["brain_e"], row_group, threshold, run.out / "fig6_residual_histogram.png",
-              title=f"Fig. 6 ({args.model}): residuals; threshold = {args.percentile:g}th pct. of healthy validation",
-              median=args.median, max_pixels=args.max_pixels, val_values=val_values)
-
-    # ---- results.json: contract keys + everything for a Table 1 row
-    headline = [g for g in HEADLINE_GROUPS if g in ev["dice"]]
-    dice_rows = [p["dice"] for p in patients if p["dice"] is not None and (p["group"] in headline or not headline)]
-    table1 = {"model": args.model, "z": z_label(args),
-              "dice_mean": float(np.mean(dice_rows)) if dice_rows else float("nan"),
-              "dice_std": float(np.std(dice_rows)) if dice_rows else float("nan"),
-              "dice_n": len(dice_rows),
-              "dice_groups": headline or ["all"],
-              "reco_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "paper_row": z_paper_equivalent(args),
-              "paper": list(PAPER_TABLE1[(args.model, z_paper_equivalent(args))])
-              if (args.model, z_paper_equivalent(args)) in PAPER_TABLE1 else None,
-              "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
-    extra = {"model": args.model, "z": z_label(args), "table1": table1, "dice": ev["dice"], "pixel": ev["pixel"],
-             "scan_level": ev["scan"], "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
-                                                        if "oracle_dice" in v},
-             "threshold": {"value": threshold, "percentile": args.percentile, "source": "healthy validation",
-                           "n_val_pixels": int(val_values.size)},
-             "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels"}
-    timing = {"train_s": t_train.seconds, "score_s": sc["reco_s"] + sc["post_s"],
-              "score_s_per_sample": (sc["reco_s"] + sc["post_s"]) / max(n_test, 1),
-              "reco_s_per_sample": sc["reco_s"] / max(n_test, 1), "postprocess_s_per_patient":
-              sc["post_s"] / max(len(S_test.cases), 1), "n_test_slices": n_test}
-    res = C.finish_run(run, args, method=METHOD, unit="slice", rows=rows, timing=timing, extra=extra,
-                       data_info=data.info, roc_title=f"{args.model}: slice-level ROC (lesion in slice)")
-    run.log(f"Table 1 row: {args.model} z={z_label(args)}  Dice {table1['dice_mean']:.3f} ± {table1['dice_std']:.3f} "
-            f"({'+'.join(table1['dice_groups'])}, n={table1['dice_n']})  "
-            f"reco {table1['reco_s_per_sample'] * 1000:.2f} ms/slice")
-    return res
+def whole_slabs(cases):
+    """One test case per scan with all its slices, for methods that post-process a scan in 3D.
+    Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
+    anomaly-free slices (_anomalous_splits); keep the anomalous case (its slices are then labelled
+    by their own mask voxels) and drop its healthy twin."""
+    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
+    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests for anovaegan.py (Baur et al. 2018): the losses of Eq. (2)/(3) and the residual of Eq. (4) on
 hand-computed tensors, the §3 post-processing on a small volume with a known answer, the healthy-only
-threshold, the six Table 1 networks, and a smoke run of the script per --model.
+threshold, the six Table 1 networks, a training loop per --model, the smoke run as a user types it
+(contract files, --checkpoint, --compare with paired intervals) and resume exactness.
 
 Formula tests: python -m pytest tests/test_anovaegan.py -k "eq or postprocess or threshold"
 """
@@ -17,6 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO.parent / "shared"))
 import anovaegan as A  # noqa: E402
 import common as C  # noqa: E402
 from data import datasets  # noqa: E402
@@ -57,6 +59,52 @@ def test_eq2_adversarial_term_and_weighting():
     # Eq. (2) weighting: 2·3 + 0.5·4 + 10·0.1 = 9
     assert A.loss_vae(torch.tensor(3.0), torch.tensor(4.0), torch.tensor(0.1),
                       lam_rec=2.0, lam_prior=0.5, lam_adv=10.0).item() == pytest.approx(9.0)
+
+
+def test_grad_ratio_of_the_decoder_by_hand():
+    """‖∇_φ L_rec‖ / ‖∇_φ L_adv‖ over the decoder φ: a decoder x̂ = w·z of one weight, by hand."""
+    import types
+    w = torch.nn.Linear(1, 1, bias=False)
+    w.weight.data.fill_(0.5)
+    ae = types.SimpleNamespace(from_z=w, dec=torch.nn.Identity())
+    z, x = torch.tensor([[2.0]]), torch.tensor([[3.0]])
+    x_hat = ae.dec(ae.from_z(z))                                        # 1.0
+    l_rec = (x - x_hat).abs().sum()                                     # dL/dw = −z·sign(x − wz) = −2
+    l_adv = (x_hat ** 2).sum()                                          # dL/dw = 2·wz·z = 4
+    assert A.grad_ratio(ae, l_rec, l_adv).item() == pytest.approx(2 / 4)
+    assert A.grad_ratio(ae, 3 * l_rec, 0.5 * l_adv).item() == pytest.approx(3 * 2 / (0.5 * 4))
+
+
+def test_grad_ratio_on_a_tiny_anovaegan_equals_separate_backward_passes():
+    torch.manual_seed(0)
+    ae, dis = A.build_models(_smoke_args("AnoVAEGAN"))
+    x = torch.randn(4, 1, 32, 32)
+    x_hat, _, _ = ae(x)
+    l_rec, l_adv = A.loss_rec(x, x_hat), A.loss_adv(dis(x_hat))
+    phi = list(ae.from_z.parameters()) + list(ae.dec.parameters())
+
+    def norm(loss):                                                     # .grad of one term alone
+        ae.zero_grad(), dis.zero_grad()
+        loss.backward(retain_graph=True)
+        return math.sqrt(sum(float((p.grad ** 2).sum()) for p in phi))
+    expect = norm(2.0 * l_rec) / norm(0.5 * l_adv)
+    assert A.grad_ratio(ae, 2.0 * l_rec, 0.5 * l_adv).item() == pytest.approx(expect, rel=1e-4)
+    assert expect == pytest.approx(4 * norm(l_rec) / norm(l_adv), rel=1e-4)   # λ1 / λ3 = 4
+
+
+def test_measuring_the_gradient_ratio_does_not_change_the_training_step():
+    S = _tiny_set()
+    x = torch.from_numpy(np.asarray(S.x[:8]))[:, None]
+    lam = dict(lam_rec=1.0, lam_prior=1.0, lam_adv=3.0)
+    params = []
+    for measure in (False, True):
+        torch.manual_seed(0)
+        ae, dis = A.build_models(_smoke_args("AnoVAEGAN"))
+        opt, opt_dis = torch.optim.Adam(ae.parameters(), 1e-3), torch.optim.Adam(dis.parameters(), 1e-4)
+        losses = A.train_step(ae, dis, opt, opt_dis, x, lam, measure=measure)
+        assert ("grad ratio" in losses) == measure
+        params.append(torch.cat([p.detach().ravel() for p in [*ae.parameters(), *dis.parameters()]]))
+    assert torch.equal(params[0], params[1])
 
 
 # ---- Eq. (3): L_Dis = −log Dis(x) − log(1 − Dis(x̂)) --------------------------------------------------
@@ -152,13 +200,15 @@ def test_threshold_is_98th_percentile_of_healthy_validation_residuals(tmp_path):
     args = _smoke_args("sAE")
     ae, _ = A.build_models(args)
     S_val = _tiny_set(n=16)
-    t, values = A.healthy_threshold(ae, S_val, args, torch.device("cpu"))
+    t, values, slice_scores = A.healthy_threshold(ae, S_val, args, torch.device("cpu"))
     x_hat = A.reconstruct(ae, S_val.x, device=torch.device("cpu"), batch_size=8)
     expect = []
     for i in range(len(S_val.cases)):
         r = S_val.slices_of(i)
         f = A.filter_residual(np.abs(S_val.x[r] - x_hat[r]), S_val.brain[r], args)
         expect.append(f[A.eroded_brain(S_val.brain[r], args.erode)])
+    assert len(slice_scores) == len(S_val) and slice_scores[0] == pytest.approx(
+        A.filter_residual(np.abs(S_val.x[:8] - x_hat[:8]), S_val.brain[:8], args)[0].max())
     expect = np.concatenate(expect)
     assert values.size == expect.size
     assert t == pytest.approx(np.percentile(expect, 98), rel=1e-5)
@@ -202,13 +252,43 @@ def test_z_shape_validation():
     assert A.parse_z_shape("8x8x64") == (8, 8, 64)
 
 
+# ---- the copy probe: how much of a painted disc does the reconstruction keep? ----------------------
+
+class _Fixed(torch.nn.Module):
+    """A stand-in autoencoder x̂ = a·x + b (forward returns (x̂, μ, log σ²) like A.Autoencoder)."""
+
+    def __init__(self, a, b=0.0):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x, sample=True):
+        return self.a * x + self.b, None, None
+
+
+@pytest.mark.parametrize("a,b,expect", [(1.0, 0.0, 1.0), (0.0, 0.3, 0.0), (0.5, -0.2, 0.5)])
+def test_copy_probe_of_an_identity_a_constant_and_a_halving_model(a, b, expect):
+    """The identity copies every disc (100%), a constant output keeps none of it (0%), x̂ = x/2 + b
+    half of its contrast, whatever the radius."""
+    S = _tiny_set(n=16)
+    args = _smoke_args("sAE")
+    kept, shown = A.copy_probe(_Fixed(a, b), S, [1, 3, 5], args, torch.device("cpu"))
+    assert list(kept) == [1, 3, 5]
+    for r, k in kept.items():
+        assert k["n"] == 2 and k["mean"] == pytest.approx(expect, abs=1e-6)
+        assert k["ci"][0] <= k["mean"] + 1e-9 and k["mean"] - 1e-9 <= k["ci"][1]
+        i, painted, x_hat = shown[r]
+        disc = painted != S.x[i]                                        # the painted pixels
+        assert (painted[disc] == 1.0).all() and abs(disc.sum() - np.pi * r * r) < 2 * np.pi * r + 2
+        assert (S.brain[i][disc] > 0).all()                              # inside the brain
+
+
 # ---- training smoke for each --model (in-process, tiny arrays) ----------------------------------
 
-def _smoke_args(model, **kw):
-    import argparse
-    d = dict(A.PRESETS["smoke"], model=model, seed=0, amp=False)
-    d.update(kw)
-    return argparse.Namespace(**d)
+def _smoke_args(model, tmp_path=None, **kw):
+    argv = ["--preset", "smoke", "--model", model, "--out", str(tmp_path or "/tmp/anovaegan_unused")]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return A.parse_args(argv)
 
 
 def _tiny_set(n=16, size=32, seed=0):
@@ -220,56 +300,73 @@ def _tiny_set(n=16, size=32, seed=0):
     k = n // 2
     cases = [datasets.Case(id=f"c{i}", subject=f"c{i}", group="val", label=0, image="") for i in range(2)]
     return datasets.ArraySet(x=x, mask=np.zeros_like(x, np.uint8), brain=np.repeat(brain[None], n, 0),
-                      case=np.repeat(np.arange(2), k).astype(np.int32), z=np.tile(np.arange(k), 2).astype(np.int32),
-                      cases=cases)
+                             case=np.repeat(np.arange(2), k).astype(np.int32),
+                             z=np.tile(np.arange(k), 2).astype(np.int32), cases=cases)
 
 
 @pytest.mark.parametrize("model", A.MODELS)
 def test_smoke_train_each_model(model, tmp_path):
     import time
     torch.manual_seed(0)
-    args = _smoke_args(model, epochs=1)
+    args = _smoke_args(model, tmp_path, epochs=2)
     run = C.Run(out=tmp_path, device=torch.device("cpu"), method="anovaegan", t0=time.time())
     ae, dis = A.build_models(args)
     S = _tiny_set()
-    hist = A.train(args, run, ae, dis, S, S)
-    assert all(np.isfinite(v) for _, v in hist["L_rec"]) and hist["L_rec"]
-    assert bool(hist["L_prior"]) == (model in A.VARIATIONAL)
-    assert bool(hist["L_Dis"]) == (model in A.ADVERSARIAL)
-    ck = C.load_checkpoint(tmp_path / "last.pt")
-    assert ck["epoch"] == 1 and ("dis" in ck["models"]) == (model in A.ADVERSARIAL)
-    # --resume continues where the checkpoint stopped
-    args2 = _smoke_args(model, epochs=2)
-    ae2, dis2 = A.build_models(args2)
-    hist2 = A.train(args2, run, ae2, dis2, S, S, start=ck)
-    assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 2 * ck["step"]
-    assert len(hist2["val L_rec"]) == 2
+    loop = A.train(args, run, ae, dis, S, S)
+    hist = loop.history
+    assert hist["L_rec"] and all(np.isfinite(v) for _, v in hist["L_rec"])
+    assert ("L_prior" in hist) == (model in A.VARIATIONAL)
+    assert ("L_adv" in hist) == ("L_Dis" in hist) == (model in A.ADVERSARIAL)
+    assert len(hist["val L_rec"]) == 2                                  # once per epoch
+    ck = C.load_checkpoint(tmp_path / "last.pt", "anovaegan")
+    assert ck["loop"]["total_steps"] == 2 * (16 // args.batch_size)
+    assert set(ck["models"]) == ({"ae", "dis"} if model in A.ADVERSARIAL else {"ae"})
 
 
-# ---- smoke run of the script (contract files) ------------------------------------------------------
+# ---- smoke run of the script as a user types it ---------------------------------------------------
 
 def _run(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(REPO / "anovaegan.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_smoke_run_writes_contract_files(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("anovaegan") / "run"
     p = _run(["--preset", "smoke", "--out", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
-    for f in ("config.json", "results.json", "scores.csv", "roc.png", "scores.png", "examples.png",
-              "losses.png", "last.pt", "fig5_segmentations.png", "fig6_residual_histogram.png", "fig5.npz"):
-        assert (out / f).is_file(), f
-    res = json.loads((out / "results.json").read_text())
-    for k in ("method", "data", "preset", "seed", "unit", "metrics", "groups", "timing"):
-        assert k in res
+    return out
+
+
+def test_smoke_run_writes_contract_files(smoke, tmp_path):
+    from check_contract import check
+    problems = check(str(smoke))
+    assert not (problems if isinstance(problems, list) else problems[0])
+    for f in ("fig5_segmentations.png", "fig6_residual_histogram.png", "fig5.npz", "copy_probe.png"):
+        assert (smoke / f).is_file(), f
+    res = json.loads((smoke / "results.json").read_text())
     assert res["method"] == "anovaegan" and res["unit"] == "slice"
     assert {"lesion_hyper", "tumor", "normal"} <= set(res["groups"])
     t = res["table1"]
     assert t["model"] == "AnoVAEGAN" and t["z"] == "8x8x4" and t["reco_s_per_sample"] > 0
     assert 0 <= t["dice_mean"] <= 1 and t["dice_groups"] == ["lesion_hyper", "tumor"]
     assert 0 <= res["pixel"]["all"]["auroc"] <= 1 and "oracle_dice" in res["pixel"]["tumor"]
+    probe = res["copy_probe"]
+    assert probe["radius_px"] == [1, 2, 4] and all(0 < probe["kept"][str(r)]["n"] for r in (1, 2, 4))
+    # Dice: the mean over patients with its 95% interval over patients
+    for g in ("tumor", "all"):
+        ds = [p["dice"] for p in res["patients"] if p["dice"] is not None and g in ("all", p["group"])]
+        assert res["dice"][g]["mean"] == pytest.approx(np.mean(ds)) and res["dice"][g]["n"] == len(ds)
+        assert res["dice"][g]["ci"] == pytest.approx(C.mean_ci(ds)["ci"])
+    # slice rows: group = the scan's group, label = the slice's own, case = the scan
+    import csv
+    rows = list(csv.DictReader(open(smoke / "scores.csv")))
+    pat = {p["id"]: p for p in res["patients"]}
+    assert all(r["group"] == pat[r["case"]]["group"] for r in rows)
+    assert all(int(r["label"]) == int(int(r["gt_voxels"]) > 0 or pat[r["case"]]["gt_voxels"] == 0
+                                       and pat[r["case"]]["label"] == 1) for r in rows)
+    assert {r["label"] for r in rows if r["group"] == "tumor"} == {"0", "1"}
     # the threshold came from the healthy validation subjects: its pixel count is theirs
     import argparse
     ns = argparse.Namespace(data="synthetic", data_root=None, train_data=None, train_root=None, preset="smoke",
@@ -280,18 +377,67 @@ def test_smoke_run_writes_contract_files(tmp_path):
     assert res["threshold"]["source"] == "healthy validation" and res["threshold"]["n_val_pixels"] == n_val
     # --checkpoint scores without training and reproduces the threshold
     out2 = tmp_path / "ck"
-    p = _run(["--preset", "smoke", "--out", str(out2), "--checkpoint", str(out / "last.pt"), "--groups", "tumor"])
+    p = _run(["--preset", "smoke", "--out", str(out2), "--checkpoint", str(smoke / "last.pt"), "--groups", "tumor"])
     assert p.returncode == 0, p.stderr[-3000:]
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["threshold"]["value"] == pytest.approx(res["threshold"]["value"], rel=1e-4)
-    assert set(res2["groups"]) == {"normal", "tumor"}
+    assert set(res2["groups"]) == {"normal", "tumor"} and (out2 / "losses.png").is_file()
     # --compare builds Table 1 over finished runs; a glob such as runs/anovaegan__* also matches earlier
     # --compare folders, which are skipped rather than stopping the table
     cmp1, cmp2 = tmp_path / "cmp1", tmp_path / "cmp2"
-    A.main(["--compare", str(out), str(out2), "--out", str(cmp1)])
-    A.main(["--compare", str(out), str(cmp1), str(out2), "--out", str(cmp2)])
+    A.main(["--compare", str(smoke), str(out2), "--out", str(cmp1)])
+    A.main(["--compare", str(smoke), str(cmp1), str(out2), "--out", str(cmp2)])
     assert (cmp1 / "table1.md").read_text() == (cmp2 / "table1.md").read_text()
     assert (cmp2 / "table1.md").read_text().count("AnoVAEGAN") >= 2
+
+
+def test_resume_after_max_steps_reproduces_the_uninterrupted_run(smoke, tmp_path):
+    """8 training steps in all (64 slices / 8); stop after 3, resume from that last.pt."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = _run(["--preset", "smoke", "--out", str(a), "--max-steps", "3"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert C.load_checkpoint(a / "last.pt", "anovaegan")["loop"]["total_steps"] == 3
+    p = _run(["--preset", "smoke", "--out", str(b), "--resume", str(a / "last.pt")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (b / "scores.csv").read_bytes() == (smoke / "scores.csv").read_bytes()
+    assert (a / "scores.csv").read_bytes() != (smoke / "scores.csv").read_bytes()
+
+
+def test_checkpoint_of_another_script_or_other_flags_is_one_error(smoke, tmp_path):
+    ck = C.load_checkpoint(smoke / "last.pt")
+    ck["method"] = "madgan"
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(C.UserError, match=r"not a last.pt of anovaegan.py \(it is one of madgan.py\)"):
+        A.main(["--preset", "smoke", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")])
+    with pytest.raises(C.UserError, match="other network settings"):
+        A.main(["--preset", "smoke", "--checkpoint", str(smoke / "last.pt"), "--z-shape", "8x8x8",
+                "--out", str(tmp_path / "y")])
+
+
+def test_paired_differences_of_two_runs_on_the_same_patients():
+    """--compare's A − B: the mean of per-patient Dice differences, and the slice AUROC difference."""
+    import sklearn.metrics as skm
+    rng = np.random.default_rng(0)
+    pats, rows_a, rows_b = {"a": [], "b": []}, [], []
+    for i in range(12):
+        grp = "tumor" if i < 8 else "normal"
+        da, db = (rng.uniform(0.3, 0.9), rng.uniform(0.0, 0.4)) if grp == "tumor" else (None, None)
+        pats["a"].append(dict(id=f"p{i}", group=grp, dice=da))
+        pats["b"].append(dict(id=f"p{i}", group=grp, dice=db))
+        for z in range(4):
+            lab = int(grp == "tumor" and z < 2)
+            rows_a.append(dict(id=f"p{i}/z{z}", group=grp, label=lab, case=f"p{i}", score=lab + rng.normal()))
+            rows_b.append(dict(id=f"p{i}/z{z}", group=grp, label=lab, case=f"p{i}", score=rng.normal()))
+    p = A.paired((Path("a"), {"patients": pats["a"]}, rows_a), (Path("b"), {"patients": pats["b"]}, rows_b),
+                 "tumor")
+    diffs = [a["dice"] - b["dice"] for a, b in zip(pats["a"], pats["b"]) if a["dice"] is not None]
+    assert p["n_cases"] == 8 and p["dice_diff"] == pytest.approx(np.mean(diffs))
+    assert p["dice_ci"][0] > 0 and p["dice_resolved"]                 # every difference is positive
+    clean = [i for i, r in enumerate(rows_a) if r["label"] == 1 or r["group"] == "normal"]   # normal scans
+    y = np.array([rows_a[i]["label"] for i in clean])
+    sa, sb = np.array([rows_a[i]["score"] for i in clean]), np.array([rows_b[i]["score"] for i in clean])
+    assert p["auroc_diff"] == pytest.approx(skm.roc_auc_score(y, sa) - skm.roc_auc_score(y, sb))
+    assert p["auroc_ci"][0] <= p["auroc_diff"] <= p["auroc_ci"][1]
 
 
 def test_bad_flags_give_one_error_line(tmp_path):
@@ -301,3 +447,5 @@ def test_bad_flags_give_one_error_line(tmp_path):
         A.main(["--preset", "smoke", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y")])
     with pytest.raises(C.UserError, match="--percentile"):
         A.main(["--preset", "smoke", "--percentile", "120", "--out", str(tmp_path / "z")])
+    with pytest.raises(C.UserError, match="--median must be odd"):
+        A.main(["--preset", "smoke", "--median", "4", "--out", str(tmp_path / "w")])
