@@ -80,8 +80,8 @@ Commands
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import time
 
 import numpy as np
 import torch
@@ -101,15 +101,15 @@ PRESETS = {
     "smoke": dict(dims=3, size=16, width=4, latent_dim=16, batch_size=4, n_critic=2, lam=10.0, kappa=1.0,
                   lr_gan=5e-4, lr_enc=5e-4, lr_ft=1e-4, beta1=0.0, beta2=0.9, gan_steps=2, enc_steps=2,
                   ft_steps=2, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=4,
-                  val_percentile=95.0, ckpt_every=0),
+                  val_percentile=95.0),
     "quick": dict(dims=3, size=32, width=8, latent_dim=128, batch_size=16, n_critic=5, lam=10.0, kappa=1.0,
                   lr_gan=5e-4, lr_enc=5e-4, lr_ft=1e-4, beta1=0.0, beta2=0.9, gan_steps=250, enc_steps=300,
                   ft_steps=100, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=8,
-                  val_percentile=95.0, ckpt_every=0),
+                  val_percentile=95.0),
     "paper": dict(dims=3, size=64, width=64, latent_dim=2500, batch_size=4, n_critic=5, lam=10.0, kappa=1.0,
                   lr_gan=1e-4, lr_enc=1e-4, lr_ft=1e-5, beta1=0.0, beta2=0.9, gan_steps=20000, enc_steps=10000,
                   ft_steps=2000, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=16,
-                  val_percentile=95.0, ckpt_every=0),
+                  val_percentile=95.0),
 }
 
 
@@ -137,8 +137,6 @@ def build_parser():
     g.add_argument("--ft-steps", type=int, default=None, help="iterations of step 3 (fine-tuning); not given (2000)")
     g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
                    help="run step 3, fine-tuning E and G on L_E (§2, suppl. Table S2); --no-finetune for the ablation")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="cap every step's iterations at N (short runs, e.g. to measure GPU memory); not a paper setting")
     g.add_argument("--smooth-sigma", type=float, default=None, help="Gaussian smoothing σ in voxels, §2 step 5 (σ not given; 1)")
     g.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="CT soft-tissue window in HU, §2 step 6 (paper -20 100)")
@@ -146,8 +144,13 @@ def build_parser():
                    help="--dims 2: middle axial slices per volume (§3 'a middle brain range'; not given)")
     g.add_argument("--val-percentile", type=float, default=None,
                    help="threshold = this percentile of healthy validation scores (ours; the paper uses Youden)")
-    g.add_argument("--ckpt-every", type=int, default=None,
-                   help="write last.pt every N iterations (0 = once per epoch of training data)")
+    g.add_argument("--modality", default=None,
+                   help="ct (the paper's NCCT, §2) or t1|t2|flair (MRI, the paper's future work, §4): the "
+                        "phantom's contrast (default ct), a real data set's image, and the normalisation (CT "
+                        "window or MRI percentiles); unset on real data: detected from the training volumes")
+    g.add_argument("--compare-3d", default=None, metavar="RUN_DIR",
+                   help="--dims 2: a finished 3D run on the same data; its volume AUROC minus this run's "
+                        "volume-level AUROC, with a paired 95%% interval over volumes (§3: 3D vs 2D)")
     return p
 
 
@@ -155,7 +158,7 @@ def parse(argv=None):
     args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
     for name, lo, hi in (("size", 8, 512), ("width", 1, 1024), ("latent_dim", 1, 100000), ("batch_size", 1, 4096),
                          ("n_critic", 1, 100), ("gan_steps", 0, 10**8), ("enc_steps", 0, 10**8),
-                         ("ft_steps", 0, 10**8), ("n_slices", 1, 1000), ("ckpt_every", 0, 10**8)):
+                         ("ft_steps", 0, 10**8), ("n_slices", 1, 1000)):
         C.check_range(args, name, lo=lo, hi=hi, integer=True)
     for name, lo, hi in (("lam", 0, None), ("kappa", 0, None), ("lr_gan", 0, 1), ("lr_enc", 0, 1), ("lr_ft", 0, 1),
                          ("beta1", 0, 0.999999), ("beta2", 0, 0.999999), ("smooth_sigma", 0, 20),
@@ -163,12 +166,17 @@ def parse(argv=None):
         C.check_range(args, name, lo=lo, hi=hi)
     if args.size & (args.size - 1):
         C.fail(f"--size must be a power of 2 (8, 16, 32, 64, ...), got {args.size}")
-    if args.max_steps is not None:
-        C.check_range(args, "max_steps", lo=0, hi=10**8, integer=True)
-        for k in ("gan_steps", "enc_steps", "ft_steps"):
-            setattr(args, k, min(getattr(args, k), args.max_steps))
+    for name in ("max_steps", "ckpt_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            C.fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.window[0] >= args.window[1]:
         C.fail(f"--window LO HI needs LO < HI, got {args.window[0]:g} {args.window[1]:g}")
+    if args.modality:
+        args.modality = datasets.MODALITY_ALIASES.get(args.modality.lower(), args.modality.lower())
+    if args.data == "synthetic" and args.modality not in (None, "ct", "t1", "t2", "flair"):
+        C.fail(f"--modality {args.modality}: the phantom has ct, t1, t2 and flair")
+    if args.compare_3d and args.dims != 2:
+        C.fail("--compare-3d RUN_DIR compares a 3D run with this run's 2D model: add --dims 2")
     return args
 
 
@@ -314,17 +322,9 @@ def anomaly_score(E, G, D, x, kappa):
 # Training (step 1: WGAN-GP; step 2: encoder with G, D frozen; step 3: fine-tune E and G)
 # =================================================================================================
 
-def batch_indices(n, batch_size, it, seed):
-    """Rows of iteration `it`: a fresh permutation every epoch, reproducible from (seed, epoch), so a
-    resumed run draws the same batches."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(it, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size]
-
-
-def get_batch(X, idx, device):
-    return torch.as_tensor(np.asarray(X[idx.numpy()]), dtype=torch.float32).unsqueeze(1).to(device)  # (B, 1, S..)
+PHASES = {"gan": "step 1 WGAN-GP (Eq. 2-3)", "encoder": "step 2 encoder, G and D frozen (Eq. 6)",
+          "finetune": "step 3 fine-tune E and G (Eq. 6)"}
+OPTIMS = {"gan": ("G", "D"), "encoder": ("E",), "finetune": ("EG",)}   # the Adam states each step uses
 
 
 def set_trainable(module, flag):
@@ -332,115 +332,172 @@ def set_trainable(module, flag):
         p.requires_grad_(flag)
 
 
-def rank_batch(n, batch_size, it, seed):
-    """This process's rows of iteration `it`. Alone: batch_indices(...). Under torchrun each of the N
-    processes takes its disjoint share (C.shard) of the global batch of batch_size x N rows."""
-    return C.shard(batch_indices(n, batch_size * C.ddp_world(), it, seed))
+def set_phase(phase, G, D, E):
+    """Who learns in each step (§2, Fig. 2): step 1 G and D; step 2 E alone, G and D frozen in eval
+    mode (G's BatchNorm keeps its step-1 statistics, deviation 4); step 3 E and G, D frozen."""
+    G.train(phase == "gan"), D.train(phase == "gan"), E.train(phase != "gan")
+    set_trainable(D, phase == "gan")
+    set_trainable(G, phase != "encoder")
+    set_trainable(E, phase != "gan")
 
 
-def train_wgan_gp(G, D, opt_G, opt_D, X, *, steps, start=0, n_critic=5, lam=10.0, batch_size=4, latent_dim=2500,
-                  seed=0, device="cpu", amp=False, curves=None, save=None, ckpt_every=1, ddp=None):
-    """Step 1: Eq. (2) for the critic (n_critic iterations), then Eq. (3) for the generator.
-    ddp: {"G": G_, "D": D_}, the DistributedDataParallel wrappers under torchrun (else G and D)."""
-    curves = curves if curves is not None else {}
-    G_, D_ = (ddp or {}).get("G", G), (ddp or {}).get("D", D)
-    G.train(), D.train()
-    for step in C.progress(range(start, steps), total=steps - start, desc="step 1 WGAN-GP"):
-        set_trainable(D, True)
-        for k in range(n_critic):
-            x = get_batch(X, rank_batch(len(X), batch_size, step * n_critic + k, seed), device)
-            z = torch.randn(len(x), latent_dim, device=device)          # z ~ N(0, I)
-            with C.autocast(device, amp):
+def update(opt, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def train_step(phase, nets, opt, next_x, args, device):
+    """One iteration of training step `phase` (§2 "Training strategy") -> its losses.
+    nets: G, D, E (their DDP wrappers under torchrun); opt: {G, D, E, EG}: Adam; next_x() -> the next
+    batch of healthy volumes (B, 1, S, S, S)."""
+    G, D, E = nets["G"], nets["D"], nets["E"]
+    if phase == "gan":                       # step 1: n_critic updates of D on Eq. (2), one of G on Eq. (3)
+        set_trainable(C.unwrap(D), True)
+        for _ in range(args.n_critic):
+            x = next_x()
+            z = torch.randn(len(x), args.latent_dim, device=device)       # z ~ N(0, I)   (Eq. 1)
+            with C.autocast(device, args.amp):
                 with torch.no_grad():
-                    x_tilde = G_(z)                                    # (B, 1, S, S, S)
-                W = critic_wasserstein_loss(D_(x), D_(x_tilde)).float()
-                gp = gradient_penalty(D_, x, x_tilde)
-                L_D = W + lam * gp                                     # Eq. (2)
-            opt_D.zero_grad(set_to_none=True)
-            L_D.backward()
-            opt_D.step()
-        set_trainable(D, False)                                        # G's step does not touch D
-        z = torch.randn(batch_size, latent_dim, device=device)
-        with C.autocast(device, amp):
-            L_G = generator_loss(D(G_(z))).float()                     # Eq. (3); plain D: it is frozen here
-        opt_G.zero_grad(set_to_none=True)
-        L_G.backward()
-        opt_G.step()
-        set_trainable(D, True)
-        C.check_finite(L_D + L_G, step=step, ckpt=getattr(save, "path", None))
-        for name, v in (("L_D (Eq. 2)", L_D), ("L_G (Eq. 3)", L_G), ("W distance -(E[D(x~)]-E[D(x)])", -W),
-                        ("gradient penalty", gp)):
-            curves.setdefault(name, []).append((step + 1, float(v.detach())))
-        if save and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
-            save(step + 1)
-    return curves
+                    x_tilde = G(z)                                        # x~ = G(z): (B, 1, S, S, S)
+                W = critic_wasserstein_loss(D(x), D(x_tilde)).float()
+                gp = gradient_penalty(D, x, x_tilde)
+                L_D = W + args.lam * gp                                   # Eq. (2)
+            update(opt["D"], L_D)
+        set_trainable(C.unwrap(D), False)                                 # G's update leaves D as it is
+        z = torch.randn(len(x), args.latent_dim, device=device)
+        with C.autocast(device, args.amp):
+            L_G = generator_loss(C.unwrap(D)(G(z))).float()               # Eq. (3)
+        update(opt["G"], L_G)
+        return {"L_D (Eq. 2)": L_D, "L_G (Eq. 3)": L_G, "W distance -(E[D(x~)]-E[D(x)])": -W,
+                "gradient penalty": gp}
+    # steps 2 and 3: the "izif" encoder training of f-AnoGAN [20], Fig. 2; D only provides f
+    x = next_x()
+    G_ = G if phase == "finetune" else C.unwrap(G)                        # a frozen G needs no DDP
+    D = C.unwrap(D)
+    with C.autocast(device, args.amp):
+        x_rec = G_(E(x))                                                  # x~ = G(E(x))
+        with torch.no_grad():
+            f_x = D.features(x)                                           # f(x): (B, m)
+        L_E = encoder_loss(x, x_rec, f_x, D.features(x_rec), args.kappa).mean()   # Eq. (6)
+    update(opt["E" if phase == "encoder" else "EG"], L_E)
+    return {f"L_E (Eq. 6), {PHASES[phase]}": L_E}
 
 
-def train_encoder(E, G, D, opt, X, *, steps, start=0, kappa=1.0, finetune=False, batch_size=4, seed=0,
-                  device="cpu", amp=False, curves=None, save=None, ckpt_every=1, phase="step 2 encoder", ddp=None):
-    """Step 2 (finetune=False): only E minimises Eq. (6); G and D are frozen (no gradients, eval mode).
-    Step 3 (finetune=True): E and G minimise Eq. (6) together; D stays frozen (it only provides f).
-    ddp: {"E": E_, "G": G_}, the DistributedDataParallel wrappers under torchrun (else E and G)."""
-    curves = curves if curves is not None else {}
-    E_ = (ddp or {}).get("E", E)
-    G_ = (ddp or {}).get("G", G) if finetune else G                    # a frozen G needs no gradient averaging
-    D.eval(), G.eval(), E.train()
-    set_trainable(D, False)
-    set_trainable(G, finetune)
-    key = "L_E (Eq. 6), step 3 fine-tune E+G" if finetune else "L_E (Eq. 6), step 2 encoder"
-    offset = 10**6 if finetune else 5 * 10**5                          # different batches from step 1
-    for step in C.progress(range(start, steps), total=steps - start, desc=phase):
-        x = get_batch(X, rank_batch(len(X), batch_size, offset + step, seed), device)
-        with C.autocast(device, amp):
-            x_rec = G_(E_(x))                                          # x~ = G(E(x))
-            with torch.no_grad():
-                f_x = D.features(x)
-            L_E = encoder_loss(x, x_rec, f_x, D.features(x_rec), kappa).mean()  # Eq. (6)
-        opt.zero_grad(set_to_none=True)
-        L_E.backward()
-        opt.step()
-        C.check_finite(L_E, step=step, ckpt=getattr(save, "path", None))
-        curves.setdefault(key, []).append((step + 1, float(L_E.detach())))
-        if save and ((step + 1) % ckpt_every == 0 or step + 1 == steps):
-            save(step + 1)
-    set_trainable(G, True)
-    set_trainable(D, True)
-    return curves
+def get_batch(X, idx, device):
+    """Rows idx of a (N, S, S[, S]) array -> float32 tensor (B, 1, S, S[, S]) on the device."""
+    return torch.as_tensor(np.asarray(X[np.asarray(idx)]), dtype=torch.float32).unsqueeze(1).to(device)
+
+
+def train(run, args, nets, S_train, S_test):
+    """The three steps of §2 as three phases of one C.Loop (resume, checkpoints, --max-steps, NaN stop),
+    each drawing its own shuffled stream of healthy training volumes. -> (loop, training seconds)."""
+    G, D, E = nets["G"], nets["D"], nets["E"]
+
+    def adam(params, lr):
+        return torch.optim.Adam(params, lr=lr, betas=(args.beta1, args.beta2))
+    opt = {"G": adam(G.parameters(), args.lr_gan), "D": adam(D.parameters(), args.lr_gan),
+           "E": adam(E.parameters(), args.lr_enc), "EG": adam([*E.parameters(), *G.parameters()], args.lr_ft)}
+    steps = {"gan": args.gan_steps, "encoder": args.enc_steps, "finetune": args.ft_steps * args.finetune}
+    batches = {p: C.Batches(len(S_train.x), args.batch_size, args.seed, stream=i) for i, p in enumerate(steps)}
+    loop = C.Loop(run, args, models=nets, optims=opt, batches=batches)
+    ddp = {k: C.ddp_wrap(m, run.device) for k, m in nets.items()}   # alone: the networks themselves
+    for phase, n in steps.items():
+        if not n:
+            continue
+        set_phase(phase, G, D, E)
+        b = batches[phase]
+        for _ in loop.phase(phase, n, desc=PHASES[phase]):
+            loop.log(train_step(phase, ddp, opt, lambda: get_batch(S_train.x, next(b), run.device), args, run.device))
+        if phase not in loop.state["done"]:
+            break                                                      # --max-steps or NaN: stop here
+        for k in OPTIMS[phase]:   # a finished step's Adam moments: out of GPU memory and of later checkpoints
+            opt[k].state.clear()
+        done_s = loop.state.setdefault("phase_s", {})
+        if phase in done_s:
+            continue                                                   # finished before this --resume
+        done_s[phase] = round(loop.state["train_s"] - sum(done_s.values()), 2)
+        if run.device.type == "cuda":
+            loop.state.setdefault("peak_cuda_mb", {})[phase] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+            torch.cuda.reset_peak_memory_stats()
+        if phase == "encoder" and steps["finetune"]:
+            # the test scores before step 3, for the fine-tuning ablation (suppl. Table S2)
+            loop.state["scores_step2"] = C.on_main(lambda: score(nets, S_test, args, run.device)["score"].tolist())
+    for m in nets.values():
+        m.zero_grad(set_to_none=True)
+    return loop, loop.close()
 
 
 # =================================================================================================
 # Scoring and evaluation
 # =================================================================================================
 
-def load_arrays(args, cases, desc):
-    """§2 preprocessing via common.py: skull strip, crop black borders, smooth, pad to a cube, resize
-    (linear), window [-20, 100] HU -> [-1, 1]. --dims 2: middle axial slices instead (§3)."""
-    if not cases:
-        return None
-    if args.dims == 3:
-        return datasets.volume_stack(cases, size=(args.size,) * 3, norm="ct", ct_window=tuple(args.window),
-                              smooth_sigma=args.smooth_sigma, cache_dir=args.cache_dir, desc=desc)
-    return datasets.slice_stack(cases, size=(args.size,) * 2, norm="ct", n_slices=args.n_slices, center=0.5,
-                         ct_window=tuple(args.window), cache_dir=args.cache_dir, desc=desc)
+def detect_modality(cases, n=3):
+    """CT or MRI from the raw training volumes: a CT's background is air at about -1000 HU, MRI
+    intensities are >= 0. -> ("ct" | "mri", how it was decided)."""
+    p1 = [float(np.percentile(datasets.read_nifti(c.image)[0], 1)) for c in cases[:n]]
+    kind = "ct" if np.median(p1) < -500 else "mri"
+    return kind, (f"detected from {len(p1)} training volumes: 1st intensity percentile {np.median(p1):g} "
+                  f"({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality overrides")
 
 
-def score_set(E, G, D, S, *, kappa, batch_size, device, amp=False, keep=()):
-    """Score every row of an ArraySet, in batches (the last partial batch included). Returns numpy
-    arrays score/img/feat (N,) and {row: x_rec} for the rows in `keep` (for figures)."""
-    E.eval(), G.eval(), D.eval()
-    out = {"score": [], "img": [], "feat": []}
-    recs, keep = {}, set(int(k) for k in keep)
-    for i0 in range(0, len(S.x), batch_size):
-        idx = torch.arange(i0, min(i0 + batch_size, len(S.x)))
-        x = get_batch(S.x, idx, device)
-        with C.autocast(device, amp):
-            r = anomaly_score(E, G, D, x, kappa)
-        for k in out:
-            out[k].append(r[k].float().cpu().numpy())
-        for j, row in enumerate(idx.tolist()):
-            if row in keep:
-                recs[row] = r["x_rec"][j, 0].float().cpu().numpy()
-    return {k: np.concatenate(v) for k, v in out.items()}, recs
+def load_data(args, run):
+    """§2 preprocessing (data/datasets.py): skull strip, crop black borders, smooth, pad to a cube,
+    resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7) or, for MRI, the
+    1st-99th brain percentiles -> [-1, 1]. --dims 2: middle axial slices instead (§3)."""
+    phantom = args.data == "synthetic"
+    data = datasets.load_dataset(args, contrast=(args.modality or "ct") if phantom else "ct")
+    if args.modality or phantom:
+        norm = "ct" if (args.modality or "ct") == "ct" else "mri"
+        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
+    else:
+        norm, how = detect_modality(data.train)
+    run.log(f"modality {norm.upper()} ({how}): " + ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
+                                                  else "MRI 1st-99th brain percentiles") + " -> [-1, 1]")
+    data.info["normalisation"] = {"norm": norm, "how": how}
+
+    def arrays(cases, desc):
+        if not cases:
+            return None
+        if args.dims == 3:
+            return datasets.volume_stack(cases, size=(args.size,) * 3, norm=norm, ct_window=tuple(args.window),
+                                         smooth_sigma=args.smooth_sigma, cache_dir=args.cache_dir, desc=desc)
+        return datasets.slice_stack(cases, size=(args.size,) * 2, norm=norm, n_slices=args.n_slices, center=0.5,
+                                    ct_window=tuple(args.window), cache_dir=args.cache_dir, desc=desc)
+    S = [arrays(data.train, "train"), arrays(data.val, "val"), arrays(data.test, "test")]
+    check_contrast(S[0], norm, args)
+    return (data, *S)
+
+
+def check_contrast(S, norm, args):
+    """Refuse training volumes whose brain is one constant after normalisation (e.g. MRI through the CT
+    window: every brain voxel clips to +1), which would train for nothing and score every volume alike."""
+    x, b = np.asarray(S.x[:64]), np.asarray(S.brain[:64]) > 0
+    v = x[b] if b.any() else x.ravel()
+    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
+    if same > 0.9:
+        how = (f"the CT window {args.window[0]:g}..{args.window[1]:g} HU (are these MRI volumes? pass "
+               f"--modality t1|t2|flair)" if norm == "ct" else "the MRI normalisation (pass --modality ct for CT)")
+        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} training {'volumes' if args.dims == 3 else 'slices'}"
+               f" have one value ({np.median(v):.3g}) after {how}; nothing to learn, so no training")
+
+
+@torch.no_grad()
+def score(nets, S, args, device, rows=None):
+    """Eq. (6) for every row of an ArraySet (or the given rows), in batches, the last partial one
+    included -> numpy score/img/feat (N,) and x_rec (N, S, S[, S]) when `rows` is given (figures)."""
+    G, D, E = nets["G"].eval(), nets["D"].eval(), nets["E"].eval()
+    idx = np.arange(len(S.x)) if rows is None else np.asarray(rows)
+    out = {}
+    for i0 in range(0, len(idx), args.batch_size):
+        x = get_batch(S.x, idx[i0:i0 + args.batch_size], device)      # (B, 1, S, S, S)
+        with C.autocast(device, args.amp):
+            r = anomaly_score(E, G, D, x, args.kappa)
+        r["x_rec"] = r["x_rec"][:, 0]                                  # (B, S, S, S)
+        for k, v in r.items():
+            if k != "x_rec" or rows is not None:
+                out.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def lesion_type(case):
@@ -448,57 +505,76 @@ def lesion_type(case):
     return str(case.meta.get("subtype") or case.group)
 
 
-def make_rows(S, sc, dims, sc_noft=None):
-    """Per-unit rows for C.finish_run. 3D: one row per volume. 2D: one row per slice; slices of
-    anomalous scans without lesion are discarded (§3, "images with abnormalities that are not located
-    in the selected slice are discarded")."""
-    rows = []
+def make_rows(S, sc, dims, noft=None):
+    """Rows for C.report (one per scored unit) and each row's index into S. 3D: one row per volume.
+    2D: one per slice, `case` = its volume; slices of anomalous scans without lesion are discarded
+    (§3, "images with abnormalities that are not located in the selected slice are discarded")."""
+    rows, at = [], []
     for i in range(len(S.x)):
         c = S.cases[int(S.case[i])]
+        r = {"id": c.id, "group": c.group, "label": int(c.label)}
         if dims == 2:
-            has_lesion = bool(np.asarray(S.mask[i]).any()) if c.mask else True   # no mask: keep the slice
-            if c.label == 1 and not has_lesion:
+            lesion = bool(np.asarray(S.mask[i]).any()) if c.mask else True   # no mask: keep the slice
+            if c.label == 1 and not lesion:
                 continue
-            rid, label = f"{c.id}/z{int(S.z[i])}", int(c.label == 1 and has_lesion)
-        else:
-            rid, label = c.id, int(c.label)
-        r = {"id": rid, "group": c.group, "label": label, "score": float(sc["score"][i]),
-             "type": lesion_type(c) if c.label else "normal", "L_img": float(sc["img"][i]),
-             "L_feat": float(sc["feat"][i]), "row": i}
-        if sc_noft is not None:
-            r["score_no_finetune"] = float(sc_noft["score"][i])
+            r.update(id=f"{c.id}/z{int(S.z[i])}", label=int(c.label == 1 and lesion), case=c.id)
+        r.update(score=float(sc["score"][i]), type=lesion_type(c) if c.label else "normal",
+                 L_img=float(sc["img"][i]), L_feat=float(sc["feat"][i]))
+        if noft is not None:
+            r["score_no_finetune"] = float(noft[i])
         rows.append(r)
-    return rows
+        at.append(i)
+    return rows, at
 
 
 def per_type(rows, key="score"):
-    """AUROC and AP of each lesion type against the normal units (Fig. 5)."""
-    y = np.array([r["label"] for r in rows])
-    s = np.array([r[key] for r in rows])
-    t = np.array([r["type"] for r in rows])
-    out = {}
-    for name in sorted(set(t[y == 1])):
-        sel = (y == 0) | (t == name)
-        out[name] = {"n": int(((t == name) & (y == 1)).sum()), "auroc": C.auroc(y[sel], s[sel]),
-                     "ap": C.auprc(y[sel], s[sel])}
+    """Fig. 5: AUROC and AP of each lesion type against the normal scans, 95% intervals over cases."""
+    ev = C.evaluate([{**r, "group": r["type"]} for r in rows], key=key)["groups"]
+    return {t: {"n": e["n_anomalous"], "auroc": e["auroc"], "auroc_ci": e["auroc_ci"], "ap": e["auprc"],
+                "ap_ci": e["auprc_ci"]} for t, e in ev.items() if "auroc" in e}
+
+
+def paired(rows_a, rows_b, key_a="score", key_b="score"):
+    """AUROC(a) - AUROC(b) on the same units with a 95% interval from one bootstrap over cases: all
+    anomalous units, then each lesion type (each against the normal scans)."""
+    typed = [[{**r, "group": r["type"]} for r in rows] for rows in (rows_a, rows_b)]
+    out = {"all": C.compare_scores(rows_a, rows_b, None, key_a, key_b)}
+    for t in sorted({r["type"] for r in rows_a if int(r["label"])}):
+        out[t] = C.compare_scores(*typed, t, key_a, key_b)
     return out
 
 
-def volume_level(S, sc):
-    """--dims 2: a volume's score = mean of its slices' scores (all middle slices)."""
+def volume_rows(S, sc):
+    """--dims 2: one row per volume, score = the mean of its middle slices' scores (all of them)."""
     vs = C.aggregate(sc["score"], [int(k) for k in S.case], how="mean")
-    rows = [{"label": int(c.label), "type": lesion_type(c) if c.label else "normal", "score": vs[i]}
-            for i, c in enumerate(S.cases) if i in vs]
-    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
-    return {"auroc": C.auroc(y, s), "auprc": C.auprc(y, s), "per_type": per_type(rows)}
+    return [{"id": c.id, "group": c.group, "label": int(c.label), "score": vs[i],
+             "type": lesion_type(c) if c.label else "normal"} for i, c in enumerate(S.cases) if i in vs]
+
+
+def compare_3d(path, vol):
+    """--compare-3d: the 3D run's volume scores against this 2D run's volume-level ones, paired on the
+    same test volumes (§3: "the 3D model outperforms the 2D one by 4% in the area under the ROC")."""
+    import csv
+    from pathlib import Path
+    f, res = Path(path) / "scores.csv", Path(path) / "results.json"
+    if not (f.is_file() and res.is_file()):
+        C.fail(f"--compare-3d {path}: no scores.csv and results.json (is it a finished run of {METHOD}.py?)")
+    r3 = json.loads(res.read_text())
+    if r3.get("method") != METHOD or r3.get("dims") != 3:
+        C.fail(f"--compare-3d {path}: not a 3D run of {METHOD}.py (method {r3.get('method')}, dims {r3.get('dims')})")
+    rows3 = [{**r, "label": int(r["label"]), "score": float(r["score"])} for r in csv.DictReader(open(f))]
+    if {r["id"] for r in rows3} != {r["id"] for r in vol}:
+        C.fail(f"--compare-3d {path}: that run scored other test volumes; use the same --data, --data-root, "
+               f"--seed and --preset")
+    return {"run_3d": str(path), "n_volumes": len(vol), "3d_minus_2d_volume_auroc": paired(rows3, vol)}
 
 
 def memory_estimate_mb(args, batch_size):
     """Rough peak training memory without a GPU: weights of G, D, E (fp32) + gradients and two Adam
-    moments of the networks a step trains (finished steps release theirs, see release()) + every layer's
-    output in that step's forward passes, counted on the 'meta' device (shapes only, no compute). A
-    critic iteration runs D on x, x~ and x^, and the gradient penalty's double backward keeps about two
-    more copies of D(x^)'s activations. cuDNN workspaces and allocator slack are not counted: +-50%."""
+    moments of the networks a step trains (finished steps release theirs) + every layer's output in
+    that step's forward passes, counted on the 'meta' device (shapes only, no compute). A critic
+    iteration runs D on x, x~ and x^, and the gradient penalty's double backward keeps about two more
+    copies of D(x^)'s activations. cuDNN workspaces and allocator slack are not counted: +-50%."""
     acts = {"n": 0}
 
     def hook(_m, _i, o):
@@ -531,21 +607,167 @@ def memory_estimate_mb(args, batch_size):
             "peak_mb": round(max(steps.values()) * mb, 1)}
 
 
-def release(models, *optims):
-    """After a step: drop gradients and the finished optimizers' Adam moments (GPU memory)."""
-    for m in models:
-        m.zero_grad(set_to_none=True)
-    for o in optims:
-        o.state.clear()
+def paper_tables(args, rows, sc, S_test, loop_state, val_from, n_par, loop=None):
+    """The paper's own tables beside C.report's: per lesion type (Fig. 5), the Youden point (§3, with
+    the test labels: oracle_), the fine-tuning ablation (suppl. Table S2), the 2D volume level (§3)."""
+    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
+    extra = {"dims": args.dims, "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
+             "per_type": per_type(rows), "oracle_youden": C.youden(y, s), "operating_point_from": val_from,
+             "params": n_par, "steps": {"gan": args.gan_steps, "encoder": args.enc_steps,
+                                        "finetune": args.ft_steps if args.finetune else 0},
+             "phase_s": loop_state.get("phase_s", {}),
+             "memory_estimate": {f"batch_{b}": memory_estimate_mb(args, b) for b in sorted({1, 4, args.batch_size})}}
+    if loop_state.get("peak_cuda_mb"):
+        extra["memory"] = {**C.peak_memory_mb(torch.device("cuda")), "cuda_mb_per_step": loop_state["peak_cuda_mb"]}
+    if loop is not None:
+        extra["checkpoint_io"] = loop.io_report()
+    if "score_no_finetune" in rows[0]:
+        yn = np.array([r["score_no_finetune"] for r in rows])
+        extra["ablation_no_finetune"] = {"auroc": C.auroc(y, yn), "auprc": C.auprc(y, yn),
+                                         "per_type": per_type(rows, "score_no_finetune"),
+                                         "finetuned_minus_step2_auroc": paired(rows, rows, "score", "score_no_finetune")}
+    if args.dims == 2:
+        vol = volume_rows(S_test, sc)
+        ev = C.evaluate(vol)
+        extra["volume_level"] = {**ev["metrics"], "groups": ev["groups"], "per_type": per_type(vol)}
+        if args.compare_3d:
+            extra["compare_3d_vs_2d"] = compare_3d(args.compare_3d, vol)
+    return extra
 
 
-# ---- figures -------------------------------------------------------------------------------------
+# =================================================================================================
+# main()
+# =================================================================================================
+
+def main(argv=None):
+    args = parse(argv)
+    run = C.start_run(args, METHOD)
+    device = run.device
+    kw = dict(size=args.size, width=args.width, dims=args.dims)
+    nets = {"G": Generator(latent_dim=args.latent_dim, **kw), "D": Critic(**kw),
+            "E": Encoder(latent_dim=args.latent_dim, **kw)}
+    fmt = torch.channels_last_3d if args.dims == 3 else torch.channels_last
+    for m in nets.values():   # channels-last layout: the same maths, about 2x faster 3D convolutions on CPU
+        m.to(device).to(memory_format=fmt)
+    n_par = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    run.log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_par.items()))
+    ck = C.load_models(args.checkpoint, nets, METHOD) if args.checkpoint else None
+    with C.Timer() as t_data:
+        data, S_train, S_val, S_test = load_data(args, run)
+    run.log(f"{args.dims}D data: train {S_train.x.shape}, val {None if S_val is None else S_val.x.shape}, "
+            f"test {S_test.x.shape} ({t_data.seconds:.1f}s)")
+    if C.ddp_world() > 1:
+        run.log(f"{C.ddp_world()} processes x batch {args.batch_size} = effective batch "
+                f"{args.batch_size * C.ddp_world()}")
+    loop = None
+    if ck is not None:
+        state, history = ck["loop"], ck["history"]
+        run.log(f"scoring {args.checkpoint} (phase {state['phase']}, step {state['step']})")
+    else:
+        loop, _ = train(run, args, nets, S_train, S_test)
+        state, history = loop.state, loop.history
+    if not C.is_main():                                                # torchrun: process 0 scores and writes
+        return None
+    with C.Timer() as t_score:
+        sc = score(nets, S_test, args, device)
+        S_healthy, val_from = (S_val, "val") if S_val is not None else (S_train, "train (no val set)")
+        val_scores = score(nets, argparse.Namespace(x=S_healthy.x[:64]), args, device)["score"]
+    noft = state.get("scores_step2") if args.finetune else None
+    rows, at = make_rows(S_test, sc, args.dims, noft)
+    extra = paper_tables(args, rows, sc, S_test, state, val_from, n_par, loop)
+    shown = pick_examples(rows, at)
+    recs = dict(zip([i for _, _, i in shown], score(nets, S_test, args, device, rows=[i for _, _, i in shown])["x_rec"]))
+    examples = figures(run, args, S_test, rows, shown, recs, val_scores, history, noft is not None)
+    res = C.report(run, args, "volume" if args.dims == 3 else "slice", rows,
+                   {"train_s": state["train_s"], "score_s": t_score.seconds,
+                    "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(val_scores), 1),
+                    "data_s": t_data.seconds},
+                   extra=extra, data_info=data.info, val_scores=val_scores, threshold_pct=args.val_percentile,
+                   history={k: v for k, v in history.items() if not k.startswith("L_E")}, examples=examples,
+                   titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
+                           "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
+                           "losses_logy": True}, log_scores=True)
+    fig7(run, rows, val_scores, res["operating_point"]["threshold"])
+    run.log("per type: " + ", ".join(f"{k} AUROC {v['auroc']:.3f} AP {v['ap']:.3f}" for k, v in extra["per_type"].items()))
+    if "ablation_no_finetune" in extra:
+        d = extra["ablation_no_finetune"]["finetuned_minus_step2_auroc"]["all"]
+        run.log(f"without fine-tuning (after step 2): AUROC {d['b']:.3f}; fine-tuned minus step 2: "
+                f"{d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
+    if "volume_level" in extra:
+        run.log(f"2D, volume level (mean of slice scores): AUROC {extra['volume_level']['auroc']:.3f}")
+    if "compare_3d_vs_2d" in extra:
+        d = extra["compare_3d_vs_2d"]["3d_minus_2d_volume_auroc"]["all"]
+        run.log(f"3D minus 2D volume AUROC: {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
+    return res
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 4-7)
+# =================================================================================================
+
+def pick_examples(rows, at):
+    """Cases to show: the median normal, the lowest- and highest-scoring anomalous ('undetected' and
+    'detected' in Fig. 6), then more normal/anomalous rows for examples.png. -> (title, row, S index)."""
+    order = sorted(range(len(rows)), key=lambda k: rows[k]["score"])
+    nor = [k for k in order if rows[k]["label"] == 0]
+    ano = [k for k in order if rows[k]["label"] == 1]
+    t = lambda k: rows[k]["type"]                                       # noqa: E731
+    out = [("normal (median score)", nor[len(nor) // 2]), (f"{t(ano[0])} (lowest score)", ano[0]),
+           (f"{t(ano[-1])} (highest score)", ano[-1])]
+    if len(nor) > 1:
+        out.append(("normal (highest score)", nor[-1]))
+    if len(ano) > 2:
+        out.append((f"{t(ano[len(ano) // 2])} (median score)", ano[len(ano) // 2]))
+    return [(title, rows[k], at[k]) for title, k in out]
+
+
+def figures(run, args, S, rows, shown, recs, val_scores, history, ablation):
+    """Fig. 4 (ROC, with the model before step 3), Fig. 5 (PR per type), Fig. 6 (three planes), the
+    encoder loss; -> the rows of examples.png (axial slices through the lesion)."""
+    out, y = run.out, np.array([r["label"] for r in rows])
+    s, t = np.array([r["score"] for r in rows]), np.array([r["type"] for r in rows])
+    types = sorted(set(t[y == 1]))
+    roc = {f"{args.dims}D f-AnoGAN" + (" (fine-tuned)" if args.finetune else ""): (y, s)}
+    if ablation:
+        roc["without fine-tuning (after step 2)"] = (y, np.array([r["score_no_finetune"] for r in rows]))
+    roc.update({f"{n} only": (y[(y == 0) | (t == n)], s[(y == 0) | (t == n)]) for n in types})
+    unit = "volume" if args.dims == 3 else "slice"
+    C.plot_roc(roc, out / "fig4_roc.png", title=f"Fig. 4: {unit}-level ROC, hemorrhage vs normal")
+    C.plot_pr({n: (y[(y == 0) | (t == n)], s[(y == 0) | (t == n)]) for n in types},
+              out / "fig5_pr_per_type.png", title="Fig. 5: precision-recall per lesion type")
+    ex, three = [], []
+    for title, r, i in shown:
+        x, x_rec, gt = np.asarray(S.x[i], dtype=np.float32), recs[i], np.asarray(S.mask[i])
+        err = np.abs(x - x_rec)
+        if args.dims == 3:
+            at = tuple(int(round(v)) for v in (np.argwhere(gt).mean(0) if gt.any() else np.array(x.shape) / 2))
+            three.append(dict(title=f"{title}\n{r['id']}, L_E={r['score']:.4f}", x=x, x_rec=x_rec, err=err, gt=gt,
+                              at=at))
+            x, x_rec, err, gt = x[at[0]], x_rec[at[0]], err[at[0]], gt[at[0]]
+        ex.append(dict(title=f"{title}\nL_E={r['score']:.4f}", input=x, reconstruction=x_rec, amap=err, gt=gt))
+    if three:
+        plot_three_planes(three[:3], out / "fig6_three_planes.png",
+                          title="Fig. 6: original, reconstruction, voxel error and ground truth (three planes)")
+    C.plot_curves({k: v for k, v in history.items() if k.startswith("L_E")}, out / "losses_encoder.png",
+                  title="steps 2-3: encoder loss L_E (Eq. 6)", ylabel="L_E", xlabel="iteration of each step")
+    return ex
+
+
+def fig7(run, rows, val_scores, threshold):
+    """Fig. 7: log anomaly scores of the healthy validation scans, the normal test scans and each type."""
+    groups = {"val": val_scores, "normal": [r["score"] for r in rows if r["label"] == 0]}
+    for n in sorted({r["type"] for r in rows if r["label"]}):
+        groups[n] = [r["score"] for r in rows if r["label"] and r["type"] == n]
+    C.plot_scores(groups, run.out / "fig7_scores_log.png", log=True, threshold=threshold,
+                  xlabel="anomaly score L_E (Eq. 6), log axis", title="Fig. 7: anomaly scores per group (log scale)")
+
 
 def _planes(vol, at):
     """(D, H, W) volume = (axial, A->P, L->R) -> axial, coronal, sagittal slices through voxel `at`
     (superior up in coronal and sagittal)."""
     d, h, w = at
     return [vol[d], np.flipud(vol[:, h, :]), np.flipud(vol[:, :, w])]
+
 
 
 def plot_three_planes(cases, path, title=""):
@@ -578,245 +800,6 @@ def plot_three_planes(cases, path, title=""):
     fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.01, pad=0.01)
     fig.suptitle(title, fontsize=10)
     C._save(fig, path)
-
-
-def write_figures(run, args, S, rows, sc, recs, rows_val, curves, extra):
-    out, y = run.out, np.array([r["label"] for r in rows])
-    s = np.array([r["score"] for r in rows])
-    t = np.array([r["type"] for r in rows])
-    types = sorted(set(t[y == 1]))
-    unit = "volume" if args.dims == 3 else "slice"
-    # Fig. 4: ROC, all anomalous vs normal; with and without step 3 when both exist
-    roc = {f"{args.dims}D f-AnoGAN" + (" (fine-tuned)" if args.finetune else ""): (y, s)}
-    if "score_no_finetune" in rows[0] and args.finetune:
-        roc["without fine-tuning (after step 2)"] = (y, np.array([r["score_no_finetune"] for r in rows]))
-    for name in types:
-        sel = (y == 0) | (t == name)
-        roc[f"{name} only"] = (y[sel], s[sel])
-    C.plot_roc(roc, out / "fig4_roc.png", title=f"Fig. 4: {unit}-level ROC, hemorrhage vs normal")
-    # Fig. 5: precision-recall per lesion type
-    C.plot_pr({name: (y[(y == 0) | (t == name)], s[(y == 0) | (t == name)]) for name in types},
-              out / "fig5_pr_per_type.png", title="Fig. 5: precision-recall per lesion type")
-    # Fig. 7: log anomaly scores per group
-    groups = {"val": [r["score"] for r in rows_val], "normal": s[y == 0]}
-    groups.update({name: s[(t == name) & (y == 1)] for name in types})
-    C.plot_scores(groups, out / "fig7_scores_log.png", log=True, xlabel="anomaly score L_E (Eq. 6), log axis",
-                  threshold=extra["val_threshold"]["threshold"],
-                  title="Fig. 7: anomaly scores per group (log scale)")
-    # Fig. 6 (3D): normal, least and most anomalous-scoring hemorrhage, in three planes
-    # examples.png (contract): axial slices through the lesion
-    shown = pick_examples(rows)
-    ex, three = [], []
-    for title, r in shown:
-        i = r["row"]
-        x, x_rec = np.asarray(S.x[i], dtype=np.float32), recs[i]
-        gt, err = np.asarray(S.mask[i]), np.abs(x - recs[i])
-        if args.dims == 3:
-            at = tuple(int(round(v)) for v in (np.argwhere(gt).mean(0) if gt.any() else np.array(x.shape) / 2))
-            three.append(dict(title=f"{title}\n{r['id']}, L_E={r['score']:.4f}", x=x, x_rec=x_rec, err=err, gt=gt, at=at))
-            ex.append(dict(title=f"{title}\nL_E={r['score']:.4f}", input=x[at[0]], reconstruction=x_rec[at[0]],
-                           amap=err[at[0]], gt=gt[at[0]]))
-        else:
-            ex.append(dict(title=f"{title}\nL_E={r['score']:.4f}", input=x, reconstruction=x_rec, amap=err, gt=gt))
-    C.plot_examples(ex, out / "examples.png")
-    if three:
-        plot_three_planes(three[:3], out / "fig6_three_planes.png",
-                          title="Fig. 6: original, reconstruction, voxel error and ground truth (three planes)")
-    gan = {k: v for k, v in curves.items() if not k.startswith("L_E")}
-    C.plot_curves(gan, out / "losses.png", title="step 1: WGAN-GP (Eq. 2-3)", ylabel="loss (symlog)", logy=True,
-                  xlabel="generator iteration")
-    C.plot_curves({k: v for k, v in curves.items() if k.startswith("L_E")}, out / "losses_encoder.png",
-                  title="steps 2-3: encoder loss L_E (Eq. 6)", ylabel="L_E", xlabel="iteration of each step")
-
-
-def pick_examples(rows):
-    """Cases to show: the median normal, the lowest- and highest-scoring anomalous ('undetected' and
-    'detected' in Fig. 6), then more normal/anomalous rows for the contract's examples.png."""
-    nor = sorted((r for r in rows if r["label"] == 0), key=lambda r: r["score"])
-    ano = sorted((r for r in rows if r["label"] == 1), key=lambda r: r["score"])
-    out = [("normal (median score)", nor[len(nor) // 2]), (f"{ano[0]['type']} (lowest score)", ano[0]),
-           (f"{ano[-1]['type']} (highest score)", ano[-1])]
-    if len(nor) > 1:
-        out.append(("normal (highest score)", nor[-1]))
-    if len(ano) > 2:
-        out.append((f"{ano[len(ano) // 2]['type']} (median score)", ano[len(ano) // 2]))
-    return out
-
-
-# =================================================================================================
-# main()
-# =================================================================================================
-
-def main(argv=None):
-    args = parse(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    data = datasets.load_dataset(args, contrast="ct")
-    with C.Timer() as t_data:
-        S_train = load_arrays(args, data.train, "train")
-        S_val = load_arrays(args, data.val, "val")
-        S_test = load_arrays(args, data.test, "test")
-    run.log(f"{args.dims}D data: train {S_train.x.shape}, val {None if S_val is None else S_val.x.shape}, "
-            f"test {S_test.x.shape} ({t_data.seconds:.1f}s)")
-
-    kw = dict(size=args.size, width=args.width, dims=args.dims)
-    G = Generator(latent_dim=args.latent_dim, **kw).to(device)
-    D = Critic(**kw).to(device)
-    E = Encoder(latent_dim=args.latent_dim, **kw).to(device)
-    fmt = torch.channels_last_3d if args.dims == 3 else torch.channels_last
-    for m in (G, D, E):   # channels-last layout: the same maths, about 2x faster 3D convolutions on CPU
-        m.to(memory_format=fmt)
-    betas = (args.beta1, args.beta2)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr_gan, betas=betas)
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr_gan, betas=betas)
-    opt_E = torch.optim.Adam(E.parameters(), lr=args.lr_enc, betas=betas)
-    opt_EG = torch.optim.Adam(list(E.parameters()) + list(G.parameters()), lr=args.lr_ft, betas=betas)
-    models, optims = {"G": G, "D": D, "E": E}, {"G": opt_G, "D": opt_D, "E": opt_E, "EG": opt_EG}
-    n_par = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    run.log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_par.items()))
-
-    # ---- training state: phase 1 = WGAN-GP, 2 = encoder, 3 = fine-tuning, 4 = done ----------------
-    state = {"phase": 1, "step": 0, "curves": {}, "scores_step2": None, "train_s": 0.0, "phase_s": {},
-             "peak_cuda_mb": {}}
-    ck_path = run.out / "last.pt"
-    ck_src = args.checkpoint or args.resume
-    if ck_src:
-        ck = C.load_checkpoint(ck_src, device)
-        try:
-            for k, m in models.items():
-                m.load_state_dict(ck["models"][k])
-            for k, o in optims.items():
-                o.load_state_dict(ck["optims"][k])
-        except (KeyError, RuntimeError) as e:
-            C.fail(f"checkpoint {ck_src} does not fit this model ({type(e).__name__}); pass the same "
-                   f"--preset/--dims/--size/--width/--latent-dim it was trained with")
-        state.update({k: ck[k] for k in state if k in ck})
-        if args.resume:
-            C.set_rng_state(ck["rng"])
-        else:
-            state["phase"] = 4
-        run.log(f"loaded {ck_src} (phase {ck['phase']}, step {ck['step']})")
-
-    # torchrun: DistributedDataParallel wrappers average the gradients over the processes, each of which
-    # trains on its own --batch-size share of every global batch (alone, they are the models themselves)
-    ddp = {k: C.ddp_wrap(m, device) for k, m in models.items()}
-    global_batch = C.global_batch_size(args.batch_size, len(S_train.x))
-    if C.ddp_world() > 1:
-        run.log(f"{C.ddp_world()} processes x batch {args.batch_size} = effective batch {global_batch}")
-    ckpt_every = args.ckpt_every or max(1, len(S_train.x) // global_batch)   # default: once per epoch
-
-    def saver(phase):
-        def save(step):
-            state.update(phase=phase, step=step, train_s=train_s0 + time.time() - t0)
-            C.save_checkpoint(ck_path, {"models": {k: m.state_dict() for k, m in models.items()},
-                                        "optims": {k: o.state_dict() for k, o in optims.items()},
-                                        **state, "args": vars(args), "rng": C.rng_state()})
-        save.path = ck_path
-        return save
-
-    def track(name):
-        state["phase_s"][name] = round(time.time() - clock["phase"], 2)
-        clock["phase"] = time.time()
-        if device.type == "cuda":
-            state["peak_cuda_mb"][name] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-            torch.cuda.reset_peak_memory_stats()
-
-    common_kw = dict(batch_size=args.batch_size, seed=args.seed, device=device, amp=args.amp,
-                     curves=state["curves"], ckpt_every=ckpt_every)
-    train_s0, t0 = state["train_s"], time.time()
-    clock = {"phase": t0}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    if state["phase"] == 1:
-        run.log(f"step 1: WGAN-GP, {args.gan_steps} generator iterations x {args.n_critic} critic iterations")
-        train_wgan_gp(G, D, opt_G, opt_D, S_train.x, steps=args.gan_steps, start=state["step"], n_critic=args.n_critic,
-                      lam=args.lam, latent_dim=args.latent_dim, save=saver(1), ddp=ddp, **common_kw)
-        track("step1_wgan_gp")
-        release(models.values(), opt_G, opt_D)
-        state.update(phase=2, step=0)
-    if state["phase"] == 2:
-        run.log(f"step 2: encoder (izif), G and D frozen, {args.enc_steps} iterations")
-        train_encoder(E, G, D, opt_E, S_train.x, steps=args.enc_steps, start=state["step"], kappa=args.kappa,
-                      finetune=False, save=saver(2), ddp=ddp, **common_kw)
-        track("step2_encoder")
-        release(models.values(), opt_E)
-        if args.finetune and C.is_main():   # keep the test scores before step 3 for the ablation (suppl. Table S2)
-            state["scores_step2"] = {"test": score_set(E, G, D, S_test, kappa=args.kappa, batch_size=args.batch_size,
-                                                       device=device, amp=args.amp)[0]}
-        state.update(phase=3, step=0)
-    if state["phase"] == 3:
-        if args.finetune:
-            run.log(f"step 3: fine-tuning E and G on L_E, {args.ft_steps} iterations")
-            train_encoder(E, G, D, opt_EG, S_train.x, steps=args.ft_steps, start=state["step"], kappa=args.kappa,
-                          finetune=True, save=saver(3), phase="step 3 fine-tune", ddp=ddp, **common_kw)
-            track("step3_finetune")
-            release(models.values(), opt_EG)
-        saver(4)(0)                                                    # the finished model, train_s included
-    train_s = state["train_s"]
-    if not C.is_main():                                                # torchrun: process 0 scores and writes
-        return None
-
-    # ---- scoring ---------------------------------------------------------------------------------
-    with C.Timer() as t_score:
-        sc_val = score_set(E, G, D, S_val, kappa=args.kappa, batch_size=args.batch_size, device=device,
-                           amp=args.amp)[0] if S_val is not None else {"score": np.zeros(0)}
-        sc, _ = score_set(E, G, D, S_test, kappa=args.kappa, batch_size=args.batch_size, device=device, amp=args.amp)
-    track("scoring")
-    state["phase_s"].pop("scoring", None)
-    noft = state["scores_step2"]["test"] if (state["scores_step2"] and args.finetune) else None
-    rows = make_rows(S_test, sc, args.dims, noft)
-    rows_val = [{"score": float(v)} for v in sc_val["score"]]
-    recs = score_set(E, G, D, S_test, kappa=args.kappa, batch_size=args.batch_size, device=device,
-                     keep=[r["row"] for _, r in pick_examples(rows)])[1]
-
-    # ---- evaluation (§3) -------------------------------------------------------------------------
-    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
-    val_from = "val"
-    val_scores = sc_val["score"]
-    if not len(val_scores):   # no healthy validation set: healthy training volumes (optimistic), never test labels
-        val_from = "train (no val set)"
-        first64 = argparse.Namespace(x=S_train.x[:64])                 # score_set reads only .x
-        val_scores = score_set(E, G, D, first64, kappa=args.kappa, batch_size=args.batch_size, device=device,
-                               amp=args.amp)[0]["score"]
-    thr = C.threshold_from_healthy(val_scores, percentile=args.val_percentile)
-    extra = {
-        "dims": args.dims,
-        "world_size": C.ddp_world(), "effective_batch_size": global_batch,
-        "per_type": per_type(rows),
-        "oracle_youden": C.youden(y, s),
-        "val_threshold": {"percentile": args.val_percentile, "threshold": thr,
-                          "from": val_from,
-                          **C.binary_stats(y, s >= thr)},
-        "params": n_par,
-        "memory": {**C.peak_memory_mb(device), **({"cuda_mb": max(state["peak_cuda_mb"].values()),
-                                                   "cuda_mb_per_step": state["peak_cuda_mb"]}
-                                                  if state["peak_cuda_mb"] else {})},
-        "memory_estimate": {f"batch_{b}": memory_estimate_mb(args, b) for b in sorted({1, 4, args.batch_size})},
-        "steps": {"gan": args.gan_steps, "encoder": args.enc_steps, "finetune": args.ft_steps if args.finetune else 0},
-        "phase_s": state["phase_s"],
-    }
-    if noft is not None:
-        yn = np.array([r["score_no_finetune"] for r in rows])
-        extra["ablation_no_finetune"] = {"auroc": C.auroc(y, yn), "auprc": C.auprc(y, yn),
-                                         "per_type": per_type(rows, "score_no_finetune")}
-    if args.dims == 2:
-        extra["volume_level"] = volume_level(S_test, sc)
-    write_figures(run, args, S_test, rows, sc, recs, rows_val, state["curves"], extra)
-    for r in rows:
-        r.pop("row")
-    res = C.finish_run(run, args, METHOD, unit="volume" if args.dims == 3 else "slice", rows=rows,
-                       timing={"train_s": train_s, "score_s": t_score.seconds,
-                               "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(sc_val["score"]), 1),
-                               "data_s": t_data.seconds},
-                       extra=extra, data_info=data.info, log_scores=True)
-    run.log("per type: " + ", ".join(f"{k} AUROC {v['auroc']:.3f} AP {v['ap']:.3f}" for k, v in extra["per_type"].items()))
-    if "ablation_no_finetune" in extra:
-        run.log(f"without fine-tuning (after step 2): AUROC {extra['ablation_no_finetune']['auroc']:.3f}")
-    if "volume_level" in extra:
-        run.log(f"2D, volume level (mean of slice scores): AUROC {extra['volume_level']['auroc']:.3f}")
-    if state["peak_cuda_mb"]:
-        run.log(f"peak CUDA memory per step (MB): {state['peak_cuda_mb']}")
-    return res
 
 
 if __name__ == "__main__":
