@@ -670,8 +670,10 @@ def main(argv=None):
         return None
     with C.Timer() as t_score:
         sc = score(nets, S_test, args, device)
-        S_healthy, val_from = (S_val, "val") if S_val is not None else (S_train, "train (no val set)")
-        val_scores = score(nets, argparse.Namespace(x=S_healthy.x[:64]), args, device)["score"]
+        # the operating point from healthy volumes: the validation set, else 64 training volumes (never test labels)
+        S_h, val_from = (S_val, "val") if S_val is not None else (S_train, "train (no val set)")
+        val_scores = score(nets, S_h if S_val is not None else argparse.Namespace(x=S_train.x[:64]), args,
+                           device)["score"]
     noft = state.get("scores_step2") if args.finetune else None
     rows, at = make_rows(S_test, sc, args.dims, noft)
     extra = paper_tables(args, rows, sc, S_test, state, val_from, n_par, loop)
