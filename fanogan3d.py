@@ -23,7 +23,7 @@ What this file implements (paper §2 "Training strategy", "Anomaly score", "Mode
     Score   anomaly score of a volume = L_E (Eq. 6); voxel-wise |x - x~| localises (Fig. 6).
     Eval    §3: ROC/AUC (Fig. 4), accuracy/recall/specificity at the Youden index, precision-recall
             and AP per haemorrhage type (Fig. 5), three-plane examples (Fig. 6), log-scale score
-            distributions (Fig. 7), and the 2D f-AnoGAN baseline on middle axial slices (--dims 2).
+            distributions (Fig. 7 = scores.png), and the 2D f-AnoGAN baseline on middle axial slices (--dims 2).
 
 Deviations from the paper
     1. Architecture. Fig. 3 (layer table) is an image we cannot read, so the networks follow the
@@ -51,7 +51,7 @@ Deviations from the paper
        `oracle_youden`. We add a deployable threshold: the --val-percentile of healthy validation scores.
     7. Data: on the synthetic phantom, CT hemorrhage subtypes (intraparenchymal, subdural, epidural)
        stand in for CENTER-TBI/PhysioNet TBI lesions; Fig. 7's post-surgical and low-quality groups
-       do not exist there, so Fig. 7 shows the haemorrhage types.
+       do not exist there, so Fig. 7 (scores.png, log scale) shows normal against hemorrhage scans.
 
 Presets
     paper  64^3, widths 64..512, z of size 2500, batch 4, 20k/10k/2k iterations (steps 1/2/3). A GPU job:
@@ -689,7 +689,6 @@ def main(argv=None):
                    titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
                            "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
                            "losses_logy": True}, log_scores=True)
-    fig7(run, rows, val_scores, res["operating_point"]["threshold"])
     run.log("per type: " + ", ".join(f"{k} AUROC {v['auroc']:.3f} AP {v['ap']:.3f}" for k, v in extra["per_type"].items()))
     if "ablation_no_finetune" in extra:
         d = extra["ablation_no_finetune"]["finetuned_minus_step2_auroc"]["all"]
@@ -704,7 +703,7 @@ def main(argv=None):
 
 
 # =================================================================================================
-# Appendix: the paper's figures (Fig. 4-7)
+# Appendix: the paper's figures (Fig. 4-6; Fig. 7 is scores.png, log scale)
 # =================================================================================================
 
 def pick_examples(rows, at):
@@ -753,15 +752,6 @@ def figures(run, args, S, rows, shown, recs, val_scores, history, ablation):
     C.plot_curves({k: v for k, v in history.items() if k.startswith("L_E")}, out / "losses_encoder.png",
                   title="steps 2-3: encoder loss L_E (Eq. 6)", ylabel="L_E", xlabel="iteration of each step")
     return ex
-
-
-def fig7(run, rows, val_scores, threshold):
-    """Fig. 7: log anomaly scores of the healthy validation scans, the normal test scans and each type."""
-    groups = {"val": val_scores, "normal": [r["score"] for r in rows if r["label"] == 0]}
-    for n in sorted({r["type"] for r in rows if r["label"]}):
-        groups[n] = [r["score"] for r in rows if r["label"] and r["type"] == n]
-    C.plot_scores(groups, run.out / "fig7_scores_log.png", log=True, threshold=threshold,
-                  xlabel="anomaly score L_E (Eq. 6), log axis", title="Fig. 7: anomaly scores per group (log scale)")
 
 
 def _planes(vol, at):

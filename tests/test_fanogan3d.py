@@ -294,7 +294,7 @@ def test_smoke_run_writes_the_contract(smoke):
     assert d["diff"] == pytest.approx(r["metrics"]["auroc"] - r["ablation_no_finetune"]["auroc"])
     assert d["ci"][0] <= d["diff"] <= d["ci"][1]
     assert set(r["per_type"]) == {"intraparenchymal", "subdural", "epidural"}
-    for f in ("fig4_roc.png", "fig5_pr_per_type.png", "fig6_three_planes.png", "fig7_scores_log.png"):
+    for f in ("fig4_roc.png", "fig5_pr_per_type.png", "fig6_three_planes.png"):
         assert (out / f).stat().st_size > 0, f
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert {"L_img", "L_feat", "type", "score_no_finetune"} <= set(rows[0])
