@@ -1,83 +1,57 @@
 """3D f-AnoGAN: unsupervised anomaly detection in whole head-CT volumes.
 
-Paper
-    J. Simarro Viana, E. de la Rosa, T. Vande Vyvere, D. Robben, D. M. Sima and CENTER-TBI
-    participants and investigators. "Unsupervised 3D Brain Anomaly Detection." Brainlesion:
-    Glioma, Multiple Sclerosis, Stroke and Traumatic Brain Injuries (BrainLes 2020, MICCAI
-    workshop), LNCS 12658, Springer 2021. arXiv:2010.04717. No public code; this is the first.
-Builds on
-    f-AnoGAN: T. Schlegl et al., Medical Image Analysis 54 (2019) [paper ref 20];
-    WGAN-GP: I. Gulrajani et al., NeurIPS 2017 [ref 9];
-    3D brain GAN: G. Kwon, C. Han, D. Kim, MICCAI 2019, arXiv:1908.02498 [ref 15].
+J. Simarro Viana, E. de la Rosa, T. Vande Vyvere, D. Robben, D. M. Sima and CENTER-TBI participants
+and investigators. "Unsupervised 3D Brain Anomaly Detection." BrainLes 2020 (MICCAI workshop), LNCS
+12658, Springer 2021. arXiv:2010.04717. No public code; this is the first. It takes f-AnoGAN
+(T. Schlegl et al., Medical Image Analysis 54, 2019 [20]) to volumes with the 3D brain WGAN-GP of
+G. Kwon, C. Han, D. Kim (MICCAI 2019 [15]; WGAN-GP: I. Gulrajani et al., NeurIPS 2017 [9]).
 
-What this file implements (paper §2 "Training strategy", "Anomaly score", "Model architecture")
-    Step 1  3D WGAN-GP on healthy volumes:
-            Eq. (2)  L_D = E[D(x~)] - E[D(x)] + λ E[(||∇_x^ D(x^)||_2 - 1)^2]
-            Eq. (3)  L_G = -E[D(x~)]
-    Step 2  encoder training, "izif": G and D frozen, only E learns x -> z:
-            Eq. (4)  L_img  = (1/n) ||x - G(E(x))||^2            n = number of voxels
-            Eq. (5)  L_feat = (1/m) ||f(x) - f(G(E(x)))||^2      f = an intermediate critic layer
-            Eq. (6)  L_E    = L_img + κ L_feat
-    Step 3  fine-tuning of E and G together on L_E (§2 "Techniques for improving the performance";
-            switch off with --no-finetune for the paper's ablation, supplementary Table S2).
-    Score   anomaly score of a volume = L_E (Eq. 6); voxel-wise |x - x~| localises (Fig. 6).
-    Eval    §3: ROC/AUC (Fig. 4), accuracy/recall/specificity at the Youden index, precision-recall
-            and AP per haemorrhage type (Fig. 5), three-plane examples (Fig. 6), log-scale score
-            distributions (Fig. 7 = scores.png), and the 2D f-AnoGAN baseline on middle axial slices (--dims 2).
+Idea: a GAN learns healthy head CTs as whole 64³ volumes, an encoder E learns to invert its
+generator G, and a volume that G(E(x)) cannot reproduce, in voxels or in the critic's features, is
+anomalous; |x - G(E(x))| shows where (Fig. 6). §2 "Training strategy", then "Anomaly score":
+  step 1  3D WGAN-GP on healthy volumes  Eq. (2) L_D = E[D(x~)] - E[D(x)] + λ E[(||∇D(x^)||_2 - 1)²]
+                                         Eq. (3) L_G = -E[D(x~)]
+  step 2  E alone, G and D frozen (izif) Eq. (4) L_img = ||x - G(E(x))||² / n     n voxels
+                                         Eq. (5) L_feat = ||f(x) - f(G(E(x)))||² / m  f: a D layer
+                                         Eq. (6) L_E = L_img + κ L_feat
+  step 3  E and G fine-tuned together on Eq. (6) ("Techniques for improving the performance")
+  score   L_E (Eq. 6) of a volume: ROC (Fig. 4), AP per haemorrhage type (Fig. 5), log scores per
+          group (Fig. 7 = scores.png); the 2D f-AnoGAN on middle axial slices is the baseline (§3)
 
 Deviations from the paper
-    1. Architecture. Fig. 3 (layer table) is an image we cannot read, so the networks follow the
-       3D brain WGAN it builds on (Kwon et al. [15]): G = FC -> 512x4^3 -> 4 x (nearest upsample x2,
-       3^3 conv, BatchNorm, ReLU) -> tanh; critic D = 4 strided 4^3 convs (64..512 channels,
-       LeakyReLU 0.2) -> 4^3 conv to one value, *without* BatchNorm (the gradient penalty needs
-       per-sample gradients; Gulrajani §4); E = the critic's layout with BatchNorm and a 2500-d
-       output with tanh (§2 "Model architecture"). f(x) = the critic's last hidden layer (512x4^3);
-       which layer the paper's asterisk marks is not recoverable from the text.
-    2. Training hyperparameters are not in the paper: we take WGAN-GP's (Adam lr 1e-4, betas
-       (0, 0.9), n_critic 5, λ 10 [9]), batch 4 (Kwon [15]), κ = 1 (f-AnoGAN [20]), fine-tuning at
-       lr 1e-5; the numbers of iterations are our choice. All are flags.
-    3. Preprocessing (§2 steps 1-7): no affine registration to MNI and no icobrain quality control
-       (commercial). Skull stripping uses the dataset's brain mask (the phantom's, or common.py's HU
-       fallback for CT-ICH). Volumes are padded to a cube before the linear resize to 64^3, keeping
-       the aspect ratio. Gaussian smoothing σ = 1 voxel (σ is not given). The window [-20, 100] HU
-       is mapped to [-1, 1], which *is* the global min-max normalisation of step 7.
-    4. G's BatchNorm stays in eval mode in steps 2 and 3 (running statistics from step 1); in step 3
-       G's weights are trained, its statistics are not updated. The paper does not say.
-    5. 2D baseline (§3): the paper does not describe its 2D network; ours is the same architecture
-       with 2D layers, trained on --n-slices middle axial slices per volume. As in §3, test slices of
-       anomalous scans that contain no lesion are discarded; we add a volume-level score (mean over
-       the slices) for a like-for-like comparison with the 3D model.
-    6. The Youden operating point is chosen with the test labels (as in §3), so it is reported as
-       `oracle_youden`. We add a deployable threshold: the --val-percentile of healthy validation scores.
-    7. Data: on the synthetic phantom, CT hemorrhage subtypes (intraparenchymal, subdural, epidural)
-       stand in for CENTER-TBI/PhysioNet TBI lesions; Fig. 7's post-surgical and low-quality groups
-       do not exist there, so Fig. 7 (scores.png, log scale) shows normal against hemorrhage scans.
+  1. Fig. 3 (the layer table) is an image we cannot read, so the networks follow [15]: G = FC ->
+     512x4³ -> 4 x (nearest upsample x2, 3³ conv, BatchNorm, ReLU) -> tanh; D = 4 strided 4³ convs
+     (64..512 channels, LeakyReLU 0.2) -> a 4³ conv to one value, no BatchNorm (the gradient penalty
+     is per sample, [9] §4); E = D's layout with BatchNorm and a 2500-d tanh output (§2); f(x) = D's
+     last hidden layer (512x4³).
+  2. Training hyperparameters are not given: WGAN-GP's (Adam lr 1e-4, betas (0, 0.9), n_critic 5,
+     λ 10 [9]), batch 4 [15], κ 1 [20], fine-tuning at lr 1e-5; the iteration counts are ours.
+  3. Preprocessing (§2 steps 1-7): no MNI registration, no icobrain quality control or skull strip
+     (commercial): the data set's brain mask (CT-ICH: a HU fallback). Volumes are padded to a cube
+     before the linear resize; σ = 1 voxel (not given); the window [-20, 100] HU -> [-1, 1] is step
+     7's min-max normalisation. MRI (the paper's future work, §4): --modality t1|t2|flair maps the
+     1st-99th brain percentiles to [-1, 1]; on real data CT or MRI is detected (air at -1000 HU).
+  4. G's BatchNorm stays in eval mode in steps 2 and 3 (step-1 statistics): the paper does not say.
+  5. The 2D baseline is not described: the same networks in 2D on --n-slices middle axial slices;
+     as in §3, slices of anomalous scans without lesion are dropped. A volume's 2D score, the mean
+     of its slices', pairs it with the 3D model on the same volumes (--compare-3d).
+  6. §3's Youden point uses the test labels (oracle_youden); the operating point is the
+     --val-percentile of healthy validation scores.
+  7. Data: the phantom's CT haemorrhages (intraparenchymal, subdural, epidural) stand in for TBI
+     lesions; Fig. 7's post-surgical and low-quality groups are absent.
 
-Presets
-    paper  64^3, widths 64..512, z of size 2500, batch 4, 20k/10k/2k iterations (steps 1/2/3). A GPU job:
-           peak GPU memory 3.5 GB at batch 1 and 3.6 GB at batch 4 (fp32, measured on an H100 with
-           --max-steps 10; G and E hold 87M and 93M parameters, mostly the 2500-d latent's layers).
-    quick  scaled down for a 2-core CPU (about 4 minutes): 32^3 volumes, widths 8..32, z of size 128,
-           batch 16, 250 / 300 / 100 iterations, lr 5e-4 (steps 1-2) so that few steps suffice.
-    smoke  16^3, tiny widths, two iterations per step: seconds, for the tests.
-
-What you should see (quick preset, seed 0, one thread, a second job on the other core: 530 s of training)
-    3D, volume AUROC for hemorrhage: 0.62 after fine-tuning (step 3), 0.77 before it (step 2, the
-    `ablation_no_finetune` key); per type after / before: epidural 0.73 / 0.84, intraparenchymal
-    0.46 / 0.74, subdural 0.69 / 0.75. 2D baseline (--dims 2, 36 s of training): slice AUROC 0.60,
-    volume AUROC 0.58. So 3D beats 2D, as in §3, but here step 3 hurts, where the paper found it the
-    better strategy (§2, suppl. Table S2). One reading, not tested: a G tuned together with E on
-    healthy volumes also reconstructs the small bleeds better. The z-score baseline of benchmark.py
-    reaches 0.67 on the same volumes.
-
-Commands
-    python fanogan3d.py                                # quick preset, 3D, synthetic CT phantom
-    python fanogan3d.py --dims 2                       # the 2D f-AnoGAN baseline (§3)
-    python fanogan3d.py --preset paper --data ctich    # the paper's settings, on a GPU
-    python fanogan3d.py --preset paper --max-steps 5 --batch-size 4   # short run: peak GPU memory
-    torchrun --nproc_per_node=4 fanogan3d.py --preset paper --data ctich --batch-size 1   # 4 GPUs, batch 4
+Presets: paper = 64³, widths 64..512, z 2500, batch 4, 20k / 10k / 2k iterations (a GPU job);
+quick = 32³ phantom volumes on a 2-core CPU in minutes, the three steps, the fine-tuning ablation
+and (--dims 2) the 2D baseline with paired 95% intervals (measured: README.md, results/); smoke =
+seconds, for the tests.
+  python fanogan3d.py --out runs/f3d                        # quick preset, 3D, the CT phantom
+  python fanogan3d.py --dims 2 --compare-3d runs/f3d        # the 2D baseline (§3), paired with 3D
+  python fanogan3d.py --modality flair                      # the FLAIR phantom, MRI normalisation
+  python fanogan3d.py --preset paper --data ctich --amp     # the paper's settings, on a GPU
+  torchrun --nproc_per_node=4 fanogan3d.py --preset paper --data ctich --batch-size 1   # 4 GPUs
 """
 from __future__ import annotations
+
 
 import argparse
 import json
@@ -94,90 +68,74 @@ from data import datasets
 METHOD = "fanogan3d"
 
 # =================================================================================================
-# Arguments
+# Hyperparameters (the paper's value is the default of --preset paper; "not given" = our choice)
 # =================================================================================================
 
-PRESETS = {
-    "smoke": dict(dims=3, size=16, width=4, latent_dim=16, batch_size=4, n_critic=2, lam=10.0, kappa=1.0,
-                  lr_gan=5e-4, lr_enc=5e-4, lr_ft=1e-4, beta1=0.0, beta2=0.9, gan_steps=2, enc_steps=2,
-                  ft_steps=2, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=4,
-                  val_percentile=95.0),
-    "quick": dict(dims=3, size=32, width=8, latent_dim=128, batch_size=16, n_critic=5, lam=10.0, kappa=1.0,
-                  lr_gan=5e-4, lr_enc=5e-4, lr_ft=1e-4, beta1=0.0, beta2=0.9, gan_steps=250, enc_steps=300,
-                  ft_steps=100, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=8,
-                  val_percentile=95.0),
-    "paper": dict(dims=3, size=64, width=64, latent_dim=2500, batch_size=4, n_critic=5, lam=10.0, kappa=1.0,
-                  lr_gan=1e-4, lr_enc=1e-4, lr_ft=1e-5, beta1=0.0, beta2=0.9, gan_steps=20000, enc_steps=10000,
-                  ft_steps=2000, finetune=True, smooth_sigma=1.0, window=[-20.0, 100.0], n_slices=16,
-                  val_percentile=95.0),
-}
+HYPER = dict(
+    dims=C.hp(3, "3: the paper's 3D model; 2: the 2D f-AnoGAN baseline on middle axial slices "
+                 "(§3)", choices=[2, 3]),
+    size=C.hp(64, "volume edge in voxels, a power of 2; §2 preprocessing step 5", lo=8, hi=512),
+    width=C.hp(64, "channels of D's first layer, doubled per level (G mirrors it); Fig. 3 / [15]",
+               lo=1, hi=1024),
+    latent_dim=C.hp(2500, "size of z; §2 'Model architecture'", lo=1, hi=100000),
+    batch_size=C.hp(4, "volumes per iteration (per process under torchrun); not given, [15]",
+                    lo=1, hi=4096),
+    n_critic=C.hp(5, "critic iterations per generator iteration in step 1; not given, [9]",
+                  lo=1, hi=100),
+    lam=C.hp(10.0, "λ of Eq. (2), the gradient-penalty weight; not given, [9]", lo=0),
+    kappa=C.hp(1.0, "κ of Eq. (6), the feature-loss weight; not given, f-AnoGAN [20]", lo=0),
+    lr_gan=C.hp(1e-4, "Adam learning rate of step 1 (Eq. 2-3); not given, [9]", lo=0, hi=1),
+    lr_enc=C.hp(1e-4, "Adam learning rate of step 2 (Eq. 6, E alone); not given", lo=0, hi=1),
+    lr_ft=C.hp(1e-5, "Adam learning rate of step 3 (Eq. 6, E and G): a fine-tuning; not given",
+               lo=0, hi=1),
+    beta1=C.hp(0.0, "Adam β1 of every step; not given, [9]", lo=0, hi=0.999999),
+    beta2=C.hp(0.9, "Adam β2 of every step; not given, [9]", lo=0, hi=0.999999),
+    gan_steps=C.hp(20000, "generator iterations of step 1; not given", lo=0, hi=10 ** 8),
+    enc_steps=C.hp(10000, "encoder iterations of step 2; not given", lo=0, hi=10 ** 8),
+    ft_steps=C.hp(2000, "iterations of step 3; not given", lo=0, hi=10 ** 8),
+    finetune=C.hp(True, "run step 3, E and G fine-tuned on Eq. (6) (§2); --no-finetune: the "
+                        "ablation of suppl. Table S2"),
+    smooth_sigma=C.hp(1.0, "Gaussian smoothing σ in voxels before the resize; §2 step 5 (σ not "
+                           "given)", lo=0, hi=20),
+    window=C.hp([-20.0, 100.0], "CT soft-tissue window in HU, mapped to [-1, 1]; §2 steps 6-7",
+                metavar=("LO", "HI")),
+    modality=C.hp(None, "ct (the paper's NCCT, §2) or t1|t2|flair (MRI, its future work, §4): "
+                        "the phantom's contrast (unset: ct), a real data set's image, and the CT "
+                        "window or the MRI normalisation; unset on real data: detected from the "
+                        "training volumes", type=str),
+    n_slices=C.hp(16, "--dims 2: middle axial slices per volume; §3 'a middle brain range' (not "
+                      "given)", lo=1, hi=1000),
+    val_percentile=C.hp(95.0, "operating point: this percentile of the healthy validation scores "
+                              "(ours; §3 uses the Youden index of the test ROC)", lo=0, hi=100),
+    compare_3d=C.hp(None, "--dims 2: a finished 3D run on the same data; reports its volume AUROC "
+                          "minus this run's volume-level one with a paired 95% interval (§3)",
+                    type=str, metavar="RUN_DIR"),
+)
+# quick: minutes on a 2-core CPU. 32³ volumes (1/8 of the voxels), widths and z scaled down, batch
+# 16, and learning rates x5 so that 250 / 300 / 100 iterations (1-5% of the paper's) learn something
+QUICK = dict(size=32, width=8, latent_dim=128, batch_size=16, lr_gan=5e-4, lr_enc=5e-4, lr_ft=1e-4,
+             gan_steps=250, enc_steps=300, ft_steps=100, n_slices=8)
+SMOKE = dict(size=16, width=4, latent_dim=16, batch_size=4, n_critic=2, lr_gan=5e-4, lr_enc=5e-4,
+             lr_ft=1e-4, gan_steps=2, enc_steps=2, ft_steps=2, n_slices=4)
 
 
-def build_parser():
-    p = C.ArgumentParser(description=__doc__)
-    C.add_contract_args(p, METHOD)
-    g = p.add_argument_group("fanogan3d (paper §2; None = the preset's value)")
-    g.add_argument("--dims", type=int, choices=[2, 3], default=None,
-                   help="3: the paper's 3D model; 2: the 2D f-AnoGAN baseline on middle axial slices (§3)")
-    g.add_argument("--size", type=int, default=None, help="input edge in voxels, a power of 2 >= 8; §2 step 5 (paper 64)")
-    g.add_argument("--width", type=int, default=None,
-                   help="channels of the widest-resolution layer; deeper layers double it, Fig. 3 / [15] (paper 64)")
-    g.add_argument("--latent-dim", type=int, default=None, help="size of z, §2 'Model architecture' (paper 2500)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size (per process under torchrun); not in the paper ([15] uses 4)")
-    g.add_argument("--n-critic", type=int, default=None, help="critic iterations per G iteration, WGAN-GP [9] (5)")
-    g.add_argument("--lam", type=float, default=None, help="λ in Eq. (2), gradient-penalty weight [9] (paper 10)")
-    g.add_argument("--kappa", type=float, default=None, help="κ in Eq. (6), feature-loss weight; not given (f-AnoGAN 1)")
-    g.add_argument("--lr-gan", type=float, default=None, help="Adam lr of step 1 (Eq. 2-3); not given ([9] 1e-4)")
-    g.add_argument("--lr-enc", type=float, default=None, help="Adam lr of step 2 (Eq. 6, E only); not given (1e-4)")
-    g.add_argument("--lr-ft", type=float, default=None, help="Adam lr of step 3 (Eq. 6, E and G); not given (1e-5)")
-    g.add_argument("--beta1", type=float, default=None, help="Adam β1 of all steps; not given ([9] 0)")
-    g.add_argument("--beta2", type=float, default=None, help="Adam β2 of all steps; not given ([9] 0.9)")
-    g.add_argument("--gan-steps", type=int, default=None, help="generator iterations of step 1; not given (20000)")
-    g.add_argument("--enc-steps", type=int, default=None, help="encoder iterations of step 2; not given (10000)")
-    g.add_argument("--ft-steps", type=int, default=None, help="iterations of step 3 (fine-tuning); not given (2000)")
-    g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
-                   help="run step 3, fine-tuning E and G on L_E (§2, suppl. Table S2); --no-finetune for the ablation")
-    g.add_argument("--smooth-sigma", type=float, default=None, help="Gaussian smoothing σ in voxels, §2 step 5 (σ not given; 1)")
-    g.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CT soft-tissue window in HU, §2 step 6 (paper -20 100)")
-    g.add_argument("--n-slices", type=int, default=None,
-                   help="--dims 2: middle axial slices per volume (§3 'a middle brain range'; not given)")
-    g.add_argument("--val-percentile", type=float, default=None,
-                   help="threshold = this percentile of healthy validation scores (ours; the paper uses Youden)")
-    g.add_argument("--modality", default=None,
-                   help="ct (the paper's NCCT, §2) or t1|t2|flair (MRI, the paper's future work, §4): the "
-                        "phantom's contrast (default ct), a real data set's image, and the normalisation (CT "
-                        "window or MRI percentiles); unset on real data: detected from the training volumes")
-    g.add_argument("--compare-3d", default=None, metavar="RUN_DIR",
-                   help="--dims 2: a finished 3D run on the same data; its volume AUROC minus this run's "
-                        "volume-level AUROC, with a paired 95%% interval over volumes (§3: 3D vs 2D)")
-    return p
+def parse_args(argv=None):
+    return C.parse_args(argv, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD, doc=__doc__,
+                        check=check_args)
 
 
-def parse(argv=None):
-    args = C.parse_args(build_parser(), PRESETS, argv, method=METHOD)
-    for name, lo, hi in (("size", 8, 512), ("width", 1, 1024), ("latent_dim", 1, 100000), ("batch_size", 1, 4096),
-                         ("n_critic", 1, 100), ("gan_steps", 0, 10**8), ("enc_steps", 0, 10**8),
-                         ("ft_steps", 0, 10**8), ("n_slices", 1, 1000)):
-        C.check_range(args, name, lo=lo, hi=hi, integer=True)
-    for name, lo, hi in (("lam", 0, None), ("kappa", 0, None), ("lr_gan", 0, 1), ("lr_enc", 0, 1), ("lr_ft", 0, 1),
-                         ("beta1", 0, 0.999999), ("beta2", 0, 0.999999), ("smooth_sigma", 0, 20),
-                         ("val_percentile", 0, 100)):
-        C.check_range(args, name, lo=lo, hi=hi)
+def check_args(args):
     if args.size & (args.size - 1):
         C.fail(f"--size must be a power of 2 (8, 16, 32, 64, ...), got {args.size}")
-    for name in ("max_steps", "ckpt_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            C.fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.window[0] >= args.window[1]:
         C.fail(f"--window LO HI needs LO < HI, got {args.window[0]:g} {args.window[1]:g}")
     if args.modality:
-        args.modality = datasets.MODALITY_ALIASES.get(args.modality.lower(), args.modality.lower())
+        m = args.modality.lower()
+        args.modality = datasets.MODALITY_ALIASES.get(m, m)
     if args.data == "synthetic" and args.modality not in (None, "ct", "t1", "t2", "flair"):
         C.fail(f"--modality {args.modality}: the phantom has ct, t1, t2 and flair")
     if args.compare_3d and args.dims != 2:
         C.fail("--compare-3d RUN_DIR compares a 3D run with this run's 2D model: add --dims 2")
-    return args
 
 
 # =================================================================================================
@@ -640,7 +598,7 @@ def paper_tables(args, rows, sc, S_test, loop_state, val_from, n_par, loop=None)
 # =================================================================================================
 
 def main(argv=None):
-    args = parse(argv)
+    args = parse_args(argv)
     run = C.start_run(args, METHOD)
     device = run.device
     kw = dict(size=args.size, width=args.width, dims=args.dims)

@@ -226,7 +226,7 @@ def folder_tree(root, contrast):
 
 
 def load(tmp_path, *flags):
-    args = M.parse(["--preset", "smoke", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+    args = M.parse_args(["--preset", "smoke", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
                     *flags])
     return M.load_data(args, types.SimpleNamespace(log=lambda msg: None))
 
@@ -251,7 +251,7 @@ def test_modality_picks_the_phantom_contrast(tmp_path):
     assert data.info["phantom"] == "t1_tiny" and data.info["normalisation"]["norm"] == "mri"
     assert {c.group for c in data.test} >= {"normal", "tumor"}
     with pytest.raises(C.UserError, match="--modality pd: the phantom has ct, t1, t2 and flair"):
-        M.parse(["--modality", "pd", "--out", str(tmp_path / "x")])
+        M.parse_args(["--modality", "pd", "--out", str(tmp_path / "x")])
 
 
 # ---- the script end to end ---------------------------------------------------------------------------
