@@ -53,7 +53,6 @@ seconds, for the tests.
 from __future__ import annotations
 
 
-import argparse
 import json
 import math
 
@@ -139,7 +138,7 @@ def check_args(args):
 
 
 # =================================================================================================
-# Networks (Fig. 1 and Fig. 3; layout of the 3D brain WGAN of Kwon et al. [15], see deviation 1)
+# Networks (Fig. 1 and Fig. 3: the 3D brain WGAN of Kwon et al. [15], deviation 1)
 # =================================================================================================
 
 def _layers(dims):
@@ -153,7 +152,7 @@ def n_levels(size):
 
 
 class Generator(nn.Module):
-    """G: z (B, latent) -> x~ (B, 1, S, S, S) in [-1, 1]. Channels 8w, 4w, 2w, w at 4^3 .. S/2."""
+    """G: z (B, latent) -> x~ (B, 1, S, S, S) in [-1, 1]. Channels 8w, 4w, 2w, w at 4³ .. S/2."""
 
     def __init__(self, *, latent_dim=2500, size=64, width=64, dims=3):
         super().__init__()
@@ -165,9 +164,11 @@ class Generator(nn.Module):
         self.bn0 = BN(ch[0])
         blocks = []
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), Conv(c_in, c_out, 3, padding=1, bias=False),
-                       BN(c_out), nn.ReLU(inplace=True)]
-        blocks += [nn.Upsample(scale_factor=2, mode="nearest"), Conv(ch[-1], 1, 3, padding=1, bias=False), nn.Tanh()]
+            blocks += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       Conv(c_in, c_out, 3, padding=1, bias=False), BN(c_out),
+                       nn.ReLU(inplace=True)]
+        blocks += [nn.Upsample(scale_factor=2, mode="nearest"),
+                   Conv(ch[-1], 1, 3, padding=1, bias=False), nn.Tanh()]
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, z):
@@ -176,8 +177,8 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """D: x (B, 1, S, S, S) -> one unbounded value per sample (WGAN critic), and f(x), the last hidden
-    layer (B, m), m = 8w * 4^3 (Eq. 5). No BatchNorm: the gradient penalty is per sample."""
+    """D: x (B, 1, S, S, S) -> one unbounded value per sample (WGAN critic), and f(x), the last
+    hidden layer (B, m), m = 8w * 4³ (Eq. 5). No BatchNorm: the gradient penalty is per sample."""
 
     def __init__(self, *, size=64, width=64, dims=3):
         super().__init__()
@@ -187,7 +188,7 @@ class Critic(nn.Module):
         layers = []
         for c_in, c_out in zip(ch[:-1], ch[1:]):
             layers += [Conv(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
-        self.features_net = nn.Sequential(*layers)                     # (B, 8w, 4, 4, 4) = the layer (*) of Fig. 3
+        self.features_net = nn.Sequential(*layers)                     # (B, 8w, 4, 4, 4): Fig. 3 *
         self.out = Conv(ch[-1], 1, 4, stride=1, padding=0)             # (B, 1, 1, 1, 1)
 
     def features(self, x):
@@ -198,8 +199,9 @@ class Critic(nn.Module):
 
 
 class Encoder(nn.Module):
-    """E: x (B, 1, S, S, S) -> z (B, latent) in (-1, 1): the critic's layout with BatchNorm and a tanh
-    output (§2 'Model architecture': "We add a hyperbolic tangent activation in the last encoder")."""
+    """E: x (B, 1, S, S, S) -> z (B, latent) in (-1, 1): the critic's layout with BatchNorm and a
+    tanh output (§2 'Model architecture': "We add a hyperbolic tangent activation in the last
+    encoder")."""
 
     def __init__(self, *, latent_dim=2500, size=64, width=64, dims=3):
         super().__init__()
@@ -209,13 +211,23 @@ class Encoder(nn.Module):
         layers = []
         for i, (c_in, c_out) in enumerate(zip(ch[:-1], ch[1:])):
             layers += [Conv(c_in, c_out, 4, stride=2, padding=1)]
-            layers += [BN(c_out)] if i > 0 else []                     # no norm on the first layer, as in [15]
+            layers += [BN(c_out)] if i > 0 else []                    # none on the first layer [15]
             layers += [nn.LeakyReLU(0.2, inplace=True)]
         layers += [Conv(ch[-1], latent_dim, 4, stride=1, padding=0), nn.Flatten(), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)                                             # (B, latent)
+
+
+def build(args, device):
+    """G, D, E of --dims 2 or 3 on the device, channels-last (the same maths; 3D convolutions about
+    twice as fast on a CPU)."""
+    kw = dict(size=args.size, width=args.width, dims=args.dims)
+    nets = {"G": Generator(latent_dim=args.latent_dim, **kw), "D": Critic(**kw),
+            "E": Encoder(latent_dim=args.latent_dim, **kw)}
+    fmt = torch.channels_last_3d if args.dims == 3 else torch.channels_last
+    return {k: m.to(device).to(memory_format=fmt) for k, m in nets.items()}
 
 
 # =================================================================================================
@@ -229,13 +241,13 @@ def critic_wasserstein_loss(d_real, d_fake):
 
 
 def gradient_penalty(D, x, x_tilde, eps=None):
-    """Third term of Eq. (2) without λ: E_{x^}[(||∇_{x^} D(x^)||_2 - 1)^2], x^ = ε x + (1-ε) x~ with
-    ε ~ U[0, 1] per sample; the norm is taken per sample over ALL of its voxels and channels."""
+    """Third term of Eq. (2) without λ: E_{x^}[(||∇_{x^} D(x^)||_2 - 1)^2], x^ = ε x + (1-ε) x~
+    with ε ~ U[0, 1] per sample; the norm is per sample, over ALL of its voxels and channels."""
     if eps is None:
         eps = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
     x_hat = (eps * x + (1 - eps) * x_tilde).detach().requires_grad_(True)  # (B, 1, S, S, S)
     grad, = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
-    norm = grad.float().flatten(1).norm(2, dim=1)                     # (B,)  ||∇ D(x^)||_2 per sample
+    norm = grad.float().flatten(1).norm(2, dim=1)                    # (B,) ||∇ D(x^)||_2 per sample
     # Eq. (2): λ E_{x^ ~ P_x^}[(||∇_{x^} D(x^)||_2 - 1)^2]   (λ applied by the caller)
     return ((norm - 1) ** 2).mean()
 
@@ -264,25 +276,53 @@ def encoder_loss(x, x_rec, f_x, f_rec, kappa):
 
 
 # =================================================================================================
-# Anomaly score (§2 "Anomaly score": Eq. 6 per volume; voxel-wise |x - x~| for localisation)
+# Anomaly score (§2 "Anomaly score": Eq. 6 per volume; voxel-wise |x - x~| localises, Fig. 6)
 # =================================================================================================
 
 @torch.no_grad()
 def anomaly_score(E, G, D, x, kappa):
-    """x (B, 1, S, S, S) -> dict(score=L_E (B,), img=L_img (B,), feat=L_feat (B,), x_rec (B, 1, S, S, S))."""
+    """x (B, 1, S, S, S) -> dict(score=L_E, img=L_img, feat=L_feat: (B,), x_rec (B, 1, S, S, S))."""
     x_rec = G(E(x))                                                    # x~ = G(E(x))
     f_x, f_rec = D.features(x), D.features(x_rec)
     img, feat = image_loss(x, x_rec), feature_loss(f_x, f_rec)
     return {"score": img + kappa * feat, "img": img, "feat": feat, "x_rec": x_rec}
 
 
+def anomaly_map(x, x_rec):
+    """§3 "Qualitative results and anomaly localization": the voxel-wise error |x - x~| (Fig. 6)."""
+    return np.abs(x - x_rec)
+
+
+def volume_scores_2d(S, sc):
+    """The 2D baseline's score of a volume: the mean of its middle slices' scores (deviation 5).
+    -> {index into S.cases: score}"""
+    return C.aggregate(sc["score"], [int(k) for k in S.case], how="mean")
+
+
+def score(nets, S, args, device, rows=None, recon=False):
+    """The trained model on a set: Eq. (6) for each row of S.x (or the given `rows`), in batches,
+    the last partial one included -> numpy score / img / feat (N,) [and x_rec (N, S, S, S)]."""
+    G, D, E = nets["G"].eval(), nets["D"].eval(), nets["E"].eval()
+    idx = np.arange(len(S.x)) if rows is None else np.asarray(rows)
+    out = {}
+    for i0 in range(0, len(idx), args.batch_size):
+        x = get_batch(S.x, idx[i0:i0 + args.batch_size], device)      # (B, 1, S, S, S)
+        with C.autocast(device, args.amp):
+            r = anomaly_score(E, G, D, x, args.kappa)
+        r["x_rec"] = r["x_rec"][:, 0]                                  # (B, S, S, S)
+        for k, v in r.items():
+            if k != "x_rec" or recon:
+                out.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 # =================================================================================================
-# Training (step 1: WGAN-GP; step 2: encoder with G, D frozen; step 3: fine-tune E and G)
+# Training (§2 "Training strategy": step 1 WGAN-GP; step 2 E with G, D frozen; step 3 E and G)
 # =================================================================================================
 
 PHASES = {"gan": "step 1 WGAN-GP (Eq. 2-3)", "encoder": "step 2 encoder, G and D frozen (Eq. 6)",
           "finetune": "step 3 fine-tune E and G (Eq. 6)"}
-OPTIMS = {"gan": ("G", "D"), "encoder": ("E",), "finetune": ("EG",)}   # the Adam states each step uses
+OPTIMS = {"gan": ("G", "D"), "encoder": ("E",), "finetune": ("EG",)}   # the Adam of each step
 
 
 def set_trainable(module, flag):
@@ -306,30 +346,29 @@ def update(opt, loss):
 
 
 def train_step(phase, nets, opt, next_x, args, device):
-    """One iteration of training step `phase` (§2 "Training strategy") -> its losses.
-    nets: G, D, E (their DDP wrappers under torchrun); opt: {G, D, E, EG}: Adam; next_x() -> the next
-    batch of healthy volumes (B, 1, S, S, S)."""
+    """One iteration of training step `phase` -> its losses. nets: G, D, E (their DDP wrappers
+    under torchrun); opt: Adam of G, D, E and EG (E and G, step 3); next_x() -> (B, 1, S, S, S)."""
     G, D, E = nets["G"], nets["D"], nets["E"]
-    if phase == "gan":                       # step 1: n_critic updates of D on Eq. (2), one of G on Eq. (3)
+    if phase == "gan":          # step 1: n_critic updates of D on Eq. (2), then one of G on Eq. (3)
         set_trainable(C.unwrap(D), True)
         for _ in range(args.n_critic):
             x = next_x()
             z = torch.randn(len(x), args.latent_dim, device=device)       # z ~ N(0, I)   (Eq. 1)
             with C.autocast(device, args.amp):
                 with torch.no_grad():
-                    x_tilde = G(z)                                        # x~ = G(z): (B, 1, S, S, S)
+                    x_tilde = G(z)                                        # x~: (B, 1, S, S, S)
                 W = critic_wasserstein_loss(D(x), D(x_tilde)).float()
                 gp = gradient_penalty(D, x, x_tilde)
                 L_D = W + args.lam * gp                                   # Eq. (2)
             update(opt["D"], L_D)
-        set_trainable(C.unwrap(D), False)                                 # G's update leaves D as it is
+        set_trainable(C.unwrap(D), False)                                 # G's update leaves D be
         z = torch.randn(len(x), args.latent_dim, device=device)
         with C.autocast(device, args.amp):
             L_G = generator_loss(C.unwrap(D)(G(z))).float()               # Eq. (3)
         update(opt["G"], L_G)
         return {"L_D (Eq. 2)": L_D, "L_G (Eq. 3)": L_G, "W distance -(E[D(x~)]-E[D(x)])": -W,
                 "gradient penalty": gp}
-    # steps 2 and 3: the "izif" encoder training of f-AnoGAN [20], Fig. 2; D only provides f
+    # steps 2 and 3: the "izif" encoder training of f-AnoGAN [20] (Fig. 2); D only provides f
     x = next_x()
     G_ = G if phase == "finetune" else C.unwrap(G)                        # a frozen G needs no DDP
     D = C.unwrap(D)
@@ -344,45 +383,49 @@ def train_step(phase, nets, opt, next_x, args, device):
 
 def get_batch(X, idx, device):
     """Rows idx of a (N, S, S[, S]) array -> float32 tensor (B, 1, S, S[, S]) on the device."""
-    return torch.as_tensor(np.asarray(X[np.asarray(idx)]), dtype=torch.float32).unsqueeze(1).to(device)
+    x = torch.as_tensor(np.asarray(X[np.asarray(idx)]), dtype=torch.float32)
+    return x.unsqueeze(1).to(device)
 
 
 def train(run, args, nets, S_train, S_test):
-    """The three steps of §2 as three phases of one C.Loop (resume, checkpoints, --max-steps, NaN stop),
-    each drawing its own shuffled stream of healthy training volumes. -> (loop, training seconds)."""
+    """The three steps as three phases of one C.Loop (resume, checkpoints, --max-steps, NaN stop),
+    each with its own shuffled stream of healthy training volumes. -> (loop, training seconds)."""
     G, D, E = nets["G"], nets["D"], nets["E"]
 
     def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, betas=(args.beta1, args.beta2))
     opt = {"G": adam(G.parameters(), args.lr_gan), "D": adam(D.parameters(), args.lr_gan),
-           "E": adam(E.parameters(), args.lr_enc), "EG": adam([*E.parameters(), *G.parameters()], args.lr_ft)}
-    steps = {"gan": args.gan_steps, "encoder": args.enc_steps, "finetune": args.ft_steps * args.finetune}
-    batches = {p: C.Batches(len(S_train.x), args.batch_size, args.seed, stream=i) for i, p in enumerate(steps)}
+           "E": adam(E.parameters(), args.lr_enc),
+           "EG": adam([*E.parameters(), *G.parameters()], args.lr_ft)}
+    steps = {"gan": args.gan_steps, "encoder": args.enc_steps,
+             "finetune": args.ft_steps * args.finetune}
+    batches = {p: C.Batches(len(S_train.x), args.batch_size, args.seed, stream=i)
+               for i, p in enumerate(steps)}
     loop = C.Loop(run, args, models=nets, optims=opt, batches=batches)
     ddp = {k: C.ddp_wrap(m, run.device) for k, m in nets.items()}   # alone: the networks themselves
     for phase, n in steps.items():
         if not n:
             continue
         set_phase(phase, G, D, E)
-        b = batches[phase]
+        next_x = lambda b=batches[phase]: get_batch(S_train.x, next(b), run.device)   # noqa: E731
         for _ in loop.phase(phase, n, desc=PHASES[phase]):
-            loop.log(train_step(phase, ddp, opt, lambda: get_batch(S_train.x, next(b), run.device), args, run.device))
+            loop.log(train_step(phase, ddp, opt, next_x, args, run.device))
         if phase not in loop.state["done"]:
-            break                                                      # --max-steps or NaN: stop here
-        for k in OPTIMS[phase]:   # a finished step's Adam moments: out of GPU memory and of later checkpoints
+            break                                                    # --max-steps or NaN: stop here
+        for k in OPTIMS[phase]:   # a finished step's gradients and Adam moments: out of GPU memory
+            opt[k].zero_grad(set_to_none=True)                      # and of later checkpoints
             opt[k].state.clear()
         done_s = loop.state.setdefault("phase_s", {})
         if phase in done_s:
-            continue                                                   # finished before this --resume
+            continue                                                 # finished before this --resume
         done_s[phase] = round(loop.state["train_s"] - sum(done_s.values()), 2)
         if run.device.type == "cuda":
-            loop.state.setdefault("peak_cuda_mb", {})[phase] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+            peak = loop.state.setdefault("peak_cuda_mb", {})
+            peak[phase] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
             torch.cuda.reset_peak_memory_stats()
-        if phase == "encoder" and steps["finetune"]:
-            # the test scores before step 3, for the fine-tuning ablation (suppl. Table S2)
-            loop.state["scores_step2"] = C.on_main(lambda: score(nets, S_test, args, run.device)["score"].tolist())
-    for m in nets.values():
-        m.zero_grad(set_to_none=True)
+        if phase == "encoder" and steps["finetune"]:   # the test scores before step 3: Table S2
+            loop.state["scores_step2"] = C.on_main(
+                lambda: score(nets, S_test, args, run.device)["score"].tolist())
     return loop, loop.close()
 
 
@@ -390,72 +433,29 @@ def train(run, args, nets, S_train, S_test):
 # Scoring and evaluation
 # =================================================================================================
 
-def detect_modality(cases, n=3):
-    """CT or MRI from the raw training volumes: a CT's background is air at about -1000 HU, MRI
-    intensities are >= 0. -> ("ct" | "mri", how it was decided)."""
-    p1 = [float(np.percentile(datasets.read_nifti(c.image)[0], 1)) for c in cases[:n]]
-    kind = "ct" if np.median(p1) < -500 else "mri"
-    return kind, (f"detected from {len(p1)} training volumes: 1st intensity percentile {np.median(p1):g} "
-                  f"({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality overrides")
-
-
 def load_data(args, run):
-    """§2 preprocessing (data/datasets.py): skull strip, crop black borders, smooth, pad to a cube,
-    resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7) or, for MRI, the
-    1st-99th brain percentiles -> [-1, 1]. --dims 2: middle axial slices instead (§3)."""
-    phantom = args.data == "synthetic"
-    data = datasets.load_dataset(args, contrast=(args.modality or "ct") if phantom else "ct")
-    if args.modality or phantom:
-        norm = "ct" if (args.modality or "ct") == "ct" else "mri"
-        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
+    """§2 preprocessing (data/datasets.py): skull strip, crop the black borders, smooth, pad to a
+    cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
+    MRI the 1st-99th brain percentiles -> [-1, 1]; --dims 2: middle axial slices (§3)."""
+    data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
+                                 else "ct")
+    norm, to = choose_normalisation(args, data, run)
+    kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir)
+    if args.dims == 3:
+        stack, kw = datasets.volume_stack, dict(kw, size=(args.size,) * 3,
+                                                smooth_sigma=args.smooth_sigma)
     else:
-        norm, how = detect_modality(data.train)
-    run.log(f"modality {norm.upper()} ({how}): " + ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
-                                                  else "MRI 1st-99th brain percentiles") + " -> [-1, 1]")
-    data.info["normalisation"] = {"norm": norm, "how": how}
-
-    def arrays(cases, desc):
-        if not cases:
-            return None
-        if args.dims == 3:
-            return datasets.volume_stack(cases, size=(args.size,) * 3, norm=norm, ct_window=tuple(args.window),
-                                         smooth_sigma=args.smooth_sigma, cache_dir=args.cache_dir, desc=desc)
-        return datasets.slice_stack(cases, size=(args.size,) * 2, norm=norm, n_slices=args.n_slices, center=0.5,
-                                    ct_window=tuple(args.window), cache_dir=args.cache_dir, desc=desc)
-    S = [arrays(data.train, "train"), arrays(data.val, "val"), arrays(data.test, "test")]
-    check_contrast(S[0], norm, args)
+        stack, kw = datasets.slice_stack, dict(kw, size=(args.size,) * 2, n_slices=args.n_slices,
+                                               center=0.5)
+    S = [stack(c, desc=d, **kw) if c else None
+         for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
+    hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
+            else "pass --modality ct for CT volumes")
+    check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
+                       f"the {to} ({hint})")
+    run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"
+                                               for k, a in zip(("train", "val", "test"), S)))
     return (data, *S)
-
-
-def check_contrast(S, norm, args):
-    """Refuse training volumes whose brain is one constant after normalisation (e.g. MRI through the CT
-    window: every brain voxel clips to +1), which would train for nothing and score every volume alike."""
-    x, b = np.asarray(S.x[:64]), np.asarray(S.brain[:64]) > 0
-    v = x[b] if b.any() else x.ravel()
-    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
-    if same > 0.9:
-        how = (f"the CT window {args.window[0]:g}..{args.window[1]:g} HU (are these MRI volumes? pass "
-               f"--modality t1|t2|flair)" if norm == "ct" else "the MRI normalisation (pass --modality ct for CT)")
-        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} training {'volumes' if args.dims == 3 else 'slices'}"
-               f" have one value ({np.median(v):.3g}) after {how}; nothing to learn, so no training")
-
-
-@torch.no_grad()
-def score(nets, S, args, device, rows=None):
-    """Eq. (6) for every row of an ArraySet (or the given rows), in batches, the last partial one
-    included -> numpy score/img/feat (N,) and x_rec (N, S, S[, S]) when `rows` is given (figures)."""
-    G, D, E = nets["G"].eval(), nets["D"].eval(), nets["E"].eval()
-    idx = np.arange(len(S.x)) if rows is None else np.asarray(rows)
-    out = {}
-    for i0 in range(0, len(idx), args.batch_size):
-        x = get_batch(S.x, idx[i0:i0 + args.batch_size], device)      # (B, 1, S, S, S)
-        with C.autocast(device, args.amp):
-            r = anomaly_score(E, G, D, x, args.kappa)
-        r["x_rec"] = r["x_rec"][:, 0]                                  # (B, S, S, S)
-        for k, v in r.items():
-            if k != "x_rec" or rows is not None:
-                out.setdefault(k, []).append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def lesion_type(case):
@@ -464,15 +464,15 @@ def lesion_type(case):
 
 
 def make_rows(S, sc, dims, noft=None):
-    """Rows for C.report (one per scored unit) and each row's index into S. 3D: one row per volume.
-    2D: one per slice, `case` = its volume; slices of anomalous scans without lesion are discarded
-    (§3, "images with abnormalities that are not located in the selected slice are discarded")."""
+    """Rows for C.report (one per scored unit) and each row's index into S. 3D: one per volume. 2D:
+    one per slice, `case` = its volume; slices of anomalous scans without lesion are dropped (§3:
+    "images with abnormalities that are not located in the selected slice are discarded")."""
     rows, at = [], []
     for i in range(len(S.x)):
         c = S.cases[int(S.case[i])]
         r = {"id": c.id, "group": c.group, "label": int(c.label)}
         if dims == 2:
-            lesion = bool(np.asarray(S.mask[i]).any()) if c.mask else True   # no mask: keep the slice
+            lesion = bool(np.asarray(S.mask[i]).any()) if c.mask else True   # no mask: keep it
             if c.label == 1 and not lesion:
                 continue
             r.update(id=f"{c.id}/z{int(S.z[i])}", label=int(c.label == 1 and lesion), case=c.id)
@@ -486,10 +486,10 @@ def make_rows(S, sc, dims, noft=None):
 
 
 def per_type(rows, key="score"):
-    """Fig. 5: AUROC and AP of each lesion type against the normal scans, 95% intervals over cases."""
+    """Fig. 5: AUROC and AP of each lesion type against the normal scans, 95% intervals (cases)."""
     ev = C.evaluate([{**r, "group": r["type"]} for r in rows], key=key)["groups"]
-    return {t: {"n": e["n_anomalous"], "auroc": e["auroc"], "auroc_ci": e["auroc_ci"], "ap": e["auprc"],
-                "ap_ci": e["auprc_ci"]} for t, e in ev.items() if "auroc" in e}
+    return {t: {"n": e["n_anomalous"], "auroc": e["auroc"], "auroc_ci": e["auroc_ci"],
+                "ap": e["auprc"], "ap_ci": e["auprc_ci"]} for t, e in ev.items() if "auroc" in e}
 
 
 def paired(rows_a, rows_b, key_a="score", key_b="score"):
@@ -502,251 +502,277 @@ def paired(rows_a, rows_b, key_a="score", key_b="score"):
     return out
 
 
-def volume_rows(S, sc):
-    """--dims 2: one row per volume, score = the mean of its middle slices' scores (all of them)."""
-    vs = C.aggregate(sc["score"], [int(k) for k in S.case], how="mean")
-    return [{"id": c.id, "group": c.group, "label": int(c.label), "score": vs[i],
-             "type": lesion_type(c) if c.label else "normal"} for i, c in enumerate(S.cases) if i in vs]
+def paper_tables(args, nets, rows, S_test, sc, state, val_from, loop):
+    """The paper's tables beside C.report's: AUROC/AP per lesion type (Fig. 5), the Youden point
+    (§3, with the test labels: oracle_), the fine-tuning ablation (suppl. Table S2), the 2D volume
+    level and 3D - 2D (§3), each difference with a paired 95% interval; memory, checkpoint I/O."""
+    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
+    extra = {"dims": args.dims, "world_size": C.ddp_world(),
+             "effective_batch_size": args.batch_size * C.ddp_world(), "per_type": per_type(rows),
+             "oracle_youden": C.youden(y, s), "operating_point_from": val_from,
+             "params": {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()},
+             "steps": {"gan": args.gan_steps, "encoder": args.enc_steps,
+                       "finetune": args.ft_steps * args.finetune},
+             "phase_s": state.get("phase_s", {}),
+             "memory_estimate": {f"batch_{b}": memory_estimate_mb(args, b)
+                                 for b in sorted({1, 4, args.batch_size})}}
+    if state.get("peak_cuda_mb"):
+        extra["memory"] = {**C.peak_memory_mb(torch.device("cuda")),
+                           "cuda_mb_per_step": state["peak_cuda_mb"]}
+    if loop is not None:
+        extra["checkpoint_io"] = loop.io_report()
+    if "score_no_finetune" in rows[0]:
+        yn = np.array([r["score_no_finetune"] for r in rows])
+        extra["ablation_no_finetune"] = {
+            "auroc": C.auroc(y, yn), "auprc": C.auprc(y, yn),
+            "per_type": per_type(rows, "score_no_finetune"),
+            "finetuned_minus_step2_auroc": paired(rows, rows, "score", "score_no_finetune")}
+    if args.dims == 2:                   # one row per volume: the same units as a 3D run's
+        vs = volume_scores_2d(S_test, sc)
+        vol = [{"id": c.id, "group": c.group, "label": int(c.label), "score": vs[i],
+                "type": lesion_type(c) if c.label else "normal"}
+               for i, c in enumerate(S_test.cases) if i in vs]
+        ev = C.evaluate(vol)
+        extra["volume_level"] = {**ev["metrics"], "groups": ev["groups"], "per_type": per_type(vol)}
+        if args.compare_3d:
+            r3, rows3 = read_run(args.compare_3d, METHOD, ids=[r["id"] for r in vol])
+            if r3.get("dims") != 3:
+                C.fail(f"--compare-3d {args.compare_3d}: a --dims {r3.get('dims')} run, not 3D")
+            extra["compare_3d_vs_2d"] = {"run_3d": str(args.compare_3d), "n_volumes": len(vol),
+                                         "3d_minus_2d_volume_auroc": paired(rows3, vol)}
+    return extra
 
 
-def compare_3d(path, vol):
-    """--compare-3d: the 3D run's volume scores against this 2D run's volume-level ones, paired on the
-    same test volumes (§3: "the 3D model outperforms the 2D one by 4% in the area under the ROC")."""
-    import csv
-    from pathlib import Path
-    f, res = Path(path) / "scores.csv", Path(path) / "results.json"
-    if not (f.is_file() and res.is_file()):
-        C.fail(f"--compare-3d {path}: no scores.csv and results.json (is it a finished run of {METHOD}.py?)")
-    r3 = json.loads(res.read_text())
-    if r3.get("method") != METHOD or r3.get("dims") != 3:
-        C.fail(f"--compare-3d {path}: not a 3D run of {METHOD}.py (method {r3.get('method')}, dims {r3.get('dims')})")
-    rows3 = [{**r, "label": int(r["label"]), "score": float(r["score"])} for r in csv.DictReader(open(f))]
-    if {r["id"] for r in rows3} != {r["id"] for r in vol}:
-        C.fail(f"--compare-3d {path}: that run scored other test volumes; use the same --data, --data-root, "
-               f"--seed and --preset")
-    return {"run_3d": str(path), "n_volumes": len(vol), "3d_minus_2d_volume_auroc": paired(rows3, vol)}
+def log_tables(run, extra):
+    """The paper's comparisons on the terminal (results.json has them all)."""
+    run.log("per type: " + ", ".join(f"{k} AUROC {v['auroc']:.3f} AP {v['ap']:.3f}"
+                                     for k, v in extra["per_type"].items()))
+    for key, sub, what in (("ablation_no_finetune", "finetuned_minus_step2_auroc", "fine-tuned - "
+                            "step 2"), ("compare_3d_vs_2d", "3d_minus_2d_volume_auroc", "3D - 2D")):
+        if key in extra:
+            d = extra[key][sub]["all"]
+            run.log(f"AUROC {what}: {d['a']:.3f} - {d['b']:.3f} = {C.fmt_ci(d['diff'], d['ci'])}")
+
+
+# =================================================================================================
+# main
+# =================================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = C.start_run(args, METHOD)
+    nets = build(args, run.device)
+    ck = C.load_models(args.checkpoint, nets, METHOD) if args.checkpoint else None
+    with C.Timer() as t_data:
+        data, S_train, S_val, S_test = load_data(args, run)
+    if ck is None:
+        loop, _ = train(run, args, nets, S_train, S_test)
+        state, history = loop.state, loop.history
+    else:
+        loop, state, history = None, ck["loop"], ck["history"]
+        run.log(f"scoring {args.checkpoint} (phase {state['phase']}, step {state['step']})")
+    if not C.is_main():                                     # torchrun: process 0 scores and writes
+        return None
+    with C.Timer() as t_score:
+        sc = score(nets, S_test, args, run.device)
+        # the operating point from healthy volumes: the validation set, else 64 training volumes
+        S_h, val_from = (S_val, "val") if S_val is not None else (S_train, "train (no val set)")
+        val = score(nets, S_h, args, run.device, rows=None if S_val else range(min(64, len(S_h.x))))
+    noft = state.get("scores_step2") if args.finetune else None      # the scores after step 2
+    rows, at = make_rows(S_test, sc, args.dims, noft)
+    extra = paper_tables(args, nets, rows, S_test, sc, state, val_from, loop)
+    timing = {"train_s": state["train_s"], "score_s": t_score.seconds, "data_s": t_data.seconds,
+              "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(val["score"]), 1)}
+    res = C.report(run, args, "volume" if args.dims == 3 else "slice", rows, timing, extra=extra,
+                   data_info=data.info, val_scores=val["score"], threshold_pct=args.val_percentile,
+                   history={k: v for k, v in history.items() if not k.startswith("L_E")},
+                   examples=figures(run, args, nets, S_test, rows, at, history), log_scores=True,
+                   titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
+                           "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
+                           "losses_logy": True})
+    log_tables(run, extra)
+    return res
+
+
+# =================================================================================================
+# Appendix: the paper's figures (Fig. 4-6; Fig. 7 is scores.png) and the training memory estimate
+# =================================================================================================
+
+def pick_examples(rows, at):
+    """Fig. 6's cases: the median normal, the lowest- and highest-scoring anomalous ('undetected'
+    and 'detected'), then more normal/anomalous rows. -> [(title, row, index into S)]"""
+    order = sorted(range(len(rows)), key=lambda k: rows[k]["score"])
+    nor = [k for k in order if rows[k]["label"] == 0]
+    ano = [k for k in order if rows[k]["label"] == 1]
+    out = [("normal (median score)", nor[len(nor) // 2]), ("(lowest score)", ano[0]),
+           ("(highest score)", ano[-1])] + [("normal (highest score)", nor[-1])] * (len(nor) > 1) \
+        + [("(median score)", ano[len(ano) // 2])] * (len(ano) > 2)
+    return [(t if t[0] == "n" else f"{rows[k]['type']} {t}", rows[k], at[k]) for t, k in out]
+
+
+def figures(run, args, nets, S, rows, at, history):
+    """Fig. 4 (ROC, also before step 3), Fig. 5 (PR per type), Fig. 6 (three planes through the
+    lesion's centre), the encoder loss; -> the rows of examples.png (axial slices)."""
+    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
+    t = np.array([r["type"] for r in rows])
+    per = {n: (y[(y == 0) | (t == n)], s[(y == 0) | (t == n)]) for n in sorted(set(t[y == 1]))}
+    roc = {f"{args.dims}D f-AnoGAN" + (" (fine-tuned)" if args.finetune else ""): (y, s)}
+    if "score_no_finetune" in rows[0]:
+        roc["without fine-tuning (after step 2)"] = (y, [r["score_no_finetune"] for r in rows])
+    unit = "volume" if args.dims == 3 else "slice"
+    C.plot_roc({**roc, **{f"{n} only": v for n, v in per.items()}}, run.out / "fig4_roc.png",
+               title=f"Fig. 4: {unit}-level ROC, hemorrhage vs normal")
+    C.plot_pr(per, run.out / "fig5_pr_per_type.png", title="Fig. 5: precision-recall per type")
+    shown = pick_examples(rows, at)
+    recs = score(nets, S, args, run.device, rows=[i for _, _, i in shown], recon=True)["x_rec"]
+    ex = [dict(title=f"{title}\n{r['id']}, L_E={r['score']:.4f}", input=np.asarray(S.x[i]),
+               reconstruction=rec, amap=anomaly_map(np.asarray(S.x[i]), rec),
+               gt=np.asarray(S.mask[i])) for (title, r, i), rec in zip(shown, recs)]
+    if args.dims == 3:
+        for e in ex:   # through the lesion's centre (a normal volume's centre)
+            c = np.argwhere(e["gt"]).mean(0) if e["gt"].any() else np.array(e["gt"].shape) / 2
+            e["at"] = tuple(int(round(v)) for v in c)
+        plot_planes(ex[:3], run.out / "fig6_three_planes.png", title="Fig. 6: original, "
+                    "reconstruction, voxel error and ground truth (three planes)",
+                    names=("original x", "reconstruction x~", "voxel error |x - x~|",
+                           "ground truth"))
+        ex = [{**e, **{k: e[k][e["at"][0]] for k in ("input", "reconstruction", "amap", "gt")}}
+              for e in ex]
+    C.plot_curves({k: v for k, v in history.items() if k.startswith("L_E")},
+                  run.out / "losses_encoder.png", title="steps 2-3: encoder loss L_E (Eq. 6)",
+                  ylabel="L_E", xlabel="iteration of each step")
+    return ex
 
 
 def memory_estimate_mb(args, batch_size):
     """Rough peak training memory without a GPU: weights of G, D, E (fp32) + gradients and two Adam
-    moments of the networks a step trains (finished steps release theirs) + every layer's output in
-    that step's forward passes, counted on the 'meta' device (shapes only, no compute). A critic
-    iteration runs D on x, x~ and x^, and the gradient penalty's double backward keeps about two more
-    copies of D(x^)'s activations. cuDNN workspaces and allocator slack are not counted: +-50%."""
-    acts = {"n": 0}
-
-    def hook(_m, _i, o):
-        acts["n"] += o.numel() if torch.is_tensor(o) else 0
-
+    moments of the networks a step trains (a finished step's are cleared) + every layer's output in
+    that step's forward passes, counted on the 'meta' device (shapes only). A critic iteration runs
+    D on x, x~ and x^, and the penalty's double backward keeps about two more copies of D(x^)'s
+    activations. cuDNN workspaces and allocator slack are not counted: +-50%."""
     with torch.device("meta"):
         kw = dict(size=args.size, width=args.width, dims=args.dims)
-        G, D, E = Generator(latent_dim=args.latent_dim, **kw), Critic(**kw), Encoder(latent_dim=args.latent_dim, **kw)
-        P = {k: sum(p.numel() for p in m.parameters()) for k, m in (("G", G), ("D", D), ("E", E))}
-        for m in (G, D, E):
-            for mod in m.modules():
-                if not list(mod.children()):
-                    mod.register_forward_hook(hook)
-        shape = (batch_size, 1) + (args.size,) * args.dims
-
-        def count(fn):
-            acts["n"] = 0
-            fn()
-            return acts["n"]
-        a_G = count(lambda: G(torch.zeros(batch_size, args.latent_dim)))
-        a_D = count(lambda: D(torch.zeros(shape)))
-        a_E = count(lambda: E(torch.zeros(shape)))
+        G, D = Generator(latent_dim=args.latent_dim, **kw), Critic(**kw)
+        E = Encoder(latent_dim=args.latent_dim, **kw)
+        x = torch.zeros((batch_size, 1) + (args.size,) * args.dims)
+        a_G = count_activations(G, torch.zeros(batch_size, args.latent_dim))
+        a_D, a_E = count_activations(D, x), count_activations(E, x)
+    P = {k: sum(p.numel() for p in m.parameters()) for k, m in (("G", G), ("D", D), ("E", E))}
     W = sum(P.values())
     steps = {"step 1 critic iteration": W + 3 * (P["G"] + P["D"]) + a_G + 5 * a_D,
              "step 1 generator iteration": W + 3 * (P["G"] + P["D"]) + a_G + a_D,
              "step 2 encoder": W + 3 * P["E"] + a_E + a_G + 2 * a_D,
              "step 3 fine-tune": W + 3 * (P["E"] + P["G"]) + a_E + a_G + 2 * a_D}
     mb = 4 / 2 ** 20
-    return {"params": P, "weights_mb": round(W * mb, 1), "per_step_mb": {k: round(v * mb, 1) for k, v in steps.items()},
+    return {"params": P, "weights_mb": round(W * mb, 1),
+            "per_step_mb": {k: round(v * mb, 1) for k, v in steps.items()},
             "peak_mb": round(max(steps.values()) * mb, 1)}
 
 
-def paper_tables(args, rows, sc, S_test, loop_state, val_from, n_par, loop=None):
-    """The paper's own tables beside C.report's: per lesion type (Fig. 5), the Youden point (§3, with
-    the test labels: oracle_), the fine-tuning ablation (suppl. Table S2), the 2D volume level (§3)."""
-    y, s = np.array([r["label"] for r in rows]), np.array([r["score"] for r in rows])
-    extra = {"dims": args.dims, "world_size": C.ddp_world(), "effective_batch_size": args.batch_size * C.ddp_world(),
-             "per_type": per_type(rows), "oracle_youden": C.youden(y, s), "operating_point_from": val_from,
-             "params": n_par, "steps": {"gan": args.gan_steps, "encoder": args.enc_steps,
-                                        "finetune": args.ft_steps if args.finetune else 0},
-             "phase_s": loop_state.get("phase_s", {}),
-             "memory_estimate": {f"batch_{b}": memory_estimate_mb(args, b) for b in sorted({1, 4, args.batch_size})}}
-    if loop_state.get("peak_cuda_mb"):
-        extra["memory"] = {**C.peak_memory_mb(torch.device("cuda")), "cuda_mb_per_step": loop_state["peak_cuda_mb"]}
-    if loop is not None:
-        extra["checkpoint_io"] = loop.io_report()
-    if "score_no_finetune" in rows[0]:
-        yn = np.array([r["score_no_finetune"] for r in rows])
-        extra["ablation_no_finetune"] = {"auroc": C.auroc(y, yn), "auprc": C.auprc(y, yn),
-                                         "per_type": per_type(rows, "score_no_finetune"),
-                                         "finetuned_minus_step2_auroc": paired(rows, rows, "score", "score_no_finetune")}
-    if args.dims == 2:
-        vol = volume_rows(S_test, sc)
-        ev = C.evaluate(vol)
-        extra["volume_level"] = {**ev["metrics"], "groups": ev["groups"], "per_type": per_type(vol)}
-        if args.compare_3d:
-            extra["compare_3d_vs_2d"] = compare_3d(args.compare_3d, vol)
-    return extra
+# ---- proposed for data/datasets.py (the lead moves it) ---------------------------------------
 
-
-# =================================================================================================
-# main()
-# =================================================================================================
-
-def main(argv=None):
-    args = parse_args(argv)
-    run = C.start_run(args, METHOD)
-    device = run.device
-    kw = dict(size=args.size, width=args.width, dims=args.dims)
-    nets = {"G": Generator(latent_dim=args.latent_dim, **kw), "D": Critic(**kw),
-            "E": Encoder(latent_dim=args.latent_dim, **kw)}
-    fmt = torch.channels_last_3d if args.dims == 3 else torch.channels_last
-    for m in nets.values():   # channels-last layout: the same maths, about 2x faster 3D convolutions on CPU
-        m.to(device).to(memory_format=fmt)
-    n_par = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
-    run.log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_par.items()))
-    ck = C.load_models(args.checkpoint, nets, METHOD) if args.checkpoint else None
-    with C.Timer() as t_data:
-        data, S_train, S_val, S_test = load_data(args, run)
-    run.log(f"{args.dims}D data: train {S_train.x.shape}, val {None if S_val is None else S_val.x.shape}, "
-            f"test {S_test.x.shape} ({t_data.seconds:.1f}s)")
-    if C.ddp_world() > 1:
-        run.log(f"{C.ddp_world()} processes x batch {args.batch_size} = effective batch "
-                f"{args.batch_size * C.ddp_world()}")
-    loop = None
-    if ck is not None:
-        state, history = ck["loop"], ck["history"]
-        run.log(f"scoring {args.checkpoint} (phase {state['phase']}, step {state['step']})")
+def choose_normalisation(args, data, run, phantom="ct"):
+    """"ct" (the CT window --window) or "mri" (1st-99th brain percentiles): --modality when given,
+    the phantom's contrast (default `phantom`), else detected from the training volumes; logged and
+    recorded in data.info["normalisation"]. -> (norm, what it maps to [-1, 1], for messages)"""
+    if args.modality or args.data == "synthetic":
+        norm = "ct" if (args.modality or phantom) == "ct" else "mri"
+        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
     else:
-        loop, _ = train(run, args, nets, S_train, S_test)
-        state, history = loop.state, loop.history
-    if not C.is_main():                                                # torchrun: process 0 scores and writes
-        return None
-    with C.Timer() as t_score:
-        sc = score(nets, S_test, args, device)
-        # the operating point from healthy volumes: the validation set, else 64 training volumes (never test labels)
-        S_h, val_from = (S_val, "val") if S_val is not None else (S_train, "train (no val set)")
-        val_scores = score(nets, S_h if S_val is not None else argparse.Namespace(x=S_train.x[:64]), args,
-                           device)["score"]
-    noft = state.get("scores_step2") if args.finetune else None
-    rows, at = make_rows(S_test, sc, args.dims, noft)
-    extra = paper_tables(args, rows, sc, S_test, state, val_from, n_par, loop)
-    shown = pick_examples(rows, at)
-    recs = dict(zip([i for _, _, i in shown], score(nets, S_test, args, device, rows=[i for _, _, i in shown])["x_rec"]))
-    examples = figures(run, args, S_test, rows, shown, recs, val_scores, history, noft is not None)
-    res = C.report(run, args, "volume" if args.dims == 3 else "slice", rows,
-                   {"train_s": state["train_s"], "score_s": t_score.seconds,
-                    "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(val_scores), 1),
-                    "data_s": t_data.seconds},
-                   extra=extra, data_info=data.info, val_scores=val_scores, threshold_pct=args.val_percentile,
-                   history={k: v for k, v in history.items() if not k.startswith("L_E")}, examples=examples,
-                   titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
-                           "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
-                           "losses_logy": True}, log_scores=True)
-    run.log("per type: " + ", ".join(f"{k} AUROC {v['auroc']:.3f} AP {v['ap']:.3f}" for k, v in extra["per_type"].items()))
-    if "ablation_no_finetune" in extra:
-        d = extra["ablation_no_finetune"]["finetuned_minus_step2_auroc"]["all"]
-        run.log(f"without fine-tuning (after step 2): AUROC {d['b']:.3f}; fine-tuned minus step 2: "
-                f"{d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
-    if "volume_level" in extra:
-        run.log(f"2D, volume level (mean of slice scores): AUROC {extra['volume_level']['auroc']:.3f}")
-    if "compare_3d_vs_2d" in extra:
-        d = extra["compare_3d_vs_2d"]["3d_minus_2d_volume_auroc"]["all"]
-        run.log(f"3D minus 2D volume AUROC: {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
-    return res
+        norm, how = detect_modality(data.train)
+    to = ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
+          else "MRI 1st-99th brain percentiles")
+    run.log(f"modality {norm.upper()} ({how}): {to} -> [-1, 1]")
+    data.info["normalisation"] = {"norm": norm, "how": how}
+    return norm, to
 
 
-# =================================================================================================
-# Appendix: the paper's figures (Fig. 4-6; Fig. 7 is scores.png, log scale)
-# =================================================================================================
-
-def pick_examples(rows, at):
-    """Cases to show: the median normal, the lowest- and highest-scoring anomalous ('undetected' and
-    'detected' in Fig. 6), then more normal/anomalous rows for examples.png. -> (title, row, S index)."""
-    order = sorted(range(len(rows)), key=lambda k: rows[k]["score"])
-    nor = [k for k in order if rows[k]["label"] == 0]
-    ano = [k for k in order if rows[k]["label"] == 1]
-    t = lambda k: rows[k]["type"]                                       # noqa: E731
-    out = [("normal (median score)", nor[len(nor) // 2]), (f"{t(ano[0])} (lowest score)", ano[0]),
-           (f"{t(ano[-1])} (highest score)", ano[-1])]
-    if len(nor) > 1:
-        out.append(("normal (highest score)", nor[-1]))
-    if len(ano) > 2:
-        out.append((f"{t(ano[len(ano) // 2])} (median score)", ano[len(ano) // 2]))
-    return [(title, rows[k], at[k]) for title, k in out]
+def detect_modality(cases, n=3):
+    """"ct" or "mri" from the raw intensities of the first n cases: a CT's background is air at
+    about -1000 HU, MRI intensities are >= 0. -> (kind, how it was decided, for the log)."""
+    p1 = float(np.median([np.percentile(datasets.read_nifti(c.image)[0], 1) for c in cases[:n]]))
+    kind = "ct" if p1 < -500 else "mri"
+    return kind, (f"detected from {min(n, len(cases))} training volumes: 1st intensity percentile "
+                  f"{p1:g} ({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality "
+                  f"overrides")
 
 
-def figures(run, args, S, rows, shown, recs, val_scores, history, ablation):
-    """Fig. 4 (ROC, with the model before step 3), Fig. 5 (PR per type), Fig. 6 (three planes), the
-    encoder loss; -> the rows of examples.png (axial slices through the lesion)."""
-    out, y = run.out, np.array([r["label"] for r in rows])
-    s, t = np.array([r["score"] for r in rows]), np.array([r["type"] for r in rows])
-    types = sorted(set(t[y == 1]))
-    roc = {f"{args.dims}D f-AnoGAN" + (" (fine-tuned)" if args.finetune else ""): (y, s)}
-    if ablation:
-        roc["without fine-tuning (after step 2)"] = (y, np.array([r["score_no_finetune"] for r in rows]))
-    roc.update({f"{n} only": (y[(y == 0) | (t == n)], s[(y == 0) | (t == n)]) for n in types})
-    unit = "volume" if args.dims == 3 else "slice"
-    C.plot_roc(roc, out / "fig4_roc.png", title=f"Fig. 4: {unit}-level ROC, hemorrhage vs normal")
-    C.plot_pr({n: (y[(y == 0) | (t == n)], s[(y == 0) | (t == n)]) for n in types},
-              out / "fig5_pr_per_type.png", title="Fig. 5: precision-recall per lesion type")
-    ex, three = [], []
-    for title, r, i in shown:
-        x, x_rec, gt = np.asarray(S.x[i], dtype=np.float32), recs[i], np.asarray(S.mask[i])
-        err = np.abs(x - x_rec)
-        if args.dims == 3:
-            at = tuple(int(round(v)) for v in (np.argwhere(gt).mean(0) if gt.any() else np.array(x.shape) / 2))
-            three.append(dict(title=f"{title}\n{r['id']}, L_E={r['score']:.4f}", x=x, x_rec=x_rec, err=err, gt=gt,
-                              at=at))
-            x, x_rec, err, gt = x[at[0]], x_rec[at[0]], err[at[0]], gt[at[0]]
-        ex.append(dict(title=f"{title}\nL_E={r['score']:.4f}", input=x, reconstruction=x_rec, amap=err, gt=gt))
-    if three:
-        plot_three_planes(three[:3], out / "fig6_three_planes.png",
-                          title="Fig. 6: original, reconstruction, voxel error and ground truth (three planes)")
-    C.plot_curves({k: v for k, v in history.items() if k.startswith("L_E")}, out / "losses_encoder.png",
-                  title="steps 2-3: encoder loss L_E (Eq. 6)", ylabel="L_E", xlabel="iteration of each step")
-    return ex
+def check_not_constant(S, what, after, n=64):
+    """Refuse preprocessed arrays whose brain voxels are (almost) all one value, e.g. MRI through a
+    CT window (every brain voxel clips to +1): a model would learn nothing and score all alike."""
+    x, b = np.asarray(S.x[:n]), np.asarray(S.brain[:n]) > 0
+    v = x[b] if b.any() else x.ravel()
+    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
+    if same > 0.9:
+        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} {what} have one value "
+               f"({np.median(v):.3g}) after {after}; nothing to learn, so no training")
 
 
-def _planes(vol, at):
-    """(D, H, W) volume = (axial, A->P, L->R) -> axial, coronal, sagittal slices through voxel `at`
-    (superior up in coronal and sagittal)."""
-    d, h, w = at
-    return [vol[d], np.flipud(vol[:, h, :]), np.flipud(vol[:, :, w])]
+# ---- proposed for common.py (the lead moves it; C.x -> x) ------------------------------------
+
+def read_run(path, method, ids=None):
+    """A finished run of `method` -> (its results.json, its scores.csv rows with int label and
+    float score), or one error line; `ids`: the units it must have scored (paired comparisons)."""
+    import csv
+    from pathlib import Path
+    d = Path(path)
+    if not ((d / "scores.csv").is_file() and (d / "results.json").is_file()):
+        C.fail(f"{d}: no scores.csv and results.json (is it a finished run of {method}.py?)")
+    res = json.loads((d / "results.json").read_text())
+    if res.get("method") != method:
+        C.fail(f"{d}: a run of {res.get('method')}.py, not of {method}.py")
+    with open(d / "scores.csv", newline="") as f:
+        rows = [{**r, "label": int(r["label"]), "score": float(r["score"])}
+                for r in csv.DictReader(f)]
+    if ids is not None and {r["id"] for r in rows} != set(ids):
+        C.fail(f"{d} scored other units than this run; use the same --data, --data-root, --seed "
+               f"and --preset")
+    return res, rows
 
 
+def count_activations(net, *inputs):
+    """Elements of every leaf module's output in one forward pass (the meta device: no compute)."""
+    n = [0]
 
-def plot_three_planes(cases, path, title=""):
-    """Fig. 6: rows x | x~ | |x - x~| | ground truth, in axial, coronal and sagittal planes per case."""
+    def hook(_m, _i, out):
+        n[0] += out.numel()
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    try:
+        net(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return n[0]
+
+
+def plot_planes(rows, path, title="", names=("input", "reconstruction", "anomaly map",
+                                             "ground truth")):
+    """plot_examples for volumes: per case an axial, coronal and sagittal column through the voxel
+    row["at"] (superior up); rows input | reconstruction | anomaly map | ground truth (red contour
+    over the input). rows: dicts of (D, H, W) arrays input, reconstruction, amap, gt + title, at."""
     plt = C._plt()
-    n = len(cases)
-    fig, axes = plt.subplots(4, 3 * n, figsize=(1.9 * 3 * n, 8.2), squeeze=False)
-    vmax = max(float(np.percentile(c["err"], 99.8)) for c in cases) or 1.0
-    for j, c in enumerate(cases):
-        at = c["at"]
-        xs, rs, es, gs = (_planes(v, at) for v in (c["x"], c["x_rec"], c["err"], c["gt"]))
-        for p in range(3):
-            col = 3 * j + p
-            axes[0, col].imshow(xs[p], cmap="gray", vmin=-1, vmax=1)
-            axes[1, col].imshow(rs[p], cmap="gray", vmin=-1, vmax=1)
-            im = axes[2, col].imshow(es[p], cmap="inferno", vmin=0, vmax=vmax)
-            axes[3, col].imshow(xs[p], cmap="gray", vmin=-1, vmax=1)
-            if gs[p].any():
-                axes[3, col].contour(gs[p] > 0, levels=[0.5], colors="red", linewidths=1.0)
-            axes[0, col].set_title(("axial", "coronal", "sagittal")[p], fontsize=8)
-        axes[0, 3 * j + 1].text(0.5, 1.22, c["title"], transform=axes[0, 3 * j + 1].transAxes, ha="center",
-                                fontsize=9, weight="bold")
-    for i, name in enumerate(("original x", "reconstruction x~", "voxel error |x - x~|", "ground truth")):
+    fig, axes = plt.subplots(4, 3 * len(rows), figsize=(5.7 * len(rows), 8.2), squeeze=False)
+    vmax = max(float(np.percentile(r["amap"], 99.8)) for r in rows) or 1.0
+    for j, r in enumerate(rows):
+        d, h, w = r["at"]
+        vols = (np.asarray(r[k], np.float32) for k in ("input", "reconstruction", "amap", "gt"))
+        planes = [[v[d], np.flipud(v[:, h, :]), np.flipud(v[:, :, w])] for v in vols]
+        for p, (x, rec, amap, gt) in enumerate(zip(*planes)):
+            ax = axes[:, 3 * j + p]
+            ax[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            ax[1].imshow(rec, cmap="gray", vmin=-1, vmax=1)
+            im = ax[2].imshow(amap, cmap="inferno", vmin=0, vmax=vmax)
+            ax[3].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            if gt.any():
+                ax[3].contour(gt > 0, levels=[0.5], colors="red", linewidths=1.0)
+            ax[0].set_title(("axial", "coronal", "sagittal")[p], fontsize=8)
+        top = axes[0, 3 * j + 1]
+        top.text(0.5, 1.22, r.get("title", ""), transform=top.transAxes, ha="center", fontsize=9)
+    for i, name in enumerate(names):
         axes[i, 0].text(-0.08, 0.5, name, transform=axes[i, 0].transAxes, rotation=90, ha="right",
                         va="center", fontsize=9)
     for ax in axes.ravel():
-        ax.set_xticks([]), ax.set_yticks([])
-        for s in ax.spines.values():
-            s.set_visible(False)
+        ax.axis("off")
     fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.01, pad=0.01)
     fig.suptitle(title, fontsize=10)
     C._save(fig, path)
