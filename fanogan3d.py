@@ -102,6 +102,11 @@ HYPER = dict(
                         "the phantom's contrast (unset: ct), a real data set's image, and the CT "
                         "window or the MRI normalisation; unset on real data: detected from the "
                         "training volumes", type=str),
+    encoder_out=C.hp("tanh", "E's output layer. tanh: §2 'Model architecture' (\"We add a "
+                             "hyperbolic tangent activation in the last encoder\"), though G "
+                             "learnt z ~ N(0, 1); 3tanh / linear: z_reg_type '3s_tanh_fc' / None "
+                             "(its default) of f-AnoGAN's code, z_encoding_izif.py in "
+                             "github.com/tSchlegl/f-AnoGAN", choices=["tanh", "3tanh", "linear"]),
     n_slices=C.hp(16, "--dims 2: middle axial slices per volume; §3 'a middle brain range' (not "
                       "given)", lo=1, hi=1000),
     val_percentile=C.hp(95.0, "operating point: this percentile of the healthy validation scores "
@@ -198,12 +203,22 @@ class Critic(nn.Module):
         return self.out(self.features_net(x)).flatten()                # D(x): (B,)
 
 
+class ScaledTanh(nn.Module):
+    """3 tanh: f-AnoGAN's '3s_tanh_fc' output, z in (-3, 3), where 99.7% of z ~ N(0, 1) lie."""
+
+    def forward(self, z):
+        return 3 * torch.tanh(z)
+
+
+ENCODER_OUT = {"tanh": nn.Tanh, "3tanh": ScaledTanh, "linear": nn.Identity}   # --encoder-out
+
+
 class Encoder(nn.Module):
     """E: x (B, 1, S, S, S) -> z (B, latent) in (-1, 1): the critic's layout with BatchNorm and a
     tanh output (§2 'Model architecture': "We add a hyperbolic tangent activation in the last
-    encoder")."""
+    encoder"); out="3tanh": z in (-3, 3), out="linear": unbounded (--encoder-out)."""
 
-    def __init__(self, *, latent_dim=2500, size=64, width=64, dims=3):
+    def __init__(self, *, latent_dim=2500, size=64, width=64, dims=3, out="tanh"):
         super().__init__()
         Conv, BN = _layers(dims)
         L = n_levels(size)
@@ -213,11 +228,19 @@ class Encoder(nn.Module):
             layers += [Conv(c_in, c_out, 4, stride=2, padding=1)]
             layers += [BN(c_out)] if i > 0 else []                    # none on the first layer [15]
             layers += [nn.LeakyReLU(0.2, inplace=True)]
-        layers += [Conv(ch[-1], latent_dim, 4, stride=1, padding=0), nn.Flatten(), nn.Tanh()]
+        layers += [Conv(ch[-1], latent_dim, 4, stride=1, padding=0), nn.Flatten(),
+                   ENCODER_OUT[out]()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)                                             # (B, latent)
+
+
+def check_encoder_out(state, args, what):
+    """E's output layer has no weights, so checkpoint shapes cannot tell it: last.pt records it."""
+    if state.setdefault("encoder_out", args.encoder_out) != args.encoder_out:
+        C.fail(f"{what} was trained with --encoder-out {state['encoder_out']}; pass that, not "
+               f"--encoder-out {args.encoder_out}")
 
 
 def build(args, device):
@@ -225,7 +248,7 @@ def build(args, device):
     twice as fast on a CPU)."""
     kw = dict(size=args.size, width=args.width, dims=args.dims)
     nets = {"G": Generator(latent_dim=args.latent_dim, **kw), "D": Critic(**kw),
-            "E": Encoder(latent_dim=args.latent_dim, **kw)}
+            "E": Encoder(latent_dim=args.latent_dim, out=args.encoder_out, **kw)}
     fmt = torch.channels_last_3d if args.dims == 3 else torch.channels_last
     return {k: m.to(device).to(memory_format=fmt) for k, m in nets.items()}
 
@@ -392,8 +415,7 @@ def train(run, args, nets, S_train, S_test):
     each with its own shuffled stream of healthy training volumes. -> (loop, training seconds)."""
     G, D, E = nets["G"], nets["D"], nets["E"]
 
-    def adam(params, lr):
-        return torch.optim.Adam(params, lr=lr, betas=(args.beta1, args.beta2))
+    adam = lambda ps, lr: torch.optim.Adam(ps, lr=lr, betas=(args.beta1, args.beta2))   # noqa: E731
     opt = {"G": adam(G.parameters(), args.lr_gan), "D": adam(D.parameters(), args.lr_gan),
            "E": adam(E.parameters(), args.lr_enc),
            "EG": adam([*E.parameters(), *G.parameters()], args.lr_ft)}
@@ -402,6 +424,7 @@ def train(run, args, nets, S_train, S_test):
     batches = {p: C.Batches(len(S_train.x), args.batch_size, args.seed, stream=i)
                for i, p in enumerate(steps)}
     loop = C.Loop(run, args, models=nets, optims=opt, batches=batches)
+    check_encoder_out(loop.state, args, f"--resume {args.resume}")
     ddp = {k: C.ddp_wrap(m, run.device) for k, m in nets.items()}   # alone: the networks themselves
     for phase, n in steps.items():
         if not n:
@@ -563,6 +586,8 @@ def main(argv=None):
     run = C.start_run(args, METHOD)
     nets = build(args, run.device)
     ck = C.load_models(args.checkpoint, nets, METHOD) if args.checkpoint else None
+    if ck is not None:
+        check_encoder_out(ck["loop"], args, f"--checkpoint {args.checkpoint}")
     with C.Timer() as t_data:
         data, S_train, S_val, S_test = load_data(args, run)
     if ck is None:

@@ -138,6 +138,24 @@ def test_network_shapes(dims, size):
     assert zz.shape == (2, 8) and zz.abs().max() < 1         # tanh at the encoder output (§2)
 
 
+def test_encoder_out_sets_the_range_of_z():
+    """--encoder-out: tanh (the paper, §2) keeps |z| < 1; 3tanh (f-AnoGAN's code) is 3 tanh of the same
+    pre-activation, so it reaches past 1 but stays under 3; linear is the pre-activation itself."""
+    torch.manual_seed(0)
+    E = {o: M.Encoder(latent_dim=64, size=16, width=4, out=o).eval() for o in ("tanh", "3tanh", "linear")}
+    with torch.no_grad():
+        E["tanh"].net[-3].weight.mul_(30)                    # the last conv: large pre-activations
+    for o in ("3tanh", "linear"):
+        E[o].load_state_dict(E["tanh"].state_dict())         # same weights: only the output layer differs
+    with torch.no_grad():
+        x = torch.rand(4, 1, 16, 16, 16) * 2 - 1
+        z = {o: e(x) for o, e in E.items()}
+    pre = z["linear"]
+    assert pre.abs().max() > 3
+    assert torch.allclose(z["tanh"], torch.tanh(pre)) and z["tanh"].abs().max() <= 1
+    assert torch.allclose(z["3tanh"], 3 * torch.tanh(pre)) and 1 < z["3tanh"].abs().max() <= 3
+
+
 def test_paper_architecture_sizes():
     with torch.device("meta"):                               # shapes only: no 86M random weights
         G, D = M.Generator(latent_dim=2500, size=64, width=64), M.Critic(size=64, width=64)
@@ -326,6 +344,9 @@ def test_checkpoint_rescores_the_model_and_refuses_another_scripts(smoke, tmp_pa
         M.main([*flags, "--out", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "madgan.pt")])
     with pytest.raises(C.UserError, match="other network settings"):
         M.main([*flags, "--out", str(tmp_path / "y"), "--width", "3", "--checkpoint", str(smoke / "full" / "last.pt")])
+    with pytest.raises(C.UserError, match="trained with --encoder-out tanh; pass that, not --encoder-out linear"):
+        M.main([*flags, "--out", str(tmp_path / "z"), "--encoder-out", "linear", "--checkpoint",
+                str(smoke / "full" / "last.pt")])
 
 
 def test_2d_baseline_is_paired_with_the_3d_model_on_the_same_volumes(smoke, tmp_path):
