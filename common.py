@@ -1283,9 +1283,8 @@ class Loop:
             return
         if self.state["phase"] != name:
             self.state.update(phase=name, step=0)
-        for k in ("planned", "phase_s", "phase_steps"):
-            self.state.setdefault(k, {}).setdefault(name, 0)
-        self.state["planned"][name] = n_steps          # what the full run takes (for time projections)
+        acct = self.state.setdefault("phases", {}).setdefault(name, {"steps": 0, "seconds": 0.0})
+        acct["planned_steps"] = n_steps                # what the full run takes (for time projections)
         self._install_sigint()
         t0 = time.time()
         start = self.state["step"]
@@ -1297,8 +1296,8 @@ class Loop:
                 self.state["step"] = step
                 self.state["total_steps"] += 1
                 self.state["train_s"] += dt
-                self.state["phase_s"][name] += dt
-                self.state["phase_steps"][name] += 1
+                acct["seconds"] += dt
+                acct["steps"] += 1
                 t0 = time.time()
                 self._after_step(last=step == n_steps)
                 if self._stop:
@@ -1370,10 +1369,9 @@ class Loop:
         size = self.path.stat().st_size / 2 ** 20 if self.path.is_file() else 0.0
         tot = sum(self.write_s)
         return {"checkpoints": len(self.write_s), "write_s": round(tot, 3), "size_mb": round(size, 1),
-                "share_of_train": round(tot / max(self.state["train_s"], 1e-9), 4),
-                "phases": {k: {"steps": self.state.get("phase_steps", {}).get(k, 0),
-                               "seconds": round(self.state.get("phase_s", {}).get(k, 0.0), 3),
-                               "planned_steps": v} for k, v in self.state.get("planned", {}).items()}}
+                "share_of_train": round(tot / self.state["train_s"], 4) if self.state["train_s"] > 0 else 0.0,
+                "phases": {k: {**v, "seconds": round(v["seconds"], 3)}
+                           for k, v in self.state.get("phases", {}).items()}}
 
     # -- Ctrl-C: finish the step, save, exit with a resume hint -----------------------------------
     def _install_sigint(self):
