@@ -463,7 +463,9 @@ def load_data(args, run):
     data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
                                  else "ct")
     norm, to = choose_normalisation(args, data, run)
-    kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir)
+    hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
+            else "pass --modality ct for CT volumes")
+    kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir, hint=hint)
     if args.dims == 3:
         stack, kw = datasets.volume_stack, dict(kw, size=(args.size,) * 3,
                                                 smooth_sigma=args.smooth_sigma)
@@ -472,8 +474,6 @@ def load_data(args, run):
                                                center=0.5)
     S = [stack(c, desc=d, **kw) if c else None
          for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
-    hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
-            else "pass --modality ct for CT volumes")
     check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
                        f"the {to} ({hint})")
     run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"

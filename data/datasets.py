@@ -1034,9 +1034,10 @@ def _misfit(v, norm):
     return "; ".join(why) or None
 
 
-def _check_contrast(S, norm, ct_window, desc):
+def _check_contrast(S, norm, ct_window, desc, hint=None):
     """Stop when more than half of the cases of S are flat after normalisation (or, for the CT
-    window, not in Hounsfield units); warn when a few are."""
+    window, not in Hounsfield units); warn when a few are. hint: the caller's own advice (a flag),
+    in place of the generic one."""
     bad = {cid: why for cid, why in ((cid, _misfit(v, norm)) for cid, v in S.stats.items()) if why}
     if not bad:
         return
@@ -1049,6 +1050,7 @@ def _check_contrast(S, norm, ct_window, desc):
         how = ("are (nearly) constant in the brain after the MRI normalisation (brain percentiles "
                "1-99 -> [-1, 1])", "check --modality (is the image a mask or a constant channel?) "
                "and --data / --data-root (CT data need a CT script)")
+    how = (how[0], hint or how[1])
     what = f"{len(bad)} of {len(S.stats)} scans of the {desc or 'data'} set {how[0]}: {ex}"
     if 2 * len(bad) > len(S.stats):
         fail(f"{what}; {how[1]}")
@@ -1141,7 +1143,7 @@ def _pad_to_aspect(arr, value, size):
 
 def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, step=1,
                 ct_window=(-20, 100), crop=True, strip=True, margin=2, cache_dir=None, desc="",
-                drop_anomalous=True, slab="auto") -> ArraySet:
+                drop_anomalous=True, slab="auto", hint=None) -> ArraySet:
     """Axial slices of each case, normalised to [-1, 1] and resized to `size`, memory-mapped.
 
     Per case: `n_slices` consecutive slices (every `step`-th) around `center`, placed by `slab`:
@@ -1217,12 +1219,12 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
             fail(f"every scan of the {desc or 'data'} set is too short for the slab: {ex}; use a "
                  f"smaller number of slices (n_slices, e.g. the script's --n-slices) or step")
         _warn(f"cache {desc}: skipped {len(S.skipped)} scan(s) with too few slices: {ex}")
-    _check_contrast(S, norm, ct_window, desc)
+    _check_contrast(S, norm, ct_window, desc, hint)
     return S
 
 
 def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smooth_sigma=0.0,
-                 crop=True, strip=True, margin=1, cache_dir=None, desc="") -> ArraySet:
+                 crop=True, strip=True, margin=1, cache_dir=None, desc="", hint=None) -> ArraySet:
     """Whole volumes (D, H, W) = (axial, anterior->posterior, left->right), normalised to [-1, 1]:
     skull-stripped with the brain mask (`strip`), cropped to the brain's bounding box (removes black
     borders), optional Gaussian smoothing (sigma in voxels, before resizing), padded to a cube and
@@ -1246,7 +1248,7 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
         return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
                 np.zeros(1, np.int32), info)
     S = _cached_build("volumes", cases, params, cache_dir, build, desc)
-    _check_contrast(S, norm, ct_window, desc)
+    _check_contrast(S, norm, ct_window, desc, hint)
     return S
 
 

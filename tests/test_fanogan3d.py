@@ -256,7 +256,7 @@ def test_mri_volumes_get_the_mri_normalisation_and_a_constant_training_set_is_re
     brain = S.x[np.asarray(S.brain) > 0]
     assert brain.std() > 0.1 and len(np.unique(np.round(brain, 3))) > 50     # not one clipped value
     # the same MRI volumes through the paper's CT window: every brain voxel clips to +1 -> refused
-    with pytest.raises(C.UserError, match=r"one value .* CT window -20..100 HU .*--modality t1"):
+    with pytest.raises(C.UserError, match=r"do not look like CT .* window \[-20, 100\] HU.*--modality t1"):
         load(tmp_path, "--data", "folder", "--data-root", mri, "--modality", "ct")
     ct = folder_tree(tmp_path / "ct", "ct")
     data, S, _, _ = load(tmp_path, "--data", "folder", "--data-root", ct)
