@@ -118,7 +118,10 @@ def tissue_median(img, brain=None, window=2.0, iters=5):
     return m
 
 
-def normalize_mri(img, brain=None, rule="percentile", lo_pct=1.0, hi_pct=99.0):
+MRI_RULE = "tissue"       # the rule every MRI path uses (data/datasets.py keys its caches on it)
+
+
+def normalize_mri(img, brain=None, rule=MRI_RULE, lo_pct=1.0, hi_pct=99.0):
     """MRI intensities -> [-1, 1]. rule "tissue" (default, see above): 2 clip(I / (3 m), 0, 1) - 1 with m
     the tissue median; rule "percentile" (the earlier rule, kept for comparison): the lo/hi percentiles
     of the brain voxels -> -1 / 1, clipped."""

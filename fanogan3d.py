@@ -30,7 +30,8 @@ Deviations from the paper
      (commercial): the data set's brain mask (CT-ICH: a HU fallback). Volumes are padded to a cube
      before the linear resize; σ = 1 voxel (not given); the window [-20, 100] HU -> [-1, 1] is step
      7's min-max normalisation. MRI (the paper's future work, §4): --modality t1|t2|flair maps the
-     1st-99th brain percentiles to [-1, 1]; on real data CT or MRI is detected (air at -1000 HU).
+     tissue median to -1/3 and 3x it to +1 (common.normalize_mri); on real data CT or MRI is
+     detected (air at -1000 HU).
   4. G's BatchNorm stays in eval mode in steps 2 and 3 (step-1 statistics): the paper does not say.
   5. The 2D baseline is not described: the same networks in 2D on --n-slices middle axial slices;
      as in §3, slices of anomalous scans without lesion are dropped. A volume's 2D score, the mean
@@ -459,7 +460,7 @@ def train(run, args, nets, S_train, S_test):
 def load_data(args, run):
     """§2 preprocessing (data/datasets.py): skull strip, crop the black borders, smooth, pad to a
     cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
-    MRI the 1st-99th brain percentiles -> [-1, 1]; --dims 2: middle axial slices (§3)."""
+    MRI the tissue median -> -1/3 (common.normalize_mri); --dims 2: middle axial slices (§3)."""
     data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
                                  else "ct")
     norm, to = choose_normalisation(args, data, run)
@@ -697,7 +698,7 @@ def memory_estimate_mb(args, batch_size):
 # ---- proposed for data/datasets.py (the lead moves it) ---------------------------------------
 
 def choose_normalisation(args, data, run, phantom="ct"):
-    """"ct" (the CT window --window) or "mri" (1st-99th brain percentiles): --modality when given,
+    """"ct" (the CT window --window) or "mri" (common.normalize_mri): --modality when given,
     the phantom's contrast (default `phantom`), else detected from the training volumes; logged and
     recorded in data.info["normalisation"]. -> (norm, what it maps to [-1, 1], for messages)"""
     if args.modality or args.data == "synthetic":
@@ -706,7 +707,7 @@ def choose_normalisation(args, data, run, phantom="ct"):
     else:
         norm, how = detect_modality(data.train)
     to = ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
-          else "MRI 1st-99th brain percentiles")
+          else "MRI tissue median -> -1/3")
     run.log(f"modality {norm.upper()} ({how}): {to} -> [-1, 1]")
     data.info["normalisation"] = {"norm": norm, "how": how}
     return norm, to

@@ -34,7 +34,9 @@ Deviations from the paper (and readings of what it leaves open):
      the scan score changes by the constant P only. l2 is on intensities in [0, 1] (Fig. 3's scale).
   5. Slices: the paper keeps the ~51 axial slices with hippocampus, amygdala and ventricles; we take
      --n-slices consecutive slices centred at --slice-center of the brain's inferior->superior
-     extent (no registration) and drop no "low-quality slices" (the paper's rule is unstated).
+     extent, or on raw heads with a neck (OASIS-3) of a nominal brain measured in mm below the
+     vertex (data/README.md, "The axial slab"; no registration; results.json "slabs" records
+     each scan's), and drop no "low-quality slices" (the paper's rule is unstated).
   6. Scoring uses the generator in eval mode (BatchNorm running statistics, no dropout).
   7. On the phantom atrophy_1/2/3 stand in for CDR 0.5/1/2; its lesion and tumour groups are scored
      too. The T1c metastasis experiment (private data) is not reproduced.

@@ -982,7 +982,8 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
     is not the one process 0 wrote to, or process 0 failed) builds its own; process 0's error is
     raised only after the others were released, so that no process waits forever."""
     cache_dir = Path(cache_dir or REPO / "data" / "cache")
-    key = _cache_key(cases, {"kind": kind, **params})
+    key = _cache_key(cases, {"kind": kind, **params,
+                             **({"mri_rule": C.MRI_RULE} if params.get("norm") == "mri" else {})})
     d = cache_dir / f"{kind}-{key}"
     error = None
     with C.main_first():
@@ -1047,8 +1048,8 @@ def _check_contrast(S, norm, ct_window, desc, hint=None):
                f"{ct_window[1]:g}] HU", "are these MRI volumes? The CT window needs head CT in HU "
                "(--data ctich); for MRI use an MRI script or data set")
     else:
-        how = ("are (nearly) constant in the brain after the MRI normalisation (brain percentiles "
-               "1-99 -> [-1, 1])", "check --modality (is the image a mask or a constant channel?) "
+        how = ("are (nearly) constant in the brain after the MRI normalisation (tissue median "
+               "-> -1/3, three times it -> +1)", "check --modality (is the image a mask or a constant channel?) "
                "and --data / --data-root (CT data need a CT script)")
     how = (how[0], hint or how[1])
     what = f"{len(bad)} of {len(S.stats)} scans of the {desc or 'data'} set {how[0]}: {ex}"

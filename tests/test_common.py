@@ -129,6 +129,51 @@ def test_normalize_mri_percentiles():
     assert out.min() == -1 and out.max() == 1 and out[0, 5, 0] == pytest.approx(-1 + 2 * 4 / 98)
 
 
+def test_normalize_mri_tissue_rule_by_hand():
+    # brain voxels: 90 at 100 (tissue), 10 at 1000 (a bright lesion, outside [m/2, 2m]) -> m = 100
+    img = np.r_[np.full(90, 100.0), np.full(10, 1000.0), np.zeros(20)].astype(np.float32)
+    brain = (np.arange(120) < 100).astype(np.uint8)
+    assert C.tissue_median(img, brain) == 100.0
+    out = C.normalize_mri(img, brain)                       # 2 clip(I / 300, 0, 1) - 1
+    np.testing.assert_allclose(out[[0, 95, 110]], [2 * 100 / 300 - 1, 1.0, -1.0], atol=1e-6)
+
+
+def _painted(contrast, rule, index):
+    """A phantom tumour with oedema (its voxels inside its mask) pasted into a normal scan ->
+    the median |change| of the normalised untouched brain voxels, in [-1, 1] units."""
+    from data import phantom
+    n, t = phantom.make_case(contrast, "normal", index), phantom.make_case(contrast, "tumor", index)
+    brain = n["brain"] > 0
+    lesion = (t["mask"] > 0) & brain
+    img = n["image"].astype(np.float32)
+    painted = np.where(lesion, t["image"], img).astype(np.float32)
+    a, b = C.normalize_mri(img, brain, rule=rule), C.normalize_mri(painted, brain, rule=rule)
+    return float(np.median(np.abs(a - b)[brain & ~lesion])), int(lesion.sum())
+
+
+@pytest.mark.parametrize("contrast", ["t1", "t2", "flair"])
+def test_a_painted_tumour_does_not_move_the_rest_of_the_scan(contrast):
+    for index in range(2):
+        moved, n = _painted(contrast, "tissue", index)
+        assert n > 1000 and moved < 0.02, (contrast, index, moved)
+    if contrast == "flair":      # the earlier rule (brain 1st/99th percentiles) did move it
+        assert _painted(contrast, "percentile", 0)[0] > 0.1
+
+
+@pytest.mark.parametrize("contrast", ["t2", "flair"])
+def test_hyperintense_anomalies_keep_their_contrast_below_the_ceiling(contrast):
+    from data import phantom
+    groups = [g for g in phantom.GROUPS[contrast] if g in ("lesion_hyper", "ms_lesion", "tumor")]
+    assert len(groups) == 2
+    for g in groups:
+        for index in range(2):
+            c = phantom.make_case(contrast, g, index)
+            x = C.normalize_mri(c["image"].astype(np.float32), c["brain"] > 0)
+            lesion = x[c["mask"] > 0]
+            assert (lesion < 1.0).mean() >= 0.95, (g, index)
+            assert np.median(lesion) > np.median(x[(c["brain"] > 0) & (c["mask"] == 0)])
+
+
 def test_axial_stack_orientation():
     v = np.zeros((3, 4, 5))          # X, Y, Z
     v[2, 3, 1] = 1                    # right-most X, most anterior Y, 2nd slice
