@@ -743,7 +743,7 @@ def test_mri_through_the_ct_window_is_an_error(trees, tmp_path):
     with pytest.raises(C.UserError, match=r"do not look like CT in Hounsfield units"):
         datasets.volume_stack(ixi, size=(8, 8, 8), **ct)
     S = datasets.slice_stack(ixi, size=(16, 16), n_slices=4, cache_dir=tmp_path / "c")   # MRI: fine
-    assert min(v["brain_std"] for v in S.stats.values()) > 0.3
+    assert min(v["brain_std"] for v in S.stats.values()) > 0.1      # tissue median rule: healthy tissue spans about a third of [-1, 1]
     meta = json.loads(next((tmp_path / "c").glob("slices-*/meta.json")).read_text())
     assert {"brain_std", "saturated", "raw_min"} <= set(meta["cases"][0])   # recorded in the cache
     # real CT passes
