@@ -16,16 +16,21 @@ anterior, Z = inferior->superior); an axial slice is vol[:, :, k]. Images are in
 units (about 0..1000, background exactly 0), CT in Hounsfield units (background exactly -1000).
 
 Groups (test folders), each anomalous case with a voxel mask NAME_mask.nii.gz:
-  t1, t2, flair: lesion_hyper  MS-like ovoid white-matter lesions, brighter than white matter
-                               (mostly periventricular, long axis pointing away from the ventricles)
-                 lesion_hypo   the same kind of lesions, darker than white matter ("black holes")
+  t1, t2, flair: lesion_hyper  MS-like ovoid white-matter lesions (mostly periventricular, long axis
+                               pointing away from the ventricles): T2/FLAIR-bright, T1 iso- to mildly
+                               hypointense; per-case load and count as in MS data sets
+                 lesion_hypo   T1 "black holes": T1-hypointense (darker than cortex), T2/FLAIR-bright
                  tumor         a mass (solid rim, often a necrotic core) with white-matter edema and
-                               mass effect (neighbouring tissue and ventricles pushed aside)
-                 atrophy_1..3  enlarged ventricles, widened sulci, thinner cortex, smaller hippocampi,
-                               in three stages like CDR 0.5 / 1 / 2; the mask is every voxel whose
-                               tissue differs from the same subject's healthy anatomy
+                               mass effect; T1-hypointense, T2/FLAIR-bright edema
+                 atrophy_1..3  stages like CDR 0.5 / 1 / 2 as shifts of the healthy population's
+                               latent brain age plus hippocampal / temporal-horn / ventricular change;
+                               the mask is every voxel whose tissue differs from the same subject's
+                               healthy anatomy
   ct:            hemorrhage    meta["subtype"]: intraparenchymal | subdural (crescent along the
                                inner skull) | epidural (biconvex lens), balanced by case index
+Healthy subjects vary like an elderly cohort (latent brain age), and every scan like a raw,
+unregistered acquisition (pose +-10 deg / +-8 mm, head size, bias field, gain, contrast); see
+data/README.md for the levels, their sources and `python -m data.phantom --report`.
 The brain mask (NAME_brainmask.nii.gz, beside every image) is the intracranial cavity above the
 foramen magnum: brain tissue and the CSF inside the skull, so that extra-axial blood is inside it.
 
@@ -114,7 +119,7 @@ LESION_LOAD = {"lesion_hyper": dict(median_ml=5.0, log_sd=0.8, lo=0.8, hi=35.0, 
 AGEING = dict(vent=0.20, sulc=0.16, cortex=0.03, hippo=0.03, hull=0.007, horn=0.05)
 ATROPHY = {1: dict(load=0.55, vent=1.05, horn=1.08, hippo=0.95, cortex=1.0, sulc=0.0, hull=0.0),
            2: dict(load=0.95, vent=1.10, horn=1.16, hippo=0.91, cortex=0.98, sulc=0.05, hull=0.002),
-           3: dict(load=1.55, vent=1.16, horn=1.25, hippo=0.87, cortex=0.96, sulc=0.1, hull=0.004)}
+           3: dict(load=1.8, vent=1.16, horn=1.25, hippo=0.89, cortex=0.96, sulc=0.1, hull=0.004)}
 _NO_STAGE = dict(load=0.0, vent=1.0, horn=1.0, hippo=1.0, cortex=1.0, sulc=0.0, hull=0.0)
 
 
