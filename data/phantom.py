@@ -16,10 +16,10 @@ anterior, Z = inferior->superior); an axial slice is vol[:, :, k]. Images are in
 units (about 0..1000, background exactly 0), CT in Hounsfield units (background exactly -1000).
 
 Groups (test folders), each anomalous case with a voxel mask NAME_mask.nii.gz:
-  t1, t2, flair: lesion_hyper  MS-like ovoid white-matter lesions (mostly periventricular, long axis
+  t1, t2, flair: ms_lesion  MS-like ovoid white-matter lesions (mostly periventricular, long axis
                                pointing away from the ventricles): T2/FLAIR-bright, T1 iso- to mildly
                                hypointense; per-case load and count as in MS data sets
-                 lesion_hypo   T1 "black holes": T1-hypointense (darker than cortex), T2/FLAIR-bright
+                 black_hole   T1 "black holes": T1-hypointense (darker than cortex), T2/FLAIR-bright
                  tumor         a mass (solid rim, often a necrotic core) with white-matter edema and
                                mass effect; T1-hypointense, T2/FLAIR-bright edema
                  atrophy_1..3  stages like CDR 0.5 / 1 / 2 as shifts of the healthy population's
@@ -67,14 +67,14 @@ AFFINE = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
 AFFINE[:3, 3] = -VOXEL_MM * (np.array(SHAPE) - 1) / 2    # world origin at the grid centre
 WORLD = [(VOXEL_MM * (np.arange(n) - (n - 1) / 2)).astype(np.float32) for n in SHAPE]  # mm per axis
 
-MRI_GROUPS = ["lesion_hyper", "lesion_hypo", "tumor", "atrophy_1", "atrophy_2", "atrophy_3"]
+MRI_GROUPS = ["ms_lesion", "black_hole", "tumor", "atrophy_1", "atrophy_2", "atrophy_3"]
 GROUPS = {"t1": list(MRI_GROUPS), "t2": list(MRI_GROUPS), "flair": list(MRI_GROUPS), "ct": ["hemorrhage"]}
 CONTRASTS = tuple(GROUPS)
 SIZES = {"full": dict(train=100, val=10, normal=20, per_group=20),
          "tiny": dict(train=8, val=2, normal=4, per_group=4)}
 HEMORRHAGE_SUBTYPES = ("intraparenchymal", "subdural", "epidural")
 # stable ids for seed derivation (never reorder: changing them changes every case)
-_GROUP_ID = {"train": 0, "val": 1, "normal": 2, "lesion_hyper": 3, "lesion_hypo": 4, "tumor": 5,
+_GROUP_ID = {"train": 0, "val": 1, "normal": 2, "ms_lesion": 3, "black_hole": 4, "tumor": 5,
              "atrophy_1": 6, "atrophy_2": 7, "atrophy_3": 8, "hemorrhage": 9}
 _CONTRAST_ID = {"t1": 1, "t2": 2, "flair": 3, "ct": 4}
 
@@ -101,14 +101,14 @@ INTENSITY = {
 # draws within +-6 %). MS lesions (demyelination, oedema, gliosis: long T1 and T2) are bright in T2
 # and FLAIR and iso- to mildly hypointense in T1; "black holes" (chronic lesions with axonal loss)
 # are hypointense in T1 (between grey matter and CSF) and, like every MS lesion, T2/FLAIR-bright.
-LESION_GROUPS = ("lesion_hyper", "lesion_hypo")
-LESION_INTENSITY = {"lesion_hyper": {"t1": 0.9, "t2": 1.75, "flair": 1.7},
-                    "lesion_hypo": {"t1": 0.42, "t2": 1.95, "flair": 1.45}}
+LESION_GROUPS = ("ms_lesion", "black_hole")
+LESION_INTENSITY = {"ms_lesion": {"t1": 0.9, "t2": 1.75, "flair": 1.7},
+                    "black_hole": {"t1": 0.42, "t2": 1.95, "flair": 1.45}}
 # Lesion load per case: total volume (ml) lognormal with this median and log-SD, clipped; number of
 # lesions grows with the load. MS (T2/FLAIR) loads of a few ml, up to tens of ml in a few patients;
 # T1 black holes a fraction of that (see data/README.md for the sources).
-LESION_LOAD = {"lesion_hyper": dict(median_ml=5.0, log_sd=0.8, lo=0.8, hi=35.0, n_min=4, n_max=40),
-               "lesion_hypo": dict(median_ml=2.0, log_sd=0.7, lo=0.4, hi=12.0, n_min=2, n_max=15)}
+LESION_LOAD = {"ms_lesion": dict(median_ml=5.0, log_sd=0.8, lo=0.8, hi=35.0, n_min=4, n_max=40),
+               "black_hole": dict(median_ml=2.0, log_sd=0.7, lo=0.4, hi=12.0, n_min=2, n_max=15)}
 
 # Healthy ageing and atrophy. Every subject has a latent "brain age" z ~ N(0, 1) (one SD is about
 # a decade of healthy ageing in an elderly cohort, or the spread of brain reserve between people):
@@ -631,7 +631,7 @@ def _sample_voxels(mask, rng, n):
     return np.stack(np.unravel_index(rng.choice(idx, size=n, replace=len(idx) < n), mask.shape), -1)
 
 
-def add_lesions(lab, brain, aux, rng, group="lesion_hyper"):
+def add_lesions(lab, brain, aux, rng, group="ms_lesion"):
     """MS-like ovoid white-matter lesions, 70% periventricular with the long axis pointing away from
     the ventricle wall (Dawson's fingers), the rest in deep/juxtacortical white matter. The case's
     total load is drawn first (LESION_LOAD[group]), then the number of lesions (growing with the

@@ -112,8 +112,8 @@ def test_different_seed_or_index_differs():
 
 
 def test_mri_contrasts_show_the_same_subject():
-    t1 = ph.make_case("t1", "lesion_hyper", 2, return_labels=True)
-    fl = ph.make_case("flair", "lesion_hyper", 2, return_labels=True)
+    t1 = ph.make_case("t1", "ms_lesion", 2, return_labels=True)
+    fl = ph.make_case("flair", "ms_lesion", 2, return_labels=True)
     assert np.array_equal(t1["labels"], fl["labels"]) and np.array_equal(t1["mask"], fl["mask"])
     assert not np.array_equal(t1["image"], fl["image"])
 
@@ -150,8 +150,8 @@ def test_ct_hounsfield_units():
 
 
 # lesion / white-matter intensity ratio expected per group and contrast: (low, high)
-LESION_CONTRAST = {"lesion_hyper": {"t1": (0.75, 1.05), "t2": (1.3, 9), "flair": (1.3, 9)},   # MS: T2/FLAIR-bright, T1 iso/hypo
-                   "lesion_hypo": {"t1": (0, 0.7), "t2": (1.3, 9), "flair": (1.15, 9)}}      # black holes: T1-dark
+LESION_CONTRAST = {"ms_lesion": {"t1": (0.75, 1.05), "t2": (1.3, 9), "flair": (1.3, 9)},   # MS: T2/FLAIR-bright, T1 iso/hypo
+                   "black_hole": {"t1": (0, 0.7), "t2": (1.3, 9), "flair": (1.15, 9)}}      # black holes: T1-dark
 
 
 @pytest.mark.parametrize("contrast", ["t1", "t2", "flair"])
@@ -165,7 +165,7 @@ def test_lesion_contrast_follows_the_pathology(contrast):
         lo, hi = LESION_CONTRAST[group][contrast]
         assert lo < lesion / wm < hi, (group, contrast, lesion / wm)
         assert (lab[c["mask"] > 0] == ph.LESION).all()                  # lesions sit in white matter
-        if group == "lesion_hypo" and contrast == "t1":                 # a black hole is darker than cortex
+        if group == "black_hole" and contrast == "t1":                 # a black hole is darker than cortex
             assert lesion < img[ndi.binary_erosion(lab == ph.GM)].mean()
 
 
@@ -224,7 +224,7 @@ def test_pose_head_size_and_scanner_variability():
 
 
 def test_lesion_loads_in_meta():
-    v = [ph.make_case("flair", "lesion_hyper", i)["meta"]["lesion_volume_ml"] for i in range(6)]
+    v = [ph.make_case("flair", "ms_lesion", i)["meta"]["lesion_volume_ml"] for i in range(6)]
     assert 1.5 < np.median(v) < 12 and min(v) > 0.3
 
 
