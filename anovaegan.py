@@ -24,7 +24,7 @@ Equations (unnumbered in the paper; numbered here in the order of §2 "Methodolo
 
 Deviations from the paper (and choices it leaves open):
  1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
-    FLAIR phantom (`lesion_hyper` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
+    FLAIR phantom (`ms_lesion` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
     whole per-patient slabs, their lesion-free slices the normal group. Intensities: tissue median
     -> -1/3 of [-1, 1] (common.normalize_mri; the paper does not say).
  2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
@@ -533,7 +533,7 @@ def val_rec(ae, S_val, args, device):
 # Scoring and evaluation (§3 'Evaluation Metrics')
 # =================================================================================================
 
-HEADLINE_GROUPS = ("lesion_hyper", "tumor", "ms_lesion")      # the MS-lesion-like groups of Table 1
+HEADLINE_GROUPS = ("ms_lesion", "tumor")      # the MS-lesion-like groups of Table 1
 
 
 def evaluate_test(S, sc, args):

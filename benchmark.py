@@ -48,9 +48,9 @@ PAPERS = {  # the papers' own headline numbers, for the README table
 PLURAL = {"patch": "patches", "slice": "slices", "volume": "volumes", "scan": "scans"}
 # the paper's headline comparison -> the phantom groups that stand in for it (README "The five papers")
 HEADLINE = {
-    "anogan": ("Schlegl et al., IPMI 2017", "retinal OCT patches", ["lesion_hyper", "tumor"], "auroc"),
+    "anogan": ("Schlegl et al., IPMI 2017", "retinal OCT patches", ["ms_lesion", "tumor"], "auroc"),
     "fanogan3d": ("Simarro Viana et al., BrainLes 2020", "TBI head CT volumes", ["hemorrhage"], "auroc"),
-    "anovaegan": ("Baur et al., BrainLes 2018", "MS lesions, FLAIR slices", ["lesion_hyper", "tumor"], "dice"),
+    "anovaegan": ("Baur et al., BrainLes 2018", "MS lesions, FLAIR slices", ["ms_lesion", "tumor"], "dice"),
     "madgan": ("Han et al., BMC Bioinformatics 2021", "OASIS-3 T1 scans, CDR 0.5 / 1 / 2",
                ["atrophy_1", "atrophy_2", "atrophy_3"], "auroc"),
     "reversed_ae": ("Bercea et al., MIDL 2023", "T1 slices, global pathologies",

@@ -16,16 +16,21 @@ anterior, Z = inferior->superior); an axial slice is vol[:, :, k]. Images are in
 units (about 0..1000, background exactly 0), CT in Hounsfield units (background exactly -1000).
 
 Groups (test folders), each anomalous case with a voxel mask NAME_mask.nii.gz:
-  t1, t2, flair: lesion_hyper  MS-like ovoid white-matter lesions, brighter than white matter
-                               (mostly periventricular, long axis pointing away from the ventricles)
-                 lesion_hypo   the same kind of lesions, darker than white matter ("black holes")
+  t1, t2, flair: ms_lesion  MS-like ovoid white-matter lesions (mostly periventricular, long axis
+                               pointing away from the ventricles): T2/FLAIR-bright, T1 iso- to mildly
+                               hypointense; per-case load and count as in MS data sets
+                 black_hole   T1 "black holes": T1-hypointense (darker than cortex), T2/FLAIR-bright
                  tumor         a mass (solid rim, often a necrotic core) with white-matter edema and
-                               mass effect (neighbouring tissue and ventricles pushed aside)
-                 atrophy_1..3  enlarged ventricles, widened sulci, thinner cortex, smaller hippocampi,
-                               in three stages like CDR 0.5 / 1 / 2; the mask is every voxel whose
-                               tissue differs from the same subject's healthy anatomy
+                               mass effect; T1-hypointense, T2/FLAIR-bright edema
+                 atrophy_1..3  stages like CDR 0.5 / 1 / 2 as shifts of the healthy population's
+                               latent brain age plus hippocampal / temporal-horn / ventricular change;
+                               the mask is every voxel whose tissue differs from the same subject's
+                               healthy anatomy
   ct:            hemorrhage    meta["subtype"]: intraparenchymal | subdural (crescent along the
                                inner skull) | epidural (biconvex lens), balanced by case index
+Healthy subjects vary like an elderly cohort (latent brain age), and every scan like a raw,
+unregistered acquisition (pose +-10 deg / +-8 mm, head size, bias field, gain, contrast); see
+data/README.md for the levels, their sources and `python -m data.phantom --report`.
 The brain mask (NAME_brainmask.nii.gz, beside every image) is the intracranial cavity above the
 foramen magnum: brain tissue and the CSF inside the skull, so that extra-axial blood is inside it.
 
@@ -50,7 +55,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-VERSION = "1.0"
+VERSION = "2.0"
 REPO = Path(__file__).resolve().parent.parent
 
 # =================================================================================================
@@ -62,14 +67,14 @@ AFFINE = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
 AFFINE[:3, 3] = -VOXEL_MM * (np.array(SHAPE) - 1) / 2    # world origin at the grid centre
 WORLD = [(VOXEL_MM * (np.arange(n) - (n - 1) / 2)).astype(np.float32) for n in SHAPE]  # mm per axis
 
-MRI_GROUPS = ["lesion_hyper", "lesion_hypo", "tumor", "atrophy_1", "atrophy_2", "atrophy_3"]
+MRI_GROUPS = ["ms_lesion", "black_hole", "tumor", "atrophy_1", "atrophy_2", "atrophy_3"]
 GROUPS = {"t1": list(MRI_GROUPS), "t2": list(MRI_GROUPS), "flair": list(MRI_GROUPS), "ct": ["hemorrhage"]}
 CONTRASTS = tuple(GROUPS)
 SIZES = {"full": dict(train=100, val=10, normal=20, per_group=20),
          "tiny": dict(train=8, val=2, normal=4, per_group=4)}
 HEMORRHAGE_SUBTYPES = ("intraparenchymal", "subdural", "epidural")
 # stable ids for seed derivation (never reorder: changing them changes every case)
-_GROUP_ID = {"train": 0, "val": 1, "normal": 2, "lesion_hyper": 3, "lesion_hypo": 4, "tumor": 5,
+_GROUP_ID = {"train": 0, "val": 1, "normal": 2, "ms_lesion": 3, "black_hole": 4, "tumor": 5,
              "atrophy_1": 6, "atrophy_2": 7, "atrophy_3": 8, "hemorrhage": 9}
 _CONTRAST_ID = {"t1": 1, "t2": 2, "flair": 3, "ct": 4}
 
@@ -92,18 +97,49 @@ INTENSITY = {
     "flair": (0, 560, 300,  30, 360,  70, 620, 470,  60, 545, 460, 520, 640, 610, 480, 500,  60, 500,   0, 760, 330, 820, 400, 800),
     "ct":    (-1000, 15, 45, 1400, 600, 6,  40,  26,   5,  38,  35,  36,  38,  40,  28,  32,  10,  32,   0,  32,  12,  18,  70,  16),
 }
-LESION_INTENSITY = {"lesion_hyper": {"t1": 960, "t2": 820, "flair": 920},
-                    "lesion_hypo": {"t1": 250, "t2": 240, "flair": 210}}
+# Lesion intensity as a multiple of the subject's white matter, per group and contrast (each case
+# draws within +-6 %). MS lesions (demyelination, oedema, gliosis: long T1 and T2) are bright in T2
+# and FLAIR and iso- to mildly hypointense in T1; "black holes" (chronic lesions with axonal loss)
+# are hypointense in T1 (between grey matter and CSF) and, like every MS lesion, T2/FLAIR-bright.
+LESION_GROUPS = ("ms_lesion", "black_hole")
+LESION_INTENSITY = {"ms_lesion": {"t1": 0.9, "t2": 1.75, "flair": 1.7},
+                    "black_hole": {"t1": 0.42, "t2": 1.95, "flair": 1.45}}
+# Lesion load per case: total volume (ml) lognormal with this median and log-SD, clipped; number of
+# lesions grows with the load. MS (T2/FLAIR) loads of a few ml, up to tens of ml in a few patients;
+# T1 black holes a fraction of that (see data/README.md for the sources).
+LESION_LOAD = {"ms_lesion": dict(median_ml=5.0, log_sd=0.8, lo=0.8, hi=35.0, n_min=4, n_max=40),
+               "black_hole": dict(median_ml=2.0, log_sd=0.7, lo=0.4, hi=12.0, n_min=2, n_max=15)}
 
-# Atrophy stages (CDR 0.5 / 1 / 2 like): ventricle radius factor, sulcal half-width added (mm),
-# cortical thickness factor, hippocampal radius factor, brain-hull shrink (fraction; the skull stays)
-ATROPHY = {1: dict(vent=1.18, sulc=0.4, cortex=0.92, hippo=0.87, hull=0.01),
-           2: dict(vent=1.42, sulc=0.85, cortex=0.83, hippo=0.75, hull=0.025),
-           3: dict(vent=1.75, sulc=1.4, cortex=0.72, hippo=0.62, hull=0.045)}
+# Healthy ageing and atrophy. Every subject has a latent "brain age" z ~ N(0, 1) (one SD is about
+# a decade of healthy ageing in an elderly cohort, or the spread of brain reserve between people):
+# it widens ventricles and sulci, thins the cortex, shrinks hippocampi and the brain inside its skull
+# (AGEING: effect per unit of z). A disease stage adds `load` units of z on top (a shift of the
+# healthy distribution, not a separate cluster) plus changes that act where early Alzheimer-type
+# disease acts (hippocampus, temporal horns, ventricles): radius factors beyond the ageing effect.
+AGEING = dict(vent=0.20, sulc=0.16, cortex=0.03, hippo=0.03, hull=0.007, horn=0.05)
+ATROPHY = {1: dict(load=0.55, vent=1.05, horn=1.08, hippo=0.95, cortex=1.0, sulc=0.0, hull=0.0),
+           2: dict(load=0.95, vent=1.10, horn=1.16, hippo=0.91, cortex=0.98, sulc=0.05, hull=0.002),
+           3: dict(load=1.8, vent=1.16, horn=1.25, hippo=0.89, cortex=0.96, sulc=0.1, hull=0.004)}
+_NO_STAGE = dict(load=0.0, vent=1.0, horn=1.0, hippo=1.0, cortex=1.0, sulc=0.0, hull=0.0)
+
+
+def atrophy_params(P, stage=0):
+    """Effective ventricle / temporal-horn / hippocampal radius factors, cortical thickness factor,
+    sulcal half-width added (mm) and brain-hull shrink (fraction; the skull stays) of subject P at
+    atrophy stage 0 (healthy) .. 3: its own healthy ageing (z = P["age"]) plus the stage."""
+    S = ATROPHY.get(stage, _NO_STAGE)
+    z = float(P.get("age", 0.0)) + S["load"]
+    return dict(vent=float(np.exp(AGEING["vent"] * z)) * S["vent"],
+                horn=float(np.exp(AGEING["horn"] * z)) * S["horn"],
+                hippo=(1 - AGEING["hippo"] * z) * S["hippo"],
+                cortex=(1 - AGEING["cortex"] * z) * S["cortex"],
+                sulc=AGEING["sulc"] * z + S["sulc"],
+                hull=AGEING["hull"] * z + S["hull"])
+
 
 # Everything that changes the generated data; written to manifest.json (a change regenerates).
 PARAMS = dict(shape=SHAPE, voxel_mm=VOXEL_MM, labels=LABEL_NAMES, intensity=INTENSITY,
-              lesion_intensity=LESION_INTENSITY, atrophy={str(k): v for k, v in ATROPHY.items()},
+              lesion_intensity=LESION_INTENSITY, lesion_load=LESION_LOAD, atrophy={str(k): v for k, v in ATROPHY.items()}, ageing=AGEING,
               hemorrhage_subtypes=HEMORRHAGE_SUBTYPES, fold_map=(160, 320), fold_bank=8, noise_cube=48)
 
 F32 = np.float32
@@ -355,13 +391,15 @@ def sample_subject(rng):
     cortex, deep nuclei."""
     U = rng.uniform
     P = dict(
-        scale=U(0.93, 1.03), aspect=U(-0.035, 0.035, 3) + 1,
-        angles=np.radians([U(-6, 6), U(-3, 3), U(-4, 4)]),        # pitch (x), roll (y), yaw (z)
-        shift=np.array([U(-3, 3), U(-3, 3) - 4.0, U(-3, 3) + 10.0]),
+        # head size: intracranial volume SD ~10% between adults -> linear SD ~3.3%
+        scale=float(np.clip(rng.normal(0.98, 0.033), 0.90, 1.05)), aspect=U(-0.035, 0.035, 3) + 1,
+        # pose of a raw (unregistered) scan: pitch (nodding, x) varies most, then yaw (z) and roll (y)
+        angles=np.radians([U(-10, 10), U(-6, 6), U(-8, 8)]),
+        shift=np.array([U(-8, 8), U(-8, 8) - 4.0, U(-8, 8) + 6.0]),   # mm, about the FOV centre
         brain=np.array([64.0, 80.0, 56.0]) * (1 + U(-0.03, 0.03, 3)),
         box=U(0.35, 0.6), egg=U(0.03, 0.09), gap=U(1.8, 2.8), skull=U(5.5, 7.5), scalp=U(4.5, 7.0),
         vent=float(np.clip(np.exp(rng.normal(0, 0.14)), 0.78, 1.3)), vent_asym=rng.normal(0, 0.04),
-        cortex=U(2.9, 3.5), sulc=U(0.8, 1.1), sulc_depth=U(12, 16),
+        cortex=U(2.9, 3.5), sulc=U(0.8, 1.1), sulc_depth=U(12, 16), age=float(np.clip(rng.normal(), -2.5, 2.5)),
         fissure=U(1.1, 1.6), hippo=U(0.9, 1.1), deep=rng.normal(0, 1.2, (4, 3)),
         zcc=U(20, 25), ycc=U(33, 39), x_ins=U(37, 40), z_syl=U(-8, -4),
     )
@@ -439,7 +477,7 @@ def head(P):
 def paint_brain(P, lab, brain, aux, stage=0):
     """Paint the brain into `lab` (in place) at atrophy stage 0 (healthy) .. 3. Returns aux
     (with the ventricle distance field used by the lesion generator)."""
-    A = ATROPHY.get(stage, dict(vent=1.0, sulc=0.0, cortex=1.0, hippo=1.0, hull=0.0))
+    A = atrophy_params(P, stage)
     sp = aux["space"]
     a, egg, p = P["brain"], P["egg"], P["box"]
     if "fold" not in aux:
@@ -543,7 +581,7 @@ def paint_brain(P, lab, brain, aux, stage=0):
     vpts = [(12, 30, -2), (11, 24, 2), (8, 14, 7), (7, 2, 12), (8, -12, 14), (12, -24, 12), (20, -34, 5),
             (20, -46, 4), (16, -56, 5)]
     vr = np.array([3.0, 5.0, 5.5, 5.0, 5.0, 5.5, 7.0, 4.5, 2.0])
-    tr = np.array([5.0, 3.5, 2.6, 1.8]) * (1 + 0.7 * (vs - 1))
+    tr = np.array([5.0, 3.5, 2.6, 1.8]) * (1 + 0.35 * (vs - 1)) * A["horn"]
 
     def coarse_deep(X, Y, Z):
         AXc = np.abs(X)
@@ -568,7 +606,7 @@ def paint_brain(P, lab, brain, aux, stage=0):
     ld[(q_put < 0) & bb_] = STRIATUM
     ld[(q_pal < 0) & bb_] = PALLIDUM
     ld[(q_thal < 0) & bb_] = THALAMUS
-    ld[(d_h < 0) & bb_ & (ld != VENT)] = HIPPO
+    ld[(d_h < 0) & bb_] = HIPPO                    # the hippocampus bulges into the ventricle
     w3 = 1.4 * (1 + 0.8 * (vs - 1))                   # third ventricle between the thalami
     ld[(AX < w3) & (_quad(X, Y, Z, (0, -8, -2), (w3 + 1, 13, 10)) < 0) & bb_] = VENT
     aux.update(box_deep=bd, d_vent=d_vent)
@@ -593,12 +631,19 @@ def _sample_voxels(mask, rng, n):
     return np.stack(np.unravel_index(rng.choice(idx, size=n, replace=len(idx) < n), mask.shape), -1)
 
 
-def add_lesions(lab, brain, aux, rng):
+def add_lesions(lab, brain, aux, rng, group="ms_lesion"):
     """MS-like ovoid white-matter lesions, 70% periventricular with the long axis pointing away from
-    the ventricle wall (Dawson's fingers), the rest in deep/juxtacortical white matter."""
+    the ventricle wall (Dawson's fingers), the rest in deep/juxtacortical white matter. The case's
+    total load is drawn first (LESION_LOAD[group]), then the number of lesions (growing with the
+    load) and lognormal sizes that share it; lesions are clipped to white matter, so the recorded
+    volume (lesion_volume_ml) is what is painted."""
     sp, bd, d_vent = aux["space"], aux["box_deep"], aux["d_vent"]
+    cfg = LESION_LOAD[group]
+    load = float(np.clip(cfg["median_ml"] * np.exp(rng.normal(0, cfg["log_sd"])), cfg["lo"], cfg["hi"]))
+    n = int(np.clip(round(cfg["n_min"] + 2.5 * load ** 0.8 + rng.normal(0, 1.5)), cfg["n_min"], cfg["n_max"]))
+    wv = np.exp(rng.normal(0, 0.9, n))
+    vols = 1.6 * 1000 * load * wv / wv.sum()         # mm^3 each; +60% for what white matter clips
     wm = lab == WM
-    n = int(rng.integers(6, 19))
     peri = np.zeros(SHAPE, bool)
     peri[bd] = (d_vent > 1.0) & (d_vent < 9.0)
     peri &= wm
@@ -607,8 +652,9 @@ def add_lesions(lab, brain, aux, rng):
     gx, gy, gz = np.gradient(np.where(np.isfinite(d_vent), d_vent, 0))
     out = np.zeros(SHAPE, bool)
     for i, c in enumerate(centers):
-        long_ax = rng.uniform(3.5, 10.0)
-        short = rng.uniform(2.4, 4.8)
+        elong = rng.uniform(1.3, 2.6)
+        short = float(np.clip((3 * vols[i] / (4 * np.pi * elong)) ** (1 / 3), 1.5, 8.0))
+        long_ax = min(elong * short, 16.0)
         if i < n_peri:
             j = tuple(int(c[q] - bd[q].start) for q in range(3))
             d = np.array([gx[j], gy[j], gz[j]], float)
@@ -632,7 +678,9 @@ def add_lesions(lab, brain, aux, rng):
         out &= wm
     lab[out] = LESION
     vol = float(out.sum() * VOXEL_MM ** 3 / 1000)
-    return out, dict(n_lesions=int(len(centers)), lesion_volume_ml=round(vol, 3))
+    n_vis = int(ndi.label(out)[1])
+    return out, dict(n_lesions=int(len(centers)), n_components=n_vis, lesion_load_target_ml=round(load, 2),
+                     lesion_volume_ml=round(vol, 3))
 
 
 def _warp_labels(lab, brain, sl, src):
@@ -789,10 +837,13 @@ def add_hemorrhage(lab, brain, aux, rng, subtype):
 def _intensity_table(contrast, group, rng):
     t = np.array(INTENSITY[contrast], F32)
     if contrast != "ct":
-        t[1:] *= F32(rng.uniform(0.85, 1.15))                          # global gain
+        gain, gamma = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+        ref = F32(0.5 * (t[GM] + t[WM]))
+        t[1:] = ref * (t[1:] / ref) ** F32(gamma)                      # scanner contrast (power law)
+        t[1:] *= F32(gain)                                             # scanner gain
         t[1:] *= (1 + rng.normal(0, 0.035, len(t) - 1)).astype(F32)     # per-tissue variation
         if group in LESION_INTENSITY:
-            t[LESION] = LESION_INTENSITY[group][contrast] * t[WM] / INTENSITY[contrast][WM]
+            t[LESION] = LESION_INTENSITY[group][contrast] * t[WM] * F32(rng.uniform(0.94, 1.06))
         else:
             t[LESION] = t[WM]
     else:
@@ -800,7 +851,8 @@ def _intensity_table(contrast, group, rng):
         t[BLOOD] = rng.uniform(55, 85)
         t[BONE] = rng.uniform(1150, 1600)
         t[MARROW] = rng.uniform(450, 750)
-    return t
+        gain = gamma = 1.0
+    return t, gain, gamma
 
 
 def _blur(img):
@@ -814,7 +866,7 @@ def render(lab, contrast, group, rng):
     """Image (int16) of a label map in a contrast: tissue means, partial volume (blur), smooth
     multiplicative bias field (MRI), noise (MRI: |signal + Gaussian|, which is Rician-like in dark
     regions; CT: Gaussian); background exactly 0 (MRI) or -1000 HU (CT)."""
-    t = _intensity_table(contrast, group, rng)
+    t, gain, gamma = _intensity_table(contrast, group, rng)
     head = lab != BG
     if contrast == "ct":
         t0 = t.copy()
@@ -825,19 +877,24 @@ def render(lab, contrast, group, rng):
         img[~head] = -1000
         return np.clip(np.rint(img), -1024, 3071).astype(np.int16), dict(noise=round(float(sigma), 2))
     img = _blur(t[lab])
-    # bias field: exp of a random quadratic polynomial in world coordinates (about +-15 %), applied
-    # as three factors on planes so that no 3D exponential is needed
+    # bias field: exp of a random quadratic polynomial in world coordinates, with a per-scan
+    # strength (coefficient SD 0.03..0.12: from a nearly flat field to about +-25 % over the head,
+    # the range of uncorrected 1.5-3 T head-coil scans), applied as factors on planes
     x, y, z = (w / 90.0 for w in WORLD)
-    c = rng.normal(0, 0.08, 9).astype(F32)
-    img *= np.exp(c[0] * x + c[3] * x * x)[:, None, None] * np.exp(c[1] * y + c[4] * y * y + c[6] * x[:, None] * y[None, :])[:, :, None]
-    img *= np.exp(c[2] * z + c[5] * z * z + c[7] * y[:, None] * z[None, :])[None, :, :]
-    img *= np.exp(c[8] * x[:, None] * z[None, :])[:, None, :]
+    c = (rng.normal(0, 1, 9) * rng.uniform(0.03, 0.12)).astype(F32)
+    bias = np.exp(c[0] * x + c[3] * x * x)[:, None, None] * np.exp(c[1] * y + c[4] * y * y + c[6] * x[:, None] * y[None, :])[:, :, None]
+    bias = bias * np.exp(c[2] * z + c[5] * z * z + c[7] * y[:, None] * z[None, :])[None, :, :]
+    bias *= np.exp(c[8] * x[:, None] * z[None, :])[:, None, :]
+    img *= bias
+    bb = bias[lab != BG]
+    bias_range = (round(float(bb.min()), 3), round(float(bb.max()), 3))
     sigma = F32(rng.uniform(0.012, 0.028) * t[WM])
     v = img[head]
     v += rng.standard_normal(v.shape, dtype=F32) * sigma
     img[head] = np.abs(v)
     img[~head] = 0
-    return np.clip(np.rint(img), 0, 32767).astype(np.int16), dict(noise=round(float(sigma), 1))
+    return np.clip(np.rint(img), 0, 32767).astype(np.int16), dict(noise=round(float(sigma), 1), bias_range=bias_range,
+                                                                   gain=round(float(gain), 3), contrast_gamma=round(float(gamma), 3))
 
 
 # =================================================================================================
@@ -860,7 +917,9 @@ def make_case(contrast, group, index, seed=0, return_labels=False):
                                                            spawn_key=(_GROUP_ID[group], int(index), 100 + _CONTRAST_ID[contrast])))
     P = sample_subject(rng_anat)
     meta = dict(group=group, contrast=contrast, head_scale=round(float(P["scale"]), 3),
-                ventricle_scale=round(float(P["vent"]), 3))
+                ventricle_scale=round(float(P["vent"]), 3), age_z=round(float(P["age"]), 3),
+                pose_deg=[round(float(np.degrees(q)), 2) for q in P["angles"]],
+                shift_mm=[round(float(q), 2) for q in P["shift"]])
     stage = int(group[-1]) if group.startswith("atrophy_") else 0
     lab, brain, aux = head(P)
     lab_head = lab.copy() if stage else None
@@ -870,9 +929,9 @@ def make_case(contrast, group, index, seed=0, return_labels=False):
         paint_brain(P, lab_head, brain, aux, stage)
         mask = (lab_head != lab) & brain
         lab = lab_head
-        meta.update(stage=stage, atrophy=ATROPHY[stage], changed_ml=round(float(mask.sum() * VOXEL_MM ** 3 / 1000), 1))
-    elif group in ("lesion_hyper", "lesion_hypo"):
-        mask, info = add_lesions(lab, brain, aux, rng_anom)
+        meta.update(stage=stage, atrophy={k: round(v, 4) for k, v in atrophy_params(P, stage).items()}, changed_ml=round(float(mask.sum() * VOXEL_MM ** 3 / 1000), 1))
+    elif group in LESION_GROUPS:
+        mask, info = add_lesions(lab, brain, aux, rng_anom, group)
         meta.update(info)
     elif group == "tumor":
         mask, info = add_tumor(lab, brain, aux, rng_anom)
@@ -881,6 +940,8 @@ def make_case(contrast, group, index, seed=0, return_labels=False):
         mask, info = add_hemorrhage(lab, brain, aux, rng_anom, HEMORRHAGE_SUBTYPES[int(index) % 3])
         meta.update(info)
     mask &= brain
+    if group not in ("train", "val", "normal"):
+        meta["anomaly_volume_ml"] = round(float(mask.sum() * VOXEL_MM ** 3 / 1000), 3)
     img, info = render(lab, contrast, group, rng_img)
     meta.update(info)
     out = dict(image=img, brain=brain.astype(np.uint8), mask=mask.astype(np.uint8), meta=meta)
@@ -1064,6 +1125,105 @@ def preview(contrasts, path, seed=0, index=0):
     plt.close(fig)
 
 
+def _auroc(neg, pos):
+    neg, pos = np.asarray(neg, float), np.asarray(pos, float)
+    return float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
+
+
+def _dice(a, b):
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def realism(n_healthy=16, n_per_group=16, seed=0, contrast="t1", mod=None):
+    """The realism numbers of the phantom, from generated cases (labels, masks, meta): healthy
+    CSF/ICV mean and SD; per atrophy stage the AUROC of CSF/ICV alone and of hippocampal volume/ICV
+    alone against the healthy test subjects; pose, head size, bias-field and gain ranges; lesion
+    (and tumour) volume quantiles; pairwise brain-mask Dice between healthy subjects. `mod` is the
+    phantom module to measure (default this one; another version of data/phantom.py works too)."""
+    mod = mod or sys.modules[__name__]
+    groups = mod.GROUPS[contrast]
+    rows = {}
+
+    def feats(g, i):
+        c = mod.make_case(contrast, g, i, seed, return_labels=True)
+        lab, brain = c["labels"], c["brain"] > 0
+        icv = float(brain.sum())
+        P = mod.sample_subject(np.random.default_rng(mod.case_seed(seed, g, i).spawn(3)[0]))
+        return dict(csf=float(np.isin(lab[brain], (mod.CSF, mod.VENT)).mean()),
+                    hippo=float((lab == mod.HIPPO).sum() / icv), icv_ml=icv * VOXEL_MM ** 3 / 1000,
+                    brain=brain, meta=c["meta"], mask_ml=float(c["mask"].sum() * VOXEL_MM ** 3 / 1000),
+                    angles=np.degrees(P["angles"]), shift=np.asarray(P["shift"], float), scale=float(P["scale"]))
+
+    healthy = [feats("normal", i) for i in range(n_healthy)]
+    for g in groups:
+        rows[g] = [feats(g, i) for i in range(n_per_group)]
+    csf0 = np.array([h["csf"] for h in healthy])
+    hip0 = np.array([h["hippo"] for h in healthy])
+    out = dict(version=mod.VERSION, contrast=contrast, n_healthy=n_healthy, n_per_group=n_per_group,
+               healthy_csf_icv_mean=float(csf0.mean()), healthy_csf_icv_sd=float(csf0.std(ddof=1)),
+               healthy_icv_ml_mean=float(np.mean([h["icv_ml"] for h in healthy])),
+               healthy_icv_ml_sd=float(np.std([h["icv_ml"] for h in healthy], ddof=1)), stages={})
+    for g in groups:
+        if g.startswith("atrophy_"):
+            csf = [r["csf"] for r in rows[g]]
+            hip = [r["hippo"] for r in rows[g]]
+            out["stages"][g] = dict(csf_icv_mean=float(np.mean(csf)), auroc_csf_icv=_auroc(csf0, csf),
+                                    d_csf_icv=float((np.mean(csf) - csf0.mean()) / csf0.std(ddof=1)),
+                                    auroc_hippo_icv=_auroc(-hip0, -np.array(hip)),
+                                    hippo_rel=float(np.mean(hip) / hip0.mean()))
+    allc = healthy + [r for g in groups for r in rows[g]]
+    ang = np.array([c["angles"] for c in allc])
+    sh = np.array([c["shift"] for c in allc])
+    out["pose"] = dict(rot_deg_min=ang.min(0).round(1).tolist(), rot_deg_max=ang.max(0).round(1).tolist(),
+                       shift_mm_sd=sh.std(0).round(1).tolist(), shift_mm_range=(sh.max(0) - sh.min(0)).round(1).tolist(),
+                       head_scale_range=[round(min(c["scale"] for c in allc), 3), round(max(c["scale"] for c in allc), 3)])
+    br = [c["meta"].get("bias_range") for c in allc]
+    if all(br):
+        out["bias"] = dict(min_q05=float(np.percentile([b[0] for b in br], 5)), max_q95=float(np.percentile([b[1] for b in br], 95)),
+                           ratio_median=float(np.median([b[1] / b[0] for b in br])))
+    gains = [c["meta"].get("gain") for c in allc]
+    if all(g is not None for g in gains):
+        out["gain_range"] = [round(min(gains), 3), round(max(gains), 3)]
+    out["lesion_ml"] = {}
+    for g in groups:
+        if g.startswith("atrophy_"):
+            continue
+        v = [r["meta"].get("lesion_volume_ml", r["mask_ml"]) for r in rows[g]]
+        out["lesion_ml"][g] = np.percentile(v, [5, 25, 50, 75, 95]).round(2).tolist()
+        n = [r["meta"]["n_lesions"] for r in rows[g] if "n_lesions" in r["meta"]]
+        if n:
+            out["lesion_ml"][g + " (count)"] = np.percentile(n, [5, 25, 50, 75, 95]).round(1).tolist()
+    d = [_dice(healthy[i]["brain"], healthy[j]["brain"]) for i in range(n_healthy) for j in range(i + 1, n_healthy)]
+    out["healthy_brain_dice"] = dict(mean=float(np.mean(d)), min=float(np.min(d)), max=float(np.max(d)))
+    return out
+
+
+def format_realism(r):
+    L_ = [f"phantom {r['version']} ({r['contrast']}, {r['n_healthy']} healthy test subjects, {r['n_per_group']} per group)",
+          f"  healthy CSF/ICV          {r['healthy_csf_icv_mean']:.3f} ± {r['healthy_csf_icv_sd']:.3f}   "
+          f"(ICV {r['healthy_icv_ml_mean']:.0f} ± {r['healthy_icv_ml_sd']:.0f} ml)"]
+    for g, s in r["stages"].items():
+        L_.append(f"  {g}: CSF/ICV {s['csf_icv_mean']:.3f} ({s['d_csf_icv']:+.2f} SD)  AUROC CSF/ICV {s['auroc_csf_icv']:.2f}"
+                  f"  AUROC hippocampus/ICV {s['auroc_hippo_icv']:.2f}  hippocampus x{s['hippo_rel']:.2f}")
+    p = r["pose"]
+    L_.append(f"  rotation (deg, x/y/z)    {p['rot_deg_min']} .. {p['rot_deg_max']}")
+    L_.append(f"  translation (mm, x/y/z)  SD {p['shift_mm_sd']}, range {p['shift_mm_range']}")
+    L_.append(f"  head scale               {p['head_scale_range'][0]} .. {p['head_scale_range'][1]}")
+    if "bias" in r:
+        b = r["bias"]
+        L_.append(f"  bias field over the head 5% min {b['min_q05']:.2f}, 95% max {b['max_q95']:.2f}, median max/min {b['ratio_median']:.2f}")
+    else:
+        L_.append("  bias field               (not recorded by this version)")
+    if "gain_range" in r:
+        L_.append(f"  scanner gain             {r['gain_range'][0]} .. {r['gain_range'][1]}")
+    for g, q in r["lesion_ml"].items():
+        unit = "" if g.endswith("(count)") else " ml"
+        L_.append(f"  {g:<24} q05/25/50/75/95 {q}{unit}")
+    d = r["healthy_brain_dice"]
+    L_.append(f"  brain-mask Dice between healthy subjects  mean {d['mean']:.3f} (min {d['min']:.3f}, max {d['max']:.3f})")
+    return "\n".join(L_)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate or preview the procedural brain phantom.")
     ap.add_argument("--contrast", default="t1", choices=list(CONTRASTS) + ["all"])
@@ -1073,8 +1233,20 @@ def main(argv=None):
     ap.add_argument("--preview", default=None, help="write a PNG montage (one axial slice per group) and stop")
     ap.add_argument("--index", type=int, default=0, help="case index shown by --preview")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--report", action="store_true",
+                    help="print the realism table (healthy spread, atrophy AUROCs, pose, bias, lesion volumes, "
+                         "brain-mask Dice) and write a montage (--out) of one case per group in every contrast")
+    ap.add_argument("--out", default="phantom_report.png", help="montage PNG of --report")
+    ap.add_argument("--n", type=int, default=24, help="healthy subjects and cases per group measured by --report")
     args = ap.parse_args(argv)
     contrasts = list(CONTRASTS) if args.contrast == "all" else [args.contrast]
+    if args.report:
+        con = "t1" if args.contrast in ("all", "ct") else args.contrast
+        r = realism(args.n, args.n, seed=args.seed, contrast=con)
+        print(format_realism(r))
+        preview(list(CONTRASTS), args.out, seed=args.seed, index=args.index)
+        print(f"wrote {args.out}")
+        return
     if args.preview:
         preview(contrasts, args.preview, seed=args.seed, index=args.index)
         print(f"wrote {args.preview}")

@@ -274,8 +274,8 @@ def test_smoke_run_writes_the_contract_files(smoke):
     for f in ("fig3.png", "fig4.png", "mapping.png", "counterfactual.png"):
         assert (smoke / f).stat().st_size > 0
     cf = r["counterfactual_lesion"]                                     # every normal-scan patch (<= 256)
-    assert cf["normal_patches"] == r["n_patches"]["test_normal_scans"] and {"lesion_hyper", "tumor"} <= set(cf)
-    assert cf["tumor"]["pasted_abs_sum"]["mean"] > cf["lesion_hyper"]["pasted_abs_sum"]["mean"] > 0
+    assert cf["normal_patches"] == r["n_patches"]["test_normal_scans"] and {"ms_lesion", "tumor"} <= set(cf)
+    assert cf["tumor"]["pasted_abs_sum"]["mean"] > cf["ms_lesion"]["pasted_abs_sum"]["mean"] > 0
 
 
 def test_groups_are_scored_against_normal_scans_and_the_same_scans(smoke):
@@ -289,7 +289,7 @@ def test_groups_are_scored_against_normal_scans_and_the_same_scans(smoke):
     assert all(x["case"].startswith(x["group"] + "/") and x["id"].startswith(x["case"] + "/") for x in rows)
     y, s, g = (np.array([x[k] for x in rows]) for k in ("label", "score", "group"))
     y, s = y.astype(int), s.astype(float)
-    for name in ("lesion_hyper", "tumor"):
+    for name in ("ms_lesion", "tumor"):
         assert {0, 1} <= set(y[g == name])                               # lesion scans hold both
         clean = (g == "normal") | ((g == name) & (y == 1))
         assert r["groups"][name]["auroc"] == pytest.approx(roc_auc_score(y[clean], s[clean]))

@@ -347,10 +347,10 @@ def test_smoke_run_writes_contract_files(smoke, tmp_path):
         assert (smoke / f).is_file(), f
     res = json.loads((smoke / "results.json").read_text())
     assert res["method"] == "anovaegan" and res["unit"] == "slice"
-    assert {"lesion_hyper", "tumor", "normal"} <= set(res["groups"])
+    assert {"ms_lesion", "tumor", "normal"} <= set(res["groups"])
     t = res["table1"]
     assert t["model"] == "AnoVAEGAN" and t["z"] == "8x8x4" and t["reco_s_per_sample"] > 0
-    assert 0 <= t["dice_mean"] <= 1 and t["dice_groups"] == ["lesion_hyper", "tumor"]
+    assert 0 <= t["dice_mean"] <= 1 and t["dice_groups"] == ["ms_lesion", "tumor"]
     assert 0 <= res["pixel"]["all"]["auroc"] <= 1 and "oracle_dice" in res["pixel"]["tumor"]
     probe = res["copy_probe"]
     assert probe["radius_px"] == [1, 2, 4] and all(0 < probe["kept"][str(r)]["n"] for r in (1, 2, 4))

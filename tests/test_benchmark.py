@@ -10,8 +10,11 @@ def test_zscore_baseline_separates_severe_atrophy_and_intensity_map_is_the_image
     out = B.baselines("t1", "smoke", seed=0)
     assert set(out) == {"intensity", "zscore"}
     z = out["zscore"]
-    # enlarged ventricles and sulci are far from the healthy mean image: stage 3 is found
-    assert z["groups"]["atrophy_3"]["auroc"] >= 0.9
+    # enlarged ventricles and sulci are far from the healthy mean image: stage 3 is found well above
+    # chance. Not near-perfectly: since phantom 2.0 the stages are shifts of a healthy population
+    # that varies (brain age) on unregistered heads (pose +-10 deg / +-8 mm), the mean and SD come
+    # from 8 training subjects and the smoke set has 4 vs 4 cases (AUROC in steps of 1/16; 0.81 now)
+    assert z["groups"]["atrophy_3"]["auroc"] >= 0.75
     rows = z["rows"]
     assert {r["label"] for r in rows} == {0, 1} and all(np.isfinite(r["score"]) for r in rows)
     # the intensity baseline's volume score is a brain-intensity percentile of an image in [0, 1]
