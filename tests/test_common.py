@@ -163,7 +163,7 @@ def test_a_painted_tumour_does_not_move_the_rest_of_the_scan(contrast):
 @pytest.mark.parametrize("contrast", ["t2", "flair"])
 def test_hyperintense_anomalies_keep_their_contrast_below_the_ceiling(contrast):
     from data import phantom
-    groups = [g for g in phantom.GROUPS[contrast] if g in ("lesion_hyper", "ms_lesion", "tumor")]
+    groups = [g for g in phantom.GROUPS[contrast] if g in ("ms_lesion", "tumor")]
     assert len(groups) == 2
     for g in groups:
         for index in range(2):
@@ -171,7 +171,9 @@ def test_hyperintense_anomalies_keep_their_contrast_below_the_ceiling(contrast):
             x = C.normalize_mri(c["image"].astype(np.float32), c["brain"] > 0)
             lesion = x[c["mask"] > 0]
             assert (lesion < 1.0).mean() >= 0.95, (g, index)
-            assert np.median(lesion) > np.median(x[(c["brain"] > 0) & (c["mask"] == 0)])
+            if g == "ms_lesion":          # T2/FLAIR-hyperintense by definition (the tumour's
+                # solid part is not): brighter than the rest of the brain, not clipped to it
+                assert np.median(lesion) > np.median(x[(c["brain"] > 0) & (c["mask"] == 0)])
 
 
 def test_axial_stack_orientation():
