@@ -70,7 +70,7 @@ WORLD = [(VOXEL_MM * (np.arange(n) - (n - 1) / 2)).astype(np.float32) for n in S
 MRI_GROUPS = ["ms_lesion", "black_hole", "tumor", "atrophy_1", "atrophy_2", "atrophy_3"]
 GROUPS = {"t1": list(MRI_GROUPS), "t2": list(MRI_GROUPS), "flair": list(MRI_GROUPS), "ct": ["hemorrhage"]}
 CONTRASTS = tuple(GROUPS)
-SIZES = {"full": dict(train=100, val=10, normal=20, per_group=20),
+SIZES = {"full": dict(train=100, val=10, normal=40, per_group=40),   # test sets: data/README
          "tiny": dict(train=8, val=2, normal=4, per_group=4)}
 HEMORRHAGE_SUBTYPES = ("intraparenchymal", "subdural", "epidural")
 # stable ids for seed derivation (never reorder: changing them changes every case)
