@@ -42,3 +42,16 @@ def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old numbers" not in text
     assert "#### T1: AUROC (AUPRC)" in text and "| a | b |" in text and "results/benchmark.png" in text
+
+
+def test_max_test_cases_keeps_the_first_n_of_each_label():
+    """--max-test-cases N (common.add_contract_args, applied in datasets.load_dataset): both labels stay."""
+    import common as C
+    from data import datasets
+    p = C.add_contract_args(C.ArgumentParser(), "x")
+    a = p.parse_args(["--preset", "smoke", "--max-test-cases", "2"])
+    assert a.max_test_cases == 2 and p.parse_args([]).max_test_cases == 0
+    full = datasets.load_dataset(p.parse_args(["--preset", "smoke"]), contrast="t1")
+    cut = datasets.load_dataset(a, contrast="t1")
+    want = [c.id for c in full.test if c.label == 0][:2] + [c.id for c in full.test if c.label == 1][:2]
+    assert [c.id for c in cut.test] == want and [c.id for c in cut.train] == [c.id for c in full.train]
