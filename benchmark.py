@@ -450,9 +450,7 @@ def write_report(a, methods, entries, fallback, total):
         if m not in entries:
             continue
         e, (cite, pdata, groups, metric) = entries[m], HEADLINE[m]
-        if metric == "dice":
-            ours = "Dice: results.json (dice), not aggregated here"
-            metric = "auroc"
+        metric = "auroc"   # the paper's Dice (anovaegan) is in each run's results.json["dice"]
         vals = " / ".join(fmt_seeds(e["table"][g][metric]) if g in e["table"] else "–" for g in groups)
         lines.append(f"| {cite} | `{m}.py` | {pdata} | {NAMES[METHODS[m]]} {PLURAL.get(e['unit'], e['unit'])}: "
                      f"{' / '.join(groups)} | AUROC {vals} | {PAPERS[m]} |")
@@ -688,8 +686,10 @@ def evaluate_row(name, loaded):
                 (ra, rows_a), (rb, rows_b) = loaded.get((c["a"][0], s), (None, None)), loaded.get((c["b"][0], s), (None, None))
                 if rows_a is None or rows_b is None:
                     continue
-                if c["a"][1] not in rows_a[0] or c["b"][1] not in rows_b[0]:
-                    missing = c["a"][1] if c["a"][1] not in rows_a[0] else c["b"][1]
+                absent = [col for col, rows in ((c["a"][1], rows_a), (c["b"][1], rows_b))
+                          if rows[0].get(col) in (None, "")]
+                if absent:
+                    missing = absent[0]
                     continue
                 ids = None if c["a"][0] == c["b"][0] else ({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
                 per_seed.append((side(rows_a, c["a"][1], c["group"], ids), side(rows_b, c["b"][1], c["group_b"], ids)))
@@ -755,7 +755,8 @@ def write_fidelity(a, rows, cmds):
                     lines.append(f"  - `{show(cmd)}`")
     md = "\n".join(lines) + "\n"
     (out / "fidelity.md").write_text(md)
-    C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
+    if ran:   # the template (nothing run) is the markdown only
+        C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
     print(md)
     return rows
 
