@@ -218,3 +218,24 @@ def test_max_test_cases_keeps_the_first_n_of_each_label():
     cut = datasets.load_dataset(a, contrast="t1")
     want = [c.id for c in full.test if c.label == 0][:2] + [c.id for c in full.test if c.label == 1][:2]
     assert [c.id for c in cut.test] == want and [c.id for c in cut.train] == [c.id for c in full.train]
+
+
+def test_gpu_check_commands_of_all_five_scripts_parse_at_the_paper_preset(tmp_path):
+    """Every command --gpu-check would run on the GPU is accepted by its script's parser (paper preset);
+    the resume and score runs point at the previous run's last.pt."""
+    a = B.parse(["--gpu-check", "--device", "cpu", "--runs", str(tmp_path)])
+    assert a.preset == "paper" and a.steps == 200 and a.test_cases == 4
+    for m in B.METHODS:
+        plan = B.gpu_plan(m, a, tmp_path)
+        assert [p for p, _, _ in plan] == ["amp", "fp32", "resume", "score"]
+        for phase, out, cmd in plan:
+            argv = cmd[2:]
+            for flag in ("--resume", "--checkpoint"):      # the checkpoint exists once the earlier run ran
+                if flag in argv:
+                    ck = tmp_path / "ck.pt"
+                    ck.write_bytes(b"")
+                    assert argv[argv.index(flag) + 1].endswith("last.pt")
+                    argv[argv.index(flag) + 1] = str(ck)
+            args = importlib.import_module(m).parse_args(argv)
+            assert args.preset == "paper" and args.max_test_cases == 4
+            assert args.amp == (phase != "fp32")
