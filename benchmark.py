@@ -556,6 +556,7 @@ RUNS = {
     "anogan_ganr": ("anogan", ["--ganr"]),
     "f3d": ("fanogan3d", []),
     "f2d": ("fanogan3d", ["--dims", "2", "--compare-3d", "{f3d}"]),
+    "f3d_3tanh": ("fanogan3d", ["--encoder-out", "3tanh"]),
     **{f"baur_{m}": ("anovaegan", ["--model", m]) for m in ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")},
     "madgan": ("madgan", []),
     "madgan_no_l1": ("madgan", ["--l1-weight", "0"]),
@@ -590,6 +591,11 @@ FIDELITY = {
         paper="3D f-AnoGAN (Simarro Viana et al. 2020)", claim="fine-tuning E+G (step 3) beats the encoder "
         "alone (step 2), same step-2 checkpoint", runs=["f3d"],
         comparisons=[cmp("fine-tuned − step 2", ("f3d", "score"), ("f3d", "score_no_finetune"))]),
+    "f3d_encoder_out": dict(
+        paper="3D f-AnoGAN (Simarro Viana et al. 2020)", claim="not a paper claim (issue 20's lead): E's tanh "
+        "(§2) caps z at ±1 while G learnt z ~ N(0, 1); f-AnoGAN's code offers 3·tanh. Direction: 3·tanh > tanh",
+        runs=["f3d_3tanh", "f3d"],
+        comparisons=[cmp("3·tanh − tanh", ("f3d_3tanh", "score"), ("f3d", "score"))]),
     "baur_spatial": dict(
         paper="Baur et al. 2018", claim="spatial bottlenecks beat dense ones (Table 1)",
         runs=["baur_sAE", "baur_dAE", "baur_sVAE", "baur_dVAE"],
