@@ -481,11 +481,11 @@ def write_report(a, methods, entries, fallback, total):
                     for g in groups) + " |")
             lines.append("")
     lines += [f"## Cost ({a.device}, as run; mean ± sd over seeds)", "",
-              "| method (unit) | train s | score s / sample | peak RSS MB |", "|---|---|---|---|"]
+              "| method (unit) | seeds that ran | train s | score s / sample | peak RSS MB |", "|---|---|---|---|---|"]
     for m in methods:
         if m in entries:
             c = entries[m]["costs"]
-            lines.append(f"| {entries[m]['key']} | {fmt_seeds(c['train_s'], digits=1)} | "
+            lines.append(f"| {entries[m]['key']} | {entries[m]['n_seeds']} of {a.seeds} | {fmt_seeds(c['train_s'], digits=1)} | "
                          f"{fmt_seeds(c['score'], digits=4)} | {fmt_seeds(c['rss'], digits=0)} |")
     md = "\n".join(lines) + "\n"
     (out / "benchmark.md").write_text(md)
