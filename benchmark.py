@@ -1,28 +1,50 @@
-"""All five methods side by side on the synthetic phantom, against two simple baselines.
+"""All five methods side by side on the synthetic phantom, with seeds, intervals and baselines;
+the papers' claims as a fidelity table; and a prepared GPU check of the paper presets.
 
-    python benchmark.py --seeds 1          # every script with --preset quick, then the baselines
-    python benchmark.py --seeds 3          # mean ± std over seeds 0, 1, 2
-    python benchmark.py --only madgan anogan --preset smoke   # a subset, e.g. to try it out
+    python benchmark.py                                  # 3 seeds x 5 scripts, --preset quick (hours on 2 cores)
+    python benchmark.py --seeds 1 --only madgan --preset smoke     # a subset, to try it out
+    python benchmark.py --jobs 2                         # two runs at a time (each with half the threads)
+    python benchmark.py --fidelity --list-rows           # the papers' claims, with minutes per row at quick
+    python benchmark.py --fidelity --row madgan_l1       # one claim: its runs (3 seeds), paired interval, verdict
+    python benchmark.py --fidelity --dry-run             # results/fidelity.md with the commands, nothing run
+    python benchmark.py --gpu-check                      # issue 18: every paper preset on one GPU (~10 min)
+    python benchmark.py --gpu-check --device cpu --preset smoke --steps 3 --only madgan   # the same on a CPU
 
-Writes results/benchmark.md (method × group AUROC, AUPRC, Dice where defined, train time, score time
-per sample, peak memory), results/benchmark.json and results/benchmark.png (ROC curves per method).
-The README embeds the table and the figure.
+What the tables show (results/benchmark.md, .json, .png; the README embeds the markdown):
+  * per method x test group: AUROC (and AUPRC) as mean ± sd over seeds (sd with ddof = 1), and next to
+    it each run's own 95% interval from results.json (a bootstrap over cases, common.evaluate);
+  * baselines. Like for like: where a script's scores.csv has the columns `baseline_intensity` and
+    `baseline_zscore` (common.baseline_maps on the method's own arrays, aggregated per unit as the
+    method aggregates its map), the baselines are scored from those columns at the method's own unit,
+    resolution and region, and the table adds the paired difference method - baseline. Otherwise the
+    benchmark falls back to its own volume baselines below, labelled "not like-for-like (64³ volume)",
+    and makes no paired comparison (different units);
+  * a paired difference is pooled over seeds (`pooled_difference`): the mean over seeds of
+    metric(a) - metric(b) on the same units, its 95% interval from one bootstrap that resamples cases
+    (stratified by group, the same case draws for every seed, as common.paired_difference does for one
+    run) and, with more than one seed, the seeds too. With one seed it equals common.paired_difference.
 
-The baselines keep the deep methods honest (Meissen et al. 2022 showed that thresholding FLAIR
-intensities rivals published deep methods). Both are computed per volume on the same test sets
-as the scripts, and trained (where they need training) on the same healthy volumes:
+Fidelity (`--fidelity`, results/fidelity.md): one row per paper claim (FIDELITY below), each with its
+runs (script + flags, every flag checked against the script's --help), its comparisons and a verdict:
+  holds        the pooled paired 95% interval excludes 0 in the paper's direction (every comparison),
+  reversed     it excludes 0 in the other direction (any comparison),
+  not resolved otherwise.
+
+The fallback baselines (no baseline columns in scores.csv) are computed per volume on the same test
+sets as the scripts, trained on the same healthy volumes:
   (a) `intensity`: the normalised image itself is the anomaly map; the volume score is the 99th
-      percentile of brain intensities (hyperintense anomalies) -- and, for hypointense or atrophic
-      changes, nothing better: a baseline is a baseline;
-  (b) `zscore`: voxel-wise |x - mean| / std against the healthy training volumes (after cropping to the
-      brain and resizing to 64³ so that volumes roughly align); the volume score is the 99th percentile
-      of the z-map inside the brain.
-Their maps are thresholded at the 98th percentile of the map on healthy validation volumes for Dice.
+      percentile of brain intensities;
+  (b) `zscore`: voxel-wise |x - mean| / std against the healthy training volumes (cropped to the brain,
+      resized to 64³); the volume score is the 99th percentile of the z-map inside the brain.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import csv
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -43,8 +65,6 @@ PAPERS = {  # the papers' own headline numbers, for the README table
     "reversed_ae": "AUROC 89.4 global pathologies (T1, Table 2a)",
     "fanogan3d": "AUC ~0.75 (TBI head CT, Fig. 4)",
 }
-
-
 PLURAL = {"patch": "patches", "slice": "slices", "volume": "volumes", "scan": "scans"}
 # the paper's headline comparison -> the phantom groups that stand in for it (README "The five papers")
 HEADLINE = {
@@ -56,19 +76,48 @@ HEADLINE = {
     "reversed_ae": ("Bercea et al., MIDL 2023", "T1 slices, global pathologies",
                     ["atrophy_1", "atrophy_2", "atrophy_3", "tumor"], "auroc"),
 }
+# minutes of one run (train + score) at --preset quick on a 2-core CPU, OMP_NUM_THREADS=1, from the cost
+# table of results/benchmark.md (commit f9fe7ab); --ganr maps every patch twice
+MINUTES_QUICK = {"anogan": 7.5, "anovaegan": 3.0, "madgan": 11.5, "reversed_ae": 6.0, "fanogan3d": 9.0}
+BASELINE_COLUMNS = ("baseline_intensity", "baseline_zscore")   # the like-for-like columns of scores.csv
+N_BOOT = 2 * C.N_BOOT
 
 
-def parse():
+def parse(argv=None):
     p = C.ArgumentParser(description=__doc__)
-    p.add_argument("--seeds", type=int, default=1, help="repeat every run with seeds 0..N-1 (default 1)")
-    p.add_argument("--preset", default="quick", choices=["smoke", "quick", "paper"])
+    p.add_argument("--seeds", type=int, default=3, help="repeat every run with seeds 0..N-1 (default 3)")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs at a time (default 1); each gets "
+                   "cores/jobs threads unless OMP_NUM_THREADS is set")
+    p.add_argument("--preset", default=None, choices=["smoke", "quick", "paper"],
+                   help="the scripts' preset (default quick; paper for --gpu-check)")
     p.add_argument("--only", nargs="*", default=None, choices=list(METHODS), help="run only these scripts")
-    p.add_argument("--out", default="results", help="where benchmark.md/png/json go (default results/)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
+                   help="the scripts' --device (default cpu; cuda for --gpu-check)")
+    p.add_argument("--out", default="results", help="where the .md/.json/.png go (default results/)")
     p.add_argument("--runs", default="runs/benchmark", help="run directories of the scripts")
     p.add_argument("--skip-existing", action="store_true", help="reuse a finished run directory")
     p.add_argument("--no-readme", action="store_true",
-                   help="do not copy the tables into README.md (done by default for --preset quick into results/)")
-    return p.parse_args()
+                   help="do not copy the tables into README.md (done for --preset quick into results/)")
+    f = p.add_argument_group("fidelity (issue 20)")
+    f.add_argument("--fidelity", action="store_true", help="the papers' claims: results/fidelity.md")
+    f.add_argument("--list-rows", action="store_true", help="list the fidelity rows with minutes at quick")
+    f.add_argument("--row", action="append", default=None, metavar="NAME", help="run only this row (repeat)")
+    f.add_argument("--dry-run", action="store_true", help="write fidelity.md with the commands, run nothing")
+    g = p.add_argument_group("GPU check (issue 18)")
+    g.add_argument("--gpu-check", action="store_true", help="train/resume/score every paper preset briefly")
+    g.add_argument("--steps", type=int, default=200, help="--gpu-check: --amp training steps (default 200); "
+                   "the float32 run and the resumed run take a quarter as many more")
+    g.add_argument("--test-cases", type=int, default=4,
+                   help="--gpu-check: --max-test-cases of every run (default 4 normal + 4 anomalous)")
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.jobs < 1 or a.steps < 1 or a.test_cases < 1:
+        C.fail("--seeds, --jobs, --steps and --test-cases must be >= 1")
+    a.preset = a.preset or ("paper" if a.gpu_check else "quick")
+    a.device = a.device or ("cuda" if a.gpu_check else "cpu")
+    for name in a.row or []:
+        if name not in FIDELITY:
+            C.fail(f"--row {name}: no such fidelity row; see --fidelity --list-rows")
+    return a
 
 
 # ---- the baselines ------------------------------------------------------------------------------
@@ -114,188 +163,806 @@ def baselines(contrast, preset, seed):
 
 # ---- running the scripts ------------------------------------------------------------------------
 
-REUSED = []   # (method, train + score seconds) of the runs --skip-existing took from an earlier invocation
+def slug(flags):
+    """Flags -> a run-directory name: [] -> 'default', ['--sa', '7'] -> 'sa-7'; {placeholders} dropped."""
+    parts, skip = [], False
+    for i, f in enumerate(flags):
+        if skip:
+            skip = False
+            continue
+        if f.startswith("--"):
+            nxt = flags[i + 1] if i + 1 < len(flags) else None
+            if nxt is not None and nxt.startswith("{"):
+                skip = True
+                continue
+            parts.append(f[2:])
+        elif not f.startswith("{"):
+            parts.append(re.sub(r"[^A-Za-z0-9.]+", "", f))
+    return "-".join(parts) or "default"
 
 
-def run_script(method, preset, seed, runs, skip_existing):
-    out = Path(runs) / f"{method}__{preset}__{seed}"
-    if skip_existing and (out / "results.json").is_file():
-        r = json.loads((out / "results.json").read_text())
-        REUSED.append((method, r.get("timing", {}).get("train_s", 0) + r.get("timing", {}).get("score_s", 0)))
-        return r, out
-    cmd = [sys.executable, f"{method}.py", "--preset", preset, "--seed", str(seed), "--out", str(out), "--device", "cpu"]
-    print("$ " + " ".join(cmd), flush=True)
-    t = time.time()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(f"  {method} failed after {time.time() - t:.0f}s: {p.stderr.strip().splitlines()[-1:]}", flush=True)
-        return None, out
-    r = json.loads((out / "results.json").read_text())
-    print(f"  {method}: AUROC {r['metrics']['auroc']:.3f} in {time.time() - t:.0f}s", flush=True)
-    return r, out
+def run_dir(runs, preset, method, flags, seed):
+    return Path(runs) / preset / f"{method}__{slug(flags)}__s{seed}"
 
 
-def _dice_of(res, group):
-    """Per-case Dice at the method's healthy-data threshold, where the script reports one
-    (anovaegan.py: results["dice"][group]["mean"]); None elsewhere."""
-    g = res.get("groups", {}).get(group, {})
-    for k in ("dice", "dice_mean"):
-        if isinstance(g.get(k), (int, float)):
-            return g[k]
-    d = res.get("dice", {})
-    if isinstance(d, dict) and isinstance(d.get(group), dict) and isinstance(d[group].get("mean"), (int, float)):
-        return d[group]["mean"]
-    return None
+def command(method, flags, preset, seed, out, device, resolve=None):
+    """The script's command line; `{name}` in flags -> resolve(name) (the run dir of another run)."""
+    fl = [resolve(f[1:-1]) if f.startswith("{") and resolve else f for f in flags]
+    return [sys.executable, f"{method}.py", "--preset", preset, "--seed", str(seed), "--device", device,
+            "--out", str(out), *fl]
 
 
-def _fmt(vals, digits=3):
-    vals = [v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
-    if not vals:
+def show(cmd):
+    return " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+
+
+def _threads(jobs):
+    if "OMP_NUM_THREADS" in os.environ:
+        return os.environ["OMP_NUM_THREADS"]
+    return str(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def run_all(cmds, jobs=1, skip_existing=False):
+    """cmds: [(out, cmd)], independent of each other. Runs `jobs` at a time; -> {out: ok}. A finished
+    run directory (results.json) is reused with --skip-existing; a failed run prints its last line."""
+    env = {**os.environ, "OMP_NUM_THREADS": _threads(jobs), "MKL_NUM_THREADS": _threads(jobs)}
+
+    def one(item):
+        out, cmd = item
+        if skip_existing and (Path(out) / "results.json").is_file():
+            return out, True
+        print("$ " + show(cmd), flush=True)
+        t = time.time()
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            tail = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["?"])[-1]
+            print(f"  failed after {time.time() - t:.0f}s: {out}: {tail}", flush=True)
+            return out, False
+        print(f"  done in {time.time() - t:.0f}s: {out}", flush=True)
+        return out, True
+
+    if jobs == 1:
+        return dict(map(one, cmds))
+    with cf.ThreadPoolExecutor(jobs) as ex:
+        return dict(ex.map(one, cmds))
+
+
+def read_run(out):
+    """results.json and the scores.csv rows (dicts of strings) of a finished run, or (None, None)."""
+    out = Path(out)
+    if not (out / "results.json").is_file() or not (out / "scores.csv").is_file():
+        return None, None
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return json.loads((out / "results.json").read_text()), rows
+
+
+# ---- aggregation over seeds ---------------------------------------------------------------------
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def mean_sd(vals):
+    """-> (mean, sd with ddof = 1 (nan for one value), n) of the finite values."""
+    v = [float(x) for x in vals if _num(x)]
+    if not v:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), len(v)
+
+
+def group_metrics(res, rows=None, key="score"):
+    """{group: {auroc, auroc_ci, auprc, auprc_ci}} of one run: from results.json for the method's own
+    score; from the scores.csv column `key` (common.evaluate, the same bootstrap) for a baseline."""
+    groups = res["groups"] if key == "score" or rows is None else C.evaluate(rows, key=key)["groups"]
+    return {g: {k: v.get(k) for k in ("auroc", "auroc_ci", "auprc", "auprc_ci")}
+            for g, v in groups.items() if "auroc" in v}
+
+
+def seed_table(per_seed):
+    """per_seed: [group_metrics of one run] -> {group: {metric: [one value per seed], metric_ci: [...]}}"""
+    out = {}
+    for gm in per_seed:
+        for g, v in gm.items():
+            e = out.setdefault(g, {"auroc": [], "auroc_ci": [], "auprc": [], "auprc_ci": []})
+            for k in e:
+                e[k].append(v.get(k))
+    return out
+
+
+def fmt_seeds(vals, cis=None, digits=2):
+    """'0.83 ± 0.04 [0.71, 0.92] [0.75, 0.95]': mean ± sd over seeds, then each run's 95% interval."""
+    m, sd, n = mean_sd(vals)
+    if n == 0:
         return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
+    txt = f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 else "")
+    if cis:
+        txt += " " + " ".join(f"[{c[0]:.{digits}f}, {c[1]:.{digits}f}]" for c in cis if c and _num(c[0]))
+    return txt
 
 
-def main():
-    a = parse()
+def has_baseline_columns(rows):
+    return bool(rows) and all(k in rows[0] and rows[0][k] not in ("", None) for k in BASELINE_COLUMNS)
+
+
+# ---- paired differences pooled over seeds -------------------------------------------------------
+
+def side(rows, key, group, ids=None):
+    """(y, s, case, strata) of rows: the units of normal scans and the anomalous units of `group`
+    (None: every anomalous unit), restricted to `ids` (the units two runs share)."""
+    if ids is not None:
+        rows = [r for r in rows if r["id"] in ids]
+    y, s, g, c = C._columns(rows, key)
+    sel = np.isin(g, C.normal_groups(y, g)) | ((y == 1) & ((g == group) if group else True))
+    return y[sel], s[sel], c[sel], g[sel]
+
+
+def pooled_difference(per_seed, metric="auroc", n_boot=N_BOOT, seed=0, resample_seeds=True):
+    """per_seed: [(side_a, side_b)], each side (y, s, case, strata) -> metric(a) - metric(b), mean over
+    seeds, with a 95% interval from one bootstrap: the cases (stratified) are drawn once per resample and
+    used in every seed and on both sides (a case id names the same scan in every seed), and with
+    resample_seeds the seeds are drawn with replacement too. -> {diff, ci, per_seed, a, b, n_seeds,
+    resolved}. One seed, two sides on the same units: exactly common.paired_difference."""
+    fn = {"auroc": C.weighted_auroc, "auprc": C.weighted_auprc}[metric]
+    case_group = {}
+    for sa, sb in per_seed:
+        for _, _, c, g in (sa, sb):
+            case_group.update(zip(c.tolist(), g.tolist()))
+    cases = np.array(sorted(case_group))
+    Wc = C.case_bootstrap(cases, [case_group[c] for c in cases], n_boot, seed)   # (B, n_cases)
+    pos = {c: i for i, c in enumerate(cases)}
+    D, pa, pb = np.zeros((n_boot, len(per_seed))), [], []
+    for k, sides in enumerate(per_seed):
+        vals = []
+        for y, s, c, _ in sides:
+            W = Wc[:, [pos[x] for x in c.tolist()]]
+            vals.append((float(fn(y, s, np.ones((1, len(y))))[0]), fn(y, s, W)))
+        (a, wa), (b, wb) = vals
+        pa.append(a)
+        pb.append(b)
+        D[:, k] = wa - wb
+    if resample_seeds and len(per_seed) > 1:
+        pick = np.random.default_rng(seed + 1).integers(0, len(per_seed), D.shape)
+        boot = np.take_along_axis(D, pick, axis=1).mean(1)
+    else:
+        boot = D.mean(1)
+    ci = C.interval(boot)
+    diffs = [a - b for a, b in zip(pa, pb)]
+    return {"diff": float(np.mean(diffs)), "ci": ci, "per_seed": diffs, "a": float(np.mean(pa)),
+            "b": float(np.mean(pb)), "n_seeds": len(per_seed), "resolved": bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def pooled_from_intervals(diffs, cis):
+    """Where a run gives only its paired difference and interval (no rows): the mean difference, and an
+    interval mean ± 1.96·mean(se) with se = (hi - lo) / 3.92 per seed -- conservative: it is the interval
+    of the mean if the seeds' errors were perfectly correlated (they share the test cases)."""
+    d = [x for x in diffs if _num(x)]
+    if not d:
+        return None
+    se = float(np.mean([(c[1] - c[0]) / 3.92 for c in cis]))
+    m = float(np.mean(d))
+    ci = [m - 1.96 * se, m + 1.96 * se]
+    return {"diff": m, "ci": ci, "per_seed": d, "n_seeds": len(d), "resolved": bool(ci[0] > 0 or ci[1] < 0),
+            "pooled": "from per-seed intervals (conservative), no rows"}
+
+
+def verdict(ci, direction=+1):
+    """holds: the 95% interval excludes 0 on the paper's side (direction +1: a > b); reversed: on the
+    other side; not resolved: it includes 0 (or there is none)."""
+    if ci is None or not all(_num(x) for x in ci):
+        return "not resolved"
+    lo, hi = (ci[0], ci[1]) if direction > 0 else (-ci[1], -ci[0])
+    return "holds" if lo > 0 else "reversed" if hi < 0 else "not resolved"
+
+
+def row_verdict(verdicts):
+    """A claim of several comparisons holds if every one holds, is reversed if any is reversed."""
+    if not verdicts:
+        return "not run"
+    if "reversed" in verdicts:
+        return "reversed"
+    return "holds" if all(v == "holds" for v in verdicts) else "not resolved"
+
+
+def fmt_diff(d, digits=3):
+    if not d:
+        return "–"
+    return f"{d['diff']:+.{digits}f} [{d['ci'][0]:+.{digits}f}, {d['ci'][1]:+.{digits}f}]"
+
+
+# ---- the benchmark: every script, seeds, baselines, paired differences --------------------------
+
+def collect(method, runs_per_seed):
+    """runs_per_seed: [(results, rows)] of one script -> the method's and its baselines' entries:
+    {"key": 'madgan (scan)', "unit", "table": seed_table, "baselines": {name: seed_table} (like-for-like
+    only), "vs_baseline": {name: {group: pooled difference}}, "costs", "rows0"}."""
+    runs = [(r, rows) for r, rows in runs_per_seed if r is not None]
+    if not runs:
+        return None
+    unit = runs[0][0]["unit"]
+    e = {"key": f"{method} ({unit})", "method": method, "unit": unit, "n_seeds": len(runs),
+         "table": seed_table([group_metrics(r) for r, _ in runs]), "baselines": {}, "vs_baseline": {},
+         "costs": {"train_s": [r["timing"].get("train_s") for r, _ in runs],
+                   "score": [r["timing"].get("score_s_per_sample") for r, _ in runs],
+                   "rss": [r.get("memory", {}).get("rss_mb") for r, _ in runs]},
+         "rows0": runs[0][1], "like_for_like": all(has_baseline_columns(rows) for _, rows in runs)}
+    if e["like_for_like"]:
+        for col in BASELINE_COLUMNS:
+            name = col.replace("baseline_", "")
+            e["baselines"][name] = seed_table([group_metrics(r, rows, col) for r, rows in runs])
+            e["vs_baseline"][name] = {
+                g: pooled_difference([(side(rows, "score", g), side(rows, col, g)) for _, rows in runs])
+                for g in e["table"]}
+    return e
+
+
+def run_benchmark(a):
     methods = a.only or list(METHODS)
     t_all = time.time()
-    table = {}     # (method, group) -> dict of lists
-    costs = {}     # method -> dict of lists
-    roc = {}       # method -> {group: (y, s)} for the first seed
-    for seed in range(a.seeds):
-        for m in methods:
-            r, out = run_script(m, a.preset, seed, a.runs, a.skip_existing)
-            if r is None:
-                continue
-            key = f"{m} ({r['unit']})"
-            for g, v in r["groups"].items():
-                if "auroc" not in v:
-                    continue
-                e = table.setdefault((key, g), {"auroc": [], "auprc": [], "dice": []})
-                e["auroc"].append(v["auroc"])
-                e["auprc"].append(v["auprc"])
-                e["dice"].append(_dice_of(r, g))
-            c = costs.setdefault(key, {"train_s": [], "score": [], "rss": []})
-            c["train_s"].append(r["timing"].get("train_s"))
-            c["score"].append(r["timing"].get("score_s_per_sample"))
-            c["rss"].append(r.get("memory", {}).get("rss_mb"))
-            if seed == 0 and (out / "scores.csv").is_file():
-                import csv
-                rows = list(csv.DictReader(open(out / "scores.csv")))
-                roc[key] = rows
-        for contrast in sorted({METHODS[m] for m in methods}):
-            for name, ev in baselines(contrast, a.preset, seed).items():
-                key = f"baseline {name} ({contrast}, volume)"
-                for g, v in ev["groups"].items():
-                    if "auroc" not in v:
-                        continue
-                    e = table.setdefault((key, g), {"auroc": [], "auprc": [], "dice": []})
-                    e["auroc"].append(v["auroc"])
-                    e["auprc"].append(v["auprc"])
-                    e["dice"].append(v.get("dice"))
-                c = costs.setdefault(key, {"train_s": [], "score": [], "rss": []})
-                c["train_s"].append(ev["timing"]["train_s"])
-                c["score"].append(ev["timing"]["score_s_per_sample"])
-                c["rss"].append(None)
-                if seed == 0:
-                    roc[key] = ev["rows"]
+    cmds = [(run_dir(a.runs, a.preset, m, [], s), command(m, [], a.preset, s, run_dir(a.runs, a.preset, m, [], s),
+                                                          a.device)) for s in range(a.seeds) for m in methods]
+    run_all(cmds, a.jobs, a.skip_existing)
+    entries = {}
+    for m in methods:
+        e = collect(m, [read_run(run_dir(a.runs, a.preset, m, [], s)) for s in range(a.seeds)])
+        if e:
+            entries[m] = e
+    fallback = {}   # contrast -> {name: seed_table}: the benchmark's own volume baselines
+    need = sorted({METHODS[m] for m, e in entries.items() if not e["like_for_like"]})
+    for contrast in need:
+        per = {"intensity": [], "zscore": []}
+        rows0 = {}
+        for s in range(a.seeds):
+            for name, ev in baselines(contrast, a.preset, s).items():
+                per[name].append({g: v for g, v in ev["groups"].items() if "auroc" in v})
+                rows0.setdefault(name, ev["rows"])
+        fallback[contrast] = {n: {"table": seed_table(v), "rows0": rows0[n]} for n, v in per.items()}
     total = time.time() - t_all
-    write_report(a, methods, table, costs, roc, total)
+    return write_report(a, methods, entries, fallback, total)
 
 
-def _contrast_of(key):
-    """'madgan (scan)' -> 't1'; 'baseline zscore (t1, volume)' -> 't1'."""
-    if key.startswith("baseline"):
-        return key.split("(")[1].split(",")[0]
-    return METHODS[key.split(" ")[0]]
+NAMES = {"t1": "T1", "flair": "FLAIR", "ct": "CT"}
 
 
-def write_report(a, methods, table, costs, roc, total):
+def _table(lines, title, keys_rows, groups, metric):
+    lines += [title, "", "| method (unit) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for k, tab in keys_rows:
+        lines.append(f"| {k} | " + " | ".join(fmt_seeds(tab[g][metric], tab[g][metric + "_ci"])
+                                              if g in tab else "–" for g in groups) + " |")
+    lines.append("")
+
+
+def write_report(a, methods, entries, fallback, total):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Benchmark: `python benchmark.py --seeds {a.seeds} --preset {a.preset}`", "",
-             f"Synthetic phantom, CPU, {a.seeds} seed(s){' (mean ± std)' if a.seeds > 1 else ''}; "
-             f"this invocation {total / 60:.1f} min"
-             + (f" ({len(REUSED)} script runs reused from an earlier invocation with --skip-existing, "
-                f"{sum(t for _, t in REUSED) / 60:.1f} min of training and scoring)" if REUSED else "")
-             + f"; threads per run: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Each anomalous group is scored against the normal test group of "
-             "the same contrast, at the unit in brackets (patch, slice, volume, scan): units differ between "
-             "methods, so compare a method with the baselines of its own contrast first.", ""]
-    names = {"t1": "T1", "flair": "FLAIR", "ct": "CT"}
+             f"Synthetic phantom, {a.device}, {a.seeds} seed(s) per script; this invocation {total / 60:.1f} min; "
+             f"threads per run: OMP_NUM_THREADS={_threads(a.jobs)}, {a.jobs} run(s) at a time. A cell is the "
+             "mean ± sd over seeds (ddof 1), then each run's own 95% interval (bootstrap over cases). Each "
+             "anomalous group is scored against the units of normal scans of the same contrast, at the unit in "
+             "brackets; baselines marked like-for-like are scored from the method's own scores.csv columns "
+             "(same units, resolution and region), the others are the benchmark's volume baselines and are "
+             "**not like-for-like (64³ volume)**.", ""]
     lines += ["## The papers' headline comparisons, on the phantom", "",
-              f"| paper | script | paper's data | phantom stand-in | ours (--preset {a.preset}) | the paper's number |",
-              "|---|---|---|---|---|---|"]
+              f"| paper | script | paper's data | phantom stand-in | ours (--preset {a.preset}, mean ± sd) "
+              "| the paper's number |", "|---|---|---|---|---|---|"]
     for m in methods:
-        key = next((k for k, _ in table if k.split(" ")[0] == m), None)
-        if key is None:
+        if m not in entries:
             continue
-        cite, pdata, groups, metric = HEADLINE[m]
-        ours = " / ".join(_fmt(table[(key, g)][metric], 2) if (key, g) in table else "–" for g in groups)
-        lines.append(f"| {cite} | `{m}.py` | {pdata} | {names[METHODS[m]]} {PLURAL[key.split('(')[1][:-1]]}: "
-                     f"{' / '.join(groups)} | {metric.upper() if metric == 'auroc' else 'Dice'} {ours} | {PAPERS[m]} |")
+        e, (cite, pdata, groups, metric) = entries[m], HEADLINE[m]
+        metric = "auroc"   # the paper's Dice (anovaegan) is in each run's results.json["dice"]
+        vals = " / ".join(fmt_seeds(e["table"][g][metric]) if g in e["table"] else "–" for g in groups)
+        lines.append(f"| {cite} | `{m}.py` | {pdata} | {NAMES[METHODS[m]]} {PLURAL.get(e['unit'], e['unit'])}: "
+                     f"{' / '.join(groups)} | AUROC {vals} | {PAPERS[m]} |")
     lines.append("")
     for contrast in ("t1", "flair", "ct"):
-        keys = [k for k in dict.fromkeys(k for k, _ in table) if _contrast_of(k) == contrast]
-        if not keys:
+        ms = [m for m in methods if m in entries and METHODS[m] == contrast]
+        if not ms:
             continue
-        keys.sort(key=lambda k: (k.startswith("baseline"), k))
-        groups = sorted({g for k, g in table if k in keys})
-        lines += [f"## {names[contrast]}: AUROC (AUPRC)", "",
-                  "| method (unit) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-        for k in keys:
-            cells = [f"{_fmt(table[(k, g)]['auroc'], 2)} ({_fmt(table[(k, g)]['auprc'], 2)})" if (k, g) in table
-                     else "–" for g in groups]
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
-        with_dice = [k for k in keys if any(v is not None for g in groups for v in table.get((k, g), {}).get("dice", []))]
-        if with_dice:
-            lines += ["", f"Dice per case at a threshold from healthy validation data ({names[contrast]}):", "",
-                      "| method (unit) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-            for k in with_dice:
-                lines.append(f"| {k} | " + " | ".join(_fmt(table[(k, g)]["dice"], 3) if (k, g) in table else "–"
-                                                      for g in groups) + " |")
-        lines.append("")
-    lines += ["## Cost (CPU, as run)", "", "| method (unit) | train s | score s / sample | peak RSS MB |",
-              "|---|---|---|---|"]
-    for k, c in costs.items():
-        lines.append(f"| {k} | {_fmt(c['train_s'], 1)} | {_fmt(c['score'], 4)} | {_fmt(c['rss'], 0)} |")
-    (out / "benchmark.md").write_text("\n".join(lines) + "\n")
-    C.write_json(out / "benchmark.json", {"args": vars(a), "total_s": total,
-                                          "table": {f"{k}|{g}": e for (k, g), e in table.items()},
-                                          "costs": costs})
+        keys = []
+        for m in ms:
+            e = entries[m]
+            keys.append((e["key"], e["table"]))
+            for name, tab in e["baselines"].items():
+                keys.append((f"baseline {name} ({e['unit']}, like-for-like with {m})", tab))
+        for name, v in fallback.get(contrast, {}).items():
+            keys.append((f"baseline {name} ({contrast}, not like-for-like (64³ volume))", v["table"]))
+        groups = sorted({g for _, tab in keys for g in tab})
+        for metric in ("auroc", "auprc"):
+            _table(lines, f"## {NAMES[contrast]}: {metric.upper()}", keys, groups, metric)
+        paired = [(entries[m], name, d) for m in ms for name, d in entries[m]["vs_baseline"].items()]
+        if paired:
+            lines += [f"Paired AUROC difference method − baseline, pooled over seeds, 95% interval "
+                      f"({NAMES[contrast]}; * = the interval excludes 0):", "",
+                      "| method − baseline | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+            for e, name, d in paired:
+                lines.append(f"| {e['key']} − {name} | " + " | ".join(
+                    fmt_diff(d[g], 2) + (" *" if d[g]["resolved"] else "") if g in d else "–"
+                    for g in groups) + " |")
+            lines.append("")
+    lines += [f"## Cost ({a.device}, as run; mean ± sd over seeds)", "",
+              "| method (unit) | seeds that ran | train s | score s / sample | peak RSS MB |", "|---|---|---|---|---|"]
+    for m in methods:
+        if m in entries:
+            c = entries[m]["costs"]
+            lines.append(f"| {entries[m]['key']} | {entries[m]['n_seeds']} of {a.seeds} | {fmt_seeds(c['train_s'], digits=1)} | "
+                         f"{fmt_seeds(c['score'], digits=4)} | {fmt_seeds(c['rss'], digits=0)} |")
+    md = "\n".join(lines) + "\n"
+    (out / "benchmark.md").write_text(md)
+    C.write_json(out / "benchmark.json", {
+        "args": vars(a), "total_s": total,
+        "methods": {m: {k: v for k, v in e.items() if k != "rows0"} for m, e in entries.items()},
+        "fallback_baselines": {c: {n: v["table"] for n, v in d.items()} for c, d in fallback.items()}})
+    roc = {}
+    for m in methods:
+        if m in entries:
+            rows = entries[m]["rows0"]
+            roc[entries[m]["key"]] = (METHODS[m], rows)
+            if entries[m]["like_for_like"]:
+                for col in BASELINE_COLUMNS:
+                    roc[f"{col} ({m})"] = (METHODS[m], [{**r, "score": r[col]} for r in rows])
+    for contrast, d in fallback.items():
+        for name, v in d.items():
+            roc[f"baseline {name} ({contrast}, 64³ volume)"] = (contrast, v["rows0"])
+    plot_rocs(roc, out / "benchmark.png")
+    print(md)
+    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'} in {total / 60:.1f} min")
+    if a.preset == "quick" and out.resolve() == (REPO / "results").resolve() and not a.no_readme:
+        print("README.md is left to the lead: embed the markdown above between its benchmark markers "
+              "(update_readme does it)")
+    return md
+
+
+def plot_rocs(roc, path):
     plt = C._plt()
     order = {"t1": 0, "flair": 1, "ct": 2}
-    keys = sorted(roc, key=lambda k: (order[_contrast_of(k)], k.startswith("baseline"), k))
+    keys = sorted(roc, key=lambda k: (order[roc[k][0]], "baseline" in k, k))
     ncol = 4
-    nrow = (len(keys) + ncol - 1) // ncol
+    nrow = max((len(keys) + ncol - 1) // ncol, 1)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.8 * nrow), squeeze=False)
     for ax, k in zip(axes.ravel(), keys):
-        rows = roc[k]
+        rows = roc[k][1]
         y = np.array([int(r["label"]) for r in rows])
         s = np.array([float(r["score"]) for r in rows])
         g = np.array([r["group"] for r in rows])
+        normal = np.isin(g, C.normal_groups(y, g))
         for name in dict.fromkeys(g):
-            if y[g == name].max() == 0:
+            pos = (g == name) & (y == 1)
+            if not pos.any() or not normal.any():
                 continue
-            sel = (g == name) | (y == 0)
+            sel = pos | normal
             fpr, tpr, _ = C.roc_points(y[sel], s[sel])
             ax.plot(fpr, tpr, lw=1.5, label=f"{name} {C.auroc(y[sel], s[sel]):.2f}")
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.7)
-        ax.set_title(k, fontsize=9)
+        ax.set_title(k, fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
         ax.set(xlim=(0, 1), ylim=(0, 1.01))
-    for ax in axes[:, 0]:
-        ax.set_ylabel("true positive rate")
-    for ax in axes[-1, :]:
-        ax.set_xlabel("false positive rate")
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
-    fig.suptitle("ROC per method and group (normal vs group), synthetic phantom", fontsize=11)
-    C._save(fig, out / "benchmark.png")
-    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.png'} in {total / 60:.1f} min")
-    if a.preset == "quick" and Path(a.out).resolve() == (REPO / "results").resolve() and not a.no_readme:
-        update_readme(REPO / "README.md", lines)
+    fig.suptitle("ROC per method and group (normal scans vs group), seed 0, synthetic phantom", fontsize=11)
+    C._save(fig, path)
+
+
+# ---- fidelity: do the papers' claims hold on the phantom? (issue 20) -----------------------------
+# RUNS: name -> (script, flags); a {name} in flags is that run's directory for the same seed (run first).
+# Every flag and scores.csv column below is the script's own (checked against --help and the code):
+#   anogan.py      --ganr adds Yeh et al.'s D̂ mapping: columns R, D, A_hat beside score (= A(x), Eq. 6)
+#   fanogan3d.py   score_no_finetune (the step-2 score, when --finetune), --dims 2 --compare-3d RUN_DIR
+#                  writes results.json compare_3d_vs_2d.3d_minus_2d_volume_auroc.all {diff, ci}
+#   anovaegan.py   --model dAE|sAE|dVAE|sVAE|sAE-GAN|AnoVAEGAN, one slice row per id in every model
+#   madgan.py      --sa 0|3|7, --l1-weight 0 (w/o l1)
+#   reversed_ae.py --no-reverse (the SI-VAE backbone); columns s_wo_eq, s_wo_pl beside score (Eq. 5)
+RUNS = {
+    "anogan_ganr": ("anogan", ["--ganr"]),
+    "f3d": ("fanogan3d", []),
+    "f2d": ("fanogan3d", ["--dims", "2", "--compare-3d", "{f3d}"]),
+    "f3d_3tanh": ("fanogan3d", ["--encoder-out", "3tanh"]),
+    **{f"baur_{m}": ("anovaegan", ["--model", m]) for m in ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN")},
+    "madgan": ("madgan", []),
+    "madgan_no_l1": ("madgan", ["--l1-weight", "0"]),
+    "madgan_sa3": ("madgan", ["--sa", "3"]),
+    "madgan_sa7": ("madgan", ["--sa", "7"]),
+    "ra": ("reversed_ae", []),
+    "sivae": ("reversed_ae", ["--no-reverse"]),
+}
+
+
+def cmp(label, a, b, group=None, group_b=None):
+    """A comparison metric(a) - metric(b), the paper saying a > b: a, b = (run, scores.csv column);
+    group (group_b for b, default the same) = the anomalous group against the normal scans."""
+    return {"label": label, "a": a, "b": b, "group": group, "group_b": group_b or group}
+
+
+FIDELITY = {
+    "anogan_A_vs_R_D": dict(
+        paper="AnoGAN (Schlegl et al. 2017)", claim="A(x) (Eq. 6, λ = 0.1) beats the residual R(x) and the "
+        "discrimination score D(x) alone", runs=["anogan_ganr"],
+        comparisons=[cmp("A − R", ("anogan_ganr", "score"), ("anogan_ganr", "R")),
+                     cmp("A − D", ("anogan_ganr", "score"), ("anogan_ganr", "D"))]),
+    "anogan_disc": dict(
+        paper="AnoGAN (Schlegl et al. 2017)", claim="the feature-matching discrimination loss beats Yeh et "
+        "al.'s D̂ (GAN_R; anogan.py has no --disc flag: --ganr maps with L_D̂ and scores Â(x) beside A(x))",
+        runs=["anogan_ganr"], comparisons=[cmp("A − Â", ("anogan_ganr", "score"), ("anogan_ganr", "A_hat"))]),
+    "f3d_3d_vs_2d": dict(
+        paper="3D f-AnoGAN (Simarro Viana et al. 2020)", claim="3D beats 2D, at the same volume unit",
+        runs=["f3d", "f2d"], comparisons=[{"label": "3D − 2D (volume AUROC)", "results": (
+            "f2d", ["compare_3d_vs_2d", "3d_minus_2d_volume_auroc", "all"])}]),
+    "f3d_finetune": dict(
+        paper="3D f-AnoGAN (Simarro Viana et al. 2020)", claim="fine-tuning E+G (step 3) beats the encoder "
+        "alone (step 2), same step-2 checkpoint", runs=["f3d"],
+        comparisons=[cmp("fine-tuned − step 2", ("f3d", "score"), ("f3d", "score_no_finetune"))]),
+    "f3d_encoder_out": dict(
+        paper="3D f-AnoGAN (Simarro Viana et al. 2020)", claim="not a paper claim (issue 20's lead): E's tanh "
+        "(§2) caps z at ±1 while G learnt z ~ N(0, 1); f-AnoGAN's code offers 3·tanh. Direction: 3·tanh > tanh",
+        runs=["f3d_3tanh", "f3d"],
+        comparisons=[cmp("3·tanh − tanh", ("f3d_3tanh", "score"), ("f3d", "score"))]),
+    "baur_spatial": dict(
+        paper="Baur et al. 2018", claim="spatial bottlenecks beat dense ones (Table 1)",
+        runs=["baur_sAE", "baur_dAE", "baur_sVAE", "baur_dVAE"],
+        comparisons=[cmp("sAE − dAE", ("baur_sAE", "score"), ("baur_dAE", "score")),
+                     cmp("sVAE − dVAE", ("baur_sVAE", "score"), ("baur_dVAE", "score"))]),
+    "baur_ranking": dict(
+        paper="Baur et al. 2018", claim="AnoVAEGAN ≥ sVAE ≥ sAE (Table 1)",
+        runs=["baur_AnoVAEGAN", "baur_sVAE", "baur_sAE"],
+        comparisons=[cmp("AnoVAEGAN − sVAE", ("baur_AnoVAEGAN", "score"), ("baur_sVAE", "score")),
+                     cmp("sVAE − sAE", ("baur_sVAE", "score"), ("baur_sAE", "score"))]),
+    "baur_adversarial": dict(
+        paper="Baur et al. 2018", claim="the adversarial term helps (sAE-GAN vs sAE, AnoVAEGAN vs sVAE)",
+        runs=["baur_sAE-GAN", "baur_sAE", "baur_AnoVAEGAN", "baur_sVAE"],
+        comparisons=[cmp("sAE-GAN − sAE", ("baur_sAE-GAN", "score"), ("baur_sAE", "score")),
+                     cmp("AnoVAEGAN − sVAE", ("baur_AnoVAEGAN", "score"), ("baur_sVAE", "score"))]),
+    "madgan_stage": dict(
+        paper="MADGAN (Han et al. 2021)", claim="AUC rises with disease stage (Table 1)", runs=["madgan"],
+        comparisons=[cmp("atrophy_2 − atrophy_1", ("madgan", "score"), ("madgan", "score"), "atrophy_2", "atrophy_1"),
+                     cmp("atrophy_3 − atrophy_2", ("madgan", "score"), ("madgan", "score"), "atrophy_3", "atrophy_2")]),
+    "madgan_l1": dict(
+        paper="MADGAN (Han et al. 2021)", claim="without the ℓ1 loss it is worse (Table 1)",
+        runs=["madgan", "madgan_no_l1"],
+        comparisons=[cmp("with − w/o ℓ1", ("madgan", "score"), ("madgan_no_l1", "score"))]),
+    "madgan_sa": dict(
+        paper="MADGAN (Han et al. 2021)", claim="7-SA beats 3-SA and 0-SA (the abstract's model is 7-SA)",
+        runs=["madgan_sa7", "madgan_sa3", "madgan"],
+        comparisons=[cmp("7-SA − 3-SA", ("madgan_sa7", "score"), ("madgan_sa3", "score")),
+                     cmp("7-SA − 0-SA", ("madgan_sa7", "score"), ("madgan", "score"))]),
+    "ra_vs_sivae": dict(
+        paper="RA (Bercea et al. 2023)", claim="RA beats its SI-VAE backbone (Table 3, w/o reversed loss)",
+        runs=["ra", "sivae"], comparisons=[cmp("RA − SI-VAE", ("ra", "score"), ("sivae", "score"))]),
+    "ra_ablations": dict(
+        paper="RA (Bercea et al. 2023)", claim="removing histogram equalisation or the perceptual term "
+        "each hurts (Table 3)", runs=["ra"],
+        comparisons=[cmp("Eq. 5 − w/o eq", ("ra", "score"), ("ra", "s_wo_eq")),
+                     cmp("Eq. 5 − w/o PL", ("ra", "score"), ("ra", "s_wo_pl"))]),
+    "ra_atrophy_vs_intensity": dict(
+        paper="RA (Bercea et al. 2023)", claim="RA finds non-hyperintense global pathology (atrophy) where "
+        "intensity thresholding fails (needs scores.csv column baseline_intensity)", runs=["ra"],
+        comparisons=[cmp(f"RA − intensity ({g})", ("ra", "score"), ("ra", "baseline_intensity"), g)
+                     for g in ("atrophy_1", "atrophy_2", "atrophy_3")]),
+}
+
+
+def row_minutes(name, seeds=1):
+    """Minutes of a row's runs at --preset quick (MINUTES_QUICK; --ganr maps twice)."""
+    t = 0.0
+    for r in FIDELITY[name]["runs"]:
+        script, flags = RUNS[r]
+        t += MINUTES_QUICK[script] * (1.6 if "--ganr" in flags else 1.0)
+    return t * seeds
+
+
+def _dig(d, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def fidelity_commands(names, a):
+    """[(run name, seed, out, cmd)] of the rows `names`, in an order that runs a {dependency} first."""
+    needed = list(dict.fromkeys(r for n in names for r in FIDELITY[n]["runs"]))
+    for r in list(needed):   # a run's dependencies
+        for f in RUNS[r][1]:
+            if f.startswith("{") and f[1:-1] not in needed:
+                needed.insert(0, f[1:-1])
+    out = []
+    for seed in range(a.seeds):
+        for r in needed:
+            script, flags = RUNS[r]
+            d = run_dir(a.runs, a.preset, script, flags, seed)
+            out.append((r, seed, d, command(script, flags, a.preset, seed, d, a.device,
+                                            resolve=lambda n, s=seed: str(run_dir(a.runs, a.preset, *RUNS[n], s)))))
+    return out
+
+
+def evaluate_row(name, loaded):
+    """loaded: {(run, seed): (results, rows)} -> the row's comparisons with pooled differences, verdict."""
+    spec = FIDELITY[name]
+    seeds = sorted({s for (_, s) in loaded})
+    comps = []
+    for c in spec["comparisons"]:
+        e = {"label": c["label"]}
+        if "results" in c:
+            run, path = c["results"]
+            got = [_dig(loaded[(run, s)][0], path) for s in seeds if loaded.get((run, s), (None,))[0]]
+            got = [g for g in got if isinstance(g, dict) and "diff" in g]
+            d = pooled_from_intervals([g["diff"] for g in got], [g["ci"] for g in got]) if got else None
+        else:
+            per_seed, missing = [], None
+            for s in seeds:
+                (ra, rows_a), (rb, rows_b) = loaded.get((c["a"][0], s), (None, None)), loaded.get((c["b"][0], s), (None, None))
+                if rows_a is None or rows_b is None:
+                    continue
+                absent = [col for col, rows in ((c["a"][1], rows_a), (c["b"][1], rows_b))
+                          if rows[0].get(col) in (None, "")]
+                if absent:
+                    missing = absent[0]
+                    continue
+                ids = None if c["a"][0] == c["b"][0] else ({r["id"] for r in rows_a} & {r["id"] for r in rows_b})
+                per_seed.append((side(rows_a, c["a"][1], c["group"], ids), side(rows_b, c["b"][1], c["group_b"], ids)))
+            d = pooled_difference(per_seed) if per_seed else None
+            if missing and not per_seed:
+                e["missing"] = f"scores.csv has no column {missing}"
+        e["diff"] = d
+        e["verdict"] = verdict(d["ci"]) if d else "not run"
+        comps.append(e)
+    return {"name": name, "paper": spec["paper"], "claim": spec["claim"], "comparisons": comps,
+            "verdict": row_verdict([c["verdict"] for c in comps if c["verdict"] != "not run"])
+            if any(c["verdict"] != "not run" for c in comps) else "not run"}
+
+
+def run_fidelity(a):
+    names = a.row or list(FIDELITY)
+    if a.list_rows:
+        for n in FIDELITY:
+            spec = FIDELITY[n]
+            print(f"{n:26s} {row_minutes(n):5.1f} min/seed at quick ({row_minutes(n, a.seeds):.0f} min for "
+                  f"{a.seeds} seeds, runs shared between rows)  {spec['paper']}: {spec['claim']}")
+        return None
+    cmds = fidelity_commands(names, a)
+    if not a.dry_run:
+        first = [(d, cmd) for r, s, d, cmd in cmds if not any(f.startswith("{") for f in RUNS[r][1])]
+        rest = [(d, cmd) for r, s, d, cmd in cmds if any(f.startswith("{") for f in RUNS[r][1])]
+        run_all(first, a.jobs, a.skip_existing)
+        run_all(rest, a.jobs, a.skip_existing)
+    loaded = {(r, s): read_run(d) for r, s, d, _ in cmds}
+    rows = [evaluate_row(n, loaded) for n in names]
+    return write_fidelity(a, rows, cmds)
+
+
+def write_fidelity(a, rows, cmds):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ran = any(c["diff"] for r in rows for c in r["comparisons"])
+    lines = ["# Do the papers' claims hold on the phantom?", "",
+             (f"`python benchmark.py --fidelity --seeds {a.seeds} --preset {a.preset}`"
+              + ("" if ran else " — **template: nothing has been run yet**; the verdicts read `not run` until "
+                 "this command (or `--row NAME`) fills them")), "",
+             "Each comparison is metric(a) − metric(b) (AUROC, every anomalous unit of the group against the units "
+             "of normal scans), the mean over seeds with a 95% interval from one bootstrap over cases (the same "
+             "cases in every seed and on both sides) and over seeds. Verdict: **holds** if the interval excludes 0 "
+             "in the paper's direction, **reversed** if it excludes 0 in the other, else **not resolved**; a row "
+             "of several comparisons holds only if each holds.", "",
+             "| row | paper | claim | comparison | per seed | pooled Δ [95% CI] | verdict | min/seed at quick |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for i, c in enumerate(r["comparisons"]):
+            d = c["diff"]
+            per = ", ".join(f"{x:+.3f}" for x in d["per_seed"]) if d else c.get("missing", "–")
+            lines.append(f"| {r['name'] if i == 0 else ''} | {r['paper'] if i == 0 else ''} | "
+                         f"{r['claim'] if i == 0 else ''} | {c['label']} | {per} | {fmt_diff(d)} | {c['verdict']} | "
+                         + (f"{row_minutes(r['name']):.0f}" if i == 0 else "") + " |")
+        lines.append(f"| | | | **row verdict** | | | **{r['verdict']}** | |")
+    lines += ["", "## Commands (seed 0; the other seeds change `--seed` and the `__sN` of `--out`)", ""]
+    for r in rows:
+        lines += [f"- `{r['name']}` (`python benchmark.py --fidelity --row {r['name']}`):"]
+        for run in FIDELITY[r["name"]]["runs"]:
+            for rn, s, d, cmd in cmds:
+                if rn == run and s == 0:
+                    lines.append(f"  - `{show(cmd)}`")
+    md = "\n".join(lines) + "\n"
+    (out / "fidelity.md").write_text(md)
+    if ran:   # the template (nothing run) is the markdown only
+        C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
+    print(md)
+    return rows
+
+
+# ---- the GPU check (issue 18): train with --amp, float32, resume, score, on the paper preset -----
+# Per script, flags that keep the check short without changing what a training step costs: anogan maps
+# fewer validation/training patches and one test slice; madgan skips Fig. 8's AUC-over-steps; reversed_ae
+# uses the fixed perceptual network (the `lpips` package and weights are not on a bare GPU machine).
+GPU_EXTRA = {
+    "anogan": ["--counterfactual", "0", "--nn-ref", "0", "--test-slices", "1", "--val-patches", "64",
+               "--train-eval-patches", "64", "--time-single", "2"],
+    "anovaegan": [],
+    "madgan": ["--eval-every", "0"],
+    "reversed_ae": ["--perceptual", "fixed"],
+    "fanogan3d": [],
+}
+F3D_STEPS = {"gan": "gan_steps", "encoder": "enc_steps", "finetune": "ft_steps"}
+
+
+def preset_value(method, name, preset):
+    """A hyperparameter's value under a preset, from the script's own table (HYPER, QUICK, SMOKE)."""
+    import importlib
+    mod = importlib.import_module(method)
+    over = {"quick": getattr(mod, "QUICK", {}), "smoke": getattr(mod, "SMOKE", {})}.get(preset, {})
+    return over.get(name, mod.HYPER[name]["default"])
+
+
+def find_io(obj):
+    """The Loop.io_report dict anywhere in results.json (each script files it under its own key)."""
+    if isinstance(obj, dict):
+        if "phases" in obj and "size_mb" in obj:
+            return obj
+        for v in obj.values():
+            got = find_io(v)
+            if got:
+                return got
+    return None
+
+
+def phases_of(out):
+    """{phase: {steps, seconds, planned_steps}} of a training run: results.json, else last.pt."""
+    res = json.loads((Path(out) / "results.json").read_text()) if (Path(out) / "results.json").is_file() else {}
+    io = find_io(res)
+    if io:
+        return io["phases"], io
+    if (Path(out) / "last.pt").is_file():
+        import torch
+        ck = torch.load(Path(out) / "last.pt", map_location="cpu", weights_only=False)
+        return ck.get("loop", {}).get("phases", {}), None
+    return {}, None
+
+
+def gpu_plan(method, a, root):
+    """[(phase, out, cmd)] of one script: amp, fp32, resume (from amp's last.pt), score (--checkpoint)."""
+    n, extra_n = a.steps, max(2, a.steps // 4)
+    base = ["--data", "synthetic", "--max-test-cases", str(a.test_cases), *GPU_EXTRA[method]]
+    train = []
+    amp_max, res_max, fp_max = n, n + extra_n, max(2, a.steps // 4)
+    if method == "fanogan3d":   # all three phases: k steps each, stop inside step 3, the resume finishes it
+        k = max(1, n // 3)
+        train = ["--gan-steps", str(k), "--enc-steps", str(k), "--ft-steps", str(k + extra_n)]
+        amp_max, res_max, fp_max = 3 * k, 3 * k + extra_n, 3 * k
+    d = {p: Path(root) / method / p for p in ("amp", "fp32", "resume", "score")}
+
+    def cmd(p, flags):
+        return command(method, base + flags, a.preset, 0, d[p], a.device)
+    return [("amp", d["amp"], cmd("amp", train + ["--amp", "--max-steps", str(amp_max)])),
+            ("fp32", d["fp32"], cmd("fp32", train + ["--max-steps", str(fp_max)])),
+            ("resume", d["resume"], cmd("resume", train + ["--amp", "--max-steps", str(res_max),
+                                                           "--resume", str(d["amp"] / "last.pt")])),
+            ("score", d["score"], cmd("score", ["--amp", "--checkpoint", str(d["resume"] / "last.pt")]))]
+
+
+def _run_timed(cmd):
+    t = time.time()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    err = None
+    if p.returncode != 0:
+        err = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["?"])[-1][:300]
+    return time.time() - t, err
+
+
+def measure(method, plan, a):
+    """Run the plan of one script; -> its figures (None where a step failed) and errors."""
+    m = {"method": method, "errors": {}, "wall_s": {}, "commands": [show(c) for _, _, c in plan]}
+    for phase, out, cmd in plan:
+        print("$ " + show(cmd), flush=True)
+        wall, err = _run_timed(cmd)
+        m["wall_s"][phase] = round(wall, 1)
+        if err:
+            m["errors"][phase] = err
+            print(f"  {method} {phase} failed: {err}", flush=True)
+    d = {p: o for p, o, _ in plan}
+    res = {p: json.loads((d[p] / "results.json").read_text()) if (d[p] / "results.json").is_file() else None
+           for p in d}
+    ph = {p: phases_of(d[p])[0] for p in ("amp", "fp32", "resume")}
+    io = phases_of(d["amp"])[1]
+    rate = {}
+    for p in ("amp", "fp32"):
+        rate[p] = {k: v["steps"] / v["seconds"] for k, v in ph[p].items() if v.get("steps") and v.get("seconds")}
+    rate["resume"] = {}
+    for k, v in ph["resume"].items():   # the resumed run's phases include the amp run's: the difference
+        s0, t0 = ph["amp"].get(k, {}).get("steps", 0), ph["amp"].get(k, {}).get("seconds", 0.0)
+        if v.get("steps", 0) > s0 and v.get("seconds", 0) > t0:
+            rate["resume"][k] = (v["steps"] - s0) / (v["seconds"] - t0)
+    m["steps_per_s"] = rate
+    m["cuda_mb"] = {p: (res[p] or {}).get("memory", {}).get("cuda_mb") for p in ("amp", "fp32", "resume", "score")}
+    ck = d["amp"] / "last.pt"
+    m["checkpoint_mb"] = round(os.path.getsize(ck) / 2 ** 20, 2) if ck.is_file() else None
+    m["checkpoint_write_s"] = round(io["write_s"] / io["checkpoints"], 3) if io and io.get("checkpoints") else None
+    sc = res["score"] or {}
+    m["unit"] = sc.get("unit")
+    m["score_s_per_unit"] = sc.get("timing", {}).get("score_s_per_sample")
+    planned = {k: v.get("planned_steps") for k, v in (ph["resume"] or ph["amp"]).items()}
+    if method == "fanogan3d":
+        planned = {k: preset_value(method, F3D_STEPS[k], a.preset) * (k != "finetune" or bool(
+            preset_value(method, "finetune", a.preset))) for k in F3D_STEPS}
+    m["planned_steps"] = planned
+    proj, est = 0.0, []
+    mean_rate = np.mean(list(rate["amp"].values())) if rate["amp"] else None
+    for k, n in planned.items():
+        if not n:
+            continue
+        r = rate["amp"].get(k) or rate["resume"].get(k)
+        if r is None and mean_rate:
+            r = mean_rate
+            est.append(k)
+        proj = None if (proj is None or not r) else proj + n / r
+    m["projected_h_1gpu"] = round(proj / 3600, 2) if proj else None
+    m["projected_h_4gpu"] = round(proj / 3600 / 4, 2) if proj else None
+    m["projected_from_other_phase"] = est
+    return m
+
+
+def gpu_check(a):
+    import torch
+    methods = a.only or list(METHODS)
+    root = Path(a.runs) / "gpu-check"
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        C.fail("--gpu-check: no CUDA device here; on a CPU use --device cpu --preset smoke --steps 3 (a test "
+               "of the check, not a measurement)")
+    gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "none (" + dev + ")"
+    t0 = time.time()
+    out = [measure(m, gpu_plan(m, a, root), a) for m in methods]
+    info = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "device": dev,
+            "preset": a.preset, "steps": a.steps, "test_cases": a.test_cases, "total_s": round(time.time() - t0, 1),
+            "command": show([sys.executable, "benchmark.py", *sys.argv[1:]]) if sys.argv[0].endswith("benchmark.py")
+            else "python benchmark.py --gpu-check", "scripts": out}
+    return write_gpu(a, info)
+
+
+def _f(v, fmt="{:.2f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def write_gpu(a, info):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# GPU check of the paper presets (issue 18)", "",
+             f"GPU: **{info['gpu']}**; torch {info['torch']} (CUDA {info['cuda']}); device `{info['device']}`; "
+             f"preset `{info['preset']}`; {info['steps']} --amp steps per script; test set "
+             f"--max-test-cases {info['test_cases']}; all scripts in {info['total_s'] / 60:.1f} min.", "",
+             f"Command: `{info['command']}`", "",
+             "Per script: a training run with `--amp` (bf16) and `--max-steps`, a short float32 run, `--resume` "
+             "from the amp run's last.pt for more steps, then `--checkpoint` scoring of the small test set. "
+             "Steps/s per training phase come from Loop's phase accounting (results.json, the Loop.io_report "
+             "dict; the resumed run's figure is the difference to the amp run's). The projection is the full "
+             "preset's planned steps × the measured amp s/step (training only, no data preparation or scoring; "
+             "epoch-based scripts may stop earlier by early stopping); 4 GPUs = ¼ of it, the ideal of "
+             "data-parallel torchrun with 4× the global batch.", "",
+             "| script | phase | steps/s amp | steps/s fp32 | amp/fp32 | steps/s resumed | planned steps | "
+             "peak CUDA MB amp / fp32 | last.pt MB | write s | score s / unit | projected h, 1 GPU | 4 GPUs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in info["scripts"]:
+        phases = list(dict.fromkeys([*m["planned_steps"], *m["steps_per_s"]["amp"]])) or ["–"]
+        for i, k in enumerate(phases):
+            r = {p: m["steps_per_s"][p].get(k) for p in ("amp", "fp32", "resume")}
+            ratio = r["amp"] / r["fp32"] if r["amp"] and r["fp32"] else None
+            first = i == 0
+            est = " (s/step of another phase)" if k in m["projected_from_other_phase"] else ""
+            lines.append(
+                f"| {m['method'] if first else ''} | {k}{est} | {_f(r['amp'])} | {_f(r['fp32'])} | {_f(ratio)} | "
+                f"{_f(r['resume'])} | {m['planned_steps'].get(k, '–')} | "
+                + (f"{_f(m['cuda_mb']['amp'], '{:.0f}')} / {_f(m['cuda_mb']['fp32'], '{:.0f}')} | "
+                   f"{_f(m['checkpoint_mb'])} | {_f(m['checkpoint_write_s'], '{:.3f}')} | "
+                   f"{_f(m['score_s_per_unit'], '{:.4f}')} ({m['unit'] or '–'}) | "
+                   f"{_f(m['projected_h_1gpu'])} ({_f(m['projected_h_1gpu'] and m['projected_h_1gpu'] / 24)} d) | "
+                   f"{_f(m['projected_h_4gpu'])} |" if first else "| | | | | | |"))
+    errs = [(m["method"], p, e) for m in info["scripts"] for p, e in m["errors"].items()]
+    lines += ["", "## Failures", ""] + ([f"- `{m}` {p}: `{e}`" for m, p, e in errs] or ["none"])
+    lines += ["", "## Exact commands", ""]
+    for m in info["scripts"]:
+        lines += [f"- {m['method']} (wall s: " + ", ".join(f"{k} {v}" for k, v in m["wall_s"].items()) + ")"]
+        lines += [f"  - `{c}`" for c in m["commands"]]
+    md = "\n".join(lines) + "\n"
+    (out / "gpu.md").write_text(md)
+    C.write_json(out / "gpu.json", info)
+    print(md)
+    return info
 
 
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
@@ -314,5 +981,14 @@ def update_readme(path, lines):
     print(f"updated the benchmark tables in {path}")
 
 
+def main(argv=None):
+    a = parse(argv)
+    if a.gpu_check:
+        return gpu_check(a)
+    if a.fidelity or a.list_rows or a.row:
+        return run_fidelity(a)
+    return run_benchmark(a)
+
+
 if __name__ == "__main__":
-    C.main_guard(lambda argv: main())
+    C.main_guard(lambda argv: main(argv))

@@ -760,6 +760,9 @@ def add_contract_args(p, method):
     a("--checkpoint", default=None, help="skip training and score with this checkpoint")
     a("--cache-dir", default=None, help="memory-mapped preprocessed arrays (default data/cache)")
     a("--amp", action="store_true", help="mixed precision on CUDA (bf16); ignored on CPU")
+    a("--max-test-cases", type=int, default=0,
+      help="score only the first N normal and the first N anomalous test scans, for a short trial such "
+           "as benchmark.py --gpu-check (default 0: all)")
     r = p.add_argument_group("training run (the same in every script)")
     r.add_argument("--max-steps", type=int, default=None,
                    help="stop training after N steps in all (all phases together) for a short trial; every "
@@ -825,7 +828,7 @@ def parse_args(argv, hyper=None, presets=None, method=None, doc=None, check=None
         check_range(args, name, spec["lo"], spec["hi"])
     if not 0 <= args.seed < 2 ** 32:
         fail(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
-    for name in ("max_steps", "ckpt_every"):
+    for name in ("max_steps", "ckpt_every", "max_test_cases"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.ckpt_minutes) and args.ckpt_minutes > 0):

@@ -296,6 +296,9 @@ def load_dataset(args, contrast="t1", groups=None) -> Splits:
     if groups is not None and any(c.group in groups for c in s.test if c.label == 1):
         # the groups a script asks for (e.g. the phantom's) filter only data sets that have them
         s.test = [c for c in s.test if c.label == 0 or c.group in groups]
+    n_max = getattr(args, "max_test_cases", 0) or 0
+    if n_max > 0:   # --max-test-cases: the first N of each label, so both stay (a short trial)
+        s.test = [c for c in s.test if c.label == 0][:n_max] + [c for c in s.test if c.label == 1][:n_max]
     if not s.train:
         fail(f"--data {args.data}: no healthy training volumes found")
     if not s.test or len({c.label for c in s.test}) < 2:
