@@ -527,7 +527,7 @@ def test_patches(data, X, args, run):
     kw = dict(size=(args.slice_size, args.slice_size), norm="mri", cache_dir=args.cache_dir,
               n_slices=min(args.test_slices, args.train_slices), step=args.slice_step)
     S = datasets.slice_stack(test, desc="test", **kw)
-    P = grid_patch_set(S, c, args.test_stride, args.min_brain)
+    P = C.grid_patch_set(S, c, args.test_stride, args.min_brain)
     if P is None:
         C.fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
                f"--min-brain")
@@ -537,7 +537,7 @@ def test_patches(data, X, args, run):
                f"--test-slices (--train-slices bounds it)")
     # BraTS without --train-data leaves no healthy validation patch at the test level (the central
     # slices of its validation subjects hold tumour): then training patches set the operating point
-    V = grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
+    V = C.grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
                        args.min_brain)
     rng = np.random.default_rng([args.seed, 1])
     if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
@@ -612,7 +612,7 @@ def evaluation(rows, S, P, args, n_patches, run):
     paired differences with 95% intervals over scans, lesion-size bins, Table 1, slices, scans."""
     keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], labels_groups(rows)
     groups = sorted({r["group"] for r in rows if r["label"]})
-    comparison = score_table(rows, {k: col(k) for k in keys})
+    comparison = C.score_table(rows, {k: col(k) for k in keys})
     for key in ("R", "R_nn", "x_max"):
         run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
                                                 if g in comparison.get(key, {})))
@@ -779,8 +779,8 @@ def example_rows(S, P, sc, groups):
         at = (S.x.shape[1:], P["top"][k], P["left"][k])
         name = S.cases[i].id.split('/')[-1]
         out.append(dict(title=f"{want}\n{name}", input=np.asarray(S.x[best]),
-                        reconstruction=stitch_patches(sc["G_z"][k], *at, empty=-1.0),
-                        amap=stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
+                        reconstruction=C.stitch_patches(sc["G_z"][k], *at, empty=-1.0),
+                        amap=C.stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
                         gt=np.asarray(S.mask[best])))
     return out
 
@@ -929,46 +929,6 @@ def plot_fig4(y, sc, dist, path, title):
         ax[k].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     C._save(fig, path)
-
-
-# ---- proposed for common.py (the lead moves it) ----
-# Generic helpers: moved to common.py, they drop their own `C.` and the script calls them C.<name>.
-
-
-def stitch_patches(patches, shape, top, left, empty=0.0):
-    """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
-    where no patch lies (e.g. a patch-wise reconstruction or residual map of a slice)."""
-    acc, cnt = np.zeros(shape), np.zeros(shape)
-    c = patches.shape[-1]
-    for p, t, l in zip(patches, top, left):
-        acc[t:t + c, l:l + c] += p
-        cnt[t:t + c, l:l + c] += 1
-    return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
-
-
-def grid_patch_set(S, size, stride, min_brain):
-    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
-    left (N,) as a dict, or None when no patch has enough brain."""
-    pos = [(i, t, l) for i in range(len(S))
-           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
-    if not pos:
-        return None
-    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
-    return dict(x=C.extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
-                mask=C.extract_patches(S.mask, i, t, l, size) > 0)
-
-
-def score_table(rows, cols):
-    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
-    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
-    out = {}
-    for name, key in cols.items():
-        e = C.evaluate(rows, key=key)
-        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
-                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
-                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
-                     }
-    return out
 
 
 if __name__ == "__main__":

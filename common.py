@@ -1556,3 +1556,247 @@ def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None
     """The earlier name of report() (kept while the scripts move over)."""
     return report(run, args, unit, rows, timing, extra=extra, data_info=data_info, log_scores=log_scores,
                   titles={"roc": roc_title} if roc_title else None)
+
+
+# ==================================================================================================
+# Helpers the scripts share: patches, run files, pixel metrics, figures
+# ==================================================================================================
+
+# -- first written for anogan.py
+
+def stitch_patches(patches, shape, top, left, empty=0.0):
+    """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
+    where no patch lies (e.g. a patch-wise reconstruction or residual map of a slice)."""
+    acc, cnt = np.zeros(shape), np.zeros(shape)
+    c = patches.shape[-1]
+    for p, t, l in zip(patches, top, left):
+        acc[t:t + c, l:l + c] += p
+        cnt[t:t + c, l:l + c] += 1
+    return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
+
+
+def grid_patch_set(S, size, stride, min_brain):
+    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
+    left (N,) as a dict, or None when no patch has enough brain."""
+    pos = [(i, t, l) for i in range(len(S))
+           for t, l in grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos:
+        return None
+    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
+    return dict(x=extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
+                mask=extract_patches(S.mask, i, t, l, size) > 0)
+
+
+def score_table(rows, cols):
+    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
+    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
+    out = {}
+    for name, key in cols.items():
+        e = evaluate(rows, key=key)
+        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
+                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
+                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
+                     }
+    return out
+
+
+# -- first written for fanogan3d.py
+
+def read_run(path, method, ids=None):
+    """A finished run of `method` -> (its results.json, its scores.csv rows with int label and
+    float score), or one error line; `ids`: the units it must have scored (paired comparisons)."""
+    import csv
+    from pathlib import Path
+    d = Path(path)
+    if not ((d / "scores.csv").is_file() and (d / "results.json").is_file()):
+        fail(f"{d}: no scores.csv and results.json (is it a finished run of {method}.py?)")
+    res = json.loads((d / "results.json").read_text())
+    if res.get("method") != method:
+        fail(f"{d}: a run of {res.get('method')}.py, not of {method}.py")
+    with open(d / "scores.csv", newline="") as f:
+        rows = [{**r, "label": int(r["label"]), "score": float(r["score"])}
+                for r in csv.DictReader(f)]
+    if ids is not None and {r["id"] for r in rows} != set(ids):
+        fail(f"{d} scored other units than this run; use the same --data, --data-root, --seed "
+               f"and --preset")
+    return res, rows
+
+
+def count_activations(net, *inputs):
+    """Elements of every leaf module's output in one forward pass (the meta device: no compute)."""
+    n = [0]
+
+    def hook(_m, _i, out):
+        n[0] += out.numel()
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    try:
+        net(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return n[0]
+
+
+def plot_planes(rows, path, title="", names=("input", "reconstruction", "anomaly map",
+                                             "ground truth")):
+    """plot_examples for volumes: per case an axial, coronal and sagittal column through the voxel
+    row["at"] (superior up); rows input | reconstruction | anomaly map | ground truth (red contour
+    over the input). rows: dicts of (D, H, W) arrays input, reconstruction, amap, gt + title, at."""
+    plt = _plt()
+    fig, axes = plt.subplots(4, 3 * len(rows), figsize=(5.7 * len(rows), 8.2), squeeze=False)
+    vmax = max(float(np.percentile(r["amap"], 99.8)) for r in rows) or 1.0
+    for j, r in enumerate(rows):
+        d, h, w = r["at"]
+        vols = (np.asarray(r[k], np.float32) for k in ("input", "reconstruction", "amap", "gt"))
+        planes = [[v[d], np.flipud(v[:, h, :]), np.flipud(v[:, :, w])] for v in vols]
+        for p, (x, rec, amap, gt) in enumerate(zip(*planes)):
+            ax = axes[:, 3 * j + p]
+            ax[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            ax[1].imshow(rec, cmap="gray", vmin=-1, vmax=1)
+            im = ax[2].imshow(amap, cmap="inferno", vmin=0, vmax=vmax)
+            ax[3].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            if gt.any():
+                ax[3].contour(gt > 0, levels=[0.5], colors="red", linewidths=1.0)
+            ax[0].set_title(("axial", "coronal", "sagittal")[p], fontsize=8)
+        top = axes[0, 3 * j + 1]
+        top.text(0.5, 1.22, r.get("title", ""), transform=top.transAxes, ha="center", fontsize=9)
+    for i, name in enumerate(names):
+        axes[i, 0].text(-0.08, 0.5, name, transform=axes[i, 0].transAxes, rotation=90, ha="right",
+                        va="center", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.01, pad=0.01)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+# -- first written for anovaegan.py
+
+def list_flags(argv, flags):
+    """Flags that take one or more values (nargs='+', default None), which hp() cannot declare:
+    flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for parse_args).
+    (Better: hp(None, help, nargs='+', type=str), passed through by parse_args.)"""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(add_help=False)
+    for name, metavar in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
+    return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+
+
+def load_runs(dirs, method, run):
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
+    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")
+            continue
+        if not f.is_file():
+            fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
+        res = json.loads(f.read_text())
+        if res.get("method") != method:
+            fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
+    return out
+
+
+def plot_curve_panels(panels, path):
+    """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
+    value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for name, pts in p["curves"].items():
+            if not len(pts):
+                continue
+            st, v = np.asarray(pts, dtype=np.float64).T
+            line, = ax.plot(st, v, lw=0.6, alpha=0.35, marker="o" if len(v) < 3 else None)
+            k = max(1, len(v) // 50)
+            sm = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(st[k - 1:], sm, lw=1.8, color=line.get_color(), label=name)
+        if p.get("ref") is not None:
+            ax.axhline(p["ref"], color="k", ls="--", lw=0.8)
+        ax.set_yscale(p.get("yscale", "linear"))
+        ax.set(xlabel="step", ylabel=p.get("ylabel", ""), title=p.get("title", ""))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def md_table(header, rows):
+    """A markdown table: header = [column names], rows = [[cells]]."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows) + "\n"
+
+
+def sample_pixels(sel, max_pixels, seed=0):
+    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
+    idx = np.flatnonzero(sel)
+    if len(idx) > max_pixels:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
+    return idx
+
+
+def pixel_metrics(score_map, gt, inside, max_pixels):
+    """Pixel-level AUROC / AUPRC and the oracle Dice of an anomaly map over the pixels `inside`
+    (at most max_pixels of them, sampled uniformly, seeded)."""
+    idx = sample_pixels(inside.ravel(), max_pixels)
+    s, y = score_map.ravel()[idx], gt.ravel()[idx]
+    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
+    if y.any() and not y.all():
+        od, ot = oracle_best_dice(s, y)
+        out.update(auroc=auroc(y, s), auprc=auprc(y, s), oracle_dice=od, oracle_threshold=ot)
+    return out
+
+
+def pick_examples(S, groups, per_group=1):
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases
+    of each group of a slice set (the middle slice for cases without an anomaly)."""
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(S.cases):
+            if c.group != g:
+                continue
+            r = S.slices_of(i)
+            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
+            j = r[int(area.argmax())] if area.max() else r[len(r) // 2]
+            cands.append((int(area.max()), i, int(j)))
+        cands.sort(key=lambda t: -t[0])
+        out += [(i, j) for _, i, j in cands[:per_group]]
+    return out
+
+
+def overlay_seg(ax, x, seg, gt):
+    """A segmentation over its image: true positives yellow, false positives red, missed cyan."""
+    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
+    rgba = np.zeros((*x.shape, 4), np.float32)
+    for m, col in ((seg & gt, (1, 0.85, 0)), (seg & ~gt, (1, 0.1, 0.1)), (~seg & gt, (0, 0.9, 1))):
+        rgba[m] = (*col, 0.75)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+# -- first written for reversed_ae.py
+
+def read_scores(path):
+    """The rows of a scores.csv (values as strings, labels as int), e.g. to compare two runs."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["label"] = int(r["label"])
+    return rows
+
+
+def paired_case_mean(rows_a, rows_b, key):
+    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by
+    id, blanks skipped), with its 95% interval over cases (mean_ci): paired per-unit TP, F1, ..."""
+    b = {r["id"]: r for r in rows_b}
+    per = {}
+    for r in rows_a:
+        o = b.get(r["id"])
+        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
+            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
+    return mean_ci([np.mean(v) for v in per.values()])

@@ -55,7 +55,6 @@ and sulci; the measured tables (with the SI-VAE backbone) are in README.md and r
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -816,7 +815,7 @@ def table3(rows, per, main_name, ids, cases, groups, args):
                 "auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col,
                                                        key_b=VARIANTS[ref][2])
                           for g in [None, *anom]},
-                **{k: paired_case_mean(loc_rows[name], loc_rows[ref], k)
+                **{k: C.paired_case_mean(loc_rows[name], loc_rows[ref], k)
                    for k in ("detected", "f1")}}
     return out
 
@@ -867,7 +866,8 @@ def compare_run(rows, args):
     """This run minus --compare-run's (e.g. RA minus its SI-VAE backbone) on the same slices, per
     Eq. (5) variant, paired over scans; only one S for both (lpips) compares the models alone."""
     d = Path(args.compare_run)
-    other, cfg = read_scores(d / "scores.csv"), json.loads((d / "config.json").read_text())["args"]
+    other = C.read_scores(d / "scores.csv")
+    cfg = json.loads((d / "config.json").read_text())["args"]
     if not {r["id"] for r in rows} <= {r["id"] for r in other}:
         C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, "
                f"--seed, --test-slices or --image-size?); compare runs on the same test slices")
@@ -879,7 +879,7 @@ def compare_run(rows, args):
         if col in rows[0] and other[0].get(col, "") != "":
             out[name] = {g or "all": C.compare_scores(rows, other, g, key_a=col, key_b=col)
                          for g in [None, *anom]}
-    return {**out, **{k: paired_case_mean(rows, other, k) for k in ("detected", "f1")}}
+    return {**out, **{k: C.paired_case_mean(rows, other, k) for k in ("detected", "f1")}}
 
 
 def print_tables(table1, table2b, t3, vs):
@@ -1042,29 +1042,6 @@ def plot_grid(rows, path, title):
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / h, va="top")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-# ---- proposed for common.py (the lead moves it) --------------------------------------------------
-
-def read_scores(path):
-    """The rows of a scores.csv (values as strings, labels as int), e.g. to compare two runs."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["label"] = int(r["label"])
-    return rows
-
-
-def paired_case_mean(rows_a, rows_b, key):
-    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by
-    id, blanks skipped), with its 95% interval over cases (mean_ci): paired per-unit TP, F1, ..."""
-    b = {r["id"]: r for r in rows_b}
-    per = {}
-    for r in rows_a:
-        o = b.get(r["id"])
-        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
-            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
-    return C.mean_ci([np.mean(v) for v in per.values()])
 
 
 if __name__ == "__main__":

@@ -1299,3 +1299,85 @@ def _axis_mm(affine, shape, axis):
         v[axis] = float(k)
         ends.append(float(np.asarray(affine)[axis] @ v))
     return tuple(ends)
+
+
+# ==================================================================================================
+# Loading helpers of single scripts
+# ==================================================================================================
+
+# -- first written for fanogan3d.py
+
+def choose_normalisation(args, data, run, phantom="ct"):
+    """"ct" (the CT window --window) or "mri" (common.normalize_mri): --modality when given,
+    the phantom's contrast (default `phantom`), else detected from the training volumes; logged and
+    recorded in data.info["normalisation"]. -> (norm, what it maps to [-1, 1], for messages)"""
+    if args.modality or args.data == "synthetic":
+        norm = "ct" if (args.modality or phantom) == "ct" else "mri"
+        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
+    else:
+        norm, how = detect_modality(data.train)
+    to = ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
+          else "MRI tissue median -> -1/3")
+    run.log(f"modality {norm.upper()} ({how}): {to} -> [-1, 1]")
+    data.info["normalisation"] = {"norm": norm, "how": how}
+    return norm, to
+
+
+def detect_modality(cases, n=3):
+    """"ct" or "mri" from the raw intensities of the first n cases: a CT's background is air at
+    about -1000 HU, MRI intensities are >= 0. -> (kind, how it was decided, for the log)."""
+    p1 = float(np.median([np.percentile(read_nifti(c.image)[0], 1) for c in cases[:n]]))
+    kind = "ct" if p1 < -500 else "mri"
+    return kind, (f"detected from {min(n, len(cases))} training volumes: 1st intensity percentile "
+                  f"{p1:g} ({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality "
+                  f"overrides")
+
+
+def check_not_constant(S, what, after, n=64):
+    """Refuse preprocessed arrays whose brain voxels are (almost) all one value, e.g. MRI through a
+    CT window (every brain voxel clips to +1): a model would learn nothing and score all alike."""
+    x, b = np.asarray(S.x[:n]), np.asarray(S.brain[:n]) > 0
+    v = x[b] if b.any() else x.ravel()
+    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
+    if same > 0.9:
+        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} {what} have one value "
+               f"({np.median(v):.3g}) after {after}; nothing to learn, so no training")
+
+
+# -- first written for anovaegan.py
+
+def whole_slabs(cases):
+    """One test case per scan with all its slices, for methods that post-process a scan in 3D.
+    Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
+    anomaly-free slices (_anomalous_splits); keep the anomalous case (its slices are then labelled
+    by their own mask voxels) and drop its healthy twin."""
+    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
+    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
+
+
+# -- first written for madgan.py
+
+class RowReader:
+    """Rows of an array x (N, ...) as float32: reader(rows), rows an int array of any shape ->
+    (*rows.shape, *x.shape[1:]), every distinct row read once. For x as np.memmap opened it (not a
+    view of one), each run of consecutive rows is one plain file read, so the pages go to the OS
+    page cache, not to this process's resident memory: peak RSS stays at one batch, whatever the
+    size of the data set."""
+
+    def __init__(self, x):
+        self.x, self.row_bytes = x, int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        self.path = x.filename if isinstance(x, np.memmap) and x.flags.c_contiguous else None
+
+    def __call__(self, rows):
+        rows = np.asarray(rows)
+        u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
+        if self.path is None:
+            return np.asarray(self.x[u], dtype=np.float32)[inv.reshape(rows.shape)]
+        out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
+        with open(self.path, "rb") as f:
+            for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
+                if len(run):
+                    f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
+                    buf = f.read(len(run) * self.row_bytes)
+                    out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
+        return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]

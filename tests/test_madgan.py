@@ -218,7 +218,7 @@ def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatc
     mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=x.shape)
     mm[:] = x
     mm.flush()
-    reader = M.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
+    reader = datasets.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
     rows = np.array([[5, 6, 7], [7, 8, 2], [15, 3, 2]])         # distinct: 2-3 | 5-8 | 15, unsorted, repeated
     reads, real_open = [], open
 
@@ -244,7 +244,7 @@ def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatc
     assert out.shape == (3, 3, 3, 4) and out.dtype == np.float32
     np.testing.assert_array_equal(out, x[rows])
     assert reads == [2, 4, 1]                                    # one read per run of consecutive rows
-    np.testing.assert_array_equal(M.RowReader(x)(rows), x[rows])  # a plain array: indexing
+    np.testing.assert_array_equal(datasets.RowReader(x)(rows), x[rows])  # a plain array: indexing
 
 
 def test_group_aucs_normal_is_any_label_0_group():
