@@ -26,7 +26,7 @@ Deviations from the paper (and choices it leaves open):
  1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
     FLAIR phantom (`lesion_hyper` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
     whole per-patient slabs, their lesion-free slices the normal group. Intensities: tissue median
-    -> -1/3 of [-1, 1] (common.normalize_mri; the paper does not say).
+    -> -1/3 of [-1, 1] (datasets.normalize_mri; the paper does not say).
  2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
     are optimistically small), and is taken on the filtered values it thresholds.
  3. Architecture (the paper builds on Pawlowski et al. without details): the encoder/decoder of the

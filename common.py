@@ -7,12 +7,14 @@ Loading (NIfTI files, the data sets, the memory-mapped caches) lives in data/dat
 
 Sections, in order:
   1. Errors          -- one clear `error:` line for user mistakes (../shared/CONTRACT.md, "Bad input")
-  2. Windowing       -- CT windowing, MRI normalisation, crops/resizes, axial slices, patches,
-                        augmentation
+  2. Windowing       -- patches, augmentation (CT window, MRI normalisation, crop/pad/resize are
+                        loading: data/datasets.py)
   3. Metrics         -- AUROC/AUPRC (scikit-learn), Youden point, Dice, thresholds from healthy data,
                         3D post-processing, per-group evaluation
   4. Plotting        -- ROC curves, score distributions, example grids, training curves (Agg backend)
   5. Run files       -- arguments and presets, seeding, device, checkpoints, config/results/scores
+  6. Helpers first written for one script: patches back into slices, run comparison, pixel metrics,
+                        figures
 """
 from __future__ import annotations
 
@@ -77,114 +79,8 @@ def _drop_empty_run():
 
 
 # =================================================================================================
-# 2. Windowing and preprocessing
+# 2. Windowing
 # =================================================================================================
-
-def ct_window(hu, lo=-20.0, hi=100.0):
-    """CT window [lo, hi] HU -> [-1, 1] (values outside are clipped). Default: brain window L40/W120."""
-    hu = np.asarray(hu, dtype=np.float32)
-    return (np.clip((hu - lo) / (hi - lo), 0, 1) * 2 - 1).astype(np.float32)
-
-
-# MRI intensities have no physical unit: every scan is scaled by one number of its own. That number must
-# not be one that pathology moves, or a score partly detects a scan-wide brightness shift instead of the
-# anomaly: the 1st/99th percentiles of all brain voxels (this repository's earlier rule) moved a tumour
-# scan's healthy tissue by about 6 healthy SDs, because oedema raised the 99th percentile by 28%, and
-# clipped 90% of FLAIR lesion voxels at exactly 1.
-#   tissue median m: the median of the brain voxels within a factor of 2 of m (found by iteration from
-#     the plain median). The factor-2 window leaves out CSF-dark voxels in T1/FLAIR and background;
-#     pathology covers a minority of the tissue, so the median barely moves (a painted-in tumour with
-#     oedema changes the other voxels by < 0.02 at their median, tests/test_common.py), unlike a tail
-#     percentile, which the brightest or darkest few percent - often the anomaly - decide.
-#   x = 2 * clip(I / (HEADROOM * m), 0, 1) - 1: background -1, the tissue median -1/3, and three times
-#     it +1, so hyperintense anomalies (FLAIR lesions and oedema ~2x white matter, T2 CSF ~2.3x) keep
-#     their contrast instead of being clipped.
-# The papers' own preprocessing differs and is named in each script's deviations (AnoVAEGAN and RA:
-# per-scan [0, 1] scaling; MADGAN: [-1, 1]; AnoGAN: OCT B-scans, no MRI).
-MRI_HEADROOM = 3.0
-
-
-def tissue_median(img, brain=None, window=2.0, iters=5):
-    """The median m of the brain voxels within [m / window, m * window] (iterated from the median)."""
-    img = np.asarray(img, dtype=np.float32)
-    v = img[brain > 0] if brain is not None and np.any(brain) else img[img > img.min()]
-    v = v[v > 0] if (v > 0).any() else v
-    m = float(np.median(v))
-    for _ in range(iters):
-        sel = v[(v >= m / window) & (v <= m * window)]
-        if not len(sel):
-            break
-        m = float(np.median(sel))
-    return m
-
-
-MRI_RULE = "tissue"       # the rule every MRI path uses (data/datasets.py keys its caches on it)
-
-
-def normalize_mri(img, brain=None, rule=MRI_RULE, lo_pct=1.0, hi_pct=99.0):
-    """MRI intensities -> [-1, 1]. rule "tissue" (default, see above): 2 clip(I / (3 m), 0, 1) - 1 with m
-    the tissue median; rule "percentile" (the earlier rule, kept for comparison): the lo/hi percentiles
-    of the brain voxels -> -1 / 1, clipped."""
-    img = np.asarray(img, dtype=np.float32)
-    if rule == "tissue":
-        m = tissue_median(img, brain)
-        if not m > 0:
-            fail("an MRI volume has no positive intensity inside its brain mask; is it a CT scan? (--modality)")
-        return (np.clip(img / (MRI_HEADROOM * m), 0, 1) * 2 - 1).astype(np.float32)
-    sel = img[brain > 0] if brain is not None and brain.any() else img[img > img.min()]
-    lo, hi = np.percentile(sel, [lo_pct, hi_pct])
-    return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1).astype(np.float32)
-
-
-def axial_stack(vol):
-    """(X, Y, Z) canonical RAS volume -> (Z, Y, X) axial slices for display: anterior up, subject's
-    left on the image left (neurological convention), slice 0 = most inferior."""
-    return np.ascontiguousarray(np.flip(np.transpose(vol, (2, 1, 0)), axis=1))
-
-
-def bbox(mask, margin=0):
-    """Bounding box of a boolean array as a tuple of slices, grown by `margin` voxels."""
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return tuple(slice(0, s) for s in mask.shape)
-    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, s))
-                 for i, s in zip(idx, mask.shape))
-
-
-def pad_to_square(arr, value, axes=(-2, -1)):
-    """Pad the given axes to equal length (centred) with `value`."""
-    n = max(arr.shape[a] for a in axes)
-    pads = [(0, 0)] * arr.ndim
-    for a in axes:
-        d = n - arr.shape[a]
-        pads[a] = (d // 2, d - d // 2)
-    return np.pad(arr, pads, constant_values=value)
-
-
-def pad_to_cube(arr, value):
-    return pad_to_square(arr, value, axes=(-3, -2, -1))
-
-
-def resize(arr, shape, order=1):
-    """Resize the last len(shape) dims of `arr` (linear if order=1, nearest if 0) with torch."""
-    import torch
-    import torch.nn.functional as F
-    shape = tuple(int(s) for s in shape)
-    if tuple(arr.shape[-len(shape):]) == shape:
-        return np.asarray(arr, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    lead = t.shape[: t.ndim - len(shape)]
-    t = t.reshape(1, -1, *t.shape[-len(shape):])
-    mode = {2: "bilinear", 3: "trilinear"}[len(shape)] if order == 1 else "nearest"
-    kw = {"align_corners": False} if order == 1 else {}
-    t = F.interpolate(t, size=shape, mode=mode, **kw)
-    return t.reshape(*lead, *shape).numpy()
-
-
-def gaussian_smooth(arr, sigma):
-    from scipy.ndimage import gaussian_filter
-    return gaussian_filter(arr, sigma) if sigma and sigma > 0 else arr
-
 
 def random_patches(x, brain, size=64, n=1000, rng=None, min_brain=0.5, max_tries=50):
     """`n` random size×size patch positions whose brain fraction is >= min_brain.
@@ -222,12 +118,6 @@ def grid_patches(brain2d, size, stride, min_brain=0.5):
     H, W = brain2d.shape
     return [(t, l) for t in range(0, H - size + 1, stride) for l in range(0, W - size + 1, stride)
             if brain2d[t:t + size, l:l + size].mean() >= min_brain]
-
-
-def slice_windows(n_slices, k_in=3, k_out=3):
-    """Start indices s of every window of one scan: input slices s..s+k_in-1, target slices
-    s+k_in..s+k_in+k_out-1 (MADGAN: s1..3 -> s4..6, s2..4 -> s5..7, ...). Empty if the scan is short."""
-    return np.arange(max(n_slices - k_in - k_out + 1, 0))
 
 
 def augment_2d(x, rot_deg=10.0, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=None):
@@ -776,30 +666,12 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _parse_args_legacy(parser, presets, argv=None, method=None):
-    """Scripts that still build their own parser (until every script declares hyperparameters once)."""
-    args = parser.parse_args(argv)
-    for k, v in presets[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    method = method or Path(sys.argv[0]).stem
-    if args.out is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.out = str(Path("runs") / f"{method}__{args.data}__{args.seed}__{stamp}")
-    for p, what in ((args.resume, "--resume"), (args.checkpoint, "--checkpoint")):
-        if p and not Path(p).is_file():
-            fail(f"{what} {p}: no such checkpoint file")
-    return args
-
-
 def parse_args(argv, hyper=None, presets=None, method=None, doc=None, check=None):
     """The command line of a method script, generated from its hyperparameter table.
 
     hyper: {name: hp(paper value, source, lo, hi)}; presets: {"quick": {name: value}, "smoke": {...}},
     what each CPU preset changes (paper = the declared values). A flag given on the command line always
     wins. Range checks come from the table (floats must be finite); `check(args)` adds the script's own."""
-    if isinstance(argv, argparse.ArgumentParser):
-        return _parse_args_legacy(argv, hyper, presets, method)
     p = ArgumentParser(description=doc)
     add_contract_args(p, method)
     g = p.add_argument_group(f"{method}: the paper's value is the default of --preset paper (source in "
@@ -1551,15 +1423,9 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
     return res
 
 
-def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None, roc_title="",
-               log_scores=False):
-    """The earlier name of report() (kept while the scripts move over)."""
-    return report(run, args, unit, rows, timing, extra=extra, data_info=data_info, log_scores=log_scores,
-                  titles={"roc": roc_title} if roc_title else None)
-
 
 # ==================================================================================================
-# Helpers the scripts share: patches, run files, pixel metrics, figures
+# 6. Helpers the scripts share: patches, run files, pixel metrics, figures
 # ==================================================================================================
 
 # -- first written for anogan.py

@@ -30,7 +30,7 @@ Deviations from the paper
      (commercial): the data set's brain mask (CT-ICH: a HU fallback). Volumes are padded to a cube
      before the linear resize; σ = 1 voxel (not given); the window [-20, 100] HU -> [-1, 1] is step
      7's min-max normalisation. MRI (the paper's future work, §4): --modality t1|t2|flair maps the
-     tissue median to -1/3 and 3x it to +1 (common.normalize_mri); on real data CT or MRI is
+     tissue median to -1/3 and 3x it to +1 (datasets.normalize_mri); on real data CT or MRI is
      detected (air at -1000 HU).
   4. G's BatchNorm stays in eval mode in steps 2 and 3 (step-1 statistics): the paper does not say.
   5. The 2D baseline is not described: the same networks in 2D on --n-slices middle axial slices;
@@ -459,7 +459,7 @@ def train(run, args, nets, S_train, S_test):
 def load_data(args, run):
     """§2 preprocessing (data/datasets.py): skull strip, crop the black borders, smooth, pad to a
     cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
-    MRI the tissue median -> -1/3 (common.normalize_mri); --dims 2: middle axial slices (§3)."""
+    MRI the tissue median -> -1/3 (datasets.normalize_mri); --dims 2: middle axial slices (§3)."""
     data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
                                  else "ct")
     norm, to = datasets.choose_normalisation(args, data, run)

@@ -28,7 +28,7 @@ Deviations from the paper
      no download and no training of its own; its values are not LPIPS's (Table 1). --perceptual
      encoder (the former default) is in-domain, but gives every model its own S.
   2. Data: the built-in T1 phantom stands in for FastMRI+/IXI; each scan is scaled by its tissue
-     median (-> 1/3 of [0, 1], common.normalize_mri), not App. B's 98th percentile, which a bright
+     median (-> 1/3 of [0, 1], datasets.normalize_mri), not App. B's 98th percentile, which a bright
      lesion moves; --train-slices
      and --test-slices slices around the middle (paper: the middle one).
   3. Test units are slices: anomalous when they hold anomaly voxels (all of a scan without a mask);

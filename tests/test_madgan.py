@@ -395,3 +395,9 @@ def test_smoke_run_oasis3_fixture(tmp_path):
     assert {"all", "all_stages", "cdr_0.5", "cdr_1", "cdr_2"} <= set(r["table1"]["all windows"])
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("id,group,label,score")
+
+
+def test_slice_windows_first_and_last():
+    w = M.slice_windows(10, 3, 3)
+    assert w[0] == 0 and w[-1] == 4 and len(w) == 5   # last window: inputs 4,5,6 -> targets 7,8,9
+    assert len(M.slice_windows(5, 3, 3)) == 0
