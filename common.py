@@ -289,6 +289,40 @@ def baseline_maps(S_train, S_test, eps=0.05):
     return {"intensity": (x + 1) / 2 * brain, "zscore": z * brain}
 
 
+
+def baseline_units(S_train, S_test, units, how="mean"):
+    """The two baselines per scored unit, aggregated as the method aggregates its own map:
+    units: one entry per row, a function (map (N, ...) -> that unit's pixels, any shape) or a row
+    index of S_test (the whole row); how: "mean" or "sum" over those pixels.
+    -> {"intensity": (n_units,), "zscore": (n_units,)}"""
+    maps = baseline_maps(S_train, S_test)
+    red = {"mean": np.mean, "sum": np.sum}[how]
+    return {name: np.array([float(red(u(m) if callable(u) else m[int(u)])) for u in units])
+            for name, m in maps.items()}
+
+
+def add_baselines(rows, values):
+    """rows gain the columns baseline_<name> (values: {name: one value per row}); -> rows."""
+    for name, v in values.items():
+        assert len(v) == len(rows), (name, len(v), len(rows))
+        for r, x in zip(rows, v):
+            r[f"baseline_{name}"] = float(x)
+    return rows
+
+
+def baseline_results(rows, how=""):
+    """results.json "baselines": per baseline column of the rows, its AUROC/AUPRC with intervals
+    (as evaluate) and the paired difference method - baseline (compare_scores) on the same units."""
+    out = {}
+    for key in [k for k in rows[0] if k.startswith("baseline_")]:
+        e = evaluate(rows, key=key)
+        out[key[len("baseline_"):]] = {
+            **{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc", "auprc_ci")},
+            "groups": {g: {m: v.get(m) for m in ("n", "auroc", "auroc_ci") if m in v}
+                       for g, v in e["groups"].items()},
+            "method_minus_baseline_auroc": compare_scores(rows, rows, key_b=key), "unit_rule": how}
+    return out
+
 def postprocess_3d(residual, brain, median=5, erode=1, threshold=None, min_size=6):
     """Residual volume (Z, H, W) -> median-filtered residual masked by the eroded brain; with a
     threshold: the binary segmentation with connected components under `min_size` voxels removed."""
@@ -1350,7 +1384,8 @@ def _check_scores(rows, unit):
 
 
 def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores=None, threshold_pct=95.0,
-           history=None, examples=None, titles=None, log_scores=False, slabs=None):
+           history=None, examples=None, titles=None, log_scores=False, slabs=None, loop=None,
+           baselines_how="", slab_cases=None, skipped=None):
     """Everything a run reports, the same way in all five scripts; -> the results dict.
 
     rows: one dict per scored unit (id, group, label, score, optional case and more columns; see
@@ -1359,7 +1394,11 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
     HEALTHY validation scores `val_scores` (never the test labels), timing, memory, data and `extra`;
     roc.png, scores.png, and examples.png / losses.png when `examples` (rows for plot_examples) /
     `history` ({curve: [(step, value)]}) are given. titles: {"roc", "losses", "losses_ylabel",
-    "examples_cols"}. Under torchrun only process 0 writes."""
+    "examples_cols"}. slabs: {scan id: S.slabs record} of the scored scans (results.json "slabs",
+    and slabs.png when `slab_cases` are given); loop: the run's Loop (results.json "training": its
+    phases and checkpoint I/O); skipped: {scan id: why it has no rows} (data_info
+    "slices_skipped"); rows with baseline_* columns add results.json "baselines" (their
+    unit rule: baselines_how). Under torchrun only process 0 writes."""
     if not is_main():
         return None
     titles = titles or {}
@@ -1385,8 +1424,16 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
         res["operating_point"] = {"threshold": thr, "rule": f"{threshold_pct:g}th percentile of "
                                   f"{len(val_scores)} healthy validation {unit} scores",
                                   **binary_stats(y[clean], s[clean] >= thr)}
+    if any(k.startswith("baseline_") for k in rows[0]):
+        res["baselines"] = baseline_results(rows, baselines_how)
     if slabs is not None:
-        res["slabs"] = slabs
+        res["slabs"] = {cid: {"first": r["first"], "last": r["last"], "z_mm": r["z_mm"],
+                              **{k: v for k, v in r.items() if k not in ("first", "last", "z_mm")}}
+                        for cid, r in slabs.items() if "first" in r}
+    if loop is not None:
+        res["training"] = {"phases": loop.state.get("phases", {}), "io": loop.io_report()}
+    if skipped:
+        data_info = {**(data_info or {}), "slices_skipped": dict(skipped)}
     if data_info is not None:
         res["data_info"] = data_info
     res.update(extra or {})
@@ -1415,6 +1462,10 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
         plot_curves(history or {"no training in this run": [(0, 0.0)]}, out / "losses.png",
                     title=titles.get("losses", f"{method} training"), ylabel=titles.get("losses_ylabel", "loss"),
                     logy=titles.get("losses_logy", False))
+    if slabs and slab_cases:
+        from data import datasets   # loading lives there; imported here to avoid a cycle
+        datasets.plot_slabs(slab_cases, res["slabs"], out / "slabs.png",
+                            title=f"{method}: the scored slab, one scan per group")
     m = res["metrics"]
     run.log(f"AUROC {fmt_ci(m['auroc'], m['auroc_ci'])}  AUPRC {fmt_ci(m['auprc'], m['auprc_ci'])}  ("
             + ", ".join(f"{k} {fmt_ci(v['auroc'], v['auroc_ci'])}" for k, v in res["groups"].items()

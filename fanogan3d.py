@@ -475,7 +475,7 @@ def load_data(args, run):
     S = [stack(c, desc=d, **kw) if c else None
          for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
     datasets.check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
-                       f"the {to} ({hint})")
+                                f"the {to} ({hint})")
     run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"
                                                for k, a in zip(("train", "val", "test"), S)))
     return (data, *S)

@@ -460,7 +460,7 @@ def train(args, run, G, D, S_train, win_rows, fig8):
             evaluate(step)
     train_s = loop.close()
     run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
-    return dict(history=loop.history, state=loop.state, train_s=train_s,
+    return dict(history=loop.history, state=loop.state, train_s=train_s, loop=loop,
                 checkpoints=loop.io_report())
 
 
@@ -488,6 +488,20 @@ def scan_rows(cases, out, args):
                  n_windows=int(out["n_windows"][i]))
             for i, c in enumerate(cases) if np.isfinite(primary[i])]
 
+
+
+def baseline_scores(S_train, S_test, rows, args):
+    """Issue 15.5: the intensity and z-score baselines (C.baseline_maps) on MADGAN's own slabs,
+    aggregated as Eq. (2) is: per window the mean over its k_out next slices, per scan the mean
+    over its windows (or the best --score-windows). -> {name: one value per row}"""
+    win_rows, case = window_table(S_test, args.k_in, args.k_out)
+    at = {c.id: i for i, c in enumerate(S_test.cases)}
+    out = {}
+    for name, m in C.baseline_maps(S_train, S_test).items():
+        w = m[win_rows[:, args.k_in:]].reshape(len(win_rows), -1).mean(1)    # (windows,)
+        s = scan_scores(w, case, len(S_test.cases), args.score_windows)
+        out[name] = [s[at[r["id"]]] for r in rows]
+    return out
 
 def is_stage(group):
     """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
@@ -590,6 +604,7 @@ def main(argv=None):
     key = "top" if args.score_windows else "all"               # the scan score of --score-windows
     val = score(G, S_val, args, run.device)[key] if S_val is not None else None
     rows = scan_rows(S_test.cases, out, args)
+    C.add_baselines(rows, baseline_scores(S_train, S_test, rows, args))
     timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
               "score_s": round(t.seconds, 2), "checkpoints": trained["checkpoints"],
               "score_s_per_sample": round(t.seconds / len(S_test.cases), 4)}
@@ -603,7 +618,9 @@ def main(argv=None):
     examples = example_rows(S_test, out, args)
     cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
     res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info,
-                   val_scores=val, threshold_pct=95.0,
+                   val_scores=val, threshold_pct=95.0, loop=trained.get("loop"),
+                   slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+                   baselines_how="per window mean over its next slices, per scan as the score",
                    history=trained["history"], examples=examples, titles={
                        "roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
                        "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial, l1 terms",
