@@ -479,7 +479,7 @@ def train_step(G, D, opt_G, opt_D, x, args, device):
 
 def train(G, D, X, args, run):
     """DCGAN training on the patches X (N, 1, c, c), a CPU tensor, for `--epochs` epochs.
-    -> (training seconds, loss history, checkpoint I/O)."""
+    -> (training seconds, loss history, checkpoint I/O, the C.Loop)."""
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     # a new permutation of the patches every epoch; its last partial batch is dropped, as in the
@@ -494,7 +494,7 @@ def train(G, D, X, args, run):
                     for k in ("loss_D (Eq. 1)", "loss_G (Eq. 2)")}
             run.log(f"epoch {batches.epoch + 1}/{args.epochs}: loss_D "
                     f"{last['loss_D (Eq. 1)']:.3f}  loss_G {last['loss_G (Eq. 2)']:.3f}")
-    return loop.close(), loop.history, loop.io_report()
+    return loop.close(), loop.history, loop.io_report(), loop
 
 
 # =================================================================================================
@@ -597,6 +597,18 @@ def level_rows(S, P, A, how):
     return slices, scans
 
 
+
+def baseline_scores(data, S, P, args):
+    """Issue 15.5: the intensity and z-score baselines (C.baseline_maps, z against the healthy
+    training slices) on the test patches P of the slices S, summed over each patch's pixels as the
+    residual of Eq. (3) is. -> {name: one value per patch row}"""
+    S_tr = datasets.slice_stack(data.train, size=(args.slice_size,) * 2, norm="mri",
+                                n_slices=args.train_slices, step=args.slice_step,
+                                cache_dir=args.cache_dir, desc="train")
+    n, c = len(P["row"]), args.patch_size
+    return {name: C.extract_patches(m, P["row"], P["top"], P["left"], c).reshape(n, -1).sum(1)
+            for name, m in C.baseline_maps(S_tr, S).items()}
+
 def labels_groups(rows):
     return np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
 
@@ -690,12 +702,12 @@ def main(argv=None):
     D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(run.device)
     if args.checkpoint:
         ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
-        train_s, history, io = 0.0, ck.get("history", {}), None
+        train_s, history, io, loop = 0.0, ck.get("history", {}), None, None
         if not (run.out / "last.pt").exists():                      # every run folder has one
             shutil.copyfile(args.checkpoint, run.out / "last.pt")
         run.log(f"loaded {args.checkpoint}; scoring only")
     else:
-        train_s, history, io = train(G, D, X, args, run)
+        train_s, history, io, loop = train(G, D, X, args, run)
 
     # every patch mapped to the latent space (§2.2) and scored (§2.3), one row per test patch
     sc, sv, st, timing, single = score_sets(G, D, P, x_val, x_tr, args, run)
@@ -705,13 +717,16 @@ def main(argv=None):
     extra = {**evaluation(rows, S, P, args, n, run), **single,
              "counterfactual_lesion": counterfactual(G, D, P, sc, rows, args, run)}
     examples = figures(run.out, args, S, P, sc, sv, st, x_tr, rows)
+    C.add_baselines(rows, baseline_scores(data, S, P, args))                  # issue 15.5
     titles = {"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
               "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
               "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
                                 "ground truth")}
     return C.report(run, args, "patch", rows, {"train_s": train_s, **timing, "checkpoint_io": io},
                     extra=extra, data_info=data.info, val_scores=sv["A"], history=history,
-                    threshold_pct=args.threshold_pct, examples=examples, titles=titles)
+                    threshold_pct=args.threshold_pct, examples=examples, titles=titles,
+                    loop=loop, slabs=S.slabs, slab_cases=S.cases, skipped=S.skipped,
+                    baselines_how="sum over the patch's pixels, as the residual of Eq. (3)")
 
 
 # =================================================================================================

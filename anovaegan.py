@@ -797,6 +797,7 @@ def main(argv=None):
     if args.checkpoint:
         ck = C.load_models(args.checkpoint, {"ae": ae}, METHOD)
         history, train_s, io = ck.get("history", {}), 0.0, {"scored": str(args.checkpoint)}
+        loop = None
         run.log(f"scoring with {args.checkpoint} (no training)")
     else:
         loop = train(args, run, ae, dis, S_train, S_val)
@@ -810,6 +811,8 @@ def main(argv=None):
     # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
     sc = score(ae, S_test, args, device, threshold)
     rows, patients, ev = evaluate_test(S_test, sc, args)
+    C.add_baselines(rows, C.baseline_units(S_train, S_test, np.concatenate(   # issue 15.5
+        [S_test.slices_of(i) for i in range(len(S_test.cases))]), "max"))
     extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,
                                   n_params, train_s, io)
 
@@ -823,6 +826,8 @@ def main(argv=None):
     plot_losses(history, run.out / "losses.png", args)
     return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
                     val_scores=val_scores, threshold_pct=args.percentile, examples=examples,
+                    loop=loop, slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+                    baselines_how="max over the slice (the maps are 0 outside the brain)",
                     titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)"})
 
 

@@ -293,10 +293,10 @@ def baseline_maps(S_train, S_test, eps=0.05):
 def baseline_units(S_train, S_test, units, how="mean"):
     """The two baselines per scored unit, aggregated as the method aggregates its own map:
     units: one entry per row, a function (map (N, ...) -> that unit's pixels, any shape) or a row
-    index of S_test (the whole row); how: "mean" or "sum" over those pixels.
+    index of S_test (the whole row); how: "mean", "sum" or "max" over those pixels.
     -> {"intensity": (n_units,), "zscore": (n_units,)}"""
     maps = baseline_maps(S_train, S_test)
-    red = {"mean": np.mean, "sum": np.sum}[how]
+    red = {"mean": np.mean, "sum": np.sum, "max": np.max}[how]
     return {name: np.array([float(red(u(m) if callable(u) else m[int(u)])) for u in units])
             for name, m in maps.items()}
 

@@ -605,6 +605,7 @@ def main(argv=None):
         val = score(nets, S_h, args, run.device, rows=None if S_val else range(min(64, len(S_h.x))))
     noft = state.get("scores_step2") if args.finetune else None      # the scores after step 2
     rows, at = make_rows(S_test, sc, args.dims, noft)
+    C.add_baselines(rows, C.baseline_units(S_train, S_test, at, "mean"))       # issue 15.5
     extra = paper_tables(args, nets, rows, S_test, sc, state, val_from, loop)
     timing = {"train_s": state["train_s"], "score_s": t_score.seconds, "data_s": t_data.seconds,
               "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(val["score"]), 1)}
@@ -612,6 +613,8 @@ def main(argv=None):
                    data_info=data.info, val_scores=val["score"], threshold_pct=args.val_percentile,
                    history={k: v for k, v in history.items() if not k.startswith("L_E")},
                    examples=figures(run, args, nets, S_test, rows, at, history), log_scores=True,
+                   loop=loop, slabs=S_test.slabs or None, slab_cases=S_test.cases,
+                   baselines_how="mean over the unit's voxels, as L_img of Eq. (4)",
                    titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
                            "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
                            "losses_logy": True})

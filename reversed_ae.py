@@ -928,8 +928,9 @@ def main(argv=None):
     kw = dict(size=(args.image_size,) * 2, norm="mri", center=0.5, cache_dir=args.cache_dir)
     S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **kw)
     S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **kw)
+    S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
+    loop = None
     if trained is None:
-        S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
         run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)}")
         loop, train_s = train(model, S_train, S_val, args, run)
         trained = dict(history=loop.history, state=loop.state, io=loop.io_report(), train_s=train_s,
@@ -941,6 +942,7 @@ def main(argv=None):
     table1, x_syn, figs = synthetic_experiment(model, perceptual, T, S_val, S_test, args,
                                                run.device)
     vs = compare_run(T.rows, args) if args.compare_run else None
+    C.add_baselines(T.rows, C.baseline_units(S_train, S_test, T.keep, "mean"))   # issue 15.5
     score_s = time.perf_counter() - t_score
     examples = plot_figures(T, S_test, x_syn, figs, run.out)
 
@@ -959,6 +961,8 @@ def main(argv=None):
     res = C.report(run, args, "slice", T.rows, timing, extra=extra, data_info={
         **data.info, "test_slices_per_volume": args.test_slices, "not_scored": T.dropped},
         val_scores=T.val_scores, threshold_pct=100 * (1 - args.fpr), history=trained["history"],
+        loop=loop, slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+        baselines_how="mean over the slice, as the slice score (image_score)",
         examples=examples, titles={"roc": f"{name}: slice-level ROC, normal scans vs each group",
                                    "losses": f"{name} training: -L_E (Eq. 4), -L_D (Eq. 2), "
                                              f"L_Reversed (Eq. 3), MSE", "losses_logy": True})

@@ -401,3 +401,9 @@ def test_slice_windows_first_and_last():
     w = M.slice_windows(10, 3, 3)
     assert w[0] == 0 and w[-1] == 4 and len(w) == 5   # last window: inputs 4,5,6 -> targets 7,8,9
     assert len(M.slice_windows(5, 3, 3)) == 0
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke)

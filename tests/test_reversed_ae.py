@@ -502,3 +502,9 @@ def test_bad_flag_is_one_error_line(tmp_path):
                         "--out", str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "--channels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke_run):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke_run / "full")
