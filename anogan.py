@@ -479,7 +479,7 @@ def train_step(G, D, opt_G, opt_D, x, args, device):
 
 def train(G, D, X, args, run):
     """DCGAN training on the patches X (N, 1, c, c), a CPU tensor, for `--epochs` epochs.
-    -> (training seconds, loss history, checkpoint I/O)."""
+    -> (training seconds, loss history, checkpoint I/O, the C.Loop)."""
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     # a new permutation of the patches every epoch; its last partial batch is dropped, as in the
@@ -494,7 +494,7 @@ def train(G, D, X, args, run):
                     for k in ("loss_D (Eq. 1)", "loss_G (Eq. 2)")}
             run.log(f"epoch {batches.epoch + 1}/{args.epochs}: loss_D "
                     f"{last['loss_D (Eq. 1)']:.3f}  loss_G {last['loss_G (Eq. 2)']:.3f}")
-    return loop.close(), loop.history, loop.io_report()
+    return loop.close(), loop.history, loop.io_report(), loop
 
 
 # =================================================================================================
@@ -527,7 +527,7 @@ def test_patches(data, X, args, run):
     kw = dict(size=(args.slice_size, args.slice_size), norm="mri", cache_dir=args.cache_dir,
               n_slices=min(args.test_slices, args.train_slices), step=args.slice_step)
     S = datasets.slice_stack(test, desc="test", **kw)
-    P = grid_patch_set(S, c, args.test_stride, args.min_brain)
+    P = C.grid_patch_set(S, c, args.test_stride, args.min_brain)
     if P is None:
         C.fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
                f"--min-brain")
@@ -537,7 +537,7 @@ def test_patches(data, X, args, run):
                f"--test-slices (--train-slices bounds it)")
     # BraTS without --train-data leaves no healthy validation patch at the test level (the central
     # slices of its validation subjects hold tumour): then training patches set the operating point
-    V = grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
+    V = C.grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
                        args.min_brain)
     rng = np.random.default_rng([args.seed, 1])
     if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
@@ -597,6 +597,18 @@ def level_rows(S, P, A, how):
     return slices, scans
 
 
+
+def baseline_scores(data, S, P, args):
+    """Issue 15.5: the intensity and z-score baselines (C.baseline_maps, z against the healthy
+    training slices) on the test patches P of the slices S, summed over each patch's pixels as the
+    residual of Eq. (3) is. -> {name: one value per patch row}"""
+    S_tr = datasets.slice_stack(data.train, size=(args.slice_size,) * 2, norm="mri",
+                                n_slices=args.train_slices, step=args.slice_step,
+                                cache_dir=args.cache_dir, desc="train")
+    n, c = len(P["row"]), args.patch_size
+    return {name: C.extract_patches(m, P["row"], P["top"], P["left"], c).reshape(n, -1).sum(1)
+            for name, m in C.baseline_maps(S_tr, S).items()}
+
 def labels_groups(rows):
     return np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
 
@@ -612,7 +624,7 @@ def evaluation(rows, S, P, args, n_patches, run):
     paired differences with 95% intervals over scans, lesion-size bins, Table 1, slices, scans."""
     keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], labels_groups(rows)
     groups = sorted({r["group"] for r in rows if r["label"]})
-    comparison = score_table(rows, {k: col(k) for k in keys})
+    comparison = C.score_table(rows, {k: col(k) for k in keys})
     for key in ("R", "R_nn", "x_max"):
         run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
                                                 if g in comparison.get(key, {})))
@@ -690,12 +702,12 @@ def main(argv=None):
     D = Discriminator(ch=args.ch, size=c, kernel=args.kernel).to(run.device)
     if args.checkpoint:
         ck = C.load_models(args.checkpoint, {"G": G, "D": D}, METHOD)
-        train_s, history, io = 0.0, ck.get("history", {}), None
+        train_s, history, io, loop = 0.0, ck.get("history", {}), None, None
         if not (run.out / "last.pt").exists():                      # every run folder has one
             shutil.copyfile(args.checkpoint, run.out / "last.pt")
         run.log(f"loaded {args.checkpoint}; scoring only")
     else:
-        train_s, history, io = train(G, D, X, args, run)
+        train_s, history, io, loop = train(G, D, X, args, run)
 
     # every patch mapped to the latent space (§2.2) and scored (§2.3), one row per test patch
     sc, sv, st, timing, single = score_sets(G, D, P, x_val, x_tr, args, run)
@@ -705,13 +717,16 @@ def main(argv=None):
     extra = {**evaluation(rows, S, P, args, n, run), **single,
              "counterfactual_lesion": counterfactual(G, D, P, sc, rows, args, run)}
     examples = figures(run.out, args, S, P, sc, sv, st, x_tr, rows)
+    C.add_baselines(rows, baseline_scores(data, S, P, args))                  # issue 15.5
     titles = {"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
               "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
               "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
                                 "ground truth")}
     return C.report(run, args, "patch", rows, {"train_s": train_s, **timing, "checkpoint_io": io},
                     extra=extra, data_info=data.info, val_scores=sv["A"], history=history,
-                    threshold_pct=args.threshold_pct, examples=examples, titles=titles)
+                    threshold_pct=args.threshold_pct, examples=examples, titles=titles,
+                    loop=loop, slabs=S.slabs, slab_cases=S.cases, skipped=S.skipped,
+                    baselines_how="sum over the patch's pixels, as the residual of Eq. (3)")
 
 
 # =================================================================================================
@@ -779,8 +794,8 @@ def example_rows(S, P, sc, groups):
         at = (S.x.shape[1:], P["top"][k], P["left"][k])
         name = S.cases[i].id.split('/')[-1]
         out.append(dict(title=f"{want}\n{name}", input=np.asarray(S.x[best]),
-                        reconstruction=stitch_patches(sc["G_z"][k], *at, empty=-1.0),
-                        amap=stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
+                        reconstruction=C.stitch_patches(sc["G_z"][k], *at, empty=-1.0),
+                        amap=C.stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
                         gt=np.asarray(S.mask[best])))
     return out
 
@@ -929,46 +944,6 @@ def plot_fig4(y, sc, dist, path, title):
         ax[k].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     C._save(fig, path)
-
-
-# ---- proposed for common.py (the lead moves it) ----
-# Generic helpers: moved to common.py, they drop their own `C.` and the script calls them C.<name>.
-
-
-def stitch_patches(patches, shape, top, left, empty=0.0):
-    """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
-    where no patch lies (e.g. a patch-wise reconstruction or residual map of a slice)."""
-    acc, cnt = np.zeros(shape), np.zeros(shape)
-    c = patches.shape[-1]
-    for p, t, l in zip(patches, top, left):
-        acc[t:t + c, l:l + c] += p
-        cnt[t:t + c, l:l + c] += 1
-    return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
-
-
-def grid_patch_set(S, size, stride, min_brain):
-    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
-    left (N,) as a dict, or None when no patch has enough brain."""
-    pos = [(i, t, l) for i in range(len(S))
-           for t, l in C.grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
-    if not pos:
-        return None
-    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
-    return dict(x=C.extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
-                mask=C.extract_patches(S.mask, i, t, l, size) > 0)
-
-
-def score_table(rows, cols):
-    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
-    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
-    out = {}
-    for name, key in cols.items():
-        e = C.evaluate(rows, key=key)
-        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
-                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
-                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
-                     }
-    return out
 
 
 if __name__ == "__main__":

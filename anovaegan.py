@@ -26,7 +26,7 @@ Deviations from the paper (and choices it leaves open):
  1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
     FLAIR phantom (`ms_lesion` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
     whole per-patient slabs, their lesion-free slices the normal group. Intensities: tissue median
-    -> -1/3 of [-1, 1] (common.normalize_mri; the paper does not say).
+    -> -1/3 of [-1, 1] (datasets.normalize_mri; the paper does not say).
  2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
     are optimistically small), and is taken on the filtered values it thresholds.
  3. Architecture (the paper builds on Pawlowski et al. without details): the encoder/decoder of the
@@ -62,8 +62,6 @@ Commands:
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import re
 from pathlib import Path
@@ -139,7 +137,7 @@ list flags of this script:
 
 def parse_args(argv=None):
     """The command line: the contract's flags, one per HYPER entry, and --groups / --compare."""
-    ns, rest = list_flags(argv, {"groups": "GROUP", "compare": "RUN_DIR"})
+    ns, rest = C.list_flags(argv, {"groups": "GROUP", "compare": "RUN_DIR"})
     args = C.parse_args(rest, HYPER, {"quick": QUICK, "smoke": SMOKE}, method=METHOD,
                         doc=__doc__ + LIST_FLAGS, check=check_args)
     vars(args).update(vars(ns))
@@ -565,7 +563,7 @@ def evaluate_test(S, sc, args):
             dice[g] = {**C.mean_ci(ds), "std": float(np.std(ds))}
         sel = (row_group == g) | (g == "all")
         if gt[sel].any():
-            pixel[g] = pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0,
+            pixel[g] = C.pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0,
                                      args.max_pixels)
     return rows, patients, {"dice": dice, "pixel": pixel}
 
@@ -698,7 +696,7 @@ def table1_md(runs, groups):
         copied = " / ".join(f"{100 * v['mean']:.0f}% (r {k})" for k, v in probe.items()) or "–"
         rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc, copied,
                      f"{t['reco_s_per_sample']:.4f}", paper, d.name])
-    return md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
+    return C.md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
                     + [f"pixel / slice AUROC {g}" for g in groups] + ["copy probe: disc kept"]
                     + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
 
@@ -738,7 +736,7 @@ def compare(args, run):
     """Table 1 across finished runs of this script, the paper's ranking statements as paired
     differences with 95% intervals over patients, and Fig. 5 across models."""
     order = {m: i for i, m in enumerate(MODELS)}
-    runs = sorted(load_runs(args.compare, METHOD, run),
+    runs = sorted(C.load_runs(args.compare, METHOD, run),
                   key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
     groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
     where = ", ".join(sorted({r["data"] + "/" + r["preset"] for _, r, _ in runs}))
@@ -749,7 +747,7 @@ def compare(args, run):
     said = {True: " (resolved)", False: " (not resolved)"}
     if claims:
         text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired "
-                 "interval over patients; resolved = the interval excludes 0\n\n" + md_table(
+                 "interval over patients; resolved = the interval excludes 0\n\n" + C.md_table(
                      ["A − B", "the paper says", "group", "Δ Dice [95% CI]",
                       "Δ slice AUROC [95% CI]"],
                      [[f"{c['model_a']} ({Path(c['a']).name}) − "
@@ -784,7 +782,8 @@ def main(argv=None):
               center=0.5, cache_dir=args.cache_dir)
     S_train = datasets.slice_stack(data.train, desc="train", **sl)
     S_val = datasets.slice_stack(data.val, desc="val", **sl)
-    S_test = datasets.slice_stack(whole_slabs(data.test), desc="test", drop_anomalous=False, **sl)
+    S_test = datasets.slice_stack(datasets.whole_slabs(data.test), desc="test",
+                                  drop_anomalous=False, **sl)
     run.log(f"{args.model}: {len(S_train)} training slices ({len(data.train)} subjects), "
             f"{len(S_val)} validation, {len(S_test)} test slices; z = {z_label(args)}")
 
@@ -798,6 +797,7 @@ def main(argv=None):
     if args.checkpoint:
         ck = C.load_models(args.checkpoint, {"ae": ae}, METHOD)
         history, train_s, io = ck.get("history", {}), 0.0, {"scored": str(args.checkpoint)}
+        loop = None
         run.log(f"scoring with {args.checkpoint} (no training)")
     else:
         loop = train(args, run, ae, dis, S_train, S_val)
@@ -811,6 +811,8 @@ def main(argv=None):
     # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
     sc = score(ae, S_test, args, device, threshold)
     rows, patients, ev = evaluate_test(S_test, sc, args)
+    C.add_baselines(rows, C.baseline_units(S_train, S_test, np.concatenate(   # issue 15.5
+        [S_test.slices_of(i) for i in range(len(S_test.cases))]), "max"))
     extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,
                                   n_params, train_s, io)
 
@@ -824,6 +826,8 @@ def main(argv=None):
     plot_losses(history, run.out / "losses.png", args)
     return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
                     val_scores=val_scores, threshold_pct=args.percentile, examples=examples,
+                    loop=loop, slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+                    baselines_how="max over the slice (the maps are 0 outside the brain)",
                     titles={"roc": f"{args.model}: slice-level ROC (lesion in slice)"})
 
 
@@ -842,9 +846,9 @@ def paper_figures(run, args, S_test, sc, patients, threshold, val_values):
     examples = [dict(title=f"{S_test.cases[i].group}\n{name(i, j)}", input=S_test.x[j],
                      reconstruction=sc["x_hat"][j], amap=sc["filtered"][j],
                      gt=gt[j] if gt[j].any() else None)
-                for i, j in pick_examples(S_test, head + others + normal)]
-    ex5 = (pick_examples(S_test, head or present[:1], per_group=2)
-           + pick_examples(S_test, normal)[:1])
+                for i, j in C.pick_examples(S_test, head + others + normal)]
+    ex5 = (C.pick_examples(S_test, head or present[:1], per_group=2)
+           + C.pick_examples(S_test, normal)[:1])
     j5 = [j for _, j in ex5]
     dice = {p["id"]: np.nan if p["dice"] is None else p["dice"] for p in patients}
     z = dict(x=np.stack([S_test.x[j] for j in j5]), gt=gt[j5], filtered=sc["filtered"][j5],
@@ -871,7 +875,7 @@ def plot_losses(history, path, args):
         panels.append(dict(title=f"decoder gradient ratio at λ3 = {args.lam_adv:g}", yscale="log",
                            ylabel="‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖", ref=1.0,
                            curves={"grad ratio": history["grad ratio"]}))
-    plot_curve_panels(panels, path)
+    C.plot_curve_panels(panels, path)
 
 
 def plot_copy_probe(shown, kept, path, args):
@@ -913,7 +917,7 @@ def plot_fig5(items, path, title="Fig. 5"):
             bottom[0].contour(gt, levels=[0.5], colors="lime", linewidths=0.9)
         for j, (name, z) in enumerate(items, start=1):
             top[j].imshow(z["filtered"][e], cmap="inferno", vmin=0, vmax=float(z["vmax"]))
-            overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
+            C.overlay_seg(bottom[j], z["x"][e], z["seg"][e].astype(bool), z["gt"][e].astype(bool))
             if np.isfinite(z["dice"][e]):
                 bottom[j].text(0.02, 0.98, f"Dice {z['dice'][e]:.2f}", va="top", color="w",
                                fontsize=7, transform=bottom[j].transAxes)
@@ -932,7 +936,7 @@ def plot_fig6(sc, gt, row_group, threshold, val_values, path, args):
     of each headline group's abnormal pixels and of the healthy validation pixels the threshold was
     taken from, with the threshold."""
     plt = C._plt()
-    idx = sample_pixels(sc["brain_e"].ravel(), args.max_pixels, seed=1)
+    idx = C.sample_pixels(sc["brain_e"].ravel(), args.max_pixels, seed=1)
     s, y = sc["filtered"].ravel()[idx], gt.ravel()[idx]
     g = np.broadcast_to(row_group[:, None, None], gt.shape).ravel()[idx]
     fig, ax = plt.subplots(figsize=(6.4, 3.9))
@@ -956,126 +960,6 @@ def plot_fig6(sc, gt, row_group, threshold, val_values, path, args):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     C._save(fig, path)
-
-
-# ---- proposed for common.py (the lead moves it) ----
-
-def list_flags(argv, flags):
-    """Flags that take one or more values (nargs='+', default None), which C.hp() cannot declare:
-    flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for C.parse_args).
-    (Better: C.hp(None, help, nargs='+', type=str), passed through by C.parse_args.)"""
-    import argparse
-    import sys
-    p = argparse.ArgumentParser(add_help=False)
-    for name, metavar in flags.items():
-        p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
-    return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-
-
-def load_runs(dirs, method, run):
-    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
-    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
-    out = []
-    for d in map(Path, dirs):
-        f, cfg = d / "results.json", d / "config.json"
-        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
-            run.log(f"skipping {d}: an earlier --compare table, not a training run")
-            continue
-        if not f.is_file():
-            C.fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
-        res = json.loads(f.read_text())
-        if res.get("method") != method:
-            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
-        with open(d / "scores.csv", newline="") as fh:
-            out.append((d, res, list(csv.DictReader(fh))))
-    return out
-
-
-def plot_curve_panels(panels, path):
-    """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
-    value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
-    plt = C._plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
-    for ax, p in zip(axes[0], panels):
-        for name, pts in p["curves"].items():
-            if not len(pts):
-                continue
-            st, v = np.asarray(pts, dtype=np.float64).T
-            line, = ax.plot(st, v, lw=0.6, alpha=0.35, marker="o" if len(v) < 3 else None)
-            k = max(1, len(v) // 50)
-            sm = np.convolve(v, np.ones(k) / k, mode="valid")
-            ax.plot(st[k - 1:], sm, lw=1.8, color=line.get_color(), label=name)
-        if p.get("ref") is not None:
-            ax.axhline(p["ref"], color="k", ls="--", lw=0.8)
-        ax.set_yscale(p.get("yscale", "linear"))
-        ax.set(xlabel="step", ylabel=p.get("ylabel", ""), title=p.get("title", ""))
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    C._save(fig, path)
-
-
-def md_table(header, rows):
-    """A markdown table: header = [column names], rows = [[cells]]."""
-    return "\n".join("| " + " | ".join(map(str, r)) + " |"
-                     for r in [header, ["---"] * len(header)] + rows) + "\n"
-
-
-def sample_pixels(sel, max_pixels, seed=0):
-    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
-    idx = np.flatnonzero(sel)
-    if len(idx) > max_pixels:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
-    return idx
-
-
-def pixel_metrics(score_map, gt, inside, max_pixels):
-    """Pixel-level AUROC / AUPRC and the oracle Dice of an anomaly map over the pixels `inside`
-    (at most max_pixels of them, sampled uniformly, seeded)."""
-    idx = sample_pixels(inside.ravel(), max_pixels)
-    s, y = score_map.ravel()[idx], gt.ravel()[idx]
-    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
-    if y.any() and not y.all():
-        od, ot = C.oracle_best_dice(s, y)
-        out.update(auroc=C.auroc(y, s), auprc=C.auprc(y, s), oracle_dice=od, oracle_threshold=ot)
-    return out
-
-
-def pick_examples(S, groups, per_group=1):
-    """(case index, row index) of the slice with the largest ground-truth area of the first cases
-    of each group of a slice set (the middle slice for cases without an anomaly)."""
-    out = []
-    for g in groups:
-        cands = []
-        for i, c in enumerate(S.cases):
-            if c.group != g:
-                continue
-            r = S.slices_of(i)
-            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
-            j = r[int(area.argmax())] if area.max() else r[len(r) // 2]
-            cands.append((int(area.max()), i, int(j)))
-        cands.sort(key=lambda t: -t[0])
-        out += [(i, j) for _, i, j in cands[:per_group]]
-    return out
-
-
-def overlay_seg(ax, x, seg, gt):
-    """A segmentation over its image: true positives yellow, false positives red, missed cyan."""
-    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
-    rgba = np.zeros((*x.shape, 4), np.float32)
-    for m, col in ((seg & gt, (1, 0.85, 0)), (seg & ~gt, (1, 0.1, 0.1)), (~seg & gt, (0, 0.9, 1))):
-        rgba[m] = (*col, 0.75)
-    ax.imshow(rgba, interpolation="nearest")
-
-
-# ---- proposed for data/datasets.py (the lead moves it) ----
-
-def whole_slabs(cases):
-    """One test case per scan with all its slices, for methods that post-process a scan in 3D.
-    Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
-    anomaly-free slices (_anomalous_splits); keep the anomalous case (its slices are then labelled
-    by their own mask voxels) and drop its healthy twin."""
-    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
-    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ Loading (NIfTI files, the data sets, the memory-mapped caches) lives in data/dat
 
 Sections, in order:
   1. Errors          -- one clear `error:` line for user mistakes (../shared/CONTRACT.md, "Bad input")
-  2. Windowing       -- CT windowing, MRI normalisation, crops/resizes, axial slices, patches,
-                        augmentation
+  2. Windowing       -- patches, augmentation (CT window, MRI normalisation, crop/pad/resize are
+                        loading: data/datasets.py)
   3. Metrics         -- AUROC/AUPRC (scikit-learn), Youden point, Dice, thresholds from healthy data,
                         3D post-processing, per-group evaluation
   4. Plotting        -- ROC curves, score distributions, example grids, training curves (Agg backend)
   5. Run files       -- arguments and presets, seeding, device, checkpoints, config/results/scores
+  6. Helpers first written for one script: patches back into slices, run comparison, pixel metrics,
+                        figures
 """
 from __future__ import annotations
 
@@ -77,114 +79,8 @@ def _drop_empty_run():
 
 
 # =================================================================================================
-# 2. Windowing and preprocessing
+# 2. Windowing
 # =================================================================================================
-
-def ct_window(hu, lo=-20.0, hi=100.0):
-    """CT window [lo, hi] HU -> [-1, 1] (values outside are clipped). Default: brain window L40/W120."""
-    hu = np.asarray(hu, dtype=np.float32)
-    return (np.clip((hu - lo) / (hi - lo), 0, 1) * 2 - 1).astype(np.float32)
-
-
-# MRI intensities have no physical unit: every scan is scaled by one number of its own. That number must
-# not be one that pathology moves, or a score partly detects a scan-wide brightness shift instead of the
-# anomaly: the 1st/99th percentiles of all brain voxels (this repository's earlier rule) moved a tumour
-# scan's healthy tissue by about 6 healthy SDs, because oedema raised the 99th percentile by 28%, and
-# clipped 90% of FLAIR lesion voxels at exactly 1.
-#   tissue median m: the median of the brain voxels within a factor of 2 of m (found by iteration from
-#     the plain median). The factor-2 window leaves out CSF-dark voxels in T1/FLAIR and background;
-#     pathology covers a minority of the tissue, so the median barely moves (a painted-in tumour with
-#     oedema changes the other voxels by < 0.02 at their median, tests/test_common.py), unlike a tail
-#     percentile, which the brightest or darkest few percent - often the anomaly - decide.
-#   x = 2 * clip(I / (HEADROOM * m), 0, 1) - 1: background -1, the tissue median -1/3, and three times
-#     it +1, so hyperintense anomalies (FLAIR lesions and oedema ~2x white matter, T2 CSF ~2.3x) keep
-#     their contrast instead of being clipped.
-# The papers' own preprocessing differs and is named in each script's deviations (AnoVAEGAN and RA:
-# per-scan [0, 1] scaling; MADGAN: [-1, 1]; AnoGAN: OCT B-scans, no MRI).
-MRI_HEADROOM = 3.0
-
-
-def tissue_median(img, brain=None, window=2.0, iters=5):
-    """The median m of the brain voxels within [m / window, m * window] (iterated from the median)."""
-    img = np.asarray(img, dtype=np.float32)
-    v = img[brain > 0] if brain is not None and np.any(brain) else img[img > img.min()]
-    v = v[v > 0] if (v > 0).any() else v
-    m = float(np.median(v))
-    for _ in range(iters):
-        sel = v[(v >= m / window) & (v <= m * window)]
-        if not len(sel):
-            break
-        m = float(np.median(sel))
-    return m
-
-
-MRI_RULE = "tissue"       # the rule every MRI path uses (data/datasets.py keys its caches on it)
-
-
-def normalize_mri(img, brain=None, rule=MRI_RULE, lo_pct=1.0, hi_pct=99.0):
-    """MRI intensities -> [-1, 1]. rule "tissue" (default, see above): 2 clip(I / (3 m), 0, 1) - 1 with m
-    the tissue median; rule "percentile" (the earlier rule, kept for comparison): the lo/hi percentiles
-    of the brain voxels -> -1 / 1, clipped."""
-    img = np.asarray(img, dtype=np.float32)
-    if rule == "tissue":
-        m = tissue_median(img, brain)
-        if not m > 0:
-            fail("an MRI volume has no positive intensity inside its brain mask; is it a CT scan? (--modality)")
-        return (np.clip(img / (MRI_HEADROOM * m), 0, 1) * 2 - 1).astype(np.float32)
-    sel = img[brain > 0] if brain is not None and brain.any() else img[img > img.min()]
-    lo, hi = np.percentile(sel, [lo_pct, hi_pct])
-    return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1).astype(np.float32)
-
-
-def axial_stack(vol):
-    """(X, Y, Z) canonical RAS volume -> (Z, Y, X) axial slices for display: anterior up, subject's
-    left on the image left (neurological convention), slice 0 = most inferior."""
-    return np.ascontiguousarray(np.flip(np.transpose(vol, (2, 1, 0)), axis=1))
-
-
-def bbox(mask, margin=0):
-    """Bounding box of a boolean array as a tuple of slices, grown by `margin` voxels."""
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return tuple(slice(0, s) for s in mask.shape)
-    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, s))
-                 for i, s in zip(idx, mask.shape))
-
-
-def pad_to_square(arr, value, axes=(-2, -1)):
-    """Pad the given axes to equal length (centred) with `value`."""
-    n = max(arr.shape[a] for a in axes)
-    pads = [(0, 0)] * arr.ndim
-    for a in axes:
-        d = n - arr.shape[a]
-        pads[a] = (d // 2, d - d // 2)
-    return np.pad(arr, pads, constant_values=value)
-
-
-def pad_to_cube(arr, value):
-    return pad_to_square(arr, value, axes=(-3, -2, -1))
-
-
-def resize(arr, shape, order=1):
-    """Resize the last len(shape) dims of `arr` (linear if order=1, nearest if 0) with torch."""
-    import torch
-    import torch.nn.functional as F
-    shape = tuple(int(s) for s in shape)
-    if tuple(arr.shape[-len(shape):]) == shape:
-        return np.asarray(arr, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    lead = t.shape[: t.ndim - len(shape)]
-    t = t.reshape(1, -1, *t.shape[-len(shape):])
-    mode = {2: "bilinear", 3: "trilinear"}[len(shape)] if order == 1 else "nearest"
-    kw = {"align_corners": False} if order == 1 else {}
-    t = F.interpolate(t, size=shape, mode=mode, **kw)
-    return t.reshape(*lead, *shape).numpy()
-
-
-def gaussian_smooth(arr, sigma):
-    from scipy.ndimage import gaussian_filter
-    return gaussian_filter(arr, sigma) if sigma and sigma > 0 else arr
-
 
 def random_patches(x, brain, size=64, n=1000, rng=None, min_brain=0.5, max_tries=50):
     """`n` random size×size patch positions whose brain fraction is >= min_brain.
@@ -222,12 +118,6 @@ def grid_patches(brain2d, size, stride, min_brain=0.5):
     H, W = brain2d.shape
     return [(t, l) for t in range(0, H - size + 1, stride) for l in range(0, W - size + 1, stride)
             if brain2d[t:t + size, l:l + size].mean() >= min_brain]
-
-
-def slice_windows(n_slices, k_in=3, k_out=3):
-    """Start indices s of every window of one scan: input slices s..s+k_in-1, target slices
-    s+k_in..s+k_in+k_out-1 (MADGAN: s1..3 -> s4..6, s2..4 -> s5..7, ...). Empty if the scan is short."""
-    return np.arange(max(n_slices - k_in - k_out + 1, 0))
 
 
 def augment_2d(x, rot_deg=10.0, translate=0.1, scale=(0.9, 1.1), hflip=0.5, generator=None):
@@ -398,6 +288,40 @@ def baseline_maps(S_train, S_test, eps=0.05):
         z[rows] = np.abs(x[rows] - mu[q]) / sd[q]
     return {"intensity": (x + 1) / 2 * brain, "zscore": z * brain}
 
+
+
+def baseline_units(S_train, S_test, units, how="mean"):
+    """The two baselines per scored unit, aggregated as the method aggregates its own map:
+    units: one entry per row, a function (map (N, ...) -> that unit's pixels, any shape) or a row
+    index of S_test (the whole row); how: "mean", "sum" or "max" over those pixels.
+    -> {"intensity": (n_units,), "zscore": (n_units,)}"""
+    maps = baseline_maps(S_train, S_test)
+    red = {"mean": np.mean, "sum": np.sum, "max": np.max}[how]
+    return {name: np.array([float(red(u(m) if callable(u) else m[int(u)])) for u in units])
+            for name, m in maps.items()}
+
+
+def add_baselines(rows, values):
+    """rows gain the columns baseline_<name> (values: {name: one value per row}); -> rows."""
+    for name, v in values.items():
+        assert len(v) == len(rows), (name, len(v), len(rows))
+        for r, x in zip(rows, v):
+            r[f"baseline_{name}"] = float(x)
+    return rows
+
+
+def baseline_results(rows, how=""):
+    """results.json "baselines": per baseline column of the rows, its AUROC/AUPRC with intervals
+    (as evaluate) and the paired difference method - baseline (compare_scores) on the same units."""
+    out = {}
+    for key in [k for k in rows[0] if k.startswith("baseline_")]:
+        e = evaluate(rows, key=key)
+        out[key[len("baseline_"):]] = {
+            **{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc", "auprc_ci")},
+            "groups": {g: {m: v.get(m) for m in ("n", "auroc", "auroc_ci") if m in v}
+                       for g, v in e["groups"].items()},
+            "method_minus_baseline_auroc": compare_scores(rows, rows, key_b=key), "unit_rule": how}
+    return out
 
 def postprocess_3d(residual, brain, median=5, erode=1, threshold=None, min_size=6):
     """Residual volume (Z, H, W) -> median-filtered residual masked by the eroded brain; with a
@@ -779,30 +703,12 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _parse_args_legacy(parser, presets, argv=None, method=None):
-    """Scripts that still build their own parser (until every script declares hyperparameters once)."""
-    args = parser.parse_args(argv)
-    for k, v in presets[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    method = method or Path(sys.argv[0]).stem
-    if args.out is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.out = str(Path("runs") / f"{method}__{args.data}__{args.seed}__{stamp}")
-    for p, what in ((args.resume, "--resume"), (args.checkpoint, "--checkpoint")):
-        if p and not Path(p).is_file():
-            fail(f"{what} {p}: no such checkpoint file")
-    return args
-
-
 def parse_args(argv, hyper=None, presets=None, method=None, doc=None, check=None):
     """The command line of a method script, generated from its hyperparameter table.
 
     hyper: {name: hp(paper value, source, lo, hi)}; presets: {"quick": {name: value}, "smoke": {...}},
     what each CPU preset changes (paper = the declared values). A flag given on the command line always
     wins. Range checks come from the table (floats must be finite); `check(args)` adds the script's own."""
-    if isinstance(argv, argparse.ArgumentParser):
-        return _parse_args_legacy(argv, hyper, presets, method)
     p = ArgumentParser(description=doc)
     add_contract_args(p, method)
     g = p.add_argument_group(f"{method}: the paper's value is the default of --preset paper (source in "
@@ -1481,7 +1387,8 @@ def _check_scores(rows, unit):
 
 
 def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores=None, threshold_pct=95.0,
-           history=None, examples=None, titles=None, log_scores=False, slabs=None):
+           history=None, examples=None, titles=None, log_scores=False, slabs=None, loop=None,
+           baselines_how="", slab_cases=None, skipped=None):
     """Everything a run reports, the same way in all five scripts; -> the results dict.
 
     rows: one dict per scored unit (id, group, label, score, optional case and more columns; see
@@ -1490,7 +1397,11 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
     HEALTHY validation scores `val_scores` (never the test labels), timing, memory, data and `extra`;
     roc.png, scores.png, and examples.png / losses.png when `examples` (rows for plot_examples) /
     `history` ({curve: [(step, value)]}) are given. titles: {"roc", "losses", "losses_ylabel",
-    "examples_cols"}. Under torchrun only process 0 writes."""
+    "examples_cols"}. slabs: {scan id: S.slabs record} of the scored scans (results.json "slabs",
+    and slabs.png when `slab_cases` are given); loop: the run's Loop (results.json "training": its
+    phases and checkpoint I/O); skipped: {scan id: why it has no rows} (data_info
+    "slices_skipped"); rows with baseline_* columns add results.json "baselines" (their
+    unit rule: baselines_how). Under torchrun only process 0 writes."""
     if not is_main():
         return None
     titles = titles or {}
@@ -1516,8 +1427,16 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
         res["operating_point"] = {"threshold": thr, "rule": f"{threshold_pct:g}th percentile of "
                                   f"{len(val_scores)} healthy validation {unit} scores",
                                   **binary_stats(y[clean], s[clean] >= thr)}
+    if any(k.startswith("baseline_") for k in rows[0]):
+        res["baselines"] = baseline_results(rows, baselines_how)
     if slabs is not None:
-        res["slabs"] = slabs
+        res["slabs"] = {cid: {"first": r["first"], "last": r["last"], "z_mm": r["z_mm"],
+                              **{k: v for k, v in r.items() if k not in ("first", "last", "z_mm")}}
+                        for cid, r in slabs.items() if "first" in r}
+    if loop is not None:
+        res["training"] = {"phases": loop.state.get("phases", {}), "io": loop.io_report()}
+    if skipped:
+        data_info = {**(data_info or {}), "slices_skipped": dict(skipped)}
     if data_info is not None:
         res["data_info"] = data_info
     res.update(extra or {})
@@ -1546,6 +1465,10 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
         plot_curves(history or {"no training in this run": [(0, 0.0)]}, out / "losses.png",
                     title=titles.get("losses", f"{method} training"), ylabel=titles.get("losses_ylabel", "loss"),
                     logy=titles.get("losses_logy", False))
+    if slabs and slab_cases:
+        from data import datasets   # loading lives there; imported here to avoid a cycle
+        datasets.plot_slabs(slab_cases, res["slabs"], out / "slabs.png",
+                            title=f"{method}: the scored slab, one scan per group")
     m = res["metrics"]
     run.log(f"AUROC {fmt_ci(m['auroc'], m['auroc_ci'])}  AUPRC {fmt_ci(m['auprc'], m['auprc_ci'])}  ("
             + ", ".join(f"{k} {fmt_ci(v['auroc'], v['auroc_ci'])}" for k, v in res["groups"].items()
@@ -1554,8 +1477,246 @@ def report(run, args, unit, rows, timing, extra=None, data_info=None, val_scores
     return res
 
 
-def finish_run(run, args, method, unit, rows, timing, extra=None, data_info=None, roc_title="",
-               log_scores=False):
-    """The earlier name of report() (kept while the scripts move over)."""
-    return report(run, args, unit, rows, timing, extra=extra, data_info=data_info, log_scores=log_scores,
-                  titles={"roc": roc_title} if roc_title else None)
+
+# ==================================================================================================
+# 6. Helpers the scripts share: patches, run files, pixel metrics, figures
+# ==================================================================================================
+
+# -- first written for anogan.py
+
+def stitch_patches(patches, shape, top, left, empty=0.0):
+    """Patches (n, c, c) at their positions back into one (H, W) image, overlaps averaged, `empty`
+    where no patch lies (e.g. a patch-wise reconstruction or residual map of a slice)."""
+    acc, cnt = np.zeros(shape), np.zeros(shape)
+    c = patches.shape[-1]
+    for p, t, l in zip(patches, top, left):
+        acc[t:t + c, l:l + c] += p
+        cnt[t:t + c, l:l + c] += 1
+    return np.where(cnt > 0, acc / np.maximum(cnt, 1), empty)
+
+
+def grid_patch_set(S, size, stride, min_brain):
+    """Grid patches (deviation 2) of every slice of an ArraySet -> x, mask (N, c, c) and row, top,
+    left (N,) as a dict, or None when no patch has enough brain."""
+    pos = [(i, t, l) for i in range(len(S))
+           for t, l in grid_patches(np.asarray(S.brain[i]), size, stride, min_brain)]
+    if not pos:
+        return None
+    i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
+    return dict(x=extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
+                mask=extract_patches(S.mask, i, t, l, size) > 0)
+
+
+def score_table(rows, cols):
+    """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
+    (with the interval), each group's AUROC, and each group's against its scans' normal units."""
+    out = {}
+    for name, key in cols.items():
+        e = evaluate(rows, key=key)
+        out[name] = {**{m: e["metrics"].get(m) for m in ("auroc", "auroc_ci", "auprc")},
+                     **{g: v["auroc"] for g, v in e["groups"].items() if "auroc" in v},
+                     "same_scan": {g: v["auroc"] for g, v in e.get("groups_same_scan", {}).items()}
+                     }
+    return out
+
+
+# -- first written for fanogan3d.py
+
+def read_run(path, method, ids=None):
+    """A finished run of `method` -> (its results.json, its scores.csv rows with int label and
+    float score), or one error line; `ids`: the units it must have scored (paired comparisons)."""
+    import csv
+    from pathlib import Path
+    d = Path(path)
+    if not ((d / "scores.csv").is_file() and (d / "results.json").is_file()):
+        fail(f"{d}: no scores.csv and results.json (is it a finished run of {method}.py?)")
+    res = json.loads((d / "results.json").read_text())
+    if res.get("method") != method:
+        fail(f"{d}: a run of {res.get('method')}.py, not of {method}.py")
+    with open(d / "scores.csv", newline="") as f:
+        rows = [{**r, "label": int(r["label"]), "score": float(r["score"])}
+                for r in csv.DictReader(f)]
+    if ids is not None and {r["id"] for r in rows} != set(ids):
+        fail(f"{d} scored other units than this run; use the same --data, --data-root, --seed "
+               f"and --preset")
+    return res, rows
+
+
+def count_activations(net, *inputs):
+    """Elements of every leaf module's output in one forward pass (the meta device: no compute)."""
+    n = [0]
+
+    def hook(_m, _i, out):
+        n[0] += out.numel()
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    try:
+        net(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return n[0]
+
+
+def plot_planes(rows, path, title="", names=("input", "reconstruction", "anomaly map",
+                                             "ground truth")):
+    """plot_examples for volumes: per case an axial, coronal and sagittal column through the voxel
+    row["at"] (superior up); rows input | reconstruction | anomaly map | ground truth (red contour
+    over the input). rows: dicts of (D, H, W) arrays input, reconstruction, amap, gt + title, at."""
+    plt = _plt()
+    fig, axes = plt.subplots(4, 3 * len(rows), figsize=(5.7 * len(rows), 8.2), squeeze=False)
+    vmax = max(float(np.percentile(r["amap"], 99.8)) for r in rows) or 1.0
+    for j, r in enumerate(rows):
+        d, h, w = r["at"]
+        vols = (np.asarray(r[k], np.float32) for k in ("input", "reconstruction", "amap", "gt"))
+        planes = [[v[d], np.flipud(v[:, h, :]), np.flipud(v[:, :, w])] for v in vols]
+        for p, (x, rec, amap, gt) in enumerate(zip(*planes)):
+            ax = axes[:, 3 * j + p]
+            ax[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            ax[1].imshow(rec, cmap="gray", vmin=-1, vmax=1)
+            im = ax[2].imshow(amap, cmap="inferno", vmin=0, vmax=vmax)
+            ax[3].imshow(x, cmap="gray", vmin=-1, vmax=1)
+            if gt.any():
+                ax[3].contour(gt > 0, levels=[0.5], colors="red", linewidths=1.0)
+            ax[0].set_title(("axial", "coronal", "sagittal")[p], fontsize=8)
+        top = axes[0, 3 * j + 1]
+        top.text(0.5, 1.22, r.get("title", ""), transform=top.transAxes, ha="center", fontsize=9)
+    for i, name in enumerate(names):
+        axes[i, 0].text(-0.08, 0.5, name, transform=axes[i, 0].transAxes, rotation=90, ha="right",
+                        va="center", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.01, pad=0.01)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+# -- first written for anovaegan.py
+
+def list_flags(argv, flags):
+    """Flags that take one or more values (nargs='+', default None), which hp() cannot declare:
+    flags = {name: METAVAR}. -> (their values as a Namespace, the rest of argv for parse_args).
+    (Better: hp(None, help, nargs='+', type=str), passed through by parse_args.)"""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(add_help=False)
+    for name, metavar in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar=metavar)
+    return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+
+
+def load_runs(dirs, method, run):
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
+    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")
+            continue
+        if not f.is_file():
+            fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
+        res = json.loads(f.read_text())
+        if res.get("method") != method:
+            fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
+    return out
+
+
+def plot_curve_panels(panels, path):
+    """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
+    value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for name, pts in p["curves"].items():
+            if not len(pts):
+                continue
+            st, v = np.asarray(pts, dtype=np.float64).T
+            line, = ax.plot(st, v, lw=0.6, alpha=0.35, marker="o" if len(v) < 3 else None)
+            k = max(1, len(v) // 50)
+            sm = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(st[k - 1:], sm, lw=1.8, color=line.get_color(), label=name)
+        if p.get("ref") is not None:
+            ax.axhline(p["ref"], color="k", ls="--", lw=0.8)
+        ax.set_yscale(p.get("yscale", "linear"))
+        ax.set(xlabel="step", ylabel=p.get("ylabel", ""), title=p.get("title", ""))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def md_table(header, rows):
+    """A markdown table: header = [column names], rows = [[cells]]."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows) + "\n"
+
+
+def sample_pixels(sel, max_pixels, seed=0):
+    """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
+    idx = np.flatnonzero(sel)
+    if len(idx) > max_pixels:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_pixels, replace=False))
+    return idx
+
+
+def pixel_metrics(score_map, gt, inside, max_pixels):
+    """Pixel-level AUROC / AUPRC and the oracle Dice of an anomaly map over the pixels `inside`
+    (at most max_pixels of them, sampled uniformly, seeded)."""
+    idx = sample_pixels(inside.ravel(), max_pixels)
+    s, y = score_map.ravel()[idx], gt.ravel()[idx]
+    out = {"n_pixels": int(len(idx)), "n_lesion_pixels": int(y.sum())}
+    if y.any() and not y.all():
+        od, ot = oracle_best_dice(s, y)
+        out.update(auroc=auroc(y, s), auprc=auprc(y, s), oracle_dice=od, oracle_threshold=ot)
+    return out
+
+
+def pick_examples(S, groups, per_group=1):
+    """(case index, row index) of the slice with the largest ground-truth area of the first cases
+    of each group of a slice set (the middle slice for cases without an anomaly)."""
+    out = []
+    for g in groups:
+        cands = []
+        for i, c in enumerate(S.cases):
+            if c.group != g:
+                continue
+            r = S.slices_of(i)
+            area = np.asarray(S.mask[r]).reshape(len(r), -1).sum(1)
+            j = r[int(area.argmax())] if area.max() else r[len(r) // 2]
+            cands.append((int(area.max()), i, int(j)))
+        cands.sort(key=lambda t: -t[0])
+        out += [(i, j) for _, i, j in cands[:per_group]]
+    return out
+
+
+def overlay_seg(ax, x, seg, gt):
+    """A segmentation over its image: true positives yellow, false positives red, missed cyan."""
+    ax.imshow(x, cmap="gray", vmin=-1, vmax=1)
+    rgba = np.zeros((*x.shape, 4), np.float32)
+    for m, col in ((seg & gt, (1, 0.85, 0)), (seg & ~gt, (1, 0.1, 0.1)), (~seg & gt, (0, 0.9, 1))):
+        rgba[m] = (*col, 0.75)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+# -- first written for reversed_ae.py
+
+def read_scores(path):
+    """The rows of a scores.csv (values as strings, labels as int), e.g. to compare two runs."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["label"] = int(r["label"])
+    return rows
+
+
+def paired_case_mean(rows_a, rows_b, key):
+    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by
+    id, blanks skipped), with its 95% interval over cases (mean_ci): paired per-unit TP, F1, ..."""
+    b = {r["id"]: r for r in rows_b}
+    per = {}
+    for r in rows_a:
+        o = b.get(r["id"])
+        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
+            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
+    return mean_ci([np.mean(v) for v in per.values()])

@@ -30,7 +30,7 @@ Deviations from the paper
      (commercial): the data set's brain mask (CT-ICH: a HU fallback). Volumes are padded to a cube
      before the linear resize; σ = 1 voxel (not given); the window [-20, 100] HU -> [-1, 1] is step
      7's min-max normalisation. MRI (the paper's future work, §4): --modality t1|t2|flair maps the
-     tissue median to -1/3 and 3x it to +1 (common.normalize_mri); on real data CT or MRI is
+     tissue median to -1/3 and 3x it to +1 (datasets.normalize_mri); on real data CT or MRI is
      detected (air at -1000 HU).
   4. G's BatchNorm stays in eval mode in steps 2 and 3 (step-1 statistics): the paper does not say.
   5. The 2D baseline is not described: the same networks in 2D on --n-slices middle axial slices;
@@ -54,7 +54,6 @@ seconds, for the tests.
 from __future__ import annotations
 
 
-import json
 import math
 
 import numpy as np
@@ -460,10 +459,10 @@ def train(run, args, nets, S_train, S_test):
 def load_data(args, run):
     """§2 preprocessing (data/datasets.py): skull strip, crop the black borders, smooth, pad to a
     cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
-    MRI the tissue median -> -1/3 (common.normalize_mri); --dims 2: middle axial slices (§3)."""
+    MRI the tissue median -> -1/3 (datasets.normalize_mri); --dims 2: middle axial slices (§3)."""
     data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
                                  else "ct")
-    norm, to = choose_normalisation(args, data, run)
+    norm, to = datasets.choose_normalisation(args, data, run)
     hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
             else "pass --modality ct for CT volumes")
     kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir, hint=hint)
@@ -475,8 +474,8 @@ def load_data(args, run):
                                                center=0.5)
     S = [stack(c, desc=d, **kw) if c else None
          for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
-    check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
-                       f"the {to} ({hint})")
+    datasets.check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
+                                f"the {to} ({hint})")
     run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"
                                                for k, a in zip(("train", "val", "test"), S)))
     return (data, *S)
@@ -559,7 +558,7 @@ def paper_tables(args, nets, rows, S_test, sc, state, val_from, loop):
         ev = C.evaluate(vol)
         extra["volume_level"] = {**ev["metrics"], "groups": ev["groups"], "per_type": per_type(vol)}
         if args.compare_3d:
-            r3, rows3 = read_run(args.compare_3d, METHOD, ids=[r["id"] for r in vol])
+            r3, rows3 = C.read_run(args.compare_3d, METHOD, ids=[r["id"] for r in vol])
             if r3.get("dims") != 3:
                 C.fail(f"--compare-3d {args.compare_3d}: a --dims {r3.get('dims')} run, not 3D")
             extra["compare_3d_vs_2d"] = {"run_3d": str(args.compare_3d), "n_volumes": len(vol),
@@ -606,6 +605,7 @@ def main(argv=None):
         val = score(nets, S_h, args, run.device, rows=None if S_val else range(min(64, len(S_h.x))))
     noft = state.get("scores_step2") if args.finetune else None      # the scores after step 2
     rows, at = make_rows(S_test, sc, args.dims, noft)
+    C.add_baselines(rows, C.baseline_units(S_train, S_test, at, "mean"))       # issue 15.5
     extra = paper_tables(args, nets, rows, S_test, sc, state, val_from, loop)
     timing = {"train_s": state["train_s"], "score_s": t_score.seconds, "data_s": t_data.seconds,
               "score_s_per_sample": t_score.seconds / max(len(S_test.x) + len(val["score"]), 1)}
@@ -613,6 +613,8 @@ def main(argv=None):
                    data_info=data.info, val_scores=val["score"], threshold_pct=args.val_percentile,
                    history={k: v for k, v in history.items() if not k.startswith("L_E")},
                    examples=figures(run, args, nets, S_test, rows, at, history), log_scores=True,
+                   loop=loop, slabs=S_test.slabs or None, slab_cases=S_test.cases,
+                   baselines_how="mean over the unit's voxels, as L_img of Eq. (4)",
                    titles={"roc": f"{args.dims}D f-AnoGAN: ROC, normal scans vs each group",
                            "losses": "step 1: WGAN-GP (Eq. 2-3)", "losses_ylabel": "loss (symlog)",
                            "losses_logy": True})
@@ -658,7 +660,7 @@ def figures(run, args, nets, S, rows, at, history):
         for e in ex:   # through the lesion's centre (a normal volume's centre)
             c = np.argwhere(e["gt"]).mean(0) if e["gt"].any() else np.array(e["gt"].shape) / 2
             e["at"] = tuple(int(round(v)) for v in c)
-        plot_planes(ex[:3], run.out / "fig6_three_planes.png", title="Fig. 6: original, "
+        C.plot_planes(ex[:3], run.out / "fig6_three_planes.png", title="Fig. 6: original, "
                     "reconstruction, voxel error and ground truth (three planes)",
                     names=("original x", "reconstruction x~", "voxel error |x - x~|",
                            "ground truth"))
@@ -681,8 +683,8 @@ def memory_estimate_mb(args, batch_size):
         G, D = Generator(latent_dim=args.latent_dim, **kw), Critic(**kw)
         E = Encoder(latent_dim=args.latent_dim, **kw)
         x = torch.zeros((batch_size, 1) + (args.size,) * args.dims)
-        a_G = count_activations(G, torch.zeros(batch_size, args.latent_dim))
-        a_D, a_E = count_activations(D, x), count_activations(E, x)
+        a_G = C.count_activations(G, torch.zeros(batch_size, args.latent_dim))
+        a_D, a_E = C.count_activations(D, x), C.count_activations(E, x)
     P = {k: sum(p.numel() for p in m.parameters()) for k, m in (("G", G), ("D", D), ("E", E))}
     W = sum(P.values())
     steps = {"step 1 critic iteration": W + 3 * (P["G"] + P["D"]) + a_G + 5 * a_D,
@@ -693,115 +695,6 @@ def memory_estimate_mb(args, batch_size):
     return {"params": P, "weights_mb": round(W * mb, 1),
             "per_step_mb": {k: round(v * mb, 1) for k, v in steps.items()},
             "peak_mb": round(max(steps.values()) * mb, 1)}
-
-
-# ---- proposed for data/datasets.py (the lead moves it) ---------------------------------------
-
-def choose_normalisation(args, data, run, phantom="ct"):
-    """"ct" (the CT window --window) or "mri" (common.normalize_mri): --modality when given,
-    the phantom's contrast (default `phantom`), else detected from the training volumes; logged and
-    recorded in data.info["normalisation"]. -> (norm, what it maps to [-1, 1], for messages)"""
-    if args.modality or args.data == "synthetic":
-        norm = "ct" if (args.modality or phantom) == "ct" else "mri"
-        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
-    else:
-        norm, how = detect_modality(data.train)
-    to = ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
-          else "MRI tissue median -> -1/3")
-    run.log(f"modality {norm.upper()} ({how}): {to} -> [-1, 1]")
-    data.info["normalisation"] = {"norm": norm, "how": how}
-    return norm, to
-
-
-def detect_modality(cases, n=3):
-    """"ct" or "mri" from the raw intensities of the first n cases: a CT's background is air at
-    about -1000 HU, MRI intensities are >= 0. -> (kind, how it was decided, for the log)."""
-    p1 = float(np.median([np.percentile(datasets.read_nifti(c.image)[0], 1) for c in cases[:n]]))
-    kind = "ct" if p1 < -500 else "mri"
-    return kind, (f"detected from {min(n, len(cases))} training volumes: 1st intensity percentile "
-                  f"{p1:g} ({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality "
-                  f"overrides")
-
-
-def check_not_constant(S, what, after, n=64):
-    """Refuse preprocessed arrays whose brain voxels are (almost) all one value, e.g. MRI through a
-    CT window (every brain voxel clips to +1): a model would learn nothing and score all alike."""
-    x, b = np.asarray(S.x[:n]), np.asarray(S.brain[:n]) > 0
-    v = x[b] if b.any() else x.ravel()
-    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
-    if same > 0.9:
-        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} {what} have one value "
-               f"({np.median(v):.3g}) after {after}; nothing to learn, so no training")
-
-
-# ---- proposed for common.py (the lead moves it; C.x -> x) ------------------------------------
-
-def read_run(path, method, ids=None):
-    """A finished run of `method` -> (its results.json, its scores.csv rows with int label and
-    float score), or one error line; `ids`: the units it must have scored (paired comparisons)."""
-    import csv
-    from pathlib import Path
-    d = Path(path)
-    if not ((d / "scores.csv").is_file() and (d / "results.json").is_file()):
-        C.fail(f"{d}: no scores.csv and results.json (is it a finished run of {method}.py?)")
-    res = json.loads((d / "results.json").read_text())
-    if res.get("method") != method:
-        C.fail(f"{d}: a run of {res.get('method')}.py, not of {method}.py")
-    with open(d / "scores.csv", newline="") as f:
-        rows = [{**r, "label": int(r["label"]), "score": float(r["score"])}
-                for r in csv.DictReader(f)]
-    if ids is not None and {r["id"] for r in rows} != set(ids):
-        C.fail(f"{d} scored other units than this run; use the same --data, --data-root, --seed "
-               f"and --preset")
-    return res, rows
-
-
-def count_activations(net, *inputs):
-    """Elements of every leaf module's output in one forward pass (the meta device: no compute)."""
-    n = [0]
-
-    def hook(_m, _i, out):
-        n[0] += out.numel()
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
-    try:
-        net(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return n[0]
-
-
-def plot_planes(rows, path, title="", names=("input", "reconstruction", "anomaly map",
-                                             "ground truth")):
-    """plot_examples for volumes: per case an axial, coronal and sagittal column through the voxel
-    row["at"] (superior up); rows input | reconstruction | anomaly map | ground truth (red contour
-    over the input). rows: dicts of (D, H, W) arrays input, reconstruction, amap, gt + title, at."""
-    plt = C._plt()
-    fig, axes = plt.subplots(4, 3 * len(rows), figsize=(5.7 * len(rows), 8.2), squeeze=False)
-    vmax = max(float(np.percentile(r["amap"], 99.8)) for r in rows) or 1.0
-    for j, r in enumerate(rows):
-        d, h, w = r["at"]
-        vols = (np.asarray(r[k], np.float32) for k in ("input", "reconstruction", "amap", "gt"))
-        planes = [[v[d], np.flipud(v[:, h, :]), np.flipud(v[:, :, w])] for v in vols]
-        for p, (x, rec, amap, gt) in enumerate(zip(*planes)):
-            ax = axes[:, 3 * j + p]
-            ax[0].imshow(x, cmap="gray", vmin=-1, vmax=1)
-            ax[1].imshow(rec, cmap="gray", vmin=-1, vmax=1)
-            im = ax[2].imshow(amap, cmap="inferno", vmin=0, vmax=vmax)
-            ax[3].imshow(x, cmap="gray", vmin=-1, vmax=1)
-            if gt.any():
-                ax[3].contour(gt > 0, levels=[0.5], colors="red", linewidths=1.0)
-            ax[0].set_title(("axial", "coronal", "sagittal")[p], fontsize=8)
-        top = axes[0, 3 * j + 1]
-        top.text(0.5, 1.22, r.get("title", ""), transform=top.transAxes, ha="center", fontsize=9)
-    for i, name in enumerate(names):
-        axes[i, 0].text(-0.08, 0.5, name, transform=axes[i, 0].transAxes, rotation=90, ha="right",
-                        va="center", fontsize=9)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.01, pad=0.01)
-    fig.suptitle(title, fontsize=10)
-    C._save(fig, path)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def score(G, S, args, device, keep=()):
         w = np.nonzero(case == i)[0]
         if len(w):
             mid[int(w[len(w) // 2])] = i
-    read = RowReader(S.x)
+    read = datasets.RowReader(S.x)
     losses, kept = np.zeros(len(win_rows), np.float64), {}
     for a in range(0, len(win_rows), args.eval_batch):
         batch = read(win_rows[a: a + args.eval_batch])         # (b, 6, H, W)
@@ -439,7 +439,7 @@ def train(args, run, G, D, S_train, win_rows, fig8):
     # under torchrun, DDP wrappers that average the gradients over the processes (each has its own
     # --batch-size windows of every global batch); alone, G and D themselves
     G_, D_ = C.ddp_wrap(G, run.device), C.ddp_wrap(D, run.device)
-    read = RowReader(S_train.x)
+    read = datasets.RowReader(S_train.x)
     world = f" x {C.ddp_world()} processes = {batches.global_batch}" if C.ddp_world() > 1 else ""
     run.log(f"training on {len(win_rows)} windows ({batches.steps_per_epoch} steps per epoch) for "
             f"{args.steps} steps, batch {args.batch_size}{world}; SA modules: "
@@ -460,7 +460,7 @@ def train(args, run, G, D, S_train, win_rows, fig8):
             evaluate(step)
     train_s = loop.close()
     run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
-    return dict(history=loop.history, state=loop.state, train_s=train_s,
+    return dict(history=loop.history, state=loop.state, train_s=train_s, loop=loop,
                 checkpoints=loop.io_report())
 
 
@@ -488,6 +488,20 @@ def scan_rows(cases, out, args):
                  n_windows=int(out["n_windows"][i]))
             for i, c in enumerate(cases) if np.isfinite(primary[i])]
 
+
+
+def baseline_scores(S_train, S_test, rows, args):
+    """Issue 15.5: the intensity and z-score baselines (C.baseline_maps) on MADGAN's own slabs,
+    aggregated as Eq. (2) is: per window the mean over its k_out next slices, per scan the mean
+    over its windows (or the best --score-windows). -> {name: one value per row}"""
+    win_rows, case = window_table(S_test, args.k_in, args.k_out)
+    at = {c.id: i for i, c in enumerate(S_test.cases)}
+    out = {}
+    for name, m in C.baseline_maps(S_train, S_test).items():
+        w = m[win_rows[:, args.k_in:]].reshape(len(win_rows), -1).mean(1)    # (windows,)
+        s = scan_scores(w, case, len(S_test.cases), args.score_windows)
+        out[name] = [s[at[r["id"]]] for r in rows]
+    return out
 
 def is_stage(group):
     """Disease-stage groups: cdr_<x> (x > 0) on OASIS-3; atrophy_<k> on the phantom."""
@@ -590,6 +604,7 @@ def main(argv=None):
     key = "top" if args.score_windows else "all"               # the scan score of --score-windows
     val = score(G, S_val, args, run.device)[key] if S_val is not None else None
     rows = scan_rows(S_test.cases, out, args)
+    C.add_baselines(rows, baseline_scores(S_train, S_test, rows, args))
     timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
               "score_s": round(t.seconds, 2), "checkpoints": trained["checkpoints"],
               "score_s_per_sample": round(t.seconds / len(S_test.cases), 4)}
@@ -603,7 +618,9 @@ def main(argv=None):
     examples = example_rows(S_test, out, args)
     cols = ("real next slice", "reconstruction", "pixelwise l2 (Eq. 2)", "anomaly mask")
     res = C.report(run, args, "scan", rows, timing, extra=extra, data_info=data.info,
-                   val_scores=val, threshold_pct=95.0,
+                   val_scores=val, threshold_pct=95.0, loop=trained.get("loop"),
+                   slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+                   baselines_how="per window mean over its next slices, per scan as the score",
                    history=trained["history"], examples=examples, titles={
                        "roc": f"MADGAN {args.sa}-SA: per-scan average l2, normal vs each group",
                        "losses": f"MADGAN ({args.sa}-SA) training: critic, adversarial, l1 terms",
@@ -673,34 +690,6 @@ def plot_fig3(examples, path, vmax=0.1):
     ax.set_title(f"MADGAN: 3 input slices, real and reconstructed next 3, pixelwise l2 in jet "
                  f"[0, {vmax}] (Fig. 3; the paper uses [0, 0.2] for T1)", fontsize=8, pad=14)
     C._save(fig, path)
-
-
-# ---- proposed for data/datasets.py (the lead moves it) -------------------------------------------
-
-class RowReader:
-    """Rows of an array x (N, ...) as float32: reader(rows), rows an int array of any shape ->
-    (*rows.shape, *x.shape[1:]), every distinct row read once. For x as np.memmap opened it (not a
-    view of one), each run of consecutive rows is one plain file read, so the pages go to the OS
-    page cache, not to this process's resident memory: peak RSS stays at one batch, whatever the
-    size of the data set."""
-
-    def __init__(self, x):
-        self.x, self.row_bytes = x, int(np.prod(x.shape[1:])) * x.dtype.itemsize
-        self.path = x.filename if isinstance(x, np.memmap) and x.flags.c_contiguous else None
-
-    def __call__(self, rows):
-        rows = np.asarray(rows)
-        u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
-        if self.path is None:
-            return np.asarray(self.x[u], dtype=np.float32)[inv.reshape(rows.shape)]
-        out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
-        with open(self.path, "rb") as f:
-            for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
-                if len(run):
-                    f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
-                    buf = f.read(len(run) * self.row_bytes)
-                    out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
-        return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]
 
 
 if __name__ == "__main__":

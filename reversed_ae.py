@@ -28,7 +28,7 @@ Deviations from the paper
      no download and no training of its own; its values are not LPIPS's (Table 1). --perceptual
      encoder (the former default) is in-domain, but gives every model its own S.
   2. Data: the built-in T1 phantom stands in for FastMRI+/IXI; each scan is scaled by its tissue
-     median (-> 1/3 of [0, 1], common.normalize_mri), not App. B's 98th percentile, which a bright
+     median (-> 1/3 of [0, 1], datasets.normalize_mri), not App. B's 98th percentile, which a bright
      lesion moves; --train-slices
      and --test-slices slices around the middle (paper: the middle one).
   3. Test units are slices: anomalous when they hold anomaly voxels (all of a scan without a mask);
@@ -55,7 +55,6 @@ and sulci; the measured tables (with the SI-VAE backbone) are in README.md and r
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -816,7 +815,7 @@ def table3(rows, per, main_name, ids, cases, groups, args):
                 "auroc": {g or "all": C.compare_scores(rows, rows, g, key_a=col,
                                                        key_b=VARIANTS[ref][2])
                           for g in [None, *anom]},
-                **{k: paired_case_mean(loc_rows[name], loc_rows[ref], k)
+                **{k: C.paired_case_mean(loc_rows[name], loc_rows[ref], k)
                    for k in ("detected", "f1")}}
     return out
 
@@ -867,7 +866,8 @@ def compare_run(rows, args):
     """This run minus --compare-run's (e.g. RA minus its SI-VAE backbone) on the same slices, per
     Eq. (5) variant, paired over scans; only one S for both (lpips) compares the models alone."""
     d = Path(args.compare_run)
-    other, cfg = read_scores(d / "scores.csv"), json.loads((d / "config.json").read_text())["args"]
+    other = C.read_scores(d / "scores.csv")
+    cfg = json.loads((d / "config.json").read_text())["args"]
     if not {r["id"] for r in rows} <= {r["id"] for r in other}:
         C.fail(f"--compare-run {d}: its scores.csv lacks slices of this run (another --data, "
                f"--seed, --test-slices or --image-size?); compare runs on the same test slices")
@@ -879,7 +879,7 @@ def compare_run(rows, args):
         if col in rows[0] and other[0].get(col, "") != "":
             out[name] = {g or "all": C.compare_scores(rows, other, g, key_a=col, key_b=col)
                          for g in [None, *anom]}
-    return {**out, **{k: paired_case_mean(rows, other, k) for k in ("detected", "f1")}}
+    return {**out, **{k: C.paired_case_mean(rows, other, k) for k in ("detected", "f1")}}
 
 
 def print_tables(table1, table2b, t3, vs):
@@ -928,8 +928,9 @@ def main(argv=None):
     kw = dict(size=(args.image_size,) * 2, norm="mri", center=0.5, cache_dir=args.cache_dir)
     S_val = datasets.slice_stack(data.val, n_slices=args.test_slices, desc="val", **kw)
     S_test = datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", **kw)
+    S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
+    loop = None
     if trained is None:
-        S_train = datasets.slice_stack(data.train, n_slices=args.train_slices, desc="train", **kw)
         run.log(f"slices: train {len(S_train.x)}, val {len(S_val.x)}, test {len(S_test.x)}")
         loop, train_s = train(model, S_train, S_val, args, run)
         trained = dict(history=loop.history, state=loop.state, io=loop.io_report(), train_s=train_s,
@@ -941,6 +942,7 @@ def main(argv=None):
     table1, x_syn, figs = synthetic_experiment(model, perceptual, T, S_val, S_test, args,
                                                run.device)
     vs = compare_run(T.rows, args) if args.compare_run else None
+    C.add_baselines(T.rows, C.baseline_units(S_train, S_test, T.keep, "mean"))   # issue 15.5
     score_s = time.perf_counter() - t_score
     examples = plot_figures(T, S_test, x_syn, figs, run.out)
 
@@ -959,6 +961,8 @@ def main(argv=None):
     res = C.report(run, args, "slice", T.rows, timing, extra=extra, data_info={
         **data.info, "test_slices_per_volume": args.test_slices, "not_scored": T.dropped},
         val_scores=T.val_scores, threshold_pct=100 * (1 - args.fpr), history=trained["history"],
+        loop=loop, slabs=S_test.slabs, slab_cases=S_test.cases, skipped=S_test.skipped,
+        baselines_how="mean over the slice, as the slice score (image_score)",
         examples=examples, titles={"roc": f"{name}: slice-level ROC, normal scans vs each group",
                                    "losses": f"{name} training: -L_E (Eq. 4), -L_D (Eq. 2), "
                                              f"L_Reversed (Eq. 3), MSE", "losses_logy": True})
@@ -1042,29 +1046,6 @@ def plot_grid(rows, path, title):
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / h, va="top")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-# ---- proposed for common.py (the lead moves it) --------------------------------------------------
-
-def read_scores(path):
-    """The rows of a scores.csv (values as strings, labels as int), e.g. to compare two runs."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["label"] = int(r["label"])
-    return rows
-
-
-def paired_case_mean(rows_a, rows_b, key):
-    """The mean over cases of a − b in column `key` (per case: the mean over its units, joined by
-    id, blanks skipped), with its 95% interval over cases (mean_ci): paired per-unit TP, F1, ..."""
-    b = {r["id"]: r for r in rows_b}
-    per = {}
-    for r in rows_a:
-        o = b.get(r["id"])
-        if o is not None and r.get(key) not in (None, "") and o.get(key) not in (None, ""):
-            per.setdefault(r["case"], []).append(float(r[key]) - float(o[key]))
-    return C.mean_ci([np.mean(v) for v in per.values()])
 
 
 if __name__ == "__main__":

@@ -34,6 +34,116 @@ from common import REPO, fail, progress
 DATA_README = "data/README.md"
 
 
+# ==================================================================================================
+# Intensities and geometry: CT window, MRI normalisation, crop, pad, resize
+# ==================================================================================================
+
+def ct_window(hu, lo=-20.0, hi=100.0):
+    """CT window [lo, hi] HU -> [-1, 1] (values outside are clipped). Default: brain window L40/W120."""
+    hu = np.asarray(hu, dtype=np.float32)
+    return (np.clip((hu - lo) / (hi - lo), 0, 1) * 2 - 1).astype(np.float32)
+
+
+# MRI intensities have no physical unit: every scan is scaled by one number of its own. That number must
+# not be one that pathology moves, or a score partly detects a scan-wide brightness shift instead of the
+# anomaly: the 1st/99th percentiles of all brain voxels (this repository's earlier rule) moved a tumour
+# scan's healthy tissue by about 6 healthy SDs, because oedema raised the 99th percentile by 28%, and
+# clipped 90% of FLAIR lesion voxels at exactly 1.
+#   tissue median m: the median of the brain voxels within a factor of 2 of m (found by iteration from
+#     the plain median). The factor-2 window leaves out CSF-dark voxels in T1/FLAIR and background;
+#     pathology covers a minority of the tissue, so the median barely moves (a painted-in tumour with
+#     oedema changes the other voxels by < 0.02 at their median, tests/test_common.py), unlike a tail
+#     percentile, which the brightest or darkest few percent - often the anomaly - decide.
+#   x = 2 * clip(I / (HEADROOM * m), 0, 1) - 1: background -1, the tissue median -1/3, and three times
+#     it +1, so hyperintense anomalies (FLAIR lesions and oedema ~2x white matter, T2 CSF ~2.3x) keep
+#     their contrast instead of being clipped.
+# The papers' own preprocessing differs and is named in each script's deviations (AnoVAEGAN and RA:
+# per-scan [0, 1] scaling; MADGAN: [-1, 1]; AnoGAN: OCT B-scans, no MRI).
+MRI_HEADROOM = 3.0
+
+
+def tissue_median(img, brain=None, window=2.0, iters=5):
+    """The median m of the brain voxels within [m / window, m * window] (iterated from the median)."""
+    img = np.asarray(img, dtype=np.float32)
+    v = img[brain > 0] if brain is not None and np.any(brain) else img[img > img.min()]
+    v = v[v > 0] if (v > 0).any() else v
+    m = float(np.median(v))
+    for _ in range(iters):
+        sel = v[(v >= m / window) & (v <= m * window)]
+        if not len(sel):
+            break
+        m = float(np.median(sel))
+    return m
+
+
+MRI_RULE = "tissue"       # the rule every MRI path uses (data/datasets.py keys its caches on it)
+
+
+def normalize_mri(img, brain=None, rule=MRI_RULE, lo_pct=1.0, hi_pct=99.0):
+    """MRI intensities -> [-1, 1]. rule "tissue" (default, see above): 2 clip(I / (3 m), 0, 1) - 1 with m
+    the tissue median; rule "percentile" (the earlier rule, kept for comparison): the lo/hi percentiles
+    of the brain voxels -> -1 / 1, clipped."""
+    img = np.asarray(img, dtype=np.float32)
+    if rule == "tissue":
+        m = tissue_median(img, brain)
+        if not m > 0:
+            fail("an MRI volume has no positive intensity inside its brain mask; is it a CT scan? (--modality)")
+        return (np.clip(img / (MRI_HEADROOM * m), 0, 1) * 2 - 1).astype(np.float32)
+    sel = img[brain > 0] if brain is not None and brain.any() else img[img > img.min()]
+    lo, hi = np.percentile(sel, [lo_pct, hi_pct])
+    return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1).astype(np.float32)
+
+
+def axial_stack(vol):
+    """(X, Y, Z) canonical RAS volume -> (Z, Y, X) axial slices for display: anterior up, subject's
+    left on the image left (neurological convention), slice 0 = most inferior."""
+    return np.ascontiguousarray(np.flip(np.transpose(vol, (2, 1, 0)), axis=1))
+
+
+def bbox(mask, margin=0):
+    """Bounding box of a boolean array as a tuple of slices, grown by `margin` voxels."""
+    idx = np.nonzero(mask)
+    if len(idx[0]) == 0:
+        return tuple(slice(0, s) for s in mask.shape)
+    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, s))
+                 for i, s in zip(idx, mask.shape))
+
+
+def pad_to_square(arr, value, axes=(-2, -1)):
+    """Pad the given axes to equal length (centred) with `value`."""
+    n = max(arr.shape[a] for a in axes)
+    pads = [(0, 0)] * arr.ndim
+    for a in axes:
+        d = n - arr.shape[a]
+        pads[a] = (d // 2, d - d // 2)
+    return np.pad(arr, pads, constant_values=value)
+
+
+def pad_to_cube(arr, value):
+    return pad_to_square(arr, value, axes=(-3, -2, -1))
+
+
+def resize(arr, shape, order=1):
+    """Resize the last len(shape) dims of `arr` (linear if order=1, nearest if 0) with torch."""
+    import torch
+    import torch.nn.functional as F
+    shape = tuple(int(s) for s in shape)
+    if tuple(arr.shape[-len(shape):]) == shape:
+        return np.asarray(arr, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    lead = t.shape[: t.ndim - len(shape)]
+    t = t.reshape(1, -1, *t.shape[-len(shape):])
+    mode = {2: "bilinear", 3: "trilinear"}[len(shape)] if order == 1 else "nearest"
+    kw = {"align_corners": False} if order == 1 else {}
+    t = F.interpolate(t, size=shape, mode=mode, **kw)
+    return t.reshape(*lead, *shape).numpy()
+
+
+def gaussian_smooth(arr, sigma):
+    from scipy.ndimage import gaussian_filter
+    return gaussian_filter(arr, sigma) if sigma and sigma > 0 else arr
+
+
 @dataclass
 class Case:
     """One scan: an image file with its optional anomaly mask and brain mask."""
@@ -918,9 +1028,9 @@ def _cache_key(cases, params):
 
 def _normalize(img, brain, norm, ct_win, strip):
     if norm == "ct":
-        x = C.ct_window(img, *ct_win)
+        x = ct_window(img, *ct_win)
     elif norm == "mri":
-        x = C.normalize_mri(img, brain)
+        x = normalize_mri(img, brain)
     else:
         fail(f"unknown normalisation {norm!r} (use 'mri' or 'ct')")
     if strip:
@@ -986,7 +1096,7 @@ def _cached_build(kind, cases, params, cache_dir, builder, desc):
     raised only after the others were released, so that no process waits forever."""
     cache_dir = Path(cache_dir or REPO / "data" / "cache")
     key = _cache_key(cases, {"kind": kind, **params,
-                             **({"mri_rule": C.MRI_RULE} if params.get("norm") == "mri" else {})})
+                             **({"mri_rule": MRI_RULE} if params.get("norm") == "mri" else {})})
     d = cache_dir / f"{kind}-{key}"
     error = None
     with C.main_first():
@@ -1134,7 +1244,7 @@ def _pad_to_aspect(arr, value, size):
     pad_to_square, as before."""
     H, W = (int(v) for v in size)
     if H == W:
-        return C.pad_to_square(arr, value)
+        return pad_to_square(arr, value)
     h, w = arr.shape[-2:]
     if h * W >= w * H:                       # taller than the target: widen
         th, tw = h, max(w, int(round(h * W / H)))
@@ -1183,16 +1293,16 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
 
     def build(c):
         img, m, b, _, affine = _load_case(c, kind)
-        x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))          # (Z, H, W)
-        b = C.axial_stack(b)
-        m = C.axial_stack(m) if m is not None else np.zeros_like(b)
+        x = axial_stack(_normalize(img, b, norm, ct_window, strip))          # (Z, H, W)
+        b = axial_stack(b)
+        m = axial_stack(m) if m is not None else np.zeros_like(b)
         z, rec = _slab(c, b, affine, kind, n_slices, center, step, slab)
         if z is None:
             return empty([], {"skipped": rec["skipped"]})
         info = {"slab": rec}
         x, m, b = x[z], m[z], b[z]
         if crop:
-            _, sy, sx = C.bbox(b, margin)
+            _, sy, sx = bbox(b, margin)
             x, m, b = x[:, sy, sx], m[:, sy, sx], b[:, sy, sx]
         if drop_anomalous and (c.meta.get("healthy_slices_only") or c.meta.get("anomalous_slices_only")):
             # after the crop, so that both parts of a scan share the crop of the whole slab
@@ -1202,7 +1312,7 @@ def slice_stack(cases, size=(128, 128), norm="mri", n_slices=20, center=0.5, ste
                 return empty(z, info)
         info.update(_brain_stats(x, b, img))
         x, m, b = (_pad_to_aspect(a, v, size) for a, v in ((x, -1.0), (m, 0), (b, 0)))
-        return (C.resize(x, size, 1), C.resize(m, size, 1) > 0.5, C.resize(b, size, 1) > 0.5, z,
+        return (resize(x, size, 1), resize(m, size, 1) > 0.5, resize(b, size, 1) > 0.5, z,
                 info)
     S = _cached_build("slices", cases, params, cache_dir, build, desc)
     n = np.bincount(S.case, minlength=len(cases))
@@ -1240,16 +1350,16 @@ def volume_stack(cases, size=(64, 64, 64), norm="ct", ct_window=(-20, 100), smoo
 
     def build(c):
         img, m, b, _ = read_case(c, kind)
-        x = C.axial_stack(_normalize(img, b, norm, ct_window, strip))
-        b = C.axial_stack(b)
-        m = C.axial_stack(m) if m is not None else np.zeros_like(b)
+        x = axial_stack(_normalize(img, b, norm, ct_window, strip))
+        b = axial_stack(b)
+        m = axial_stack(m) if m is not None else np.zeros_like(b)
         if crop:
-            sl = C.bbox(b, margin)
+            sl = bbox(b, margin)
             x, m, b = x[sl], m[sl], b[sl]
         info = _brain_stats(x, b, img)
-        x = C.gaussian_smooth(x, smooth_sigma)
-        x, m, b = C.pad_to_cube(x, -1.0), C.pad_to_cube(m, 0), C.pad_to_cube(b, 0)
-        return (C.resize(x, size, 1)[None], (C.resize(m, size, 1) > 0.5)[None], (C.resize(b, size, 1) > 0.5)[None],
+        x = gaussian_smooth(x, smooth_sigma)
+        x, m, b = pad_to_cube(x, -1.0), pad_to_cube(m, 0), pad_to_cube(b, 0)
+        return (resize(x, size, 1)[None], (resize(m, size, 1) > 0.5)[None], (resize(b, size, 1) > 0.5)[None],
                 np.zeros(1, np.int32), info)
     S = _cached_build("volumes", cases, params, cache_dir, build, desc)
     _check_contrast(S, norm, ct_window, desc, hint)
@@ -1302,3 +1412,85 @@ def _axis_mm(affine, shape, axis):
         v[axis] = float(k)
         ends.append(float(np.asarray(affine)[axis] @ v))
     return tuple(ends)
+
+
+# ==================================================================================================
+# Loading helpers of single scripts
+# ==================================================================================================
+
+# -- first written for fanogan3d.py
+
+def choose_normalisation(args, data, run, phantom="ct"):
+    """"ct" (the CT window --window) or "mri" (normalize_mri): --modality when given,
+    the phantom's contrast (default `phantom`), else detected from the training volumes; logged and
+    recorded in data.info["normalisation"]. -> (norm, what it maps to [-1, 1], for messages)"""
+    if args.modality or args.data == "synthetic":
+        norm = "ct" if (args.modality or phantom) == "ct" else "mri"
+        how = f"--modality {args.modality}" if args.modality else "the CT phantom (default)"
+    else:
+        norm, how = detect_modality(data.train)
+    to = ("CT window %g..%g HU" % tuple(args.window) if norm == "ct"
+          else "MRI tissue median -> -1/3")
+    run.log(f"modality {norm.upper()} ({how}): {to} -> [-1, 1]")
+    data.info["normalisation"] = {"norm": norm, "how": how}
+    return norm, to
+
+
+def detect_modality(cases, n=3):
+    """"ct" or "mri" from the raw intensities of the first n cases: a CT's background is air at
+    about -1000 HU, MRI intensities are >= 0. -> (kind, how it was decided, for the log)."""
+    p1 = float(np.median([np.percentile(read_nifti(c.image)[0], 1) for c in cases[:n]]))
+    kind = "ct" if p1 < -500 else "mri"
+    return kind, (f"detected from {min(n, len(cases))} training volumes: 1st intensity percentile "
+                  f"{p1:g} ({'air, HU' if kind == 'ct' else 'no air at -1000 HU'}); --modality "
+                  f"overrides")
+
+
+def check_not_constant(S, what, after, n=64):
+    """Refuse preprocessed arrays whose brain voxels are (almost) all one value, e.g. MRI through a
+    CT window (every brain voxel clips to +1): a model would learn nothing and score all alike."""
+    x, b = np.asarray(S.x[:n]), np.asarray(S.brain[:n]) > 0
+    v = x[b] if b.any() else x.ravel()
+    same = float(np.mean(np.abs(v - np.median(v)) < 1e-3))
+    if same > 0.9:
+        C.fail(f"{same:.0%} of the brain voxels of the first {len(x)} {what} have one value "
+               f"({np.median(v):.3g}) after {after}; nothing to learn, so no training")
+
+
+# -- first written for anovaegan.py
+
+def whole_slabs(cases):
+    """One test case per scan with all its slices, for methods that post-process a scan in 3D.
+    Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its
+    anomaly-free slices (_anomalous_splits); keep the anomalous case (its slices are then labelled
+    by their own mask voxels) and drop its healthy twin."""
+    anomalous = {c.image for c in cases if c.meta.get("anomalous_slices_only")}
+    return [c for c in cases if not (c.meta.get("healthy_slices_only") and c.image in anomalous)]
+
+
+# -- first written for madgan.py
+
+class RowReader:
+    """Rows of an array x (N, ...) as float32: reader(rows), rows an int array of any shape ->
+    (*rows.shape, *x.shape[1:]), every distinct row read once. For x as np.memmap opened it (not a
+    view of one), each run of consecutive rows is one plain file read, so the pages go to the OS
+    page cache, not to this process's resident memory: peak RSS stays at one batch, whatever the
+    size of the data set."""
+
+    def __init__(self, x):
+        self.x, self.row_bytes = x, int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        self.path = x.filename if isinstance(x, np.memmap) and x.flags.c_contiguous else None
+
+    def __call__(self, rows):
+        rows = np.asarray(rows)
+        u, inv = np.unique(rows, return_inverse=True)          # sorted distinct rows
+        if self.path is None:
+            return np.asarray(self.x[u], dtype=np.float32)[inv.reshape(rows.shape)]
+        out = np.empty((len(u), *self.x.shape[1:]), self.x.dtype)
+        with open(self.path, "rb") as f:
+            for run in np.split(np.arange(len(u)), np.nonzero(np.diff(u) != 1)[0] + 1):
+                if len(run):
+                    f.seek(self.x.offset + int(u[run[0]]) * self.row_bytes)
+                    buf = f.read(len(run) * self.row_bytes)
+                    out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
+        return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]

@@ -452,3 +452,28 @@ def make_isbi2015(root, timepoints=(2, 3, 2, 2), shape=SHAPE):
 
 BUILDERS = {"oasis3": make_oasis3, "ixi": make_ixi, "brats": make_brats, "ctich": make_ctich,
             "mslub": make_mslub, "isbi2015": make_isbi2015}
+
+
+def check_report_extras(out, slices=True, training=True):
+    """A smoke run's like-for-like baselines (scores.csv columns, results.json "baselines"), its
+    slabs (one per scored scan, slabs.png) and its training record; -> the results dict."""
+    out = Path(out)
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"baseline_intensity", "baseline_zscore"} <= set(rows[0]), list(rows[0])
+    assert all(np.isfinite(float(r["baseline_intensity"])) for r in rows)
+    res = json.loads((out / "results.json").read_text())
+    for name in ("intensity", "zscore"):
+        b = res["baselines"][name]
+        assert 0 <= b["auroc"] <= 1 and len(b["auroc_ci"]) == 2
+        assert "diff" in b["method_minus_baseline_auroc"]
+    if slices:
+        scans = {r.get("case") or r["id"] for r in rows}
+        missing = scans - set(res["slabs"])
+        assert not missing, sorted(missing)[:5]
+        s = next(iter(res["slabs"].values()))
+        assert s["first"] <= s["last"] and len(s["z_mm"]) == 2
+        assert (out / "slabs.png").stat().st_size > 0
+    if training:
+        assert set(res["training"]) == {"phases", "io"} and res["training"]["phases"]
+    return res

@@ -386,3 +386,9 @@ def test_bad_input_is_one_error_line(flags, needle, tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke)

@@ -449,3 +449,9 @@ def test_bad_flags_give_one_error_line(tmp_path):
         A.main(["--preset", "smoke", "--percentile", "120", "--out", str(tmp_path / "z")])
     with pytest.raises(C.UserError, match="--median must be odd"):
         A.main(["--preset", "smoke", "--median", "4", "--out", str(tmp_path / "w")])
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke)

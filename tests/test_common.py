@@ -119,13 +119,13 @@ def test_evaluate_groups_against_normal_only():
 # ---- windowing ----------------------------------------------------------------------------------
 
 def test_ct_window_values():
-    out = C.ct_window(np.array([-1000, -20, 40, 100, 1500]), -20, 100)
+    out = datasets.ct_window(np.array([-1000, -20, 40, 100, 1500]), -20, 100)
     np.testing.assert_allclose(out, [-1, -1, 0, 1, 1])
 
 
 def test_normalize_mri_percentiles():
     img = np.arange(100, dtype=np.float32).reshape(10, 10, 1)
-    out = C.normalize_mri(img, None, rule="percentile", lo_pct=0, hi_pct=100)  # voxels > min: 1..99 -> [-1, 1]
+    out = datasets.normalize_mri(img, None, rule="percentile", lo_pct=0, hi_pct=100)  # voxels > min: 1..99 -> [-1, 1]
     assert out.min() == -1 and out.max() == 1 and out[0, 5, 0] == pytest.approx(-1 + 2 * 4 / 98)
 
 
@@ -133,8 +133,8 @@ def test_normalize_mri_tissue_rule_by_hand():
     # brain voxels: 90 at 100 (tissue), 10 at 1000 (a bright lesion, outside [m/2, 2m]) -> m = 100
     img = np.r_[np.full(90, 100.0), np.full(10, 1000.0), np.zeros(20)].astype(np.float32)
     brain = (np.arange(120) < 100).astype(np.uint8)
-    assert C.tissue_median(img, brain) == 100.0
-    out = C.normalize_mri(img, brain)                       # 2 clip(I / 300, 0, 1) - 1
+    assert datasets.tissue_median(img, brain) == 100.0
+    out = datasets.normalize_mri(img, brain)                       # 2 clip(I / 300, 0, 1) - 1
     np.testing.assert_allclose(out[[0, 95, 110]], [2 * 100 / 300 - 1, 1.0, -1.0], atol=1e-6)
 
 
@@ -147,7 +147,7 @@ def _painted(contrast, rule, index):
     lesion = (t["mask"] > 0) & brain
     img = n["image"].astype(np.float32)
     painted = np.where(lesion, t["image"], img).astype(np.float32)
-    a, b = C.normalize_mri(img, brain, rule=rule), C.normalize_mri(painted, brain, rule=rule)
+    a, b = datasets.normalize_mri(img, brain, rule=rule), datasets.normalize_mri(painted, brain, rule=rule)
     return float(np.median(np.abs(a - b)[brain & ~lesion])), int(lesion.sum())
 
 
@@ -168,7 +168,7 @@ def test_hyperintense_anomalies_keep_their_contrast_below_the_ceiling(contrast):
     for g in groups:
         for index in range(2):
             c = phantom.make_case(contrast, g, index, return_labels=True)
-            x = C.normalize_mri(c["image"].astype(np.float32), c["brain"] > 0)
+            x = datasets.normalize_mri(c["image"].astype(np.float32), c["brain"] > 0)
             lesion = x[c["mask"] > 0]
             assert (lesion < 1.0).mean() >= 0.95, (g, index)
             if g == "ms_lesion":          # T2/FLAIR-hyperintense by definition (the tumour's
@@ -180,22 +180,16 @@ def test_hyperintense_anomalies_keep_their_contrast_below_the_ceiling(contrast):
 def test_axial_stack_orientation():
     v = np.zeros((3, 4, 5))          # X, Y, Z
     v[2, 3, 1] = 1                    # right-most X, most anterior Y, 2nd slice
-    a = C.axial_stack(v)              # (Z, Y, X), anterior up
+    a = datasets.axial_stack(v)              # (Z, Y, X), anterior up
     assert a.shape == (5, 4, 3)
     assert a[1, 0, 2] == 1
 
 
-def test_slice_windows_first_and_last():
-    w = C.slice_windows(10, 3, 3)
-    assert w[0] == 0 and w[-1] == 4 and len(w) == 5   # last window: inputs 4,5,6 -> targets 7,8,9
-    assert len(C.slice_windows(5, 3, 3)) == 0
-
-
 def test_resize_and_pad():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
-    p = C.pad_to_square(a, -1)
+    p = datasets.pad_to_square(a, -1)
     assert p.shape == (3, 3) and (p[2] == -1).all()
-    assert C.resize(np.ones((2, 8, 8)), (4, 4)).shape == (2, 4, 4)
+    assert datasets.resize(np.ones((2, 8, 8)), (4, 4)).shape == (2, 4, 4)
 
 
 def test_patches_inside_brain():
@@ -297,18 +291,16 @@ def test_main_guard_prints_one_error_line():
 
 
 def test_parse_args_preset_and_explicit_override(tmp_path):
-    p = C.ArgumentParser()
-    C.add_contract_args(p, "m")
-    p.add_argument("--lam", type=float, default=None)
-    presets = {"smoke": {"lam": 0.5}, "quick": {"lam": 0.1}, "paper": {"lam": 0.1}}
-    assert C.parse_args(p, presets, ["--preset", "smoke"]).lam == 0.5
-    a = C.parse_args(p, presets, ["--preset", "smoke", "--lam", "0.2"], method="m")
+    hyper = {"lam": C.hp(0.1, "lambda", 0, 1)}
+    presets = {"smoke": {"lam": 0.5}, "quick": {}}
+    assert C.parse_args(["--preset", "smoke"], hyper, presets, method="m").lam == 0.5
+    assert C.parse_args(["--preset", "paper"], hyper, presets, method="m").lam == 0.1
+    a = C.parse_args(["--preset", "smoke", "--lam", "0.2"], hyper, presets, method="m")
     assert a.lam == 0.2 and a.out.startswith("runs/m__synthetic__0__")
     with pytest.raises(C.UserError, match="no such checkpoint"):
-        C.parse_args(p, presets, ["--checkpoint", str(tmp_path / "nope.pt")])
-    a.lam = 2.0
+        C.parse_args(["--checkpoint", str(tmp_path / "nope.pt")], hyper, presets, method="m")
     with pytest.raises(C.UserError, match="--lam must be in"):
-        C.check_range(a, "lam", 0, 1)
+        C.parse_args(["--lam", "2"], hyper, presets, method="m")
 
 
 def test_checkpoint_atomic_roundtrip(tmp_path):
@@ -327,14 +319,14 @@ def test_check_finite_stops_on_nan(tmp_path):
         C.check_finite(torch.tensor(float("nan")), step=7)
 
 
-def test_finish_run_writes_contract_files(tmp_path):
+def test_report_writes_contract_files(tmp_path):
     args = _args(tmp_path, preset="smoke")
     args.out = str(tmp_path / "run")
     run = C.Run(out=Path(args.out), device=torch.device("cpu"), method="m", t0=0)
     run.out.mkdir()
     rows = [{"id": f"n{i}", "group": "normal", "label": 0, "score": i / 10} for i in range(5)]
     rows += [{"id": f"a{i}", "group": "lesion", "label": 1, "score": 1 + i} for i in range(5)]
-    res = C.finish_run(run, args, "m", "volume", rows, {"train_s": 1.0, "score_s": 0.5})
+    res = C.report(run, args, "volume", rows, {"train_s": 1.0, "score_s": 0.5})
     assert res["metrics"]["auroc"] == 1.0
     for f in ("results.json", "scores.csv", "roc.png", "scores.png"):
         assert (run.out / f).stat().st_size > 0
@@ -342,11 +334,11 @@ def test_finish_run_writes_contract_files(tmp_path):
     assert (run.out / "scores.csv").read_text().splitlines()[0] == "id,group,label,score"
 
 
-def test_finish_run_refuses_a_test_set_without_normal_units(tmp_path):
+def test_report_refuses_a_test_set_without_normal_units(tmp_path):
     args = _args(tmp_path, preset="smoke")
     run = C.Run(out=tmp_path / "run", device=torch.device("cpu"), method="m", t0=0)
     run.out.mkdir()
     rows = [{"id": f"a{i}", "group": "lesion", "label": 1, "score": float(i)} for i in range(3)]
     with pytest.raises(C.UserError, match="no normal"):
-        C.finish_run(run, args, "m", "slice", rows, {"train_s": 1.0})
+        C.report(run, args, "slice", rows, {"train_s": 1.0})
     assert not (run.out / "results.json").exists()

@@ -708,7 +708,7 @@ def test_non_square_size_keeps_the_aspect_ratio(tmp_path):
     # the paper's case is zero-padding alone; a square target pads to a square, as before
     a = np.random.default_rng(0).random((3, 240, 176))
     assert datasets._pad_to_aspect(a, 0, (256, 176)).shape == (3, 256, 176)
-    assert np.array_equal(datasets._pad_to_aspect(a, -1, (64, 64)), C.pad_to_square(a, -1))
+    assert np.array_equal(datasets._pad_to_aspect(a, -1, (64, 64)), datasets.pad_to_square(a, -1))
 
 
 def test_volume_shorter_than_the_slab_is_skipped_not_padded(tmp_path):

@@ -359,3 +359,9 @@ def test_2d_baseline_is_paired_with_the_3d_model_on_the_same_volumes(smoke, tmp_
     r3 = json.loads((smoke / "full" / "results.json").read_text())
     assert d["a"] == pytest.approx(r3["metrics"]["auroc"]) and d["b"] == pytest.approx(r["volume_level"]["auroc"])
     assert d["ci"][0] <= d["diff"] <= d["ci"][1] and r["compare_3d_vs_2d"]["n_volumes"] == 8
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke / "full", slices=False)

@@ -218,7 +218,7 @@ def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatc
     mm = np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="w+", shape=x.shape)
     mm[:] = x
     mm.flush()
-    reader = M.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
+    reader = datasets.RowReader(np.memmap(tmp_path / "x.dat", dtype=np.float32, mode="r", shape=x.shape))
     rows = np.array([[5, 6, 7], [7, 8, 2], [15, 3, 2]])         # distinct: 2-3 | 5-8 | 15, unsorted, repeated
     reads, real_open = [], open
 
@@ -244,7 +244,7 @@ def test_row_reader_reads_each_run_of_consecutive_rows_once(tmp_path, monkeypatc
     assert out.shape == (3, 3, 3, 4) and out.dtype == np.float32
     np.testing.assert_array_equal(out, x[rows])
     assert reads == [2, 4, 1]                                    # one read per run of consecutive rows
-    np.testing.assert_array_equal(M.RowReader(x)(rows), x[rows])  # a plain array: indexing
+    np.testing.assert_array_equal(datasets.RowReader(x)(rows), x[rows])  # a plain array: indexing
 
 
 def test_group_aucs_normal_is_any_label_0_group():
@@ -395,3 +395,15 @@ def test_smoke_run_oasis3_fixture(tmp_path):
     assert {"all", "all_stages", "cdr_0.5", "cdr_1", "cdr_2"} <= set(r["table1"]["all windows"])
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("id,group,label,score")
+
+
+def test_slice_windows_first_and_last():
+    w = M.slice_windows(10, 3, 3)
+    assert w[0] == 0 and w[-1] == 4 and len(w) == 5   # last window: inputs 4,5,6 -> targets 7,8,9
+    assert len(M.slice_windows(5, 3, 3)) == 0
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke)

@@ -349,7 +349,7 @@ def test_paired_case_mean_averages_slices_within_a_case_first():
     b = [dict(id="1", case="A", f1=0.0), dict(id="2", case="A", f1=0.0), dict(id="3", case="B", f1=0.0),
          dict(id="4", case="B", f1=0.2)]
     # case A: mean(1 - 0, 0 - 0) = 0.5; case B: 0.5 - 0 (slice 4 blank: skipped) -> mean over cases 0.5
-    r = RA.paired_case_mean(a, b, "f1")
+    r = C.paired_case_mean(a, b, "f1")
     assert r["mean"] == pytest.approx(0.5) and r["n"] == 2 and r["ci"] == [pytest.approx(0.5)] * 2
 
 
@@ -437,7 +437,7 @@ def test_smoke_run_writes_the_contract_files(smoke_run):
     for name in set(RA.VARIANTS) - {"Eq. 5 (eq + PL)"}:                       # paired over cases, vs Eq. (5)
         d = t3[name]["minus_Eq. 5 (eq + PL)"]["auroc"]["all"]
         assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["b"] == pytest.approx(res["metrics"]["auroc"])
-    rows = RA.read_scores(out / "scores.csv")
+    rows = C.read_scores(out / "scores.csv")
     assert all(r["case"] in r["id"] for r in rows) and {r["label"] for r in rows} == {0, 1}
     for g in {r["group"] for r in rows} - {"normal"}:                        # no anomalous group looks normal
         assert any(r["label"] == 1 for r in rows if r["group"] == g), g
@@ -475,7 +475,7 @@ def test_checkpoint_scores_the_same_and_rejects_another_script(smoke_run, tmp_pa
 
 
 def test_compare_run_is_this_model_minus_the_other_paired_over_cases(smoke_run, tmp_path):
-    rows = RA.read_scores(smoke_run / "full" / "scores.csv")
+    rows = C.read_scores(smoke_run / "full" / "scores.csv")
     other = tmp_path / "sivae"
     other.mkdir()
     cfg = json.loads((smoke_run / "full" / "config.json").read_text())
@@ -502,3 +502,9 @@ def test_bad_flag_is_one_error_line(tmp_path):
                         "--out", str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "--channels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_smoke_reports_baselines_slabs_and_training(smoke_run):
+    """Issue 15.5 (baselines per scored unit), 17.4 (a slab per scored scan, slabs.png), the Loop."""
+    from tests.fixtures import check_report_extras
+    check_report_extras(smoke_run / "full")
