@@ -327,8 +327,9 @@ def test_smoke_run_as_a_user_types_it(smoke):
     assert [e["step"] for e in r["auc_over_steps"]] == [0, 2, 4]          # Fig. 8 from the untrained G
     ck = C.load_checkpoint(smoke / "last.pt", "madgan")
     assert ck["loop"]["total_steps"] == 4 and set(ck["models"]) == set(ck["optims"]) == {"G", "D"}
-    assert (smoke / "scores.csv").read_text().splitlines()[0] == \
-        "id,group,label,score,score_all_windows,score_top10_windows,n_windows"
+    assert (smoke / "scores.csv").read_text().splitlines()[0] == (
+        "id,group,label,score,score_all_windows,score_top10_windows,n_windows,"
+        "baseline_intensity,baseline_zscore")
 
 
 def test_resume_after_max_steps_equals_the_uninterrupted_run(smoke, cache, tmp_path, one_thread):
