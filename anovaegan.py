@@ -25,10 +25,9 @@ Equations (unnumbered in the paper; numbered here in the order of §2 "Methodolo
 Deviations from the paper (and choices it leaves open):
  1. Data: the in-house FLAIR data (83 healthy, 49 MS patients) is private. `--data synthetic` is the
     FLAIR phantom (`ms_lesion` ≈ MS lesions, `tumor`); real data `--data mslub|isbi2015|brats`:
-    whole per-patient slabs, their lesion-free slices the normal group. Intensities: tissue median
-    -> -1/3 of [-1, 1] (datasets.normalize_mri; the paper does not say).
- 2. The threshold comes from healthy VALIDATION subjects, not the training subjects (their residuals
-    are optimistically small), and is taken on the filtered values it thresholds.
+    per-patient slabs, lesion-free slices the normal group; tissue median -> -1/3 (unstated).
+ 2. The threshold comes from healthy VALIDATION subjects (training residuals are optimistically
+    small), taken on the filtered values it thresholds.
  3. Architecture (the paper builds on Pawlowski et al. without details): the encoder/decoder of the
     authors' later code (Baur et al. 2020): 5×5 stride-2 convolutions, 32-64-128-128 filters,
     BatchNorm, LeakyReLU(0.2); a mirrored decoder with a linear 1×1 output; spatial z a 1×1
