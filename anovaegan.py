@@ -50,8 +50,8 @@ Deviations from the paper (and choices it leaves open):
     about ten times harder (the image stays tied to its input) while the discriminator is held at
     chance: the realism the term is for (§1). The ratio: losses.png. Literal: `--lam-adv 1`.
 
-On the quick preset the dense models segment better than the spatial ones, the opposite of Table 1
-(the copy probe shows why); the measured table is in README.md and results/.
+At quick size a spatial bottleneck copies anomalies into its reconstruction (copy_probe.png); the
+spatial-vs-dense rows with paired intervals: `python benchmark.py --fidelity --row baur_spatial`.
 
 Commands:
   python anovaegan.py                                 # quick: AnoVAEGAN on the phantom, CPU minutes

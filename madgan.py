@@ -45,9 +45,9 @@ Deviations from the paper (and readings of what it leaves open):
 
 Read the results against the untrained generator: auc_steps.png (Fig. 8) starts at step 0, and on
 the phantom an untrained generator already separates atrophy, which darkens the slab (more CSF) and
-so raises the l2 score; what training adds is the rise above step 0. The quick preset (64x64, 24
-slices, 1,200 steps; minutes on 2 CPU cores) shows the AUC rising with the stage; the measured
-0/3/7-SA and w/o-l1 table is in README.md.
+so raises the l2 score; what training adds is the rise above step 0. On phantom 2.0 (atrophy
+overlaps an ageing healthy population) the quick preset (64x64, 24 slices, 1,200 steps) ends near
+chance at every stage, below its own step 0: README.md / results/benchmark.md give the intervals.
 
     python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
