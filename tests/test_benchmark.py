@@ -162,7 +162,8 @@ def test_every_fidelity_run_parses_with_its_scripts_own_flags(tmp_path):
                     assert f'"{col}"' in src[B.RUNS[run][0]], (run, col)
 
 
-def test_fidelity_dry_run_writes_the_template_with_commands(tmp_path):
+def test_fidelity_dry_run_writes_the_template_with_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)      # runs/benchmark is relative: no earlier runs of this checkout count
     rows = B.run_fidelity(B.parse(["--fidelity", "--dry-run", "--out", str(tmp_path)]))
     md = (tmp_path / "fidelity.md").read_text()
     assert len(rows) == len(B.FIDELITY) and "template: nothing has been run yet" in md
