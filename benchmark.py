@@ -202,6 +202,89 @@ def _threads(jobs):
     return str(max(1, (os.cpu_count() or 1) // jobs))
 
 
+SCRIPTS = tuple(f"{m}.py" for m in METHODS)
+
+
+def profile_run(script, argv):
+    """`python benchmark.py --profile-run SCRIPT ARGS...`: SCRIPT's main(ARGS), as `python SCRIPT.py
+    ARGS` runs it, with a clock around its train_step, its score, C.Loop._save (checkpoints), C.report
+    (metrics, intervals, run files) and C._save (every figure). Writes <--out>/profile.json: where the
+    wall time went, the training loop's seconds per second inside train_step (the networks' forward,
+    backward and optimiser steps; the rest of the loop is data, logging, checks, checkpoints and any
+    evaluation during training) and the peak RSS. The benchmark runs every script this way."""
+    import functools
+    import importlib
+    import resource
+
+    import torch
+    t0 = time.perf_counter()
+    mod = importlib.import_module(script)
+    spent, state = {}, {"first_step": None, "training": False}
+
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def timed(owner, name, key):
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def clocked(*a, **k):
+            if key == "loop_init" and state["first_step"] is None:   # data ready, training begins
+                state["first_step"] = time.perf_counter() - t0
+            k_ = "eval_in_training" if key == "score" and state["training"] else key
+            sync()
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                sync()
+                s = spent.setdefault(k_, [0.0, 0])
+                s[0] += time.perf_counter() - t
+                s[1] += 1
+        setattr(owner, name, clocked)
+
+    phase = C.Loop.phase
+
+    def clocked_phase(self, *a, **k):       # scoring inside a phase's steps counts as evaluation
+        state["training"] = True
+        try:
+            yield from phase(self, *a, **k)
+        finally:
+            state["training"] = False
+    C.Loop.phase = clocked_phase
+
+    timed(mod, "train_step", "train_step")
+    timed(mod, "score", "score")
+    timed(C.Loop, "__init__", "loop_init")
+    timed(C.Loop, "_save", "checkpoint")
+    timed(C, "report", "report")
+    timed(C, "_save", "figures")
+    sys.argv = [f"{script}.py", *argv]          # config.json's command and --help: the script's own
+    try:
+        return C.main_guard(mod.main, list(argv))
+    finally:
+        wall = time.perf_counter() - t0
+        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+        res = out / "results.json" if out is not None else None
+        loop_s = None
+        if res is not None and res.is_file():
+            loop_s = json.loads(res.read_text()).get("timing", {}).get("train_s")
+        sec = {k: round(v[0], 3) for k, v in spent.items()}
+        step_s, ev_s = sec.get("train_step", 0.0), sec.get("eval_in_training", 0.0)
+        prof = {"script": script, "argv": list(argv), "wall_s": round(wall, 2),
+                "setup_s": round(state["first_step"], 2) if state["first_step"] is not None else None,
+                "setup": "from the start to the training loop: imports, data, caches, networks",
+                "train_loop_s": loop_s, "seconds": sec, "calls": {k: v[1] for k, v in spent.items()},
+                "loop_per_train_step": round(loop_s / step_s, 3) if loop_s and step_s else None,
+                "loop_per_train_step_without_eval": round((loop_s - ev_s) / step_s, 3)
+                if loop_s and step_s else None,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "threads": torch.get_num_threads()}
+        if out is not None and out.is_dir():
+            C.write_json(out / "profile.json", prof)
+
+
 def run_all(cmds, jobs=1, skip_existing=False):
     """cmds: [(out, cmd)], independent of each other. Runs `jobs` at a time; -> {out: ok}. A finished
     run directory (results.json) is reused with --skip-existing; a failed run prints its last line."""
@@ -213,6 +296,8 @@ def run_all(cmds, jobs=1, skip_existing=False):
             return out, True
         print("$ " + show(cmd), flush=True)
         t = time.time()
+        if len(cmd) > 1 and cmd[1] in SCRIPTS:   # the same run, with profile.json (profile_run)
+            cmd = [cmd[0], str(REPO / "benchmark.py"), "--profile-run", cmd[1][:-3], *cmd[2:]]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             tail = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["?"])[-1]
@@ -225,6 +310,26 @@ def run_all(cmds, jobs=1, skip_existing=False):
         return dict(map(one, cmds))
     with cf.ThreadPoolExecutor(jobs) as ex:
         return dict(ex.map(one, cmds))
+
+
+def read_profile(out):
+    """profile.json of a run (written by profile_run), or None."""
+    f = Path(out) / "profile.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def cost_rows(profiles):
+    """The cost table's cells from the runs' profile.json, mean ± sd over seeds."""
+    ps = [p for p in profiles if p]
+    if not ps:
+        return ["–"] * 7
+    sec = lambda k: [p["seconds"].get(k, 0.0) for p in ps]                       # noqa: E731
+    return [fmt_seeds([p["wall_s"] / 60 for p in ps], digits=2), fmt_seeds([p["setup_s"] or 0 for p in ps], digits=0),
+            fmt_seeds([p["train_loop_s"] or 0 for p in ps], digits=0),
+            fmt_seeds([p["loop_per_train_step_without_eval"] or float("nan") for p in ps], digits=2)
+            + f" ({fmt_seeds(sec('eval_in_training'), digits=0)} s)",
+            fmt_seeds(sec("score"), digits=0), fmt_seeds(sec("report"), digits=0) + " / "
+            + fmt_seeds(sec("figures"), digits=0), fmt_seeds([p["peak_rss_mb"] for p in ps], digits=0)]
 
 
 def read_run(out):
@@ -406,6 +511,7 @@ def run_benchmark(a):
     for m in methods:
         e = collect(m, [read_run(run_dir(a.runs, a.preset, m, [], s)) for s in range(a.seeds)])
         if e:
+            e["profiles"] = [read_profile(run_dir(a.runs, a.preset, m, [], s)) for s in range(a.seeds)]
             entries[m] = e
     fallback = {}   # contrast -> {name: seed_table}: the benchmark's own volume baselines
     need = sorted({METHODS[m] for m, e in entries.items() if not e["like_for_like"]})
@@ -480,13 +586,20 @@ def write_report(a, methods, entries, fallback, total):
                     fmt_diff(d[g], 2) + (" *" if d[g]["resolved"] else "") if g in d else "–"
                     for g in groups) + " |")
             lines.append("")
-    lines += [f"## Cost ({a.device}, as run; mean ± sd over seeds)", "",
-              "| method (unit) | seeds that ran | train s | score s / sample | peak RSS MB |", "|---|---|---|---|---|"]
+    lines += [f"## Cost ({a.device}, OMP_NUM_THREADS={_threads(a.jobs)}, {a.jobs} run(s) at a time; mean ± sd over "
+              "seeds; each run's profile.json)", "",
+              "setup: imports, data and caches, networks. Loop / step: the training loop's seconds per second "
+              "inside train_step (the networks' forward, backward and optimiser), evaluation during training "
+              "left out (its seconds in brackets). Score: the scoring passes outside the training loop (after it; "
+              "MADGAN's step-0 Fig. 8 point and f-AnoGAN's step-2 scores between phases). Report: metrics, "
+              "intervals and run files / of which figures (figures the script draws itself count there too).",
+              "", "| method (unit) | seeds that ran | wall min | setup s | train loop s | loop / step (eval s) "
+              "| score s | report / figures s | score s / sample | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         if m in entries:
-            c = entries[m]["costs"]
-            lines.append(f"| {entries[m]['key']} | {entries[m]['n_seeds']} of {a.seeds} | {fmt_seeds(c['train_s'], digits=1)} | "
-                         f"{fmt_seeds(c['score'], digits=4)} | {fmt_seeds(c['rss'], digits=0)} |")
+            c, cells = entries[m]["costs"], cost_rows(entries[m].get("profiles", []))
+            lines.append(f"| {entries[m]['key']} | {entries[m]['n_seeds']} of {a.seeds} | " + " | ".join(cells[:6])
+                         + f" | {fmt_seeds(c['score'], digits=4)} | {cells[6]} |")
     md = "\n".join(lines) + "\n"
     (out / "benchmark.md").write_text(md)
     C.write_json(out / "benchmark.json", {
@@ -982,6 +1095,11 @@ def update_readme(path, lines):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--profile-run"]:
+        if len(argv) < 2 or argv[1] not in METHODS:
+            C.fail(f"--profile-run needs one of {', '.join(METHODS)}, then the script's arguments")
+        return profile_run(argv[1], argv[2:])
     a = parse(argv)
     if a.gpu_check:
         return gpu_check(a)

@@ -456,8 +456,8 @@ def train(args, run, G, D, S_train, win_rows, fig8):
         windows = [split_window(read(win_rows[next(batches)]), args.k_in, run.device)
                    for _ in range(args.n_critic)]
         loop.log(train_step(G_, D_, opt_G, opt_D, windows, step, args))
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            evaluate(step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            evaluate(step)                                     # the last point: main's own scores
     train_s = loop.close()
     run.log(f"trained in {train_s:.0f}s; checkpoints {loop.io_report()}")
     return dict(history=loop.history, state=loop.state, train_s=train_s, loop=loop,
@@ -543,13 +543,16 @@ def table1(rows, args):
                 rows, rows, key_a="score_all_windows", key_b="score_top10_windows")}
 
 
-def auc_at_step(run, G, S_test, S_val, args, step):
-    """Fig. 8: the AUCs of the current generator at a training step (reporting only)."""
-    rows = scan_rows(S_test.cases, score(G, S_test, args, run.device), args)
+def auc_at_step(run, G, S_test, S_val, args, step, out=None, val=None):
+    """Fig. 8: the AUCs of the current generator at a training step (reporting only); out, val: its
+    scores of the test and validation scans if they are at hand (the last point)."""
+    out = score(G, S_test, args, run.device) if out is None else out
+    rows = scan_rows(S_test.cases, out, args)
     e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
          "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
     if S_val is not None:
-        e["val_l2_mean"] = float(np.nanmean(score(G, S_val, args, run.device)["all"]))
+        val = score(G, S_val, args, run.device) if val is None else val
+        e["val_l2_mean"] = float(np.nanmean(val["all"]))
     run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
     return e
 
@@ -602,7 +605,12 @@ def main(argv=None):
     with C.Timer() as t:
         out = score(G, S_test, args, run.device, keep=example_scans(S_test.cases))
     key = "top" if args.score_windows else "all"               # the scan score of --score-windows
-    val = score(G, S_val, args, run.device)[key] if S_val is not None else None
+    val_out = score(G, S_val, args, run.device) if S_val is not None else None
+    val = val_out[key] if val_out is not None else None
+    auc_steps, last = trained["state"].setdefault("auc_steps", []), trained["state"]["total_steps"]
+    if args.eval_every and (auc_steps or not args.checkpoint) and (not auc_steps or
+                                                                   auc_steps[-1]["step"] != last):
+        auc_steps.append(auc_at_step(run, G, S_test, S_val, args, last, out, val_out))   # Fig. 8's end
     rows = scan_rows(S_test.cases, out, args)
     C.add_baselines(rows, baseline_scores(S_train, S_test, rows, args))
     timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),
