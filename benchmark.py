@@ -76,9 +76,9 @@ HEADLINE = {
     "reversed_ae": ("Bercea et al., MIDL 2023", "T1 slices, global pathologies",
                     ["atrophy_1", "atrophy_2", "atrophy_3", "tumor"], "auroc"),
 }
-# minutes of one run (train + score) at --preset quick on a 2-core CPU, OMP_NUM_THREADS=1, from the cost
-# table of results/benchmark.md (commit f9fe7ab); --ganr maps every patch twice
-MINUTES_QUICK = {"anogan": 7.5, "anovaegan": 3.0, "madgan": 11.5, "reversed_ae": 6.0, "fanogan3d": 9.0}
+# minutes of one run (train + score) at --preset quick on an idle 2-core CPU, 2 threads, one run at a time:
+# the mean of the 3-seed benchmark in README's cost table; --ganr maps every patch twice
+MINUTES_QUICK = {"anogan": 3.4, "anovaegan": 1.8, "madgan": 4.6, "reversed_ae": 3.2, "fanogan3d": 3.2}
 BASELINE_COLUMNS = ("baseline_intensity", "baseline_zscore")   # the like-for-like columns of scores.csv
 N_BOOT = 2 * C.N_BOOT
 

@@ -47,7 +47,7 @@ Read the results against the untrained generator: auc_steps.png (Fig. 8) starts 
 the phantom an untrained generator already separates atrophy, which darkens the slab (more CSF) and
 so raises the l2 score; what training adds is the rise above step 0. On phantom 2.0 (atrophy
 overlaps an ageing healthy population) the quick preset (64x64, 24 slices, 1,200 steps) ends near
-chance at every stage, below its own step 0: README.md / results/benchmark.md give the intervals.
+chance on atrophy 1-2 and near its own step 0 on atrophy_3 (3 seeds: README.md, results/).
 
     python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)
@@ -544,17 +544,21 @@ def table1(rows, args):
 
 
 def auc_at_step(run, G, S_test, S_val, args, step, out=None, val=None):
-    """Fig. 8: the AUCs of the current generator at a training step (reporting only); out, val: its
-    scores of the test and validation scans if they are at hand (the last point)."""
-    out = score(G, S_test, args, run.device) if out is None else out
-    rows = scan_rows(S_test.cases, out, args)
+    """Fig. 8: the AUCs at a training step (reporting only); out, val: scores already at hand."""
+    rows = scan_rows(S_test.cases, out or score(G, S_test, args, run.device), args)
     e = {"step": step, "auroc": group_aucs(rows, "score_all_windows"),
          "auroc_top_windows": group_aucs(rows, "score_top10_windows")}
     if S_val is not None:
-        val = score(G, S_val, args, run.device) if val is None else val
-        e["val_l2_mean"] = float(np.nanmean(val["all"]))
+        e["val_l2_mean"] = float(np.nanmean((val or score(G, S_val, args, run.device))["all"]))
     run.log(f"step {step}: AUC " + ", ".join(f"{k} {v:.3f}" for k, v in e["auroc"].items()))
     return e
+
+
+def fig8_last_point(run, G, S_test, S_val, args, state, out, val_out):
+    """Fig. 8's last point from main's final scores (no second pass; --checkpoint: if recorded)."""
+    steps, last = state.setdefault("auc_steps", []), state["total_steps"]
+    if args.eval_every and (steps[-1]["step"] != last if steps else not args.checkpoint):
+        steps.append(auc_at_step(run, G, S_test, S_val, args, last, out, val_out))
 
 
 def example_scans(cases, max_rows=7):
@@ -607,10 +611,7 @@ def main(argv=None):
     key = "top" if args.score_windows else "all"               # the scan score of --score-windows
     val_out = score(G, S_val, args, run.device) if S_val is not None else None
     val = val_out[key] if val_out is not None else None
-    auc_steps, last = trained["state"].setdefault("auc_steps", []), trained["state"]["total_steps"]
-    if args.eval_every and (auc_steps or not args.checkpoint) and (not auc_steps or
-                                                                   auc_steps[-1]["step"] != last):
-        auc_steps.append(auc_at_step(run, G, S_test, S_val, args, last, out, val_out))   # Fig. 8's end
+    fig8_last_point(run, G, S_test, S_val, args, trained["state"], out, val_out)
     rows = scan_rows(S_test.cases, out, args)
     C.add_baselines(rows, baseline_scores(S_train, S_test, rows, args))
     timing = {"cache_s": round(t_cache.seconds, 2), "train_s": round(trained["train_s"], 2),

@@ -3,6 +3,7 @@ baselines from scores.csv columns, paired differences pooled over seeds, fidelit
 check on a CPU, and the fallback volume baselines."""
 import csv
 import importlib
+import os
 import json
 import types
 
@@ -248,3 +249,30 @@ def test_gpu_check_commands_of_all_five_scripts_parse_at_the_paper_preset(tmp_pa
             args = importlib.import_module(m).parse_args(argv)
             assert args.preset == "paper" and args.max_test_cases == 4
             assert args.amp == (phase != "fp32")
+
+
+def test_profile_run_times_the_run_without_changing_it(tmp_path):
+    """`benchmark.py --profile-run SCRIPT ARGS` (how the benchmark runs every script): the same scores
+    as `python SCRIPT.py ARGS`, and a profile.json whose clocks add up: every train_step counted, the
+    training loop at least as long as the train steps inside it, MADGAN's mid-training Fig. 8 point
+    counted as evaluation during training, the script's own command in config.json."""
+    import subprocess
+    import sys
+    repo = B.REPO
+    common = ["--preset", "smoke", "--seed", "0", "--device", "cpu", "--eval-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for out, cmd in ((tmp_path / "plain", [sys.executable, "madgan.py"]),
+                     (tmp_path / "profiled", [sys.executable, "benchmark.py", "--profile-run", "madgan"])):
+        p = subprocess.run([*cmd, *common, "--out", str(out)], cwd=repo, capture_output=True, text=True,
+                           env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "plain" / "scores.csv").read_bytes() == (tmp_path / "profiled" / "scores.csv").read_bytes()
+    assert not (tmp_path / "plain" / "profile.json").exists()
+    prof = json.loads((tmp_path / "profiled" / "profile.json").read_text())
+    assert prof["calls"]["train_step"] == 4                        # SMOKE: steps=4
+    assert prof["calls"]["eval_in_training"] == 2      # step 2: test and validation scans; 0, 4 outside
+    assert prof["seconds"]["train_step"] <= prof["train_loop_s"] + 1e-3 and prof["loop_per_train_step"] >= 1.0
+    assert 0 < prof["setup_s"] < prof["wall_s"] and prof["peak_rss_mb"] > 50
+    assert prof["seconds"]["report"] > 0 and prof["calls"]["figures"] >= 3
+    config = json.loads((tmp_path / "profiled" / "config.json").read_text())
+    assert config["command"].startswith("madgan.py --preset smoke")
