@@ -1,7 +1,7 @@
 """All five methods side by side on the synthetic phantom, with seeds, intervals and baselines;
 the papers' claims as a fidelity table; and a prepared GPU check of the paper presets.
 
-    python benchmark.py                                  # 3 seeds x 5 scripts, --preset quick (hours on 2 cores)
+    python benchmark.py                                  # 3 seeds x 5 scripts, --preset quick (50 min on 2 cores)
     python benchmark.py --seeds 1 --only madgan --preset smoke     # a subset, to try it out
     python benchmark.py --jobs 2                         # two runs at a time (each with half the threads)
     python benchmark.py --fidelity --list-rows           # the papers' claims, with minutes per row at quick
@@ -10,7 +10,8 @@ the papers' claims as a fidelity table; and a prepared GPU check of the paper pr
     python benchmark.py --gpu-check                      # issue 18: every paper preset on one GPU (~10 min)
     python benchmark.py --gpu-check --device cpu --preset smoke --steps 3 --only madgan   # the same on a CPU
 
-What the tables show (results/benchmark.md, .json, .png; the README embeds the markdown):
+What the tables show (results/benchmark.md, .json, .png; with --preset quick into results/ it also rewrites
+README.md between its benchmark markers, AUPRC tables left out; every run's profile.json feeds the cost table):
   * per method x test group: AUROC (and AUPRC) as mean ± sd over seeds (sd with ddof = 1), and next to
     it each run's own 95% interval from results.json (a bootstrap over cases, common.evaluate);
   * baselines. Like for like: where a script's scores.csv has the columns `baseline_intensity` and
@@ -621,8 +622,7 @@ def write_report(a, methods, entries, fallback, total):
     print(md)
     print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'} in {total / 60:.1f} min")
     if a.preset == "quick" and out.resolve() == (REPO / "results").resolve() and not a.no_readme:
-        print("README.md is left to the lead: embed the markdown above between its benchmark markers "
-              "(update_readme does it)")
+        update_readme(REPO / "README.md", lines)
     return md
 
 
@@ -1081,14 +1081,25 @@ def write_gpu(a, info):
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
+README_NOTE = ("The AUPRC tables are in results/benchmark.md. The baselines do not depend on the seed (the phantom "
+               "and the healthy reference are fixed), hence their ± 0.00 over seeds.")
+
+
 def update_readme(path, lines):
-    """Copy the tables between the README's benchmark markers, so the README shows what this run produced."""
+    """Copy the tables between the README's benchmark markers, so the README shows what this run produced
+    (the AUPRC tables stay in results/benchmark.md)."""
     text = path.read_text()
     if README_START not in text or README_END not in text:
         print(f"{path}: no {README_START} ... {README_END} markers; README left as it is")
         return
-    body = "\n".join(["", *[ln.replace("## ", "#### ", 1) if ln.startswith("## ") else ln for ln in lines[2:]],
-                      "![ROC curves per method and group](results/benchmark.png)", ""])
+    kept, skip = [], False
+    for ln in lines[2:]:
+        if ln.startswith("## "):
+            skip = ln.rstrip().endswith(": AUPRC")
+        if not skip:
+            kept.append(ln.replace("## ", "#### ", 1) if ln.startswith("## ") else ln)
+    kept = kept[:2] + [README_NOTE, ""] + kept[2:]     # after the first paragraph
+    body = "\n".join(["", *kept, "![ROC curves per method and group](results/benchmark.png)", ""])
     head, rest = text.split(README_START, 1)
     path.write_text(head + README_START + body + README_END + rest.split(README_END, 1)[1])
     print(f"updated the benchmark tables in {path}")

@@ -215,6 +215,11 @@ def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old numbers" not in text
     assert "#### T1: AUROC (AUPRC)" in text and "| a | b |" in text and "results/benchmark.png" in text
+    B.update_readme(readme, ["# title", "", "para", "", "## T1: AUROC", "| auroc |", "", "## T1: AUPRC",
+                             "| auprc |", "", "## Cost", "| cost |"])
+    text = readme.read_text()
+    assert "| auroc |" in text and "| cost |" in text and "| auprc |" not in text and B.README_NOTE in text
+    assert text.index("para") < text.index(B.README_NOTE) < text.index("#### T1: AUROC")
 
 
 def test_max_test_cases_keeps_the_first_n_of_each_label():
