@@ -9,6 +9,7 @@ the papers' claims as a fidelity table; and a prepared GPU check of the paper pr
     python benchmark.py --fidelity --dry-run             # results/fidelity.md with the commands, nothing run
     python benchmark.py --gpu-check                      # issue 18: every paper preset on one GPU (~10 min)
     python benchmark.py --gpu-check --device cpu --preset smoke --steps 3 --only madgan   # the same on a CPU
+    python benchmark.py --score-rate runs/benchmark/quick/reversed_ae__default__s0   # RA's score() alone
 
 What the tables show (results/benchmark.md, .json, .png; with --preset quick into results/ it also rewrites
 README.md between its benchmark markers, AUPRC tables left out; every run's profile.json feeds the cost table):
@@ -43,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -1105,8 +1107,53 @@ def update_readme(path, lines):
     print(f"updated the benchmark tables in {path}")
 
 
+def ra_score_rate(run_dir, repeat=3):
+    """`--score-rate RUN_DIR`: slices per second of reversed_ae.score() alone (pseudo-healthy pass, two
+    CLAHE per slice, perceptual maps) on the test slices of a finished reversed_ae run, with the batched
+    CLAHE (C.equalize_adapthist) and with scikit-image's, one image at a time; the maps must be equal."""
+    import torch
+    import reversed_ae as R
+    from skimage import exposure
+    cfg = Path(run_dir) / "config.json"
+    if not cfg.is_file() or not (Path(run_dir) / "last.pt").is_file():
+        C.fail(f"--score-rate {run_dir}: not a finished reversed_ae run (config.json, last.pt)")
+    args = R.parse_args(["--preset", json.loads(cfg.read_text()).get("preset", "quick"),
+                         "--checkpoint", str(Path(run_dir) / "last.pt"), "--device", "cpu"])
+    model = R.SoftIntroVAE(channels=args.channel_list, z_dim=args.z_dim, image_size=args.image_size)
+    ck = C.load_models(args.checkpoint, {"ra": model}, R.METHOD)
+    model.load_state_dict(((ck.get("loop") or {}).get("early_stopping") or {}).get("weights")
+                          or model.state_dict())
+    data = datasets.load_dataset(args, contrast="t1")
+    x = np.asarray(datasets.slice_stack(data.test, n_slices=args.test_slices, desc="test", norm="mri",
+                                        size=(args.image_size,) * 2, center=0.5,
+                                        cache_dir=args.cache_dir).x)
+    per, dev, batched = R.perceptual_distance(args, model, torch.device("cpu")), torch.device("cpu"), R.clahe
+    one_by_one = lambda im, clip_limit=0.01: np.stack([exposure.equalize_adapthist(  # noqa: E731
+        np.clip(i, 0, 1).astype(np.float64), clip_limit=clip_limit) for i in im]).astype(np.float32)
+    out = {}
+    for name, fn in (("skimage, one image at a time", one_by_one), ("batched", batched)):
+        R.clahe = fn
+        R.score(model, per, x[:64], args, dev)                       # warm-up
+        best = math.inf
+        for _ in range(repeat):
+            t = time.perf_counter()
+            _, terms = R.score(model, per, x, args, dev)
+            best = min(best, time.perf_counter() - t)
+        out[name] = (len(x) / best, terms["res_eq"])
+        print(f"reversed_ae score() with {name} CLAHE: {len(x)} slices in {best:.2f} s, "
+              f"{len(x) / best:.0f} slices/s ({torch.get_num_threads()} threads)")
+    R.clahe = batched
+    same = np.array_equal(*[v[1] for v in out.values()])
+    print(f"maps equal: {same}")
+    return same
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--score-rate"]:
+        if len(argv) != 2:
+            C.fail("--score-rate needs one run directory of reversed_ae.py")
+        return ra_score_rate(argv[1])
     if argv[:1] == ["--profile-run"]:
         if len(argv) < 2 or argv[1] not in METHODS:
             C.fail(f"--profile-run needs one of {', '.join(METHODS)}, then the script's arguments")

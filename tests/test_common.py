@@ -342,3 +342,23 @@ def test_report_refuses_a_test_set_without_normal_units(tmp_path):
     with pytest.raises(C.UserError, match="no normal"):
         C.report(run, args, "slice", rows, {"train_s": 1.0})
     assert not (run.out / "results.json").exists()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (61, 75), (16, 24), (128, 128), (256, 200)])
+@pytest.mark.parametrize("clip", [0.01, 0.05, 0.0])
+def test_batched_clahe_equals_skimage_bit_for_bit(shape, clip):
+    """C.equalize_adapthist (all images' tiles clipped together) == skimage's, image by image: noise,
+    few grey levels, a constant image, a dark image, a half-background one (the phantom's case) and
+    one of constant blocks (large tiles with one bin: the even spread and the stride-1 hand-out)."""
+    from skimage import exposure
+    rng = np.random.default_rng(1)
+    x = rng.random((6,) + shape)
+    x[1] = np.round(x[1] * 4) / 4
+    x[2] = 0.5
+    x[3] *= 0.1
+    x[4] = np.clip(rng.normal(0.3, 0.1, shape), 0, 1)
+    x[4][: shape[0] // 2] = 0
+    x[5] = np.kron(rng.random((8, 8)), np.ones((shape[0] // 8 + 1, shape[1] // 8 + 1)))[: shape[0], : shape[1]]
+    got = C.equalize_adapthist(x, clip_limit=clip)
+    want = np.stack([exposure.equalize_adapthist(i, clip_limit=clip) for i in x])
+    assert got.dtype == want.dtype and np.array_equal(got, want)
