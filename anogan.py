@@ -516,124 +516,29 @@ def patch_labels(mask):
     return np.asarray(mask).reshape(len(mask), -1).any(1).astype(int)
 
 
-def test_patches(data, X, args, run):
-    """The test slices S and their grid patches P, the healthy validation patches (None if there is
-    none) and the training patches mapped for Fig. 4 (c, d); read before training."""
-    test, c = data.test, args.patch_size
-    if args.test_cases:                                     # the first N scans of every group
-        test = [cs for g in dict.fromkeys(t.group for t in test)
-                for cs in [t for t in test if t.group == g][:args.test_cases]]
-    # the central --test-slices of the training slab (same centre and step)
-    kw = dict(size=(args.slice_size, args.slice_size), norm="mri", cache_dir=args.cache_dir,
-              n_slices=min(args.test_slices, args.train_slices), step=args.slice_step)
-    S = datasets.slice_stack(test, desc="test", **kw)
-    P = C.grid_patch_set(S, c, args.test_stride, args.min_brain)
-    if P is None:
-        C.fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
-               f"--min-brain")
-    if not any(S.cases[i].label == 0 for i in set(S.case[P["row"]])):     # the AUROCs' negatives
-        C.fail(f"no test patch of a normal scan at the {kw['n_slices']} central slices (BraTS's "
-               f"normal scans are its tumour-free slices, away from the centre); raise "
-               f"--test-slices (--train-slices bounds it)")
-    # BraTS without --train-data leaves no healthy validation patch at the test level (the central
-    # slices of its validation subjects hold tumour): then training patches set the operating point
-    V = C.grid_patch_set(datasets.slice_stack(data.val, desc="val", **kw), c, args.test_stride,
-                       args.min_brain)
-    rng = np.random.default_rng([args.seed, 1])
-    if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
-        keep = np.sort(rng.choice(len(V["x"]), args.val_patches, replace=False))
-        V = {k: v[keep] for k, v in V.items()}
-    if V is None:
-        run.log("warning: no healthy validation patch; training patches set the operating point")
-    n_tr = min(args.train_eval_patches or len(X), len(X))
-    x_val = None if V is None else V["x"]
-    return S, P, x_val, X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
-
-
-def nearest_patch_residual(x, X_ref, device, chunk=256):
-    """R_nn(x) = min_t Σ|x - t| over healthy training patches t: Eq. (3) for a 'generator' that
-    reproduces each training patch exactly (a memoriser; a reference, not a bound, as a real G also
-    makes patches in between). x: (N, c, c), X_ref: (M, c, c) -> (N,) numpy."""
-    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)
-    out = []
-    for s in range(0, len(x), chunk):
-        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).to(device)  # (n, c, c)
-        out.append(torch.cdist(q.reshape(len(q), -1), T, p=1).min(1).values.cpu())  # (chunk,)
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 def add_references(sc, P, X, args, device):
     """Two references that are not AnoGAN, so that a poor AUROC can be read: R_nn (a memorising
     generator) and x_max, the patch's brightest pixel (a baseline for hyperintense lesions)."""
     if min(args.nn_ref, len(X)):
-        sc["R_nn"] = nearest_patch_residual(P["x"], X[:args.nn_ref, 0], device)
+        sc["R_nn"] = C.nearest_residual(P["x"], X[:args.nn_ref, 0], device)
     sc["x_max"] = P["x"].reshape(len(P["x"]), -1).max(1)
-
-
-def patch_rows(S, P, sc):
-    """One row per test patch (the rows contract): group = the group of the patch's SCAN, label =
-    the patch's own (§3), case = the scan. A lesion-free patch of a tumour scan is {tumor, 0}."""
-    y, n_px = patch_labels(P["mask"]), P["mask"].reshape(len(P["mask"]), -1).sum(1)
-    rows = []
-    for k, r in enumerate(P["row"]):
-        cs, z = S.cases[S.case[r]], int(S.z[r])
-        rows.append(dict(id=f"{cs.id}/z{z}/y{int(P['top'][k])}x{int(P['left'][k])}",
-                         group=cs.group, label=int(y[k]), score=float(sc["A"][k]),
-                         **{key: float(sc[key][k]) for key in SCORES[1:] if key in sc},
-                         case=cs.id, slice=z, anomalous_px=int(n_px[k])))
-    return rows
-
-
-def level_rows(S, P, A, how):
-    """Beyond the paper: slice and scan scores = `how` (max) of the patch scores A of their grid
-    patches; a slice is anomalous if it holds >= 1 anomalous pixel, a scan as its group says."""
-    slices = []
-    for r, s in C.aggregate(A, P["row"].tolist(), how=how).items():
-        cs = S.cases[S.case[r]]
-        slices.append(dict(id=f"{cs.id}/z{int(S.z[r])}", group=cs.group, score=s, case=cs.id,
-                           label=int(np.asarray(S.mask[r]).any())))
-    scans = [dict(id=S.cases[i].id, group=S.cases[i].group, label=S.cases[i].label, score=s)
-             for i, s in C.aggregate(A, S.case[P["row"]].tolist(), how=how).items()]
-    return slices, scans
-
-
-
-def baseline_scores(data, S, P, args):
-    """Issue 15.5: the intensity and z-score baselines (C.baseline_maps, z against the healthy
-    training slices) on the test patches P of the slices S, summed over each patch's pixels as the
-    residual of Eq. (3) is. -> {name: one value per patch row}"""
-    S_tr = datasets.slice_stack(data.train, size=(args.slice_size,) * 2, norm="mri",
-                                n_slices=args.train_slices, step=args.slice_step,
-                                cache_dir=args.cache_dir, desc="train")
-    n, c = len(P["row"]), args.patch_size
-    return {name: C.extract_patches(m, P["row"], P["top"], P["left"], c).reshape(n, -1).sum(1)
-            for name, m in C.baseline_maps(S_tr, S).items()}
-
-def labels_groups(rows):
-    return np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
-
-
-def clean_mask(rows):
-    """The units every AUROC here compares: anomalous ones and those of NORMAL scans, (N,) bool."""
-    y, g = labels_groups(rows)
-    return (y == 1) | np.isin(g, C.normal_groups(y, g))
 
 
 def evaluation(rows, S, P, args, n_patches, run):
     """results.json beyond the contract: §3's comparison of the scores (Fig. 4) and "A beats R" as
     paired differences with 95% intervals over scans, lesion-size bins, Table 1, slices, scans."""
-    keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], labels_groups(rows)
+    keys, (y, _) = [k for k in SCORES if col(k) in rows[0]], C.labels_groups(rows)
     groups = sorted({r["group"] for r in rows if r["label"]})
     comparison = C.score_table(rows, {k: col(k) for k in keys})
     for key in ("R", "R_nn", "x_max"):
         run.log(f"AUROC of {key}: " + ", ".join(f"{g} {comparison[key][g]:.3f}" for g in groups
                                                 if g in comparison.get(key, {})))
-    slices, scans = level_rows(S, P, np.array([r["score"] for r in rows]), args.agg)
+    slices, scans = C.level_rows(S, P, np.array([r["score"] for r in rows]), args.agg)
     return {
         "patch_label_rule": "§3: a patch is anomalous if it holds >= 1 anomalous pixel; group = "
                             "its scan's",
         "n_patches": {"test": len(y), "test_anomalous": int(y.sum()),
-                      "test_normal_scans": int((clean_mask(rows) & (y == 0)).sum()), **n_patches},
+                      "test_normal_scans": int((C.clean_mask(rows) & (y == 0)).sum()), **n_patches},
         "threshold_from": "val" if n_patches["val"] else
                           "train (no healthy validation patch at the test slices)",
         "comparison_auroc": comparison,
@@ -641,7 +546,8 @@ def evaluation(rows, S, P, args, n_patches, run):
                                                                            col(b))
                                               for g in [None, *groups]}
                                for a, b in PAIRS if a in keys and b in keys},
-        "auroc_A_by_anomalous_pixels": auroc_by_lesion_size(rows, groups, args.patch_size),
+        "auroc_A_by_anomalous_pixels": C.auroc_by_size(rows, groups, args.patch_size ** 2,
+                                                       {"auroc": "score", "auroc_R_nn": "R_nn"}),
         "oracle_youden_table1": table1(rows),
         "slice_level": {"how": f"{args.agg} of A over the slice's patches; anomalous if >= 1 "
                                "anomalous pixel", **C.evaluate(slices)},
@@ -650,30 +556,10 @@ def evaluation(rows, S, P, args, n_patches, run):
     }
 
 
-def auroc_by_lesion_size(rows, groups, c, keys=("A", "R_nn")):
-    """AUROC against normal scans of each group's anomalous patches with 1-3, 4-15, >= 16 anomalous
-    pixels (§3's rule counts a single pixel), with 95% intervals over scans."""
-    normal = set(C.normal_groups(*labels_groups(rows)))
-    out = {}
-    for g in groups:
-        out[g] = {}
-        for lo, hi in ((1, 3), (4, 15), (16, c * c)):
-            sub = [r for r in rows if r["group"] in normal
-                   or (r["group"] == g and r["label"] == 1 and lo <= r["anomalous_px"] <= hi)]
-            n = sum(r["label"] for r in sub)
-            if n and normal:
-                out[g][f"{lo}-{hi}px"] = e = {"n": n}
-                for key in (k for k in keys if col(k) in rows[0]):
-                    m = C.evaluate(sub, key=col(key))["metrics"]
-                    name = "auroc" if key == "A" else f"auroc_{key}"
-                    e[name], e[name + "_ci"] = m["auroc"], m["auroc_ci"]
-    return out
-
-
 def table1(rows):
     """Table 1: precision, recall, sensitivity, specificity at the Youden index and the AUC,
     anomalous patches against those of normal scans; the Youden cut-off uses the test labels."""
-    cl = [r for r, k in zip(rows, clean_mask(rows)) if k]
+    cl = [r for r, k in zip(rows, C.clean_mask(rows)) if k]
     y, out = np.array([r["label"] for r in cl]), {}
     for name, key in (("AnoGAN A", "A"), ("P_D", "P_D"), ("GAN_R Â", "A_hat")):
         if col(key) in cl[0]:
@@ -694,7 +580,7 @@ def main(argv=None):
     run = C.start_run(args, METHOD)
     data = datasets.load_dataset(args, contrast="flair")
     X = training_patches(data, args, run)                            # §2.1
-    S, P, x_val, x_tr = test_patches(data, X, args, run)             # all read before training
+    S, P, x_val, x_tr = datasets.grid_test_patches(data, X, args, run.log)   # before training
 
     # the DCGAN of §2.1, trained on healthy patches (or loaded: --checkpoint only scores)
     c = args.patch_size
@@ -712,12 +598,15 @@ def main(argv=None):
     # every patch mapped to the latent space (§2.2) and scored (§2.3), one row per test patch
     sc, sv, st, timing, single = score_sets(G, D, P, x_val, x_tr, args, run)
     add_references(sc, P, X, args, run.device)
-    rows = patch_rows(S, P, sc)
+    rows = C.patch_rows(S, P, patch_labels(P["mask"]), sc, SCORES)
     n = {"val": 0 if x_val is None else len(x_val), "train_eval": len(x_tr), "train": len(X)}
     extra = {**evaluation(rows, S, P, args, n, run), **single,
              "counterfactual_lesion": counterfactual(G, D, P, sc, rows, args, run)}
     examples = figures(run.out, args, S, P, sc, sv, st, x_tr, rows)
-    C.add_baselines(rows, baseline_scores(data, S, P, args))                  # issue 15.5
+    S_tr = datasets.slice_stack(data.train, size=(args.slice_size,) * 2, norm="mri", desc="train",
+                                n_slices=args.train_slices, step=args.slice_step,
+                                cache_dir=args.cache_dir)
+    C.add_baselines(rows, C.patch_baselines(S_tr, S, P, c))                 # issue 15.5
     titles = {"roc": f"AnoGAN A(x): patch-level ROC against normal scans, Γ={args.steps}",
               "losses": "DCGAN training (healthy patches)", "losses_ylabel": "cross-entropy / D",
               "examples_cols": ("input slice", "G(z_Γ) per patch", "residual |x − G(z_Γ)|",
@@ -735,8 +624,8 @@ def main(argv=None):
 
 def figures(out, args, S, P, sc, sv, st, x_tr, rows):
     """fig3.png, fig4.png and mapping.png -> the rows of examples.png (C.report draws it)."""
-    y, g = labels_groups(rows)
-    normal = clean_mask(rows) & (y == 0)                                   # patches of normal scans
+    y, g = C.labels_groups(rows)
+    normal = C.clean_mask(rows) & (y == 0)                          # patches of normal scans
     clean = (y == 1) | normal
     dist = {"normal (train)": st, "normal (test)": {k: sc[k][normal] for k in ("R", "D")},
             "anomalous (test)": {k: sc[k][y == 1] for k in ("R", "D")}}
@@ -752,7 +641,7 @@ def figures(out, args, S, P, sc, sv, st, x_tr, rows):
                    for name, sel in (("patches of normal scans", normal), ("anomalous", y == 1))},
                   out / "mapping.png", title="Mapping to the latent space, Eq. (5): mean L(z_γ)",
                   ylabel="L(z_γ)", xlabel="γ")
-    return example_rows(S, P, sc, ["normal"] + anom)
+    return C.patch_example_rows(S, P, sc["G_z"], ["normal"] + anom)
 
 
 def fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, seed):
@@ -779,27 +668,6 @@ def fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, seed):
             ("anomalous (test): " + ", ".join(anom), cols)]
 
 
-def example_rows(S, P, sc, groups):
-    """examples.png: per group, the slice of its first scan with the most anomalous pixels, with
-    the patches' G(z_Γ) and residuals stitched together."""
-    out = []
-    for want in groups:
-        i = next((i for i, cs in enumerate(S.cases) if cs.group == want), None)
-        if i is None:
-            continue
-        sl = S.slices_of(i)
-        mid = int(sl[len(sl) // 2])
-        best = max(sl, key=lambda r: (int(np.asarray(S.mask[r]).sum()), -abs(int(r) - mid)))
-        k = np.nonzero(P["row"] == best)[0]                                # the slice's patches
-        at = (S.x.shape[1:], P["top"][k], P["left"][k])
-        name = S.cases[i].id.split('/')[-1]
-        out.append(dict(title=f"{want}\n{name}", input=np.asarray(S.x[best]),
-                        reconstruction=C.stitch_patches(sc["G_z"][k], *at, empty=-1.0),
-                        amap=C.stitch_patches(np.abs(P["x"][k] - sc["G_z"][k]), *at),
-                        gt=np.asarray(S.mask[best])))
-    return out
-
-
 def paste_lesions(x, x_lesion, mask):
     """Normal patches x (n, c, c) with the pixels of real lesions pasted in: x_lesion where the
     lesion masks `mask` (n, c, c) are set, x elsewhere."""
@@ -813,8 +681,8 @@ def counterfactual(G, D, P, sc, rows, args, run):
     change of A and R (means over normal scans with 95% intervals), how far the lesion moved the
     pixels (Σ|x' - x|, what R would rise by if G(z_Γ) ignored it), the spread of A over normal
     patches, and the AUROC of A telling the pasted from the original patches."""
-    y, g = labels_groups(rows)
-    normal = np.nonzero(clean_mask(rows) & (y == 0))[0][:args.counterfactual]
+    y, g = C.labels_groups(rows)
+    normal = np.nonzero(C.clean_mask(rows) & (y == 0))[0][:args.counterfactual]
     groups = [gn for gn in dict.fromkeys(g[y == 1]) if (y[g == gn] == 0).any()]   # local lesions
     if not len(normal) or not groups:
         return None

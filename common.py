@@ -583,6 +583,17 @@ def compare_scores(rows_a, rows_b, group=None, key_a="score", key_b="score", **k
     return paired_difference(y[sel], sa[sel], sb[sel], c[sel], g[sel], **kw)
 
 
+def compare_by(rows_a, rows_b, by, key_a="score", key_b="score"):
+    """metric(a) - metric(b) on the same units with a 95% interval from one bootstrap over cases
+    (compare_scores): all anomalous units, then each value of the rows' column `by` (a lesion type),
+    each against the normal units."""
+    typed = [[{**r, "group": r[by]} for r in rows] for rows in (rows_a, rows_b)]
+    out = {"all": compare_scores(rows_a, rows_b, None, key_a, key_b)}
+    for t in sorted({r[by] for r in rows_a if int(r["label"])}):
+        out[t] = compare_scores(*typed, t, key_a, key_b)
+    return out
+
+
 def fmt_ci(v, ci, digits=3):
     """0.812 [0.71, 0.90]"""
     return f"{v:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]" if v == v else "nan"
@@ -1588,6 +1599,111 @@ def grid_patch_set(S, size, stride, min_brain):
     i, t, l = (np.array(a, dtype=np.int64) for a in zip(*pos))
     return dict(x=extract_patches(S.x, i, t, l, size), row=i, top=t, left=l,
                 mask=extract_patches(S.mask, i, t, l, size) > 0)
+
+
+# -- the rows of patch-wise scores (anogan.py), and a memorising reference
+
+def patch_rows(S, P, y, sc, keys):
+    """One row per grid patch P of the slices S (the rows contract): group = the group of the
+    patch's SCAN, label = y (the patch's own), case = the scan, score = sc[keys[0]] and the other
+    keys found in sc as columns. A lesion-free patch of a tumour scan is {tumor, 0}."""
+    n_px = P["mask"].reshape(len(P["mask"]), -1).sum(1)
+    rows = []
+    for k, r in enumerate(P["row"]):
+        cs, z = S.cases[S.case[r]], int(S.z[r])
+        rows.append(dict(id=f"{cs.id}/z{z}/y{int(P['top'][k])}x{int(P['left'][k])}",
+                         group=cs.group, label=int(y[k]), score=float(sc[keys[0]][k]),
+                         **{key: float(sc[key][k]) for key in keys[1:] if key in sc},
+                         case=cs.id, slice=z, anomalous_px=int(n_px[k])))
+    return rows
+
+
+def level_rows(S, P, A, how):
+    """Slice and scan scores = `how` (max) of the patch scores A of their grid patches P; a slice
+    is anomalous if it holds >= 1 anomalous pixel, a scan as its group says -> (slices, scans)."""
+    slices = []
+    for r, s in aggregate(A, P["row"].tolist(), how=how).items():
+        cs = S.cases[S.case[r]]
+        slices.append(dict(id=f"{cs.id}/z{int(S.z[r])}", group=cs.group, score=s, case=cs.id,
+                           label=int(np.asarray(S.mask[r]).any())))
+    scans = [dict(id=S.cases[i].id, group=S.cases[i].group, label=S.cases[i].label, score=s)
+             for i, s in aggregate(A, S.case[P["row"]].tolist(), how=how).items()]
+    return slices, scans
+
+
+def labels_groups(rows):
+    return np.array([r["label"] for r in rows]), np.array([r["group"] for r in rows])
+
+
+def clean_mask(rows):
+    """The units every AUROC compares: anomalous ones and those of NORMAL scans, (N,) bool."""
+    y, g = labels_groups(rows)
+    return (y == 1) | np.isin(g, normal_groups(y, g))
+
+
+def nearest_residual(x, X_ref, device, chunk=256):
+    """R_nn(x) = min_t Σ|x - t| over reference images t (healthy training patches): the residual
+    of a 'generator' that reproduces each reference exactly (a memoriser; a reference, not a
+    bound). x: (N, c, c), X_ref: (M, c, c) -> (N,) numpy."""
+    import torch
+    T = torch.as_tensor(np.asarray(X_ref, dtype=np.float32)).reshape(len(X_ref), -1).to(device)
+    out = []
+    for s in range(0, len(x), chunk):
+        q = torch.as_tensor(np.asarray(x[s:s + chunk], dtype=np.float32)).to(device)  # (n, c, c)
+        out.append(torch.cdist(q.reshape(len(q), -1), T, p=1).min(1).values.cpu())  # (chunk,)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def auroc_by_size(rows, groups, max_px, keys):
+    """AUROC against the units of normal scans of each group's anomalous units with 1-3, 4-15,
+    >= 16 anomalous pixels (rows' `anomalous_px`), with 95% intervals over scans.
+    keys: {result name: scores.csv column}; columns the rows lack are skipped."""
+    normal = set(normal_groups(*labels_groups(rows)))
+    out = {}
+    for g in groups:
+        out[g] = {}
+        for lo, hi in ((1, 3), (4, 15), (16, max_px)):
+            sub = [r for r in rows if r["group"] in normal
+                   or (r["group"] == g and r["label"] == 1 and lo <= r["anomalous_px"] <= hi)]
+            n = sum(r["label"] for r in sub)
+            if n and normal:
+                out[g][f"{lo}-{hi}px"] = e = {"n": n}
+                for name, column in keys.items():
+                    if column in rows[0]:
+                        m = evaluate(sub, key=column)["metrics"]
+                        e[name], e[name + "_ci"] = m["auroc"], m["auroc_ci"]
+    return out
+
+
+def patch_baselines(S_train, S, P, c):
+    """Issue 15.5 for patch units: the intensity and z-score baselines (baseline_maps, z against
+    the healthy training slices S_train) on the c×c test patches P of the slices S, summed over
+    each patch's pixels (as a residual is). -> {name: one value per patch row}"""
+    n = len(P["row"])
+    return {name: extract_patches(m, P["row"], P["top"], P["left"], c).reshape(n, -1).sum(1)
+            for name, m in baseline_maps(S_train, S).items()}
+
+
+def patch_example_rows(S, P, recon, groups):
+    """examples.png of a patch-wise model: per group, the slice of its first scan with the most
+    anomalous pixels, with the patches' reconstructions `recon` (one per patch of P) and their
+    residuals stitched together."""
+    out = []
+    for want in groups:
+        i = next((i for i, cs in enumerate(S.cases) if cs.group == want), None)
+        if i is None:
+            continue
+        sl = S.slices_of(i)
+        mid = int(sl[len(sl) // 2])
+        best = max(sl, key=lambda r: (int(np.asarray(S.mask[r]).sum()), -abs(int(r) - mid)))
+        k = np.nonzero(P["row"] == best)[0]                                # the slice's patches
+        at = (S.x.shape[1:], P["top"][k], P["left"][k])
+        name = S.cases[i].id.split('/')[-1]
+        out.append(dict(title=f"{want}\n{name}", input=np.asarray(S.x[best]),
+                        reconstruction=stitch_patches(recon[k], *at, empty=-1.0),
+                        amap=stitch_patches(np.abs(P["x"][k] - recon[k]), *at),
+                        gt=np.asarray(S.mask[best])))
+    return out
 
 
 def score_table(rows, cols):

@@ -456,31 +456,6 @@ def train(run, args, nets, S_train, S_test):
 # Scoring and evaluation
 # =================================================================================================
 
-def load_data(args, run):
-    """§2 preprocessing (data/datasets.py): skull strip, crop the black borders, smooth, pad to a
-    cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
-    MRI the tissue median -> -1/3 (datasets.normalize_mri); --dims 2: middle axial slices (§3)."""
-    data = datasets.load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
-                                 else "ct")
-    norm, to = datasets.choose_normalisation(args, data, run)
-    hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
-            else "pass --modality ct for CT volumes")
-    kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir, hint=hint)
-    if args.dims == 3:
-        stack, kw = datasets.volume_stack, dict(kw, size=(args.size,) * 3,
-                                                smooth_sigma=args.smooth_sigma)
-    else:
-        stack, kw = datasets.slice_stack, dict(kw, size=(args.size,) * 2, n_slices=args.n_slices,
-                                               center=0.5)
-    S = [stack(c, desc=d, **kw) if c else None
-         for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
-    datasets.check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
-                                f"the {to} ({hint})")
-    run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"
-                                               for k, a in zip(("train", "val", "test"), S)))
-    return (data, *S)
-
-
 def lesion_type(case):
     """Haemorrhage subtype from the phantom/CT-ICH metadata, else the test group."""
     return str(case.meta.get("subtype") or case.group)
@@ -515,16 +490,6 @@ def per_type(rows, key="score"):
                 "ap": e["auprc"], "ap_ci": e["auprc_ci"]} for t, e in ev.items() if "auroc" in e}
 
 
-def paired(rows_a, rows_b, key_a="score", key_b="score"):
-    """AUROC(a) - AUROC(b) on the same units with a 95% interval from one bootstrap over cases: all
-    anomalous units, then each lesion type (each against the normal scans)."""
-    typed = [[{**r, "group": r["type"]} for r in rows] for rows in (rows_a, rows_b)]
-    out = {"all": C.compare_scores(rows_a, rows_b, None, key_a, key_b)}
-    for t in sorted({r["type"] for r in rows_a if int(r["label"])}):
-        out[t] = C.compare_scores(*typed, t, key_a, key_b)
-    return out
-
-
 def paper_tables(args, nets, rows, S_test, sc, state, val_from, loop):
     """The paper's tables beside C.report's: AUROC/AP per lesion type (Fig. 5), the Youden point
     (§3, with the test labels: oracle_), the fine-tuning ablation (suppl. Table S2), the 2D volume
@@ -549,7 +514,8 @@ def paper_tables(args, nets, rows, S_test, sc, state, val_from, loop):
         extra["ablation_no_finetune"] = {
             "auroc": C.auroc(y, yn), "auprc": C.auprc(y, yn),
             "per_type": per_type(rows, "score_no_finetune"),
-            "finetuned_minus_step2_auroc": paired(rows, rows, "score", "score_no_finetune")}
+            "finetuned_minus_step2_auroc": C.compare_by(rows, rows, "type", "score",
+                                                        "score_no_finetune")}
     if args.dims == 2:                   # one row per volume: the same units as a 3D run's
         vs = volume_scores_2d(S_test, sc)
         vol = [{"id": c.id, "group": c.group, "label": int(c.label), "score": vs[i],
@@ -561,8 +527,9 @@ def paper_tables(args, nets, rows, S_test, sc, state, val_from, loop):
             r3, rows3 = C.read_run(args.compare_3d, METHOD, ids=[r["id"] for r in vol])
             if r3.get("dims") != 3:
                 C.fail(f"--compare-3d {args.compare_3d}: a --dims {r3.get('dims')} run, not 3D")
-            extra["compare_3d_vs_2d"] = {"run_3d": str(args.compare_3d), "n_volumes": len(vol),
-                                         "3d_minus_2d_volume_auroc": paired(rows3, vol)}
+            extra["compare_3d_vs_2d"] = {
+                "run_3d": str(args.compare_3d), "n_volumes": len(vol),
+                "3d_minus_2d_volume_auroc": C.compare_by(rows3, vol, "type")}
     return extra
 
 
@@ -589,7 +556,7 @@ def main(argv=None):
     if ck is not None:
         check_encoder_out(ck["loop"], args, f"--checkpoint {args.checkpoint}")
     with C.Timer() as t_data:
-        data, S_train, S_val, S_test = load_data(args, run)
+        data, S_train, S_val, S_test = datasets.ct_or_mri_stacks(args, run)
     if ck is None:
         loop, _ = train(run, args, nets, S_train, S_test)
         state, history = loop.state, loop.history

@@ -1494,3 +1494,63 @@ class RowReader:
                     buf = f.read(len(run) * self.row_bytes)
                     out[run] = np.frombuffer(buf, self.x.dtype).reshape(len(run), *self.x.shape[1:])
         return out.astype(np.float32, copy=False)[inv.reshape(rows.shape)]
+
+
+def grid_test_patches(data, X, args, log=print):
+    """AnoGAN's test set (anogan.py, read before training): the central --test-slices of the test
+    scans (the first --test-cases of every group), their grid patches P, the healthy validation
+    patches (None if there is none) and --train-eval-patches of the training patches X.
+    -> (S, P, x_val, x_train)"""
+    test, c = data.test, args.patch_size
+    if args.test_cases:                                     # the first N scans of every group
+        test = [cs for g in dict.fromkeys(t.group for t in test)
+                for cs in [t for t in test if t.group == g][:args.test_cases]]
+    # the central --test-slices of the training slab (same centre and step)
+    kw = dict(size=(args.slice_size, args.slice_size), norm="mri", cache_dir=args.cache_dir,
+              n_slices=min(args.test_slices, args.train_slices), step=args.slice_step)
+    S = slice_stack(test, desc="test", **kw)
+    P = C.grid_patch_set(S, c, args.test_stride, args.min_brain)
+    if P is None:
+        fail(f"no {c}x{c} test patch with >= {args.min_brain:.0%} brain; lower --patch-size or "
+             f"--min-brain")
+    if not any(S.cases[i].label == 0 for i in set(S.case[P["row"]])):     # the AUROCs' negatives
+        fail(f"no test patch of a normal scan at the {kw['n_slices']} central slices (BraTS's "
+             f"normal scans are its tumour-free slices, away from the centre); raise "
+             f"--test-slices (--train-slices bounds it)")
+    # BraTS without --train-data leaves no healthy validation patch at the test level (the central
+    # slices of its validation subjects hold tumour): then training patches set the operating point
+    V = C.grid_patch_set(slice_stack(data.val, desc="val", **kw), c, args.test_stride,
+                         args.min_brain)
+    rng = np.random.default_rng([args.seed, 1])
+    if V is not None and args.val_patches and len(V["x"]) > args.val_patches:
+        keep = np.sort(rng.choice(len(V["x"]), args.val_patches, replace=False))
+        V = {k: v[keep] for k, v in V.items()}
+    if V is None:
+        log("warning: no healthy validation patch; training patches set the operating point")
+    n_tr = min(args.train_eval_patches or len(X), len(X))
+    x_val = None if V is None else V["x"]
+    return S, P, x_val, X[rng.choice(len(X), n_tr, replace=False), 0].numpy()
+
+
+def ct_or_mri_stacks(args, run):
+    """fanogan3d.py's data, §2 preprocessing: skull strip, crop the black borders, smooth, pad to a
+    cube, resize (linear) to --size, then the CT window [-20, 100] HU -> [-1, 1] (steps 6-7), or for
+    MRI the tissue median -> -1/3 (normalize_mri); --dims 2: middle axial slices (§3)."""
+    data = load_dataset(args, contrast=(args.modality or "ct") if args.data == "synthetic"
+                        else "ct")
+    norm, to = choose_normalisation(args, data, run)
+    hint = ("are these MRI volumes? pass --modality t1|t2|flair" if norm == "ct"
+            else "pass --modality ct for CT volumes")
+    kw = dict(norm=norm, ct_window=tuple(args.window), cache_dir=args.cache_dir, hint=hint)
+    if args.dims == 3:
+        stack, kw = volume_stack, dict(kw, size=(args.size,) * 3, smooth_sigma=args.smooth_sigma)
+    else:
+        stack, kw = slice_stack, dict(kw, size=(args.size,) * 2, n_slices=args.n_slices,
+                                      center=0.5)
+    S = [stack(c, desc=d, **kw) if c else None
+         for c, d in zip((data.train, data.val, data.test), ("train", "val", "test"))]
+    check_not_constant(S[0], "training " + ("volumes" if args.dims == 3 else "slices"),
+                       f"the {to} ({hint})")
+    run.log(f"{args.dims}D data: " + ", ".join(f"{k} {None if a is None else a.x.shape}"
+                                               for k, a in zip(("train", "val", "test"), S)))
+    return (data, *S)

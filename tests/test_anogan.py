@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import anogan as A
+import common as C
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent / "shared"))
@@ -101,12 +102,12 @@ def test_patch_rows_follow_the_rows_contract():
     mask[2, 1:3, 1:3] = True                                            # 4 anomalous pixels
     P = dict(mask=mask, row=np.array([0, 1, 1]), top=np.array([0, 0, 4]), left=np.array([0, 4, 4]))
     sc = {k: np.array([1.0, 2.0, 3.0]) for k in ("A", "R", "D", "D_hat", "P_D")}
-    rows = A.patch_rows(S, P, sc)
+    rows = C.patch_rows(S, P, A.patch_labels(P["mask"]), sc, A.SCORES)
     assert [(r["group"], r["label"], r["case"]) for r in rows] == [
         ("normal", 0, "normal/n0"), ("tumor", 0, "tumor/t0"), ("tumor", 1, "tumor/t0")]
     assert [r["id"] for r in rows] == ["normal/n0/z7/y0x0", "tumor/t0/z9/y0x4", "tumor/t0/z9/y4x4"]
     assert rows[2]["anomalous_px"] == 4 and rows[2]["score"] == 3.0 and "A_hat" not in rows[2]
-    assert A.clean_mask(rows).tolist() == [True, False, True]           # negatives: normal scans only
+    assert C.clean_mask(rows).tolist() == [True, False, True]           # negatives: normal scans only
 
 
 def test_counterfactual_pastes_only_the_lesion_pixels():
@@ -231,7 +232,7 @@ def test_nearest_patch_residual_is_eq3_for_the_closest_training_patch():
     ref = rng.uniform(-1, 1, (50, 8, 8)).astype(np.float32)
     x = np.concatenate([ref[[3, 17]], rng.uniform(-1, 1, (5, 8, 8)).astype(np.float32)])
     expected = np.abs(x[:, None] - ref[None]).sum((2, 3)).min(1)              # brute force, (7,)
-    got = A.nearest_patch_residual(x, ref, torch.device("cpu"), chunk=2)        # chunks of 2 and a rest
+    got = C.nearest_residual(x, ref, torch.device("cpu"), chunk=2)        # chunks of 2 and a rest
     assert got.shape == (7,) and np.allclose(got, expected, rtol=1e-5)
     assert np.allclose(got[:2], 0.0) and (got[2:] > 1.0).all()
 

@@ -246,7 +246,7 @@ def folder_tree(root, contrast):
 def load(tmp_path, *flags):
     args = M.parse_args(["--preset", "smoke", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
                     *flags])
-    return M.load_data(args, types.SimpleNamespace(log=lambda msg: None))
+    return M.datasets.ct_or_mri_stacks(args, types.SimpleNamespace(log=lambda msg: None))
 
 
 def test_mri_volumes_get_the_mri_normalisation_and_a_constant_training_set_is_refused(tmp_path):
