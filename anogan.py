@@ -668,83 +668,14 @@ def fig3_blocks(P, sc, st, x_tr, y, g, normal, anom, seed):
             ("anomalous (test): " + ", ".join(anom), cols)]
 
 
-def paste_lesions(x, x_lesion, mask):
-    """Normal patches x (n, c, c) with the pixels of real lesions pasted in: x_lesion where the
-    lesion masks `mask` (n, c, c) are set, x elsewhere."""
-    return np.where(mask, x_lesion, x)
-
-
 def counterfactual(G, D, P, sc, rows, args, run):
-    """Beyond the paper: why the patch sum misses small lesions. Up to --counterfactual patches of
-    normal scans get a real lesion's pixels pasted in (those of a group's anomalous test patches in
-    turn, by their masks); both versions are mapped from the same z_1. -> per lesion group the
-    change of A and R (means over normal scans with 95% intervals), how far the lesion moved the
-    pixels (Σ|x' - x|, what R would rise by if G(z_Γ) ignored it), the spread of A over normal
-    patches, and the AUROC of A telling the pasted from the original patches."""
-    y, g = C.labels_groups(rows)
-    normal = np.nonzero(C.clean_mask(rows) & (y == 0))[0][:args.counterfactual]
-    groups = [gn for gn in dict.fromkeys(g[y == 1]) if (y[g == gn] == 0).any()]   # local lesions
-    if not len(normal) or not groups:
-        return None
-    case = np.array([rows[i]["case"] for i in normal])
-    per_scan = lambda v: C.mean_ci([v[case == c].mean() for c in dict.fromkeys(case)])  # noqa: E731
-    z1 = z_start(len(normal), args.z_dim, args.seed, 3)
-    base = score(P["x"][normal], G, D, args, run.device, z1, desc="map normal")
-    out = {"normal_patches": len(normal), "A_normal_mean": float(base["A"].mean()),
-           "A_normal_std": float(base["A"].std())}
-    shown = {}
-    for gn in groups:
-        les = np.nonzero((g == gn) & (y == 1))[0]
-        j = les[np.arange(len(normal)) % len(les)]                          # lesion j -> patch i
-        x = paste_lesions(P["x"][normal], P["x"][j], P["mask"][j])
-        s = score(x, G, D, args, run.device, z1, desc=f"map normal + {gn}")
-        out[gn] = {"lesion_px_median": float(np.median(P["mask"][j].reshape(len(j), -1).sum(1))),
-                   "delta_A": per_scan(s["A"] - base["A"]), "delta_R": per_scan(s["R"] - base["R"]),
-                   "pasted_abs_sum": per_scan(np.abs(x - P["x"][normal]).sum((1, 2))),
-                   "fraction_A_raised": float((s["A"] > base["A"]).mean()),
-                   "auroc_pasted_vs_original": C.auroc(np.r_[np.zeros(len(j)), np.ones(len(j))],
-                                                       np.r_[base["A"], s["A"]]),
-                   "A_lesion_patches_mean": float(sc["A"][les].mean()),
-                   "A_same_scan_lesion_free_mean": float(sc["A"][(g == gn) & (y == 0)].mean())}
-        shown[gn] = (x, s, P["mask"][j])
-    plot_counterfactual(out, P["x"][normal], base, shown, run.out / "counterfactual.png")
-    return out
-
-
-def plot_counterfactual(cf, x0, base, shown, path):
-    """counterfactual.png: a few normal patches without and with the first group's lesion pasted in
-    (lesion outlined, A of each); per group the distribution of A over normal patches without and
-    with it, beside the mean A of the group's lesion-free and lesion patches."""
-    plt = C._plt()
-    groups, k = list(shown), min(4, len(x0))
-    fig = plt.figure(figsize=(max(3.4 * len(groups), 7.5), 6.2))
-    grid = fig.add_gridspec(2, 1, height_ratios=(1, 1.4), hspace=0.3)
-    top = grid[0].subgridspec(1, 2 * k, wspace=0.05)
-    x1, s1, m1 = shown[groups[0]]
-    for i in range(k):
-        for n, (img, A) in enumerate(((x0[i], base["A"][i]), (x1[i], s1["A"][i]))):
-            ax = fig.add_subplot(top[0, 2 * i + n])
-            ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
-            if n and m1[i].any():
-                ax.contour(m1[i], levels=[0.5], colors="red", linewidths=0.8)
-            ax.set(xticks=[], yticks=[])
-            ax.set_title(f"{'+ lesion' if n else 'normal'}, A={A:.1f}", fontsize=8)
-    bottom = grid[1].subgridspec(1, len(groups), wspace=0.3)
-    for n, gn in enumerate(groups):
-        ax, e, A1 = fig.add_subplot(bottom[0, n]), cf[gn], shown[gn][1]["A"]
-        bins = np.linspace(min(base["A"].min(), A1.min()), max(base["A"].max(), A1.max()), 30)
-        ax.hist(base["A"], bins=bins, alpha=0.5, color="tab:blue", label="normal patches")
-        ax.hist(A1, bins=bins, alpha=0.5, color="tab:red", label=f"+ a {gn} lesion")
-        ax.axvline(e["A_same_scan_lesion_free_mean"], color="k", ls=":", label=f"{gn}: lesion-free")
-        ax.axvline(e["A_lesion_patches_mean"], color="k", ls="--", label=f"{gn}: lesion patches")
-        d = e["delta_A"]
-        ax.set_title(f"ΔA {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] ({gn})\n"
-                     f"sd of A over normal patches {cf['A_normal_std']:.1f}", fontsize=9)
-        ax.set(xlabel="A(x)")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Counterfactual (beyond the paper): {groups[0]} lesions pasted into normal test "
-                 "patches (red outline), both mapped from the same z_1", fontsize=10)
-    C._save(fig, path)
+    """Beyond the paper: why the patch sum misses small lesions (C.lesion_counterfactual). Up to
+    --counterfactual patches of normal scans get a real lesion's pixels pasted in, and both
+    versions are mapped (§2.2) from the same z_1 -> counterfactual.png and results.json."""
+    def mapped(x, desc):
+        return score(x, G, D, args, run.device, z_start(len(x), args.z_dim, args.seed, 3), desc)
+    return C.lesion_counterfactual(mapped, P, sc["A"], rows, args.counterfactual,
+                                   run.out / "counterfactual.png", how="mapped from the same z_1")
 
 
 def plot_fig3(blocks, thr_R, thr_D, path):

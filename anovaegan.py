@@ -567,42 +567,14 @@ def evaluate_test(S, sc, args):
     return rows, patients, {"dice": dice, "pixel": pixel}
 
 
-def copy_probe(ae, S, radii, args, device, seed=0):
-    """Does the model copy an anomaly into its reconstruction? Label-free: a disc of the brightest
-    intensity (1, like a FLAIR lesion) is painted into every healthy slice of S, inside its brain,
-    and the fraction of the disc's contrast that the reconstruction keeps is measured,
-    Σ_disc (x̂' − x̂) / Σ_disc (x' − x): 1 = copied (no residual, Eq. 4), 0 = removed. Per radius:
-    the mean over patients (of their slices' fractions) with its 95% interval over patients.
-    -> ({radius: mean_ci}, {radius: (slice, painted x', its x̂')} for the figure)."""
-    from scipy import ndimage as ndi
-    x, brain = np.asarray(S.x, np.float32), np.asarray(S.brain) > 0
-    x_hat = reconstruct(ae, x, device=device, batch_size=64, amp=args.amp)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:x.shape[1], :x.shape[2]]                      # (S, S) pixel coordinates
-    depth = [ndi.distance_transform_edt(b) for b in brain]          # distance to the brain's edge
-    kept, shown = {}, {}
-    for r in radii:
-        painted, disc, ok = x.copy(), np.zeros(x.shape, bool), np.zeros(len(x), bool)
-        for k in range(len(x)):
-            centres = np.argwhere(depth[k] > r + 1)                  # the disc inside the brain
-            if len(centres):
-                cy, cx = centres[rng.integers(len(centres))]
-                disc[k] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-                painted[k][disc[k]] = 1.0
-                ok[k] = (1.0 - x[k][disc[k]]).mean() >= 0.1         # enough contrast to measure
-        x_hat_p = reconstruct(ae, painted, device=device, batch_size=64, amp=args.amp)
-        frac = [float(((x_hat_p[k] - x_hat[k])[disc[k]]).sum() / (painted[k] - x[k])[disc[k]].sum())
-                if ok[k] else np.nan for k in range(len(x))]
-        per_case = [np.nanmean(np.array(frac)[S.slices_of(i)]) for i in range(len(S.cases))
-                    if ok[S.slices_of(i)].any()]
-        kept[r] = C.mean_ci(per_case)
-        k = int(np.nanargmin(np.abs(np.array(frac) - kept[r]["mean"]))) if ok.any() else 0
-        shown[r] = (k, painted[k], x_hat_p[k])
-    return kept, shown
-
-
-def probe_results(run, kept, history, args):
-    """results.json entries of the copy probe and (GAN models) of the decoder's gradient ratio."""
+def probe_results(run, ae, S_val, history, args):
+    """The copy probe on the healthy validation slices (C.copy_probe, copy_probe.png) ->
+    results.json entries of the probe and (GAN models) of the decoder's gradient ratio."""
+    kept, shown = C.copy_probe(lambda x: reconstruct(ae, x, device=run.device, batch_size=64,
+                                                     amp=args.amp), S_val, args.probe_radii)
+    C.plot_copy_probe(shown, kept, run.out / "copy_probe.png", f"copy probe, {args.model} z "
+                      f"{z_label(args)}: a disc of intensity 1 painted into healthy validation "
+                      "slices")
     run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
             + ", ".join(f"r = {r} px {C.fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
     out = {"copy_probe": {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
@@ -815,13 +787,11 @@ def main(argv=None):
     extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,
                                   n_params, train_s, io)
 
-    # ---- beyond the paper: how much of a painted anomaly does the model copy? (copy_probe)
-    kept, shown = copy_probe(ae, S_val, args.probe_radii, args, device)
-    extra.update(probe_results(run, kept, history, args))
+    # ---- beyond the paper: how much of a painted anomaly does the model copy? (copy_probe.png)
+    extra.update(probe_results(run, ae, S_val, history, args))
 
-    # ---- figures (the paper's Fig. 5 and Fig. 6, the probe, the losses) and the contract files
+    # ---- figures (the paper's Fig. 5 and Fig. 6, the losses) and the contract files
     examples = paper_figures(run, args, S_test, sc, patients, threshold, val_values)
-    plot_copy_probe(shown, kept, run.out / "copy_probe.png", args)
     plot_losses(history, run.out / "losses.png", args)
     return C.report(run, args, "slice", rows, timing, extra=extra, data_info=data.info,
                     val_scores=val_scores, threshold_pct=args.percentile, examples=examples,
@@ -875,28 +845,6 @@ def plot_losses(history, path, args):
                            ylabel="‖∇ λ1·L_rec‖ / ‖∇ λ3·L_adv‖", ref=1.0,
                            curves={"grad ratio": history["grad ratio"]}))
     C.plot_curve_panels(panels, path)
-
-
-def plot_copy_probe(shown, kept, path, args):
-    """copy_probe.png: per disc radius a healthy slice with the painted disc, its reconstruction
-    and the residual |x' − x̂'|: a disc the model copies leaves no residual to find."""
-    plt = C._plt()
-    fig, axes = plt.subplots(3, len(shown), figsize=(2.2 * len(shown), 6.9), squeeze=False)
-    for j, (r, (_, xp, xh)) in enumerate(shown.items()):
-        for i, (img, kw) in enumerate(((xp, dict(cmap="gray", vmin=-1, vmax=1)),
-                                       (xh, dict(cmap="gray", vmin=-1, vmax=1)),
-                                       (np.abs(xp - xh), dict(cmap="inferno", vmin=0, vmax=1)))):
-            axes[i, j].imshow(img, **kw)
-            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-        k = kept[r]
-        axes[0, j].set_title(f"r = {r} px: {100 * k['mean']:.0f}% kept\n"
-                             f"[{100 * k['ci'][0]:.0f}, {100 * k['ci'][1]:.0f}]", fontsize=8)
-    for i, t in enumerate(("painted x'", "reconstruction x̂'", "residual |x' − x̂'|")):
-        axes[i, 0].set_ylabel(t, fontsize=8)
-    fig.suptitle(f"copy probe, {args.model} z {z_label(args)}: a disc of intensity 1 painted into "
-                 f"healthy validation slices", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    C._save(fig, path)
 
 
 def plot_fig5(items, path, title="Fig. 5"):

@@ -1706,6 +1706,145 @@ def patch_example_rows(S, P, recon, groups):
     return out
 
 
+# -- the lesion counterfactual (anogan.py; issue 20's mechanism for AnoGAN's patch sum)
+
+def paste_lesions(x, x_lesion, mask):
+    """Normal patches x (n, c, c) with the pixels of real lesions pasted in: x_lesion where the
+    lesion masks `mask` (n, c, c) are set, x elsewhere."""
+    return np.where(mask, x_lesion, x)
+
+
+def lesion_counterfactual(score_fn, P, A, rows, n, path, how=""):
+    """Why a patch sum misses small lesions (anogan.py): up to n patches of normal scans get a real
+    lesion's pixels pasted in (those of a group's anomalous test patches in turn, by their masks);
+    score_fn(x, desc) -> {"A", "R": (n,)} scores both versions. A: the score of every patch of P
+    (rows). -> per lesion group the change of A and R (means over normal scans with 95%
+    intervals), how far the lesion moved the pixels (Σ|x' - x|, what R would rise by if the
+    reconstruction ignored it), the spread of A over normal patches, and the AUROC of A telling the
+    pasted from the original patches; the figure at `path`."""
+    y, g = labels_groups(rows)
+    normal = np.nonzero(clean_mask(rows) & (y == 0))[0][:n]
+    groups = [gn for gn in dict.fromkeys(g[y == 1]) if (y[g == gn] == 0).any()]   # local lesions
+    if not len(normal) or not groups:
+        return None
+    case = np.array([rows[i]["case"] for i in normal])
+    per_scan = lambda v: mean_ci([v[case == c].mean() for c in dict.fromkeys(case)])  # noqa: E731
+    base = score_fn(P["x"][normal], "map normal")
+    out = {"normal_patches": len(normal), "A_normal_mean": float(base["A"].mean()),
+           "A_normal_std": float(base["A"].std())}
+    shown = {}
+    for gn in groups:
+        les = np.nonzero((g == gn) & (y == 1))[0]
+        j = les[np.arange(len(normal)) % len(les)]                          # lesion j -> patch i
+        x = paste_lesions(P["x"][normal], P["x"][j], P["mask"][j])
+        s = score_fn(x, f"map normal + {gn}")
+        out[gn] = {"lesion_px_median": float(np.median(P["mask"][j].reshape(len(j), -1).sum(1))),
+                   "delta_A": per_scan(s["A"] - base["A"]), "delta_R": per_scan(s["R"] - base["R"]),
+                   "pasted_abs_sum": per_scan(np.abs(x - P["x"][normal]).sum((1, 2))),
+                   "fraction_A_raised": float((s["A"] > base["A"]).mean()),
+                   "auroc_pasted_vs_original": auroc(np.r_[np.zeros(len(j)), np.ones(len(j))],
+                                                       np.r_[base["A"], s["A"]]),
+                   "A_lesion_patches_mean": float(A[les].mean()),
+                   "A_same_scan_lesion_free_mean": float(A[(g == gn) & (y == 0)].mean())}
+        shown[gn] = (x, s, P["mask"][j])
+    plot_counterfactual(out, P["x"][normal], base, shown, path, how)
+    return out
+
+
+def plot_counterfactual(cf, x0, base, shown, path, how=""):
+    """counterfactual.png: a few normal patches without and with the first group's lesion pasted in
+    (lesion outlined, A of each); per group the distribution of A over normal patches without and
+    with it, beside the mean A of the group's lesion-free and lesion patches."""
+    plt = _plt()
+    groups, k = list(shown), min(4, len(x0))
+    fig = plt.figure(figsize=(max(3.4 * len(groups), 7.5), 6.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=(1, 1.4), hspace=0.3)
+    top = grid[0].subgridspec(1, 2 * k, wspace=0.05)
+    x1, s1, m1 = shown[groups[0]]
+    for i in range(k):
+        for n, (img, A) in enumerate(((x0[i], base["A"][i]), (x1[i], s1["A"][i]))):
+            ax = fig.add_subplot(top[0, 2 * i + n])
+            ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            if n and m1[i].any():
+                ax.contour(m1[i], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set(xticks=[], yticks=[])
+            ax.set_title(f"{'+ lesion' if n else 'normal'}, A={A:.1f}", fontsize=8)
+    bottom = grid[1].subgridspec(1, len(groups), wspace=0.3)
+    for n, gn in enumerate(groups):
+        ax, e, A1 = fig.add_subplot(bottom[0, n]), cf[gn], shown[gn][1]["A"]
+        bins = np.linspace(min(base["A"].min(), A1.min()), max(base["A"].max(), A1.max()), 30)
+        ax.hist(base["A"], bins=bins, alpha=0.5, color="tab:blue", label="normal patches")
+        ax.hist(A1, bins=bins, alpha=0.5, color="tab:red", label=f"+ a {gn} lesion")
+        ax.axvline(e["A_same_scan_lesion_free_mean"], color="k", ls=":", label=f"{gn}: lesion-free")
+        ax.axvline(e["A_lesion_patches_mean"], color="k", ls="--", label=f"{gn}: lesion patches")
+        d = e["delta_A"]
+        ax.set_title(f"ΔA {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] ({gn})\n"
+                     f"sd of A over normal patches {cf['A_normal_std']:.1f}", fontsize=9)
+        ax.set(xlabel="A(x)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Counterfactual (beyond the paper): {groups[0]} lesions pasted into normal test "
+                 f"patches (red outline), both {how}", fontsize=10)
+    _save(fig, path)
+
+
+# -- the copy probe (anovaegan.py; issue 20's mechanism for the spatial bottleneck)
+
+def copy_probe(recon, S, radii, seed=0):
+    """Does a model copy an anomaly into its reconstruction? Label-free: a disc of the brightest
+    intensity (1, like a FLAIR lesion) is painted into every healthy slice of S, inside its brain,
+    and the fraction of the disc's contrast that the reconstruction keeps is measured,
+    Σ_disc (x̂' − x̂) / Σ_disc (x' − x): 1 = copied (no residual), 0 = removed. recon: x (N, H, W)
+    in [-1, 1] -> the model's reconstruction x̂ (N, H, W). Per radius:
+    the mean over patients (of their slices' fractions) with its 95% interval over patients.
+    -> ({radius: mean_ci}, {radius: (slice, painted x', its x̂')} for the figure)."""
+    from scipy import ndimage as ndi
+    x, brain = np.asarray(S.x, np.float32), np.asarray(S.brain) > 0
+    x_hat = recon(x)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:x.shape[1], :x.shape[2]]                      # (S, S) pixel coordinates
+    depth = [ndi.distance_transform_edt(b) for b in brain]          # distance to the brain's edge
+    kept, shown = {}, {}
+    for r in radii:
+        painted, disc, ok = x.copy(), np.zeros(x.shape, bool), np.zeros(len(x), bool)
+        for k in range(len(x)):
+            centres = np.argwhere(depth[k] > r + 1)                  # the disc inside the brain
+            if len(centres):
+                cy, cx = centres[rng.integers(len(centres))]
+                disc[k] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                painted[k][disc[k]] = 1.0
+                ok[k] = (1.0 - x[k][disc[k]]).mean() >= 0.1         # enough contrast to measure
+        x_hat_p = recon(painted)
+        frac = [float(((x_hat_p[k] - x_hat[k])[disc[k]]).sum() / (painted[k] - x[k])[disc[k]].sum())
+                if ok[k] else np.nan for k in range(len(x))]
+        per_case = [np.nanmean(np.array(frac)[S.slices_of(i)]) for i in range(len(S.cases))
+                    if ok[S.slices_of(i)].any()]
+        kept[r] = mean_ci(per_case)
+        k = int(np.nanargmin(np.abs(np.array(frac) - kept[r]["mean"]))) if ok.any() else 0
+        shown[r] = (k, painted[k], x_hat_p[k])
+    return kept, shown
+
+
+def plot_copy_probe(shown, kept, path, title="copy probe"):
+    """copy_probe.png: per disc radius a healthy slice with the painted disc, its reconstruction
+    and the residual |x' − x̂'|: a disc the model copies leaves no residual to find."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, len(shown), figsize=(2.2 * len(shown), 6.9), squeeze=False)
+    for j, (r, (_, xp, xh)) in enumerate(shown.items()):
+        for i, (img, kw) in enumerate(((xp, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (xh, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (np.abs(xp - xh), dict(cmap="inferno", vmin=0, vmax=1)))):
+            axes[i, j].imshow(img, **kw)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        k = kept[r]
+        axes[0, j].set_title(f"r = {r} px: {100 * k['mean']:.0f}% kept\n"
+                             f"[{100 * k['ci'][0]:.0f}, {100 * k['ci'][1]:.0f}]", fontsize=8)
+    for i, t in enumerate(("painted x'", "reconstruction x̂'", "residual |x' − x̂'|")):
+        axes[i, 0].set_ylabel(t, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _save(fig, path)
+
+
 def score_table(rows, cols):
     """AUROC/AUPRC of several score columns of the same rows ({name: column}): all anomalous units
     (with the interval), each group's AUROC, and each group's against its scans' normal units."""

@@ -115,7 +115,7 @@ def test_counterfactual_pastes_only_the_lesion_pixels():
     lesion = np.full((2, 3, 3), 0.9, np.float32)
     mask = np.zeros((2, 3, 3), bool)
     mask[0, 1, 2] = True                                                # one lesion pixel; none in patch 1
-    out = A.paste_lesions(x, lesion, mask)
+    out = C.paste_lesions(x, lesion, mask)
     assert out[0, 1, 2] == pytest.approx(0.9) and out.sum() == pytest.approx(0.9)
     assert (out[1] == 0).all() and (x == 0).all()                      # the normal patches stay as they were
 

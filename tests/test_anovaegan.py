@@ -271,7 +271,8 @@ def test_copy_probe_of_an_identity_a_constant_and_a_halving_model(a, b, expect):
     half of its contrast, whatever the radius."""
     S = _tiny_set(n=16)
     args = _smoke_args("sAE")
-    kept, shown = A.copy_probe(_Fixed(a, b), S, [1, 3, 5], args, torch.device("cpu"))
+    kept, shown = C.copy_probe(lambda x: A.reconstruct(_Fixed(a, b), x, device=torch.device("cpu"),
+                                                       batch_size=64, amp=args.amp), S, [1, 3, 5])
     assert list(kept) == [1, 3, 5]
     for r, k in kept.items():
         assert k["n"] == 2 and k["mean"] == pytest.approx(expect, abs=1e-6)
