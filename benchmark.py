@@ -437,7 +437,24 @@ def pooled_difference(per_seed, metric="auroc", n_boot=N_BOOT, seed=0, resample_
     ci = C.interval(boot)
     diffs = [a - b for a, b in zip(pa, pb)]
     return {"diff": float(np.mean(diffs)), "ci": ci, "per_seed": diffs, "a": float(np.mean(pa)),
-            "b": float(np.mean(pb)), "n_seeds": len(per_seed), "resolved": bool(ci[0] > 0 or ci[1] < 0)}
+            "b": float(np.mean(pb)), "n_seeds": len(per_seed), "resolved": bool(ci[0] > 0 or ci[1] < 0),
+            **spread(diffs, [C.interval(D[:, k]) for k in range(len(per_seed))],
+                     [float(np.std(D[:, k])) for k in range(len(per_seed))], n_cases=len(cases))}
+
+
+def spread(diffs, cis, ses, n_cases=None):
+    """Where a difference's uncertainty comes from: each seed's own 95% interval over cases, the
+    spread of the seeds (sd, ddof = 1: training noise) against the case-sampling error of one seed
+    (se: the test set's size), and, where the mean is not resolved, the number of test cases that an
+    interval of ±1.96·se would need to exclude the observed mean (an ESTIMATE: se shrinks as 1/√n and
+    the seeds' spread is not counted)."""
+    sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+    se = float(np.mean(ses))
+    m = abs(float(np.mean(diffs)))
+    need = (int(math.ceil(n_cases * (1.96 * se / m) ** 2))
+            if n_cases and m > 0 and 1.96 * se >= m and not sd > se else None)   # sd > se: seeds
+    return {"per_seed_ci": cis, "sd_seeds": sd, "se_cases": se, "n_cases": n_cases,
+            "cases_to_resolve": need}
 
 
 def pooled_from_intervals(diffs, cis):
@@ -451,7 +468,8 @@ def pooled_from_intervals(diffs, cis):
     m = float(np.mean(d))
     ci = [m - 1.96 * se, m + 1.96 * se]
     return {"diff": m, "ci": ci, "per_seed": d, "n_seeds": len(d), "resolved": bool(ci[0] > 0 or ci[1] < 0),
-            "pooled": "from per-seed intervals (conservative), no rows"}
+            "pooled": "from per-seed intervals (conservative), no rows",
+            **spread(d, [list(c) for c in cis], [(c[1] - c[0]) / 3.92 for c in cis])}
 
 
 def verdict(ci, direction=+1):
@@ -857,16 +875,29 @@ def write_fidelity(a, rows, cmds):
              "cases in every seed and on both sides) and over seeds. Verdict: **holds** if the interval excludes 0 "
              "in the paper's direction, **reversed** if it excludes 0 in the other, else **not resolved**; a row "
              "of several comparisons holds only if each holds.", "",
-             "| row | paper | claim | comparison | per seed | pooled Δ [95% CI] | verdict | min/seed at quick |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Where the uncertainty comes from (results/fidelity.png shows each seed's own interval): "
+             "**sd seeds** is the spread of the per-seed differences (training noise), **se cases** one "
+             "seed's bootstrap standard error over the test cases (the test set's size). Where a difference "
+             "is not resolved and se dominates, **cases to resolve** estimates how many test cases an "
+             "interval of ±1.96·se would need to exclude the observed mean (an estimate: se taken to shrink "
+             "as 1/√n, seed noise not counted); where sd dominates, more seeds, not more cases, would "
+             "decide it.", "",
+             "| row | paper | claim | comparison | per seed | pooled Δ [95% CI] | sd seeds / se cases | "
+             "cases to resolve (estimate) | verdict | min/seed at quick |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for i, c in enumerate(r["comparisons"]):
             d = c["diff"]
             per = ", ".join(f"{x:+.3f}" for x in d["per_seed"]) if d else c.get("missing", "–")
+            sp = (f"{d['sd_seeds']:.3f} / {d['se_cases']:.3f}" if d and "se_cases" in d else "–")
+            need = ("–" if not d or d.get("resolved") else
+                    "more seeds (sd > se)" if d.get("sd_seeds", 0) > d.get("se_cases", 1) else
+                    f"~{d['cases_to_resolve']} (now {d['n_cases']})" if d.get("cases_to_resolve") else "–")
             lines.append(f"| {r['name'] if i == 0 else ''} | {r['paper'] if i == 0 else ''} | "
-                         f"{r['claim'] if i == 0 else ''} | {c['label']} | {per} | {fmt_diff(d)} | {c['verdict']} | "
+                         f"{r['claim'] if i == 0 else ''} | {c['label']} | {per} | {fmt_diff(d)} | {sp} | "
+                         f"{need} | {c['verdict']} | "
                          + (f"{row_minutes(r['name']):.0f}" if i == 0 else "") + " |")
-        lines.append(f"| | | | **row verdict** | | | **{r['verdict']}** | |")
+        lines.append(f"| | | | **row verdict** | | | | | **{r['verdict']}** | |")
     lines += ["", "## Commands (seed 0; the other seeds change `--seed` and the `__sN` of `--out`)", ""]
     for r in rows:
         lines += [f"- `{r['name']}` (`python benchmark.py --fidelity --row {r['name']}`):"]
@@ -878,8 +909,38 @@ def write_fidelity(a, rows, cmds):
     (out / "fidelity.md").write_text(md)
     if ran:   # the template (nothing run) is the markdown only
         C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
+        plot_fidelity(rows, out / "fidelity.png")
     print(md)
     return rows
+
+
+def plot_fidelity(rows, path):
+    """fidelity.png: per comparison each seed's difference with its own 95% interval over cases (dots)
+    and the pooled one (diamond), coloured by verdict: wide per-seed bars = too few test cases; narrow
+    bars that disagree = training noise between seeds."""
+    comps = [(f"{r['name']}: {c['label']}", c) for r in rows for c in r["comparisons"] if c["diff"]]
+    if not comps:
+        return
+    plt = C._plt()
+    colour = {"holds": "tab:green", "reversed": "tab:red", "not resolved": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(comps) + 1.4))
+    for k, (label, c) in enumerate(comps[::-1]):
+        d, col = c["diff"], colour.get(c["verdict"], "k")
+        cis = d.get("per_seed_ci") or [None] * len(d["per_seed"])
+        for j, (x, ci) in enumerate(zip(d["per_seed"], cis)):
+            yk = k + 0.12 * (j - (len(d["per_seed"]) - 1) / 2) - 0.18
+            ax.plot([x], [yk], "o", ms=3, color=col, alpha=0.7)
+            if ci:
+                ax.plot(ci, [yk, yk], "-", lw=0.8, color=col, alpha=0.6)
+        ax.plot(d["ci"], [k + 0.2, k + 0.2], "-", lw=2.2, color=col)
+        ax.plot([d["diff"]], [k + 0.2], "D", ms=6, color=col)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(comps)), [lab for lab, _ in comps[::-1]], fontsize=7)
+    ax.set_xlabel("AUROC(a) − AUROC(b): the paper says > 0")
+    ax.set_title("Fidelity: pooled difference (diamond, 95% CI) and each seed with its own interval "
+                 "over cases\ngreen holds, red reversed, grey not resolved", fontsize=9)
+    fig.tight_layout()
+    C._save(fig, path)
 
 
 # ---- the GPU check (issue 18): train with --amp, float32, resume, score, on the paper preset -----

@@ -90,6 +90,17 @@ def test_pooled_difference_of_one_seed_is_common_paired_difference():
     ref = C.paired_difference(y, a, b, case, g, n_boot=500, seed=0)
     got = B.pooled_difference([((y, a, case, g), (y, b, case, g))], n_boot=500, seed=0)
     assert got["diff"] == pytest.approx(ref["diff"]) and got["ci"] == pytest.approx(ref["ci"])
+    assert got["per_seed_ci"][0] == pytest.approx(ref["ci"]) and got["n_cases"] == 12
+
+
+def test_spread_separates_seed_noise_from_test_set_size():
+    # the same difference in two seeds: no seed noise; se 0.05 against a mean of 0.01 with 40 cases
+    # needs 40 * (1.96 * 0.05 / 0.01)^2 = 3841.6 -> 3842 cases
+    s = B.spread([0.01, 0.01], [[-0.09, 0.11]] * 2, [0.05, 0.05], n_cases=40)
+    assert s["sd_seeds"] == 0 and s["se_cases"] == pytest.approx(0.05) and s["cases_to_resolve"] == 3842
+    noisy = B.spread([0.2, -0.2], [[0.1, 0.3], [-0.3, -0.1]], [0.05, 0.05], n_cases=40)
+    assert noisy["sd_seeds"] > noisy["se_cases"] and noisy["cases_to_resolve"] is None   # more seeds
+    assert B.spread([0.3], [[0.2, 0.4]], [0.05], n_cases=40)["cases_to_resolve"] is None  # resolved
 
 
 def test_verdicts():
