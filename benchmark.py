@@ -7,6 +7,7 @@ the papers' claims as a fidelity table; and a prepared GPU check of the paper pr
     python benchmark.py --fidelity --list-rows           # the papers' claims, with minutes per row at quick
     python benchmark.py --fidelity --row madgan_l1       # one claim: its runs (3 seeds), paired interval, verdict
     python benchmark.py --fidelity --dry-run             # results/fidelity.md with the commands, nothing run
+    python benchmark.py --mechanisms                     # results/mechanisms.md: why verdicts fail (no training)
     python benchmark.py --gpu-check                      # issue 18: every paper preset on one GPU (~10 min)
     python benchmark.py --gpu-check --device cpu --preset smoke --steps 3 --only madgan   # the same on a CPU
     python benchmark.py --score-rate runs/benchmark/quick/reversed_ae__default__s0   # RA's score() alone
@@ -106,6 +107,8 @@ def parse(argv=None):
     f.add_argument("--list-rows", action="store_true", help="list the fidelity rows with minutes at quick")
     f.add_argument("--row", action="append", default=None, metavar="NAME", help="run only this row (repeat)")
     f.add_argument("--dry-run", action="store_true", help="write fidelity.md with the commands, run nothing")
+    f.add_argument("--mechanisms", action="store_true", help="results/mechanisms.md from the finished "
+                   "fidelity runs: f-AnoGAN's encoder range, the copy probe, AnoGAN's counterfactual")
     g = p.add_argument_group("GPU check (issue 18)")
     g.add_argument("--gpu-check", action="store_true", help="train/resume/score every paper preset briefly")
     g.add_argument("--steps", type=int, default=200, help="--gpu-check: --amp training steps (default 200); "
@@ -943,6 +946,132 @@ def plot_fidelity(rows, path):
     C._save(fig, path)
 
 
+# ---- mechanisms behind the verdicts (issue 20), measured on the finished fidelity runs -------------
+
+def encoder_saturation(run_dir):
+    """f3d_encoder_out: z = E(x) of a finished fanogan3d run on its healthy validation volumes and its
+    test volumes. -> {bound, at_bound (|z| > 0.99 bound), sd, z of the healthy volumes (for the
+    histogram)}: G learnt z ~ N(0, 1), which puts 32% of its values beyond ±1 and 0.3% beyond ±3."""
+    import argparse
+    import torch
+    import fanogan3d as F
+    args = argparse.Namespace(**json.loads((Path(run_dir) / "config.json").read_text())["args"])
+    args.device, args.checkpoint = "cpu", str(Path(run_dir) / "last.pt")
+    nets = F.build(args, torch.device("cpu"))
+    C.load_models(args.checkpoint, nets, F.METHOD)
+    quiet = type("Q", (), {"log": staticmethod(lambda msg: None)})()
+    _, _, S_val, S_test = datasets.ct_or_mri_stacks(args, quiet)
+    E, bound = nets["E"].eval(), {"tanh": 1.0, "3tanh": 3.0}.get(args.encoder_out, float("inf"))
+    out = {"encoder_out": args.encoder_out, "bound": bound}
+    with torch.no_grad():
+        for name, S, keep in (("healthy val", S_val, None), ("test normal", S_test, 0),
+                              ("test anomalous", S_test, 1)):
+            idx = [i for i in range(len(S.x)) if keep is None or S.cases[int(S.case[i])].label == keep]
+            z = torch.cat([E(F.get_batch(S.x, idx[i:i + 8], torch.device("cpu")))
+                           for i in range(0, len(idx), 8)]).numpy()
+            out[name] = {"n": len(idx), "at_bound": float((np.abs(z) > 0.99 * bound).mean()),
+                         "sd": float(z.std()), "beyond_1": float((np.abs(z) > 1).mean())}
+            if keep is None:
+                out["z_healthy"] = z.ravel()
+    return out
+
+
+def run_mechanisms(a):
+    """`--mechanisms`: results/mechanisms.md (+ .png) from the fidelity runs that exist: the f-AnoGAN
+    encoder's saturation (tanh vs 3·tanh), the AnoVAEGAN copy probe and gradient ratio per model, and
+    AnoGAN's lesion counterfactual, each over the seeds that have run."""
+    out, lines = Path(a.out), ["# Mechanisms behind the fidelity verdicts (issue 20)", "",
+                               f"`python benchmark.py --mechanisms` (from the finished runs under "
+                               f"{a.runs}/{a.preset}; nothing is trained)", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = range(a.seeds)
+    # 1. f-AnoGAN: does tanh clip the latent code that G learnt as N(0, 1)?
+    sat = {}
+    for r in ("f3d", "f3d_3tanh"):
+        for s in seeds:
+            d = run_dir(a.runs, a.preset, *RUNS[r], s)
+            if (d / "last.pt").is_file() and (d / "results.json").is_file():
+                sat[(r, s)] = encoder_saturation(d)
+    if sat:
+        lines += ["## f3d_encoder_out: the encoder's output range (healthy validation volumes)", "",
+                  "| run | seed | E's output | share of z at the bound (healthy val / test normal / "
+                  "test anomalous) | sd of z | share beyond ±1 |", "|---|---|---|---|---|---|"]
+        for (r, s), v in sat.items():
+            keys = ("healthy val", "test normal", "test anomalous")
+            lines.append(f"| {r} | {s} | {v['encoder_out']} (±{v['bound']:g}) | "
+                         + " / ".join(f"{100 * v[k]['at_bound']:.1f}%" for k in keys)
+                         + f" | {v['healthy val']['sd']:.2f} | {100 * v['healthy val']['beyond_1']:.1f}% |")
+        lines += ["", "z ~ N(0, 1), what G was trained on, has sd 1 and 31.7% of its values beyond ±1 "
+                  "(0.27% beyond ±3). `mechanism_f3d_encoder.png`: the histograms.", ""]
+        plt = C._plt()
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        grid = np.linspace(-3.2, 3.2, 161)
+        for (r, s), v in sat.items():
+            if s == 0:
+                ax.hist(np.clip(v["z_healthy"], -3.2, 3.2), bins=grid, density=True, alpha=0.45,
+                        label=f"E(x), {v['encoder_out']} (seed 0): {100 * v['healthy val']['at_bound']:.0f}% "
+                        f"at ±{v['bound']:g}")
+        ax.plot(grid, np.exp(-grid ** 2 / 2) / np.sqrt(2 * np.pi), "k", lw=1.2, label="N(0, 1): G's prior")
+        ax.set(xlabel="z (every coordinate, healthy validation volumes)", ylabel="density",
+               title="f-AnoGAN: the encoder's codes against the prior G was trained on")
+        ax.legend(fontsize=7)
+        C._save(fig, out / "mechanism_f3d_encoder.png")
+    # 2. AnoVAEGAN: the copy probe and the gradient ratio, per model and seed (from results.json)
+    probe = []
+    for m in ("dAE", "sAE", "dVAE", "sVAE", "sAE-GAN", "AnoVAEGAN"):
+        for s in seeds:
+            res, _ = read_run(run_dir(a.runs, a.preset, *RUNS[f"baur_{m}"], s))
+            if res and "copy_probe" in res:
+                kept = res["copy_probe"]["kept"]
+                gr = res.get("grad_ratio", {})
+                probe.append((m, s, kept, gr))
+    if probe:
+        radii = list(probe[0][2])
+        lines += ["## baur_spatial, baur_ranking, baur_adversarial: what the models copy, and how hard "
+                  "L_adv pulls", "", "Copy probe: the share of a bright disc painted into healthy "
+                  "validation slices that the reconstruction keeps (1 = copied: no residual to find). "
+                  "Gradient ratio: ‖∇_Dec λ1·L_rec‖ / ‖∇_Dec λ3·L_adv‖ (median over the logged steps; "
+                  "1 = both terms pull equally).", "",
+                  "| model | seeds | " + " | ".join(f"kept at r = {r} px" for r in radii)
+                  + " | gradient ratio (median) |", "|---|---|" + "---|" * len(radii) + "---|"]
+        for m in dict.fromkeys(p[0] for p in probe):
+            ps = [p for p in probe if p[0] == m]
+            cells = [mean_sd([p[2][r]["mean"] for p in ps]) for r in radii]
+            grs = [p[3]["median"] for p in ps if p[3]]
+            lines.append(f"| {m} | {len(ps)} | " + " | ".join(f"{100 * c[0]:.0f}% ± {100 * c[1]:.0f}"
+                                                               if _num(c[1]) else f"{100 * c[0]:.0f}%"
+                                                               for c in cells)
+                         + (f" | {np.median(grs):.1f} ({', '.join(f'{g:.1f}' for g in grs)})" if grs else " | –")
+                         + " |")
+        lines += ["", "Per run: `copy_probe.png` (painted slice, reconstruction, residual) and `losses.png` "
+                  "(the gradient ratio over training) in each AnoVAEGAN run folder.", ""]
+    # 3. AnoGAN: a lesion pasted into normal patches moves A(x) by less than anatomy does
+    cf = []
+    for r in ("anogan_ganr",):
+        for s in seeds:
+            res, _ = read_run(run_dir(a.runs, a.preset, *RUNS[r], s))
+            if res and res.get("counterfactual_lesion"):
+                cf.append((s, res["counterfactual_lesion"]))
+    if cf:
+        groups = [g for g in cf[0][1] if isinstance(cf[0][1][g], dict)]
+        lines += ["## anogan_A_vs_R_D: a real lesion pasted into normal patches (counterfactual)", "",
+                  "| seed | sd of A over normal patches | " + " | ".join(f"ΔA, {g} [95% CI]" for g in groups)
+                  + " | " + " | ".join(f"AUROC pasted vs original, {g}" for g in groups) + " |",
+                  "|---|---|" + "---|" * (2 * len(groups))]
+        for s, v in cf:
+            lines.append(f"| {s} | {v['A_normal_std']:.1f} | "
+                         + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(v[g]["delta_A"]["mean"],
+                                                                          *v[g]["delta_A"]["ci"])
+                                      for g in groups) + " | "
+                         + " | ".join(f"{v[g]['auroc_pasted_vs_original']:.2f}" for g in groups) + " |")
+        lines += ["", "Per run: `counterfactual.png`. A lesion moves A(x) by less than A varies between "
+                  "normal patches, so the patch sum ranks anatomy before lesions.", ""]
+    md = "\n".join(lines) + "\n"
+    (out / "mechanisms.md").write_text(md)
+    print(md)
+    return md
+
+
 # ---- the GPU check (issue 18): train with --amp, float32, resume, score, on the paper preset -----
 # Per script, flags that keep the check short without changing what a training step costs: anogan maps
 # fewer validation/training patches and one test slice; madgan skips Fig. 8's AUC-over-steps; reversed_ae
@@ -1222,6 +1351,8 @@ def main(argv=None):
     a = parse(argv)
     if a.gpu_check:
         return gpu_check(a)
+    if a.mechanisms:
+        return run_mechanisms(a)
     if a.fidelity or a.list_rows or a.row:
         return run_fidelity(a)
     return run_benchmark(a)

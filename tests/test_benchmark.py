@@ -292,3 +292,20 @@ def test_profile_run_times_the_run_without_changing_it(tmp_path):
     assert prof["seconds"]["report"] > 0 and prof["calls"]["figures"] >= 3
     config = json.loads((tmp_path / "profiled" / "config.json").read_text())
     assert config["command"].startswith("madgan.py --preset smoke")
+
+
+def test_mechanisms_tabulate_the_copy_probe_and_gradient_ratio_of_finished_runs(tmp_path):
+    """--mechanisms reads each AnoVAEGAN variant's copy probe and gradient ratio from its results.json,
+    mean ± sd over the seeds that ran; rows without runs are left out, nothing is trained."""
+    kept = lambda v: {"2": {"mean": v}, "4": {"mean": v + 0.1}}   # noqa: E731
+    for s, v in enumerate((0.6, 0.7)):
+        write_run(B.run_dir(tmp_path, "quick", *B.RUNS["baur_sAE"], s), fake_rows(s),
+                  copy_probe={"kept": kept(v)})
+    write_run(B.run_dir(tmp_path, "quick", *B.RUNS["baur_AnoVAEGAN"], 0), fake_rows(0),
+              copy_probe={"kept": kept(0.1)}, grad_ratio={"median": 3.0})
+    a = B.parse(["--mechanisms", "--runs", str(tmp_path), "--out", str(tmp_path / "res"), "--seeds", "2"])
+    md = B.run_mechanisms(a)
+    assert "| sAE | 2 | 65% ± 7 | 75% ± 7 | – |" in md
+    assert "| AnoVAEGAN | 1 | 10% | 20% | 3.0 (3.0) |" in md
+    assert "dAE |" not in md and "f3d_encoder_out" not in md      # no runs: no rows, no encoder section
+    assert (tmp_path / "res" / "mechanisms.md").read_text() == md
