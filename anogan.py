@@ -41,7 +41,7 @@ Deviations from the paper:
 On the quick preset A(x) detects the tumour and the atrophy stages, where a patch changes as a
 whole, but not the small hyperintense lesions: a lesion pasted into a normal patch raises A by far
 less than A varies with normal anatomy (counterfactual.png), while x_max sees the lesions at once.
-Measured tables: README.md and results/.
+Measured tables: README.md, results/fidelity.md (A against R and D, 3 seeds).
 
 Commands:
     python anogan.py                                   # quick: the FLAIR phantom on a CPU

@@ -43,8 +43,7 @@ Deviations from the paper
 
 Presets: paper = 64³, widths 64..512, z 2500, batch 4, 20k / 10k / 2k iterations (a GPU job);
 quick = 32³ phantom volumes on a 2-core CPU in minutes, the three steps, the fine-tuning ablation
-and (--dims 2) the 2D baseline with paired 95% intervals (measured: README.md, results/); smoke =
-seconds, for the tests.
+and (--dims 2) the 2D baseline, paired 95% intervals (README.md, results/fidelity.md); smoke: tests.
   python fanogan3d.py --out runs/f3d                        # quick preset, 3D, the CT phantom
   python fanogan3d.py --dims 2 --compare-3d runs/f3d        # the 2D baseline (§3), paired with 3D
   python fanogan3d.py --modality flair                      # the FLAIR phantom, MRI normalisation

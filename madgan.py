@@ -47,7 +47,7 @@ Read the results against the untrained generator: auc_steps.png (Fig. 8) starts 
 the phantom an untrained generator already separates atrophy, which darkens the slab (more CSF) and
 so raises the l2 score; what training adds is the rise above step 0. On phantom 2.0 (atrophy
 overlaps an ageing healthy population) the quick preset (64x64, 24 slices, 1,200 steps) ends near
-chance on atrophy 1-2 and near its own step 0 on atrophy_3 (3 seeds: README.md, results/).
+chance on atrophy 1-2 and near its step 0 on atrophy_3 (3 seeds: README.md, results/fidelity.md).
 
     python madgan.py                                  # quick: the T1 phantom on a CPU
     python madgan.py --sa 7 --l1-weight 0             # an ablation of Table 1 (7-SA, w/o l1)

@@ -51,7 +51,7 @@ Run it
   python reversed_ae.py --data brats --modality t1 --train-data ixi --train-root IXI --preset paper
 
 The quick preset's reconstructions are still blurry after 12 epochs, so its maps light up ventricles
-and sulci; the measured tables (with the SI-VAE backbone) are in README.md and results/.
+and sulci; the measured tables (with the SI-VAE backbone) are in README.md and results/fidelity.md.
 """
 from __future__ import annotations
 
