@@ -675,6 +675,7 @@ def plot_rocs(roc, path):
         ax.set(xlim=(0, 1), ylim=(0, 1.01))
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.suptitle("ROC per method and group (normal scans vs group), seed 0, synthetic phantom", fontsize=11)
     C._save(fig, path)
 
