@@ -308,4 +308,9 @@ def test_mechanisms_tabulate_the_copy_probe_and_gradient_ratio_of_finished_runs(
     assert "| sAE | 2 | 65% ± 7 | 75% ± 7 | – |" in md
     assert "| AnoVAEGAN | 1 | 10% | 20% | 3.0 (3.0) |" in md
     assert "dAE |" not in md and "f3d_encoder_out" not in md      # no runs: no rows, no encoder section
+    assert "madgan_stage" not in md
+    fig8 = [{"step": 0, "auroc": {"atrophy_3": 0.7}}, {"step": 10, "auroc": {"atrophy_3": 0.6}}]
+    write_run(B.run_dir(tmp_path, "quick", *B.RUNS["madgan"], 1), fake_rows(1), auc_over_steps=fig8)
+    md = B.run_mechanisms(a)
+    assert "| madgan | 1 | nan → nan | nan → nan | 0.70 → 0.60 |" in md and "by -0.10 on average" in md
     assert (tmp_path / "res" / "mechanisms.md").read_text() == md
