@@ -914,6 +914,10 @@ def write_fidelity(a, rows, cmds):
     if ran:   # the template (nothing run) is the markdown only
         C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
         plot_fidelity(rows, out / "fidelity.png")
+        if (not a.row and not a.no_readme and a.preset == "quick"
+                and out.resolve() == (REPO / "results").resolve()):   # every row: README's table too
+            table = [ln for ln in lines if ln.startswith("|")]
+            update_fidelity_readme(REPO / "README.md", [lines[2], "", lines[6], "", *table])
     print(md)
     return rows
 
@@ -1320,6 +1324,22 @@ def update_readme(path, lines):
     head, rest = text.split(README_START, 1)
     path.write_text(head + README_START + body + README_END + rest.split(README_END, 1)[1])
     print(f"updated the benchmark tables in {path}")
+
+
+FIDELITY_START, FIDELITY_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+
+
+def update_fidelity_readme(path, lines):
+    """The fidelity table (all rows) between the README's fidelity markers, with results/fidelity.png."""
+    text = path.read_text()
+    if FIDELITY_START not in text or FIDELITY_END not in text:
+        print(f"{path}: no {FIDELITY_START} ... {FIDELITY_END} markers; README left as it is")
+        return
+    body = "\n".join(["", *lines, "", "![Each fidelity comparison, per seed and pooled](results/fidelity.png)",
+                      ""])
+    head, rest = text.split(FIDELITY_START, 1)
+    path.write_text(head + FIDELITY_START + body + FIDELITY_END + rest.split(FIDELITY_END, 1)[1])
+    print(f"updated the fidelity table in {path}")
 
 
 def ra_score_rate(run_dir, repeat=3):

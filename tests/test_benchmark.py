@@ -233,6 +233,16 @@ def test_readme_tables_are_replaced_between_the_markers_only(tmp_path):
     assert text.index("para") < text.index(B.README_NOTE) < text.index("#### T1: AUROC")
 
 
+def test_fidelity_table_goes_between_its_own_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{B.README_START}\nbench\n{B.README_END}\nb\n{B.FIDELITY_START}\nOLD-TABLE\n"
+                      f"{B.FIDELITY_END}\nc\n")
+    B.update_fidelity_readme(readme, ["cmd", "", "| row | verdict |", "| x | holds |"])
+    text = readme.read_text()
+    assert "OLD-TABLE" not in text and "bench" in text and text.endswith("c\n") and "| x | holds |" in text
+    assert text.index(B.FIDELITY_START) < text.index("results/fidelity.png") < text.index(B.FIDELITY_END)
+
+
 def test_max_test_cases_keeps_the_first_n_of_each_label():
     """--max-test-cases N (common.add_contract_args, applied in datasets.load_dataset): both labels stay."""
     import common as C
