@@ -323,4 +323,13 @@ def test_mechanisms_tabulate_the_copy_probe_and_gradient_ratio_of_finished_runs(
     write_run(B.run_dir(tmp_path, "quick", *B.RUNS["madgan"], 1), fake_rows(1), auc_over_steps=fig8)
     md = B.run_mechanisms(a)
     assert "| madgan | 1 | nan → nan | nan → nan | 0.70 → 0.60 |" in md and "by -0.10 on average" in md
+    # AnoGAN: A = 0.9 R + 0.1 D with D = R: rho(A, R) = 1 and lambda*D / A = 0.1
+    R = np.arange(1.0, 21.0)
+    rows = [{"id": f"p{i}", "group": "normal" if i < 10 else "tumor", "label": int(i >= 10), "case": f"c{i}",
+             "score": R[i], "R": R[i], "D": R[i], "A_hat": R[i], "D_hat": 0.0} for i in range(20)]
+    d = write_run(B.run_dir(tmp_path, "quick", *B.RUNS["anogan_ganr"], 0), rows)
+    (d / "config.json").write_text(json.dumps({"args": {"lam": 0.1}}))
+    md = B.run_mechanisms(a)
+    assert "| 0 | 0.1 | 1.000 | 1.000 | 0.100 | 0.0000 |" in md
+    assert (tmp_path / "res" / "mechanism_anogan_scores.png").is_file()
     assert (tmp_path / "res" / "mechanisms.md").read_text() == md
