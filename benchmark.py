@@ -105,7 +105,8 @@ def parse(argv=None):
     f = p.add_argument_group("fidelity (issue 20)")
     f.add_argument("--fidelity", action="store_true", help="the papers' claims: results/fidelity.md")
     f.add_argument("--list-rows", action="store_true", help="list the fidelity rows with minutes at quick")
-    f.add_argument("--row", action="append", default=None, metavar="NAME", help="run only this row (repeat)")
+    f.add_argument("--row", action="append", default=None, metavar="NAME", help="run only this row (repeat); the other rows of an "
+                   "earlier fidelity.json in --out stay in the table")
     f.add_argument("--dry-run", action="store_true", help="write fidelity.md with the commands, run nothing")
     f.add_argument("--mechanisms", action="store_true", help="results/mechanisms.md from the finished "
                    "fidelity runs: f-AnoGAN's encoder range, the copy probe, AnoGAN's counterfactual")
@@ -862,8 +863,25 @@ def run_fidelity(a):
         run_all(first, a.jobs, a.skip_existing)
         run_all(rest, a.jobs, a.skip_existing)
     loaded = {(r, s): read_run(d) for r, s, d, _ in cmds}
-    rows = [evaluate_row(n, loaded) for n in names]
-    return write_fidelity(a, rows, cmds)
+    rows = merge_rows(a, [evaluate_row(n, loaded) for n in names])
+    return write_fidelity(a, rows, fidelity_commands([r["name"] for r in rows], a))
+
+
+def merge_rows(a, rows):
+    """--row NAME: the rows of an earlier fidelity.json in --out (same preset and seeds) stay in the table;
+    the rows just evaluated replace theirs. The order is FIDELITY's."""
+    p = Path(a.out) / "fidelity.json"
+    if not a.row or not p.is_file():
+        return rows
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return rows
+    if {k: old.get("args", {}).get(k) for k in ("preset", "seeds")} != {"preset": a.preset, "seeds": a.seeds}:
+        return rows
+    by = {r["name"]: r for r in old.get("rows", []) if r.get("name") in FIDELITY}
+    by.update({r["name"]: r for r in rows})
+    return [by[n] for n in FIDELITY if n in by]
 
 
 def write_fidelity(a, rows, cmds):
@@ -914,7 +932,7 @@ def write_fidelity(a, rows, cmds):
     if ran:   # the template (nothing run) is the markdown only
         C.write_json(out / "fidelity.json", {"args": vars(a), "rows": rows})
         plot_fidelity(rows, out / "fidelity.png")
-        if (not a.row and not a.no_readme and a.preset == "quick"
+        if ({r["name"] for r in rows} == set(FIDELITY) and not a.no_readme and a.preset == "quick"
                 and out.resolve() == (REPO / "results").resolve()):   # every row: README's table too
             table = [ln for ln in lines if ln.startswith("|")]
             update_fidelity_readme(REPO / "README.md", [lines[2], "", lines[6], "", *table])

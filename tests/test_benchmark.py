@@ -184,6 +184,18 @@ def test_fidelity_dry_run_writes_the_template_with_commands(tmp_path, monkeypatc
     assert "--dims 2 --compare-3d runs/benchmark/quick/fanogan3d__default__s0" in md
 
 
+def test_one_row_keeps_the_other_rows_of_the_table(tmp_path):
+    loaded = {("ra", s): B.read_run(write_run(tmp_path / f"ra{s}", _ra_rows(s), unit="slice")) for s in range(3)}
+    earlier = {"args": {"preset": "quick", "seeds": 3}, "rows": [B.evaluate_row("ra_ablations", loaded)]}
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "fidelity.json").write_text(json.dumps(earlier))
+    a = B.parse(["--fidelity", "--dry-run", "--row", "madgan_l1", "--out", str(tmp_path / "res"),
+                 "--runs", str(tmp_path / "none")])
+    assert [r["name"] for r in B.merge_rows(a, [B.evaluate_row("madgan_l1", {})])] == ["madgan_l1", "ra_ablations"]
+    a.seeds = 1                                                      # another setting: the old rows are not mixed in
+    assert [r["name"] for r in B.merge_rows(a, [B.evaluate_row("madgan_l1", {})])] == ["madgan_l1"]
+
+
 def test_gpu_check_on_cpu_writes_gpu_md(tmp_path):
     """The GPU check's whole path on a CPU at smoke size, for madgan (its fastest script here): amp,
     float32, --resume, --checkpoint; gpu.md has every field. (fanogan3d's three phases: see README.)"""
