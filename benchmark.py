@@ -1129,21 +1129,23 @@ def run_mechanisms(a):
     stages, mg = ("atrophy_1", "atrophy_2", "atrophy_3"), []
     for r in ("madgan", "madgan_no_l1", "madgan_sa3", "madgan_sa7"):
         for s in seeds:
-            res, _ = read_run(run_dir(a.runs, a.preset, *RUNS[r], s))
+            res, rows = read_run(run_dir(a.runs, a.preset, *RUNS[r], s))
             steps = (res or {}).get("auc_over_steps") or []
             if len(steps) > 1 and steps[0].get("step") == 0:
-                mg.append((r, s, steps[0]["auroc"], steps[-1]["step"], steps[-1]["auroc"]))
+                mean = {g: np.mean([float(x["score"]) for x in rows if x["group"] == g] or [np.nan])
+                        for g in ("normal", "atrophy_3")}
+                mg.append((r, s, steps[0]["auroc"], mean, steps[-1]["auroc"]))
     if mg:
         lines += ["## madgan_stage, madgan_l1, madgan_sa: what training adds to an untrained generator",
                   "", "Scan AUROC at step 0 (random weights) and after the last step (Fig. 8's curve, "
                   "results.json `auc_over_steps`): atrophy darkens the slab, which raises the ℓ2 "
                   "prediction error of any generator, trained or not.", "",
-                  "| run | seed | " + " | ".join(f"{g}: step 0 → end" for g in stages) + " |",
-                  "|---|---|" + "---|" * len(stages)]
-        for r, s, a0, last, a1 in mg:
+                  "| run | seed | " + " | ".join(f"{g}: step 0 → end" for g in stages)
+                  + " | mean score at the end: normal / atrophy_3 |", "|---|---|" + "---|" * len(stages) + "---|"]
+        for r, s, a0, mean, a1 in mg:
             lines.append(f"| {r} | {s} | " + " | ".join(
                 f"{a0.get(g, float('nan')):.2f} → {a1.get(g, float('nan')):.2f}" for g in stages)
-                + " |")
+                + f" | {mean['normal']:.4g} / {mean['atrophy_3']:.4g} |")
         d3 = [a1["atrophy_3"] - a0["atrophy_3"] for _, _, a0, _, a1 in mg
               if "atrophy_3" in a0 and "atrophy_3" in a1]
         if d3:
