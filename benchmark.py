@@ -461,6 +461,12 @@ def spread(diffs, cis, ses, n_cases=None):
             "cases_to_resolve": need}
 
 
+def fmt_need(need, n_cases, cap=10):
+    """The 'cases to resolve' cell: an estimate past `cap` times today's test set says only that the
+    difference is about zero (an extrapolation that far means nothing more)."""
+    return f"> {cap}× now (Δ ≈ 0; now {n_cases})" if need > cap * n_cases else f"~{need} (now {n_cases})"
+
+
 def pooled_from_intervals(diffs, cis):
     """Where a run gives only its paired difference and interval (no rows): the mean difference, and an
     interval mean ± 1.96·mean(se) with se = (hi - lo) / 3.92 per seed -- conservative: it is the interval
@@ -914,7 +920,7 @@ def write_fidelity(a, rows, cmds):
             sp = (f"{d['sd_seeds']:.3f} / {d['se_cases']:.3f}" if d and "se_cases" in d else "–")
             need = ("–" if not d or d.get("resolved") else
                     "more seeds (sd > se)" if d.get("sd_seeds", 0) > d.get("se_cases", 1) else
-                    f"~{d['cases_to_resolve']} (now {d['n_cases']})" if d.get("cases_to_resolve") else "–")
+                    fmt_need(d['cases_to_resolve'], d['n_cases']) if d.get("cases_to_resolve") else "–")
             lines.append(f"| {r['name'] if i == 0 else ''} | {r['paper'] if i == 0 else ''} | "
                          f"{r['claim'] if i == 0 else ''} | {c['label']} | {per} | {fmt_diff(d)} | {sp} | "
                          f"{need} | {c['verdict']} | "

@@ -101,6 +101,8 @@ def test_spread_separates_seed_noise_from_test_set_size():
     noisy = B.spread([0.2, -0.2], [[0.1, 0.3], [-0.3, -0.1]], [0.05, 0.05], n_cases=40)
     assert noisy["sd_seeds"] > noisy["se_cases"] and noisy["cases_to_resolve"] is None   # more seeds
     assert B.spread([0.3], [[0.2, 0.4]], [0.05], n_cases=40)["cases_to_resolve"] is None  # resolved
+    # the cell: an extrapolation past 10x the test set only says the difference is about zero
+    assert B.fmt_need(3842, 40) == "> 10× now (Δ ≈ 0; now 40)" and B.fmt_need(123, 110) == "~123 (now 110)"
 
 
 def test_verdicts():
