@@ -1072,8 +1072,23 @@ def run_mechanisms(a):
                                                                for c in cells)
                          + (f" | {np.median(grs):.1f} ({', '.join(f'{g:.1f}' for g in grs)})" if grs else " | –")
                          + " |")
-        lines += ["", "Per run: `copy_probe.png` (painted slice, reconstruction, residual) and `losses.png` "
-                  "(the gradient ratio over training) in each AnoVAEGAN run folder.", ""]
+        lines += ["", "`mechanism_copy_probe.png`: the same, as curves over the disc's radius. Per run: "
+                  "`copy_probe.png` (painted slice, reconstruction, residual) and `losses.png` (the gradient "
+                  "ratio over training) in each AnoVAEGAN run folder.", ""]
+        plt = C._plt()
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for m in dict.fromkeys(p[0] for p in probe):
+            ps = [p for p in probe if p[0] == m]
+            ms = np.array([[p[2][r]["mean"] for r in radii] for p in ps]) * 100
+            ax.errorbar([float(r) for r in radii], ms.mean(0), yerr=ms.std(0, ddof=1) if len(ps) > 1 else None,
+                        marker="o", capsize=3, ls="--" if m.startswith("d") else "-",
+                        label=f"{m} ({'dense' if m.startswith('d') else 'spatial'} z, {len(ps)} seed(s))")
+        ax.set(xlabel="radius of the painted disc (px, 64×64 slice)", ylim=(0, 100),
+               ylabel="contrast kept in the reconstruction (%)",
+               title="Copy probe: what the reconstruction keeps of an anomaly (mean ± sd over seeds)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        C._save(fig, out / "mechanism_copy_probe.png")
     # 3. AnoGAN: a lesion pasted into normal patches moves A(x) by less than anatomy does
     cf = []
     for r in ("anogan_ganr",):
@@ -1132,7 +1147,7 @@ def run_mechanisms(a):
         fig.tight_layout()
         C._save(fig, out / "mechanism_anogan_scores.png")
     # 4. MADGAN: how much of its AUROC an untrained generator already has (Fig. 8's step 0)
-    stages, mg = ("atrophy_1", "atrophy_2", "atrophy_3"), []
+    stages, mg, curves = ("atrophy_1", "atrophy_2", "atrophy_3"), [], []
     for r in ("madgan", "madgan_no_l1", "madgan_sa3", "madgan_sa7"):
         for s in seeds:
             res, rows = read_run(run_dir(a.runs, a.preset, *RUNS[r], s))
@@ -1141,6 +1156,7 @@ def run_mechanisms(a):
                 mean = {g: np.mean([float(x["score"]) for x in rows if x["group"] == g] or [np.nan])
                         for g in ("normal", "atrophy_3")}
                 mg.append((r, s, steps[0]["auroc"], mean, steps[-1]["auroc"]))
+                curves.append((r, s, steps))
     if mg:
         lines += ["## madgan_stage, madgan_l1, madgan_sa: what training adds to an untrained generator",
                   "", "Scan AUROC at step 0 (random weights) and after the last step (Fig. 8's curve, "
@@ -1157,6 +1173,21 @@ def run_mechanisms(a):
         if d3:
             lines += ["", f"Training changes the atrophy_3 AUROC by {np.mean(d3):+.2f} on average over "
                       f"these {len(d3)} runs (from {min(d3):+.2f} to {max(d3):+.2f}).", ""]
+        lines += ["`mechanism_madgan_steps.png`: atrophy_3's AUROC over the training steps, every run and "
+                  "seed.", ""]
+        plt = C._plt()
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        colours = dict(zip(dict.fromkeys(m[0] for m in mg), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+        for r, s, steps in curves:
+            pts = [(x["step"], x["auroc"]["atrophy_3"]) for x in steps if "atrophy_3" in x.get("auroc", {})]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", color=colours[r], alpha=0.8, label=r if s == 0 else None)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="training step (0 = untrained generator)", ylabel="scan AUROC, atrophy_3 vs normal",
+               title="MADGAN: atrophy_3's AUROC over training (one line per seed)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        C._save(fig, out / "mechanism_madgan_steps.png")
     md = "\n".join(lines) + "\n"
     (out / "mechanisms.md").write_text(md)
     print(md)

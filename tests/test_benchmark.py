@@ -337,6 +337,8 @@ def test_mechanisms_tabulate_the_copy_probe_and_gradient_ratio_of_finished_runs(
     write_run(B.run_dir(tmp_path, "quick", *B.RUNS["madgan"], 1), fake_rows(1), auc_over_steps=fig8)
     md = B.run_mechanisms(a)
     assert "| madgan | 1 | nan → nan | nan → nan | 0.70 → 0.60 |" in md and "by -0.10 on average" in md
+    assert (tmp_path / "res" / "mechanism_madgan_steps.png").is_file()
+    assert (tmp_path / "res" / "mechanism_copy_probe.png").is_file()
     means = [np.mean([r["score"] for r in fake_rows(1) if r["group"] == g]) for g in ("normal", "atrophy_3")]
     assert f"| {means[0]:.4g} / {means[1]:.4g} |" in md
     # AnoGAN: A = 0.9 R + 0.1 D with D = R: rho(A, R) = 1 and lambda*D / A = 0.1
