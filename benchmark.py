@@ -1063,9 +1063,11 @@ def run_mechanisms(a):
                   "1 = both terms pull equally).", "",
                   "| model | seeds | " + " | ".join(f"kept at r = {r} px" for r in radii)
                   + " | gradient ratio (median) |", "|---|---|" + "---|" * len(radii) + "---|"]
+        series = {}   # model -> ([(mean, sd) per radius], seeds): the table's cells, drawn below
         for m in dict.fromkeys(p[0] for p in probe):
             ps = [p for p in probe if p[0] == m]
             cells = [mean_sd([p[2][r]["mean"] for p in ps]) for r in radii]
+            series[m] = (cells, len(ps))
             grs = [p[3]["median"] for p in ps if p[3]]
             lines.append(f"| {m} | {len(ps)} | " + " | ".join(f"{100 * c[0]:.0f}% ± {100 * c[1]:.0f}"
                                                                if _num(c[1]) else f"{100 * c[0]:.0f}%"
@@ -1077,12 +1079,11 @@ def run_mechanisms(a):
                   "ratio over training) in each AnoVAEGAN run folder.", ""]
         plt = C._plt()
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        for m in dict.fromkeys(p[0] for p in probe):
-            ps = [p for p in probe if p[0] == m]
-            ms = np.array([[p[2][r]["mean"] for r in radii] for p in ps]) * 100
-            ax.errorbar([float(r) for r in radii], ms.mean(0), yerr=ms.std(0, ddof=1) if len(ps) > 1 else None,
-                        marker="o", capsize=3, ls="--" if m.startswith("d") else "-",
-                        label=f"{m} ({'dense' if m.startswith('d') else 'spatial'} z, {len(ps)} seed(s))")
+        for m, (cells, n) in series.items():
+            mean, sd = (100 * np.array([c[i] for c in cells], dtype=float) for i in (0, 1))
+            ax.errorbar([float(r) for r in radii], mean, yerr=sd if n > 1 else None, marker="o", capsize=3,
+                        ls="--" if m.startswith("d") else "-",
+                        label=f"{m} ({'dense' if m.startswith('d') else 'spatial'} z, {n} seed(s))")
         ax.set(xlabel="radius of the painted disc (px, 64×64 slice)", ylim=(0, 100),
                ylabel="contrast kept in the reconstruction (%)",
                title="Copy probe: what the reconstruction keeps of an anomaly (mean ± sd over seeds)")
@@ -1178,10 +1179,13 @@ def run_mechanisms(a):
         plt = C._plt()
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         colours = dict(zip(dict.fromkeys(m[0] for m in mg), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+        labelled = set()
         for r, s, steps in curves:
             pts = [(x["step"], x["auroc"]["atrophy_3"]) for x in steps if "atrophy_3" in x.get("auroc", {})]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", color=colours[r], alpha=0.8, label=r if s == 0 else None)
+            if pts:   # one legend entry per run, whichever seed comes first
+                ax.plot(*zip(*pts), marker=".", color=colours[r], alpha=0.8,
+                        label=None if r in labelled else r)
+                labelled.add(r)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="training step (0 = untrained generator)", ylabel="scan AUROC, atrophy_3 vs normal",
                title="MADGAN: atrophy_3's AUROC over training (one line per seed)")
