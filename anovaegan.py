@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -531,9 +530,16 @@ def val_rec(ae, S_val, args, device):
 # =================================================================================================
 
 HEADLINE_GROUPS = ("ms_lesion", "tumor")      # the MS-lesion-like groups of Table 1
+# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reco time (s) where given
+PAPER_TABLE1 = {
+    ("dAE", "512"): (0.12764, 0.14617, None), ("sAE", "8x8x64"): (0.19739, 0.19061, None),
+    ("sAE", "16x16x64"): (0.58558, 0.19845, None), ("dVAE", "512"): (0.16619, 0.17790, None),
+    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
+    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
+    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541)}
 
 
-def evaluate_test(S, sc, args):
+def evaluate_test(S, sc, args, log=None):
     """Per patient: the Dice of its segmentation (Table 1); per slice: a contract row; per group:
     Dice with its 95% interval over patients, pixel-level AUROC/AUPRC and the oracle Dice."""
     gt, scores, seg = np.asarray(S.mask) > 0, slice_scores(sc), sc["seg"]
@@ -543,43 +549,24 @@ def evaluate_test(S, sc, args):
         patients.append(dict(id=case.id, group=case.group, label=int(case.label),
                              gt_voxels=int(gt[r].sum()), seg_voxels=int(seg[r].sum()),
                              dice=C.dice(seg[r], gt[r]) if gt[r].any() else None))
-        for j in r:
-            # the slice's own label: it holds anomaly voxels (an anomalous scan without a mask: all)
-            masked = case.mask is not None or case.label == 0
-            label = int(gt[j].any()) if masked else int(case.label)
-            # rows contract: group = the scan's group, case = the scan; but real data sets of
-            # anomalous scans only (BraTS, MSLUB, ISBI) have no normal scan: their anomaly-free
-            # slices are the `normal` group, as data/datasets.py splits them (same patients)
-            group = "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
+        for j in r:      # a row per slice: its own label; case = the scan (rows contract)
+            label, group = datasets.slice_label(case, gt[j])
             rows.append(dict(id=f"{case.id}/z{int(S.z[j]):03d}", group=group, label=label,
                              score=float(scores[j]), case=case.id, z=int(S.z[j]),
                              gt_voxels=int(gt[j].sum()), seg_voxels=int(seg[j].sum())))
-    row_group = np.array([c.group for c in S.cases])[S.case]
-    dice, pixel = {}, {}
-    for g in list(dict.fromkeys(p["group"] for p in patients)) + ["all"]:
-        ds = [p["dice"] for p in patients if p["dice"] is not None and g in ("all", p["group"])]
-        if ds:   # Table 1: mean ± std over patients, and the mean's 95% interval over patients
-            dice[g] = {**C.mean_ci(ds), "std": float(np.std(ds))}
-        sel = (row_group == g) | (g == "all")
-        if gt[sel].any():
-            pixel[g] = C.pixel_metrics(sc["filtered"][sel], gt[sel], np.asarray(S.brain[sel]) > 0,
-                                     args.max_pixels)
-    return rows, patients, {"dice": dice, "pixel": pixel}
+    # Table 1: Dice per patient, mean ± std and the mean's 95% interval over patients, per group
+    ev = C.segmentation_metrics(patients, np.array([c.group for c in S.cases])[S.case],
+                                sc["filtered"], gt, S.brain, args.max_pixels, log=log)
+    return rows, patients, ev
 
 
 def probe_results(run, ae, S_val, history, args):
     """The copy probe on the healthy validation slices (C.copy_probe, copy_probe.png) ->
     results.json entries of the probe and (GAN models) of the decoder's gradient ratio."""
-    kept, shown = C.copy_probe(lambda x: reconstruct(ae, x, device=run.device, batch_size=64,
-                                                     amp=args.amp), S_val, args.probe_radii)
-    C.plot_copy_probe(shown, kept, run.out / "copy_probe.png", f"copy probe, {args.model} z "
-                      f"{z_label(args)}: a disc of intensity 1 painted into healthy validation "
-                      "slices")
-    run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
-            + ", ".join(f"r = {r} px {C.fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
-    out = {"copy_probe": {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
-                          "what": "share of the contrast of a disc of intensity 1 painted into "
-                          "healthy validation slices that the reconstruction keeps (1 = copied)"}}
+    out = {"copy_probe": C.copy_probe_report(
+        run, lambda x: reconstruct(ae, x, device=run.device, batch_size=64, amp=args.amp), S_val,
+        args.probe_radii, f"copy probe, {args.model} z {z_label(args)}: a disc of intensity 1 "
+        "painted into healthy validation slices")}
     if history.get("grad ratio"):      # the GAN models: how hard L_adv pulls the decoder
         r = [v for _, v in history["grad ratio"]]
         out["grad_ratio"] = {"lam_adv": args.lam_adv, "first": r[0], "last": r[-1],
@@ -603,16 +590,10 @@ def table1_row(args, ev, patients, sc, n_test, n_params):
             "n_params": n_params, "image_size": args.image_size, "preset": args.preset}
 
 
-def results_extra(run, args, S_test, sc, ev, patients, threshold, val_values, n_params, train_s,
-                  io):
-    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing; the
-    Dice of each group and our Table 1 row are printed."""
+def results_extra(run, args, S_test, sc, ev, patients, threshold, val_px, n_params, train_s, io):
+    """results.json beyond the contract (the Table 1 row, Dice, pixel metrics) and the timing; our
+    Table 1 row is printed."""
     n, t = len(S_test), table1_row(args, ev, patients, sc, len(S_test), n_params)
-    for g, d in ev["dice"].items():
-        px = ev["pixel"].get(g, {})
-        run.log(f"Dice {g}: {C.fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  "
-                f"pixel AUROC {px.get('auroc', np.nan):.3f}  "
-                f"oracle Dice {px.get('oracle_dice', np.nan):.3f}")
     run.log(f"Table 1 row: {args.model} z={t['z']}  Dice {C.fmt_ci(t['dice_mean'], t['dice_ci'])} "
             f"σ {t['dice_std']:.3f} ({'+'.join(t['dice_groups'])}, n={t['dice_n']})  "
             f"reco {t['reco_s_per_sample'] * 1000:.2f} ms/slice")
@@ -620,7 +601,7 @@ def results_extra(run, args, S_test, sc, ev, patients, threshold, val_values, n_
              "oracle_dice": {g: v["oracle_dice"] for g, v in ev["pixel"].items()
                              if "oracle_dice" in v},
              "threshold": {"value": threshold, "percentile": args.percentile,
-                           "source": "healthy validation", "n_val_pixels": int(val_values.size)},
+                           "source": "healthy validation", "n_val_pixels": int(val_px.size)},
              "patients": patients, "slice_label": "slice contains ground-truth anomaly voxels",
              "checkpoints": io}
     timing = {"train_s": train_s, "score_s": sc["reco_s"] + sc["post_s"],
@@ -632,121 +613,16 @@ def results_extra(run, args, S_test, sc, ev, patients, threshold, val_values, n_
 
 
 # =================================================================================================
-# Table 1 across runs (--compare)
-# =================================================================================================
-
-# Table 1 of the paper (MS lesions, in-house FLAIR): Dice mean, std; reco time (s) where given
-PAPER_TABLE1 = {
-    ("dAE", "512"): (0.12764, 0.14617, None), ("sAE", "8x8x64"): (0.19739, 0.19061, None),
-    ("sAE", "16x16x64"): (0.58558, 0.19845, None), ("dVAE", "512"): (0.16619, 0.17790, None),
-    ("sAE-GAN", "16x16x64"): (0.52636, 0.19780, None),
-    ("sVAE", "16x16x64"): (0.59227, 0.19585, None),
-    ("AnoVAEGAN", "16x16x64"): (0.60508, 0.19277, 0.01541)}
-# The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
-PAPER_CLAIMS = (
-    ("sAE", "dAE", "spatial models significantly outperform the dense ones"),
-    ("sVAE", "dVAE", "spatial models significantly outperform the dense ones"),
-    ("sVAE", "sAE", "constraining z to a MVN: a marginal improvement"),
-    ("AnoVAEGAN", "sVAE", "adversarial training: a marginal improvement; AnoVAEGAN is the best"),
-    ("AnoVAEGAN", "sAE-GAN", "the sAE-GAN is worse than its generative counterpart"),
-    ("sAE", "sAE-GAN", "the sAE-GAN is worse than the spatial AE with the same bottleneck"),
-)
-
-
-def table1_md(runs, groups):
-    """Our Table 1, one row per run: Dice μ ± σ [95% interval of the mean], pixel / slice AUROC."""
-    rows = []
-    for d, r, _ in runs:
-        t = r["table1"]
-        dice = ["{mean:.3f} ± {std:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]".format(**r["dice"][g])
-                if g in r["dice"] else "–" for g in groups]
-        auroc = [" / ".join(f"{r[k][g]['auroc']:.3f}" if "auroc" in r[k].get(g, {}) else "–"
-                            for k in ("pixel", "groups")) for g in groups]
-        paper = "{:.3f} ± {:.3f}".format(*t["paper"]) if t.get("paper") else "–"
-        probe = r.get("copy_probe", {"kept": {}})["kept"]
-        copied = " / ".join(f"{100 * v['mean']:.0f}% (r {k})" for k, v in probe.items()) or "–"
-        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc, copied,
-                     f"{t['reco_s_per_sample']:.4f}", paper, d.name])
-    return C.md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
-                    + [f"pixel / slice AUROC {g}" for g in groups] + ["copy probe: disc kept"]
-                    + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
-
-
-def paired(ra, rb, group):
-    """A − B on the same test patients: per-case Dice (mean of the paired differences, 95% interval
-    over patients) and slice AUROC against normal scans (C.compare_scores, interval over cases)."""
-    (_, a, rows_a), (_, b, rows_b) = ra, rb
-    da, db = ({p["id"]: p["dice"] for p in r["patients"]
-               if p["group"] == group and p["dice"] is not None} for r in (a, b))
-    both = sorted(set(da) & set(db))
-    if not both:
-        return None
-    d = C.mean_ci([da[k] - db[k] for k in both])
-    auc = C.compare_scores(rows_a, rows_b, group)
-    return {"dice_diff": d["mean"], "dice_ci": d["ci"], "n_cases": d["n"],
-            "dice_resolved": bool(d["ci"][0] > 0 or d["ci"][1] < 0),
-            "auroc_diff": auc["diff"], "auroc_ci": auc["ci"], "auroc_resolved": auc["resolved"]}
-
-
-def ranking(runs, groups):
-    """The paper's ranking statements, each tested as paired() on every pair of runs of its two
-    models that share test patients (runs of one data set, preset and seed)."""
-    out = []
-    for a, b, says in PAPER_CLAIMS:
-        for ra in (r for r in runs if r[1]["table1"]["model"] == a):
-            for rb in (r for r in runs if r[1]["table1"]["model"] == b):
-                for g in groups:
-                    p = paired(ra, rb, g)
-                    if p is not None:
-                        out.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
-                                    "paper": says, "group": g, **p})
-    return out
-
-
-def compare(args, run):
-    """Table 1 across finished runs of this script, the paper's ranking statements as paired
-    differences with 95% intervals over patients, and Fig. 5 across models."""
-    order = {m: i for i, m in enumerate(MODELS)}
-    runs = sorted(C.load_runs(args.compare, METHOD, run),
-                  key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
-    groups = [g for g in HEADLINE_GROUPS if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
-    where = ", ".join(sorted({r["data"] + "/" + r["preset"] for _, r, _ in runs}))
-    text = (f"Table 1 (ours, {where}): Dice per test patient at the 98th percentile of healthy "
-            f"validation residuals, 95% interval of the mean over patients\n\n"
-            + table1_md(runs, groups))
-    claims = ranking(runs, groups)
-    said = {True: " (resolved)", False: " (not resolved)"}
-    if claims:
-        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired "
-                 "interval over patients; resolved = the interval excludes 0\n\n" + C.md_table(
-                     ["A − B", "the paper says", "group", "Δ Dice [95% CI]",
-                      "Δ slice AUROC [95% CI]"],
-                     [[f"{c['model_a']} ({Path(c['a']).name}) − "
-                       f"{c['model_b']} ({Path(c['b']).name})", c["paper"], c["group"],
-                       C.fmt_ci(c["dice_diff"], c["dice_ci"]) + said[c["dice_resolved"]],
-                       C.fmt_ci(c["auroc_diff"], c["auroc_ci"]) + said[c["auroc_resolved"]]]
-                      for c in claims]))
-    (run.out / "table1.md").write_text(text)
-    C.write_json(run.out / "table1.json", {"runs": [str(d) for d, _, _ in runs], "claims": claims})
-    print(text)
-    items = [(r["table1"]["model"] + " " + r["table1"]["z"], np.load(d / "fig5.npz"))
-             for d, r, _ in runs if (d / "fig5.npz").is_file()]
-    if items:
-        plot_fig5(items, run.out / "fig5_models.png", "Fig. 5 across models")
-    run.log(f"wrote {run.out / 'table1.md'}" + (" and fig5_models.png" if items else ""))
-
-
-# =================================================================================================
 # main
 # =================================================================================================
 
 def main(argv=None):
     args = parse_args(argv)
     run = C.start_run(args, method=METHOD)
-    if args.compare:
-        return compare(args, run)
+    if args.compare:     # no training: Table 1 across finished runs (built by benchmark.py)
+        import benchmark
+        return benchmark.anovaegan_table1(args.compare, run, MODELS, HEADLINE_GROUPS, plot_fig5)
     device = run.device
-
     # ---- data: 20 consecutive axial slices around the middle of every subject (§3 'Datasets')
     data = datasets.load_dataset(args, contrast="flair", groups=args.groups)
     sl = dict(size=(args.image_size, args.image_size), norm="mri", n_slices=args.n_slices,
@@ -767,8 +643,8 @@ def main(argv=None):
     # ---- train on Eq. (2) / Eq. (3), or score a --checkpoint
     if args.checkpoint:
         ck = C.load_models(args.checkpoint, {"ae": ae}, METHOD)
-        history, train_s, io = ck.get("history", {}), 0.0, {"scored": str(args.checkpoint)}
-        loop = None
+        history, train_s, loop = ck.get("history", {}), 0.0, None
+        io = {"scored": str(args.checkpoint)}
         run.log(f"scoring with {args.checkpoint} (no training)")
     else:
         loop = train(args, run, ae, dis, S_train, S_val)
@@ -781,7 +657,7 @@ def main(argv=None):
 
     # ---- test: reconstruct, post-process, segment (Eq. 4, §3), evaluate
     sc = score(ae, S_test, args, device, threshold)
-    rows, patients, ev = evaluate_test(S_test, sc, args)
+    rows, patients, ev = evaluate_test(S_test, sc, args, log=run.log)
     C.add_baselines(rows, C.baseline_units(S_train, S_test, np.concatenate(   # issue 15.5
         [S_test.slices_of(i) for i in range(len(S_test.cases))]), "max"))
     extra, timing = results_extra(run, args, S_test, sc, ev, patients, threshold, val_values,

@@ -12,6 +12,10 @@ the papers' claims as a fidelity table; and a prepared GPU check of the paper pr
     python benchmark.py --gpu-check --device cpu --preset smoke --steps 3 --only madgan   # the same on a CPU
     python benchmark.py --score-rate runs/benchmark/quick/reversed_ae__default__s0   # RA's score() alone
 
+Cross-run tables that a script offers live here too, so that the script keeps to its paper:
+`anovaegan.py --compare RUN_DIR ...` (Baur et al.'s Table 1 over finished runs, the paper's ranking
+statements as paired intervals, Fig. 5 across models) calls `anovaegan_table1` below.
+
 What the tables show (results/benchmark.md, .json, .png; with --preset quick into results/ it also rewrites
 README.md between its benchmark markers, AUPRC tables left out; every run's profile.json feeds the cost table):
   * per method x test group: AUROC (and AUPRC) as mean ± sd over seeds (sd with ddof = 1), and next to
@@ -1196,6 +1200,128 @@ def run_mechanisms(a):
     (out / "mechanisms.md").write_text(md)
     print(md)
     return md
+
+
+# ---- Baur et al.'s Table 1 across finished anovaegan.py runs (`anovaegan.py --compare`) --------
+
+def md_table(header, rows):
+    """A markdown table: header = [column names], rows = [[cells]]."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows) + "\n"
+
+
+def load_runs(dirs, method, run):
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
+    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    out = []
+    for d in map(Path, dirs):
+        f, cfg = d / "results.json", d / "config.json"
+        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+            run.log(f"skipping {d}: an earlier --compare table, not a training run")
+            continue
+        if not f.is_file():
+            C.fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
+        res = json.loads(f.read_text())
+        if res.get("method") != method:
+            C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
+        with open(d / "scores.csv", newline="") as fh:
+            out.append((d, res, list(csv.DictReader(fh))))
+    return out
+
+
+# The paper's ranking statements (§4 'Anomaly Detection'), each read as "A beats B"
+PAPER_CLAIMS = (
+    ("sAE", "dAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "dVAE", "spatial models significantly outperform the dense ones"),
+    ("sVAE", "sAE", "constraining z to a MVN: a marginal improvement"),
+    ("AnoVAEGAN", "sVAE", "adversarial training: a marginal improvement; AnoVAEGAN is the best"),
+    ("AnoVAEGAN", "sAE-GAN", "the sAE-GAN is worse than its generative counterpart"),
+    ("sAE", "sAE-GAN", "the sAE-GAN is worse than the spatial AE with the same bottleneck"),
+)
+
+
+def table1_md(runs, groups):
+    """Our Table 1, one row per run: Dice μ ± σ [95% interval of the mean], pixel / slice AUROC."""
+    rows = []
+    for d, r, _ in runs:
+        t = r["table1"]
+        dice = ["{mean:.3f} ± {std:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]".format(**r["dice"][g])
+                if g in r["dice"] else "–" for g in groups]
+        auroc = [" / ".join(f"{r[k][g]['auroc']:.3f}" if "auroc" in r[k].get(g, {}) else "–"
+                            for k in ("pixel", "groups")) for g in groups]
+        paper = "{:.3f} ± {:.3f}".format(*t["paper"]) if t.get("paper") else "–"
+        probe = r.get("copy_probe", {"kept": {}})["kept"]
+        copied = " / ".join(f"{100 * v['mean']:.0f}% (r {k})" for k, v in probe.items()) or "–"
+        rows.append([t["model"], f"{t['z']} ({t.get('paper_row', '?')})", *dice, *auroc, copied,
+                     f"{t['reco_s_per_sample']:.4f}", paper, d.name])
+    return md_table(["model", "z (paper row)"] + [f"Dice {g} μ ± σ [95% CI]" for g in groups]
+                + [f"pixel / slice AUROC {g}" for g in groups] + ["copy probe: disc kept"]
+                + ["reco time [s/slice]", "paper Dice (μ ± σ)", "run"], rows)
+
+
+def table1_paired(ra, rb, group):
+    """A − B on the same test patients: per-case Dice (mean of the paired differences, 95% interval
+    over patients) and slice AUROC against normal scans (C.compare_scores, interval over cases)."""
+    (_, a, rows_a), (_, b, rows_b) = ra, rb
+    da, db = ({p["id"]: p["dice"] for p in r["patients"]
+               if p["group"] == group and p["dice"] is not None} for r in (a, b))
+    both = sorted(set(da) & set(db))
+    if not both:
+        return None
+    d = C.mean_ci([da[k] - db[k] for k in both])
+    auc = C.compare_scores(rows_a, rows_b, group)
+    return {"dice_diff": d["mean"], "dice_ci": d["ci"], "n_cases": d["n"],
+            "dice_resolved": bool(d["ci"][0] > 0 or d["ci"][1] < 0),
+            "auroc_diff": auc["diff"], "auroc_ci": auc["ci"], "auroc_resolved": auc["resolved"]}
+
+
+def table1_ranking(runs, groups):
+    """The paper's ranking statements, each tested as table1_paired() on every pair of runs of its two
+    models that share test patients (runs of one data set, preset and seed)."""
+    out = []
+    for a, b, says in PAPER_CLAIMS:
+        for ra in (r for r in runs if r[1]["table1"]["model"] == a):
+            for rb in (r for r in runs if r[1]["table1"]["model"] == b):
+                for g in groups:
+                    p = table1_paired(ra, rb, g)
+                    if p is not None:
+                        out.append({"a": str(ra[0]), "b": str(rb[0]), "model_a": a, "model_b": b,
+                                    "paper": says, "group": g, **p})
+    return out
+
+
+def anovaegan_table1(dirs, run, models, headline_groups, plot_fig5):
+    """`anovaegan.py --compare DIR ...`: Table 1 across finished runs of anovaegan.py (table1.md,
+    table1.json), the paper's ranking statements as paired differences with 95% intervals over
+    patients, and Fig. 5 across models (the script's plot_fig5, on each run's fig5.npz)."""
+    order = {m: i for i, m in enumerate(models)}
+    runs = sorted(load_runs(dirs, "anovaegan", run),
+                  key=lambda t: (order.get(t[1]["table1"]["model"], 99), t[1]["table1"]["z"]))
+    groups = [g for g in headline_groups if any(g in r["dice"] for _, r, _ in runs)] or ["all"]
+    where = ", ".join(sorted({r["data"] + "/" + r["preset"] for _, r, _ in runs}))
+    text = (f"Table 1 (ours, {where}): Dice per test patient at the 98th percentile of healthy "
+            f"validation residuals, 95% interval of the mean over patients\n\n"
+            + table1_md(runs, groups))
+    claims = table1_ranking(runs, groups)
+    said = {True: " (resolved)", False: " (not resolved)"}
+    if claims:
+        text += ("\nThe paper's ranking on the same test patients: A − B with a 95% paired "
+                 "interval over patients; resolved = the interval excludes 0\n\n" + md_table(
+                     ["A − B", "the paper says", "group", "Δ Dice [95% CI]",
+                      "Δ slice AUROC [95% CI]"],
+                     [[f"{c['model_a']} ({Path(c['a']).name}) − "
+                       f"{c['model_b']} ({Path(c['b']).name})", c["paper"], c["group"],
+                       C.fmt_ci(c["dice_diff"], c["dice_ci"]) + said[c["dice_resolved"]],
+                       C.fmt_ci(c["auroc_diff"], c["auroc_ci"]) + said[c["auroc_resolved"]]]
+                      for c in claims]))
+    (run.out / "table1.md").write_text(text)
+    C.write_json(run.out / "table1.json", {"runs": [str(d) for d, _, _ in runs], "claims": claims})
+    print(text)
+    items = [(r["table1"]["model"] + " " + r["table1"]["z"], np.load(d / "fig5.npz"))
+             for d, r, _ in runs if (d / "fig5.npz").is_file()]
+    if items:
+        plot_fig5(items, run.out / "fig5_models.png", "Fig. 5 across models")
+    run.log(f"wrote {run.out / 'table1.md'}" + (" and fig5_models.png" if items else ""))
 
 
 # ---- the GPU check (issue 18): train with --amp, float32, resume, score, on the paper preset -----

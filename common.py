@@ -958,16 +958,6 @@ def load_models(path, models, method):
     return ck
 
 
-def check_finite(loss, step=None, ckpt=None):
-    """Stop a diverged run with a clear message; the last good checkpoint stays in place."""
-    v = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
-    if not math.isfinite(v):
-        where = f" at step {step}" if step is not None else ""
-        keep = f"; the last good checkpoint is kept at {ckpt}" if ckpt and Path(ckpt).is_file() else ""
-        fail(f"training diverged (loss is {v}){where}{keep}; try a lower learning rate or --seed")
-    return v
-
-
 @contextlib.contextmanager
 def autocast(device, enabled=False):
     """Mixed precision (--amp) on CUDA in bf16; a no-op elsewhere. bf16 has float32's exponent range, so no
@@ -1824,6 +1814,17 @@ def copy_probe(recon, S, radii, seed=0):
     return kept, shown
 
 
+def copy_probe_report(run, recon, S, radii, title):
+    """copy_probe() on S, its figure (copy_probe.png), a log line -> the results.json entry."""
+    kept, shown = copy_probe(recon, S, radii)
+    plot_copy_probe(shown, kept, run.out / "copy_probe.png", title)
+    run.log("copy probe (share of a painted disc's contrast the reconstruction keeps): "
+            + ", ".join(f"r = {r} px {fmt_ci(v['mean'], v['ci'])}" for r, v in kept.items()))
+    return {"radius_px": list(kept), "kept": {str(r): v for r, v in kept.items()},
+            "what": "share of the contrast of a disc of intensity 1 painted into healthy validation "
+            "slices that the reconstruction keeps (1 = copied)"}
+
+
 def plot_copy_probe(shown, kept, path, title="copy probe"):
     """copy_probe.png: per disc radius a healthy slice with the painted disc, its reconstruction
     and the residual |x' − x̂'|: a disc the model copies leaves no residual to find."""
@@ -1942,25 +1943,6 @@ def list_flags(argv, flags):
     return p.parse_known_args(sys.argv[1:] if argv is None else list(argv))
 
 
-def load_runs(dirs, method, run):
-    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
-    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
-    out = []
-    for d in map(Path, dirs):
-        f, cfg = d / "results.json", d / "config.json"
-        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
-            run.log(f"skipping {d}: an earlier --compare table, not a training run")
-            continue
-        if not f.is_file():
-            fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
-        res = json.loads(f.read_text())
-        if res.get("method") != method:
-            fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
-        with open(d / "scores.csv", newline="") as fh:
-            out.append((d, res, list(csv.DictReader(fh))))
-    return out
-
-
 def plot_curve_panels(panels, path):
     """Training curves in panels side by side: [dict(title, ylabel, yscale, curves={name: [(step,
     value)]}, ref=None (a dashed reference line))]; raw values faint, a running mean over them."""
@@ -1984,12 +1966,6 @@ def plot_curve_panels(panels, path):
     _save(fig, path)
 
 
-def md_table(header, rows):
-    """A markdown table: header = [column names], rows = [[cells]]."""
-    return "\n".join("| " + " | ".join(map(str, r)) + " |"
-                     for r in [header, ["---"] * len(header)] + rows) + "\n"
-
-
 def sample_pixels(sel, max_pixels, seed=0):
     """Indices of at most max_pixels True entries of the flat boolean array sel (uniform)."""
     idx = np.flatnonzero(sel)
@@ -2008,6 +1984,25 @@ def pixel_metrics(score_map, gt, inside, max_pixels):
         od, ot = oracle_best_dice(s, y)
         out.update(auroc=auroc(y, s), auprc=auprc(y, s), oracle_dice=od, oracle_threshold=ot)
     return out
+
+
+def segmentation_metrics(patients, row_group, score_map, gt, brain, max_pixels, log=None):
+    """Per group of a slice set and "all": the Dice of its patients (mean, std and the mean's 95%
+    interval over patients; patients = [{group, dice or None}]) and the pixel-level metrics of
+    score_map (pixel_metrics; row_group: (N,) the group of each slice); log: a line per group."""
+    dice, pixel = {}, {}
+    for g in list(dict.fromkeys(p["group"] for p in patients)) + ["all"]:
+        ds = [p["dice"] for p in patients if p["dice"] is not None and g in ("all", p["group"])]
+        if ds:
+            dice[g] = {**mean_ci(ds), "std": float(np.std(ds))}
+        sel = (row_group == g) | (g == "all")
+        if gt[sel].any():
+            pixel[g] = pixel_metrics(score_map[sel], gt[sel], np.asarray(brain[sel]) > 0, max_pixels)
+    for g, d in dice.items() if log else ():
+        px = pixel.get(g, {})
+        log(f"Dice {g}: {fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  pixel AUROC "
+            f"{px.get('auroc', np.nan):.3f}  oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+    return {"dice": dice, "pixel": pixel}
 
 
 def pick_examples(S, groups, per_group=1):

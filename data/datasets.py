@@ -1459,6 +1459,16 @@ def check_not_constant(S, what, after, n=64):
 
 # -- first written for anovaegan.py
 
+def slice_label(case, gt_slice):
+    """(label, group) of one slice of a test case: label 1 where the slice holds anomaly voxels (an
+    anomalous scan without a mask: every slice); group = the case's group, except that a data set of
+    anomalous scans only (BraTS, MSLUB, ISBI: meta anomalous_slices_only) has no normal scan, so
+    its anomaly-free slices are the `normal` group (the same patients; see _anomalous_splits)."""
+    masked = case.mask is not None or case.label == 0
+    label = int(np.asarray(gt_slice).any()) if masked else int(case.label)
+    return label, "normal" if case.meta.get("anomalous_slices_only") and not label else case.group
+
+
 def whole_slabs(cases):
     """One test case per scan with all its slices, for methods that post-process a scan in 3D.
     Data sets whose every scan is anomalous list a test scan twice, as its anomalous and its

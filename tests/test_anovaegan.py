@@ -416,7 +416,7 @@ def test_checkpoint_of_another_script_or_other_flags_is_one_error(smoke, tmp_pat
 
 
 def test_paired_differences_of_two_runs_on_the_same_patients():
-    """--compare's A − B: the mean of per-patient Dice differences, and the slice AUROC difference."""
+    """--compare's A − B (benchmark.table1_paired): the mean of per-patient Dice differences, and the slice AUROC difference."""
     import sklearn.metrics as skm
     rng = np.random.default_rng(0)
     pats, rows_a, rows_b = {"a": [], "b": []}, [], []
@@ -429,7 +429,8 @@ def test_paired_differences_of_two_runs_on_the_same_patients():
             lab = int(grp == "tumor" and z < 2)
             rows_a.append(dict(id=f"p{i}/z{z}", group=grp, label=lab, case=f"p{i}", score=lab + rng.normal()))
             rows_b.append(dict(id=f"p{i}/z{z}", group=grp, label=lab, case=f"p{i}", score=rng.normal()))
-    p = A.paired((Path("a"), {"patients": pats["a"]}, rows_a), (Path("b"), {"patients": pats["b"]}, rows_b),
+    import benchmark
+    p = benchmark.table1_paired((Path("a"), {"patients": pats["a"]}, rows_a), (Path("b"), {"patients": pats["b"]}, rows_b),
                  "tumor")
     diffs = [a["dice"] - b["dice"] for a, b in zip(pats["a"], pats["b"]) if a["dice"] is not None]
     assert p["n_cases"] == 8 and p["dice_diff"] == pytest.approx(np.mean(diffs))

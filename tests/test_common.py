@@ -313,12 +313,6 @@ def test_checkpoint_atomic_roundtrip(tmp_path):
         C.load_checkpoint(tmp_path / "broken.pt")
 
 
-def test_check_finite_stops_on_nan(tmp_path):
-    assert C.check_finite(torch.tensor(1.5)) == 1.5
-    with pytest.raises(C.UserError, match="diverged .* step 7"):
-        C.check_finite(torch.tensor(float("nan")), step=7)
-
-
 def test_report_writes_contract_files(tmp_path):
     args = _args(tmp_path, preset="smoke")
     args.out = str(tmp_path / "run")
