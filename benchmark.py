@@ -1011,8 +1011,9 @@ def encoder_saturation(run_dir):
 
 def run_mechanisms(a):
     """`--mechanisms`: results/mechanisms.md (+ .png) from the fidelity runs that exist: the f-AnoGAN
-    encoder's saturation (tanh vs 3·tanh), the AnoVAEGAN copy probe and gradient ratio per model, and
-    AnoGAN's lesion counterfactual, each over the seeds that have run."""
+    encoder's saturation (tanh vs 3·tanh), the AnoVAEGAN copy probe and gradient ratio per model,
+    AnoGAN's lesion counterfactual, MADGAN's AUROC over steps and how alike RA and its SI-VAE backbone
+    rank the slices, each over the seeds that have run."""
     out, lines = Path(a.out), ["# Mechanisms behind the fidelity verdicts (issue 20)", "",
                                f"`python benchmark.py --mechanisms` (from the finished runs under "
                                f"{a.runs}/{a.preset}; nothing is trained)", ""]
@@ -1196,6 +1197,40 @@ def run_mechanisms(a):
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
         C._save(fig, out / "mechanism_madgan_steps.png")
+    # 5. RA vs its SI-VAE backbone: does the reversed loss change which slices score high?
+    pairs = []
+    for s in seeds:
+        (_, ra), (_, si) = (read_run(run_dir(a.runs, a.preset, *RUNS[r], s)) for r in ("ra", "sivae"))
+        if ra and si:
+            by_id = {x["id"]: float(x["score"]) for x in si}
+            both = [(float(x["score"]), by_id[x["id"]], int(x["label"])) for x in ra if x["id"] in by_id]
+            if len(both) > 2:
+                pairs.append((s, np.array(both)))
+    if pairs:
+        from scipy.stats import spearmanr
+        lines += ["## ra_vs_sivae: do RA and its SI-VAE backbone rank the test slices alike?", "",
+                  "Both are scored with the same fixed perceptual network (reversed_ae.py --perceptual "
+                  "fixed), so a difference can only come from the trained VAE. Spearman ρ of the two "
+                  "models' slice scores (Eq. 5) over the same test slices:", "",
+                  "| seed | slices | ρ(RA, SI-VAE) | ρ on anomalous slices | ρ on normal slices |",
+                  "|---|---|---|---|---|"]
+        for s, p in pairs:
+            rho = [spearmanr(p[m, 0], p[m, 1])[0] for m in (np.ones(len(p), bool), p[:, 2] == 1,
+                                                             p[:, 2] == 0)]
+            lines.append(f"| {s} | {len(p)} | " + " | ".join(f"{v:.3f}" for v in rho) + " |")
+        lines += ["", "`mechanism_ra_sivae.png`: RA's slice score against SI-VAE's (seed "
+                  f"{pairs[0][0]}).", ""]
+        plt = C._plt()
+        s, p = pairs[0]
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        for lab, colr, name in ((0, "tab:blue", "normal slices"), (1, "tab:red", "anomalous slices")):
+            m = p[:, 2] == lab
+            ax.scatter(p[m, 1], p[m, 0], s=3, alpha=0.4, color=colr, label=name)
+        ax.set(xlabel="SI-VAE (--no-reverse) slice score, Eq. 5", ylabel="RA slice score, Eq. 5",
+               title=f"RA vs its SI-VAE backbone (seed {s}): ρ = {spearmanr(p[:, 0], p[:, 1])[0]:.3f}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, markerscale=4)
+        C._save(fig, out / "mechanism_ra_sivae.png")
     md = "\n".join(lines) + "\n"
     (out / "mechanisms.md").write_text(md)
     print(md)

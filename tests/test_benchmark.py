@@ -351,3 +351,12 @@ def test_mechanisms_tabulate_the_copy_probe_and_gradient_ratio_of_finished_runs(
     assert "| 0 | 0.1 | 1.000 | 1.000 | 0.100 | 0.0000 |" in md
     assert (tmp_path / "res" / "mechanism_anogan_scores.png").is_file()
     assert (tmp_path / "res" / "mechanisms.md").read_text() == md
+    # RA vs SI-VAE: the same slice ranking gives rho 1; the reversed ranking on the normal slices -1
+    rows = fake_rows(0, columns=False)
+    write_run(B.run_dir(tmp_path, "quick", *B.RUNS["ra"], 0), rows)
+    flipped = [dict(r, score=-r["score"]) if r["label"] == 0 else r for r in rows]
+    write_run(B.run_dir(tmp_path, "quick", *B.RUNS["sivae"], 0), flipped)
+    md = B.run_mechanisms(a)
+    n_anom = sum(r["label"] for r in rows)
+    assert f"| 0 | {len(rows)} | " in md and "| 1.000 | -1.000 |" in md and n_anom > 2
+    assert (tmp_path / "res" / "mechanism_ra_sivae.png").is_file()
