@@ -1223,7 +1223,7 @@ def run_mechanisms(a):
         plt = C._plt()
         s, p = pairs[0]
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
-        for lab, colr, name in ((0, "tab:blue", "normal slices"), (1, "tab:red", "anomalous slices")):
+        for lab, colr, name in ((1, "tab:red", "anomalous slices"), (0, "tab:blue", "normal slices")):
             m = p[:, 2] == lab
             ax.scatter(p[m, 1], p[m, 0], s=3, alpha=0.4, color=colr, label=name)
         ax.set(xlabel="SI-VAE (--no-reverse) slice score, Eq. 5", ylabel="RA slice score, Eq. 5",
