@@ -55,7 +55,10 @@ def main_guard(main, argv=None):
     """Run `main(argv)`; a UserError becomes one line `error: ...` on stderr and exit status 2. A run that
     stops on bad input before it wrote anything but config.json leaves no run folder behind."""
     try:
-        return main(argv)
+        out = main(argv)
+        if "torch.distributed" in sys.modules:
+            ddp_barrier()   # under torchrun every process leaves together: gloo can abort (SIGABRT) a
+        return out          # process whose peer tears the group down while it still exits
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _drop_empty_run()
