@@ -1246,21 +1246,20 @@ def md_table(header, rows):
 
 
 def load_runs(dirs, method, run):
-    """[(dir, results.json, scores.csv rows)] of finished runs of `method` for a --compare table;
-    folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
+    """[(dir, results.json, scores.csv rows)] of finished runs of `method` (read_run) for a --compare
+    table; folders of an earlier --compare (no results.json, `compare` in config.json) are skipped."""
     out = []
     for d in map(Path, dirs):
-        f, cfg = d / "results.json", d / "config.json"
-        if not f.is_file() and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
+        res, rows = read_run(d)
+        cfg = d / "config.json"
+        if res is None and cfg.is_file() and json.loads(cfg.read_text())["args"].get("compare"):
             run.log(f"skipping {d}: an earlier --compare table, not a training run")
             continue
-        if not f.is_file():
-            C.fail(f"--compare {d}: no results.json (is it a finished run of {method}.py?)")
-        res = json.loads(f.read_text())
+        if res is None:
+            C.fail(f"--compare {d}: no results.json and scores.csv (is it a finished run of {method}.py?)")
         if res.get("method") != method:
             C.fail(f"--compare {d}: results.json is from {res.get('method')!r}, not {method}")
-        with open(d / "scores.csv", newline="") as fh:
-            out.append((d, res, list(csv.DictReader(fh))))
+        out.append((d, res, rows))
     return out
 
 

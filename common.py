@@ -2001,10 +2001,11 @@ def segmentation_metrics(patients, row_group, score_map, gt, brain, max_pixels, 
         sel = (row_group == g) | (g == "all")
         if gt[sel].any():
             pixel[g] = pixel_metrics(score_map[sel], gt[sel], np.asarray(brain[sel]) > 0, max_pixels)
-    for g, d in dice.items() if log else ():
+    for g, d in dice.items():
         px = pixel.get(g, {})
-        log(f"Dice {g}: {fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  pixel AUROC "
-            f"{px.get('auroc', np.nan):.3f}  oracle Dice {px.get('oracle_dice', np.nan):.3f}")
+        if log:
+            log(f"Dice {g}: {fmt_ci(d['mean'], d['ci'])} (σ {d['std']:.3f}, n={d['n']})  pixel AUROC "
+                f"{px.get('auroc', np.nan):.3f}  oracle Dice {px.get('oracle_dice', np.nan):.3f}")
     return {"dice": dice, "pixel": pixel}
 
 
